@@ -1,0 +1,60 @@
+# WHAGO campaigns. `make run` brings the whole stack up; `make test` runs the suite.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+BUF := node_modules/.bin/buf
+export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: all setup gen lint test run bench clean help
+
+all: setup
+
+help:
+	@echo "make run    - whole stack on local defaults + demo campaign"
+	@echo "make test   - full test suite (real PostgreSQL, Redis, worker, WAHA sandbox)"
+	@echo "make lint   - buf lint + buf breaking + ruff + mypy"
+	@echo "make bench  - benchmarks, writes bench/results.json"
+
+$(VENV)/.stamp: requirements.lock
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The one generation step: protos/ -> whago/ (proto tree = package tree), with mypy stubs.
+whago/.stamp: $(VENV)/.stamp $(PROTOS)
+	rm -rf whago
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PYTHON) -m grpc_tools.protoc -Iprotos \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	find whago -type d -exec touch {}/__init__.py \;
+	touch $@
+
+setup: $(VENV)/.stamp whago/.stamp
+
+gen: whago/.stamp
+
+lint: setup node_modules/.stamp
+	$(BUF) lint
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:protos 2>/dev/null; then \
+		$(BUF) breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no protos on main yet, skipped"; fi
+	$(BIN)/ruff check campaign_service dispatcher_service clients tests bench scripts
+	$(BIN)/mypy
+
+test: setup node_modules/.stamp
+	$(PYTHON) -m pytest -q
+
+run: setup node_modules/.stamp
+	$(PYTHON) -m scripts.devstack
+
+bench: setup
+	$(PYTHON) -m bench.run
+
+clean:
+	rm -rf whago .run .pytest_cache .mypy_cache

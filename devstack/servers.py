@@ -1,0 +1,156 @@
+"""Start private PostgreSQL clusters and redis-server processes on loopback.
+
+PostgreSQL refuses to run as root, so when we are root the cluster is owned by
+and run as the `postgres` system user (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (racy by nature, good enough for local servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def _as_pg_user() -> list[str]:
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+@dataclass
+class Postgres:
+    """A private PostgreSQL cluster in `root` listening on 127.0.0.1:port."""
+
+    root: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def url(self, db: str = "whago") -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{db}"
+
+    def start(self, fast_unsafe: bool = False) -> None:
+        """initdb if needed, then run postgres in the foreground of a child process."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            pg = pwd.getpwnam("postgres")
+            for p in (self.root, *self.root.rglob("*")):
+                os.chown(p, pg.pw_uid, pg.pw_gid)
+            # The postgres user must be able to reach the directory.
+            for parent in self.root.resolve().parents:
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    os.chmod(parent, mode | 0o001)
+        if not (self.data / "PG_VERSION").exists():
+            subprocess.run(
+                [*_as_pg_user(), str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                 "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        opts = ["-c", f"port={self.port}", "-c", "listen_addresses=127.0.0.1",
+                "-c", f"unix_socket_directories={self.root}", "-c", "max_connections=300",
+                "-c", "shared_buffers=256MB", "-c", "work_mem=32MB",
+                "-c", "maintenance_work_mem=256MB"]
+        if fast_unsafe:
+            opts += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        log = open(self.root / "postgres.log", "ab")
+        self.proc = subprocess.Popen(
+            [*_as_pg_user(), str(PG_BIN / "postgres"), "-D", str(self.data), *opts],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited; see {self.root / 'postgres.log'}")
+            r = subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                               capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("postgres did not become ready")
+
+    def create_database(self, name: str) -> None:
+        subprocess.run(
+            [*_as_pg_user(), str(PG_BIN.parent / "bin" / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
+             "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
+            check=False, capture_output=True,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: smart shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+@dataclass
+class Redis:
+    """A private redis-server on 127.0.0.1:port, data kept in `root` (appendonly)."""
+
+    root: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "no", "--daemonize", "no",
+             "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port, keeping data (append-only file)."""
+        self.stop()
+        self.start()

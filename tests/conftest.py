@@ -1,0 +1,177 @@
+"""Fixtures that start the real thing: PostgreSQL, Redis, the WAHA sandbox, both gRPC services
+and the arq worker, all on 127.0.0.1. Servers are session-scoped; tests isolate by creating
+their own user (tenancy keeps users apart)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from devstack.procs import REPO, ServiceProcess, service_env
+from devstack.servers import Postgres, Redis, free_port
+
+SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
+SANDBOX_API_KEY = "sandbox-key"
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="whago-test-"))
+
+
+@pytest.fixture(scope="session")
+def postgres(workdir: Path) -> Iterator[Postgres]:
+    pg = Postgres(workdir / "pg", free_port())
+    pg.start(fast_unsafe=True)
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[Redis]:
+    r = Redis(workdir / "redis", free_port())
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres: Postgres) -> str:
+    postgres.create_database("whago")
+    url = postgres.url("whago")
+    subprocess.run(
+        [sys.executable, "-m", "campaign_service.admin", "migrate"],
+        env=service_env({"DATABASE_URL": url}), cwd=REPO, check=True,
+    )
+    return url
+
+
+@pytest.fixture(scope="session")
+def ports() -> dict[str, int]:
+    return {"campaign": free_port(), "dispatcher": free_port(), "sandbox": free_port()}
+
+
+@pytest.fixture(scope="session")
+def stack_env(database_url: str, redis_server: Redis, ports: dict[str, int], workdir: Path) -> dict[str, str]:
+    """The environment every service of the stack under test shares."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_server.url,
+        "WHAGO_SERVICE_TOKEN": SERVICE_TOKEN,
+        "CAMPAIGN_LISTEN": f"127.0.0.1:{ports['campaign']}",
+        "CAMPAIGN_TARGET": f"127.0.0.1:{ports['campaign']}",
+        "DISPATCHER_LISTEN": f"127.0.0.1:{ports['dispatcher']}",
+        "DISPATCHER_TARGET": f"127.0.0.1:{ports['dispatcher']}",
+        "WHAGO_MEDIA_DIR": str(workdir / "media"),
+        "WHAGO_LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture(scope="session")
+def sandbox(ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
+    """The WAHA sandbox (HTTP, follows WAHA's OpenAPI spec). Control it with SandboxControl."""
+    p = ServiceProcess("waha-sandbox", "dispatcher_service.waha.sandbox",
+                       ["--host", "127.0.0.1", "--port", str(ports["sandbox"]), "--api-key", SANDBOX_API_KEY],
+                       {}, workdir / "logs", port=ports["sandbox"]).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox_url(sandbox: ServiceProcess, ports: dict[str, int]) -> str:
+    return f"http://127.0.0.1:{ports['sandbox']}"
+
+
+@pytest.fixture(scope="session")
+def campaign_server(stack_env: dict[str, str], ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
+    p = ServiceProcess("campaign-service", "campaign_service.server", [], stack_env, workdir / "logs",
+                       port=ports["campaign"]).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def dispatcher_server(stack_env: dict[str, str], ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
+    p = ServiceProcess("dispatcher-service", "dispatcher_service.server", [], stack_env, workdir / "logs",
+                       port=ports["dispatcher"]).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def start_worker(stack_env: dict[str, str], workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Factory: start another arq worker process (tests may SIGKILL it). All are stopped at the end."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str | None = None, **extra_env: str) -> ServiceProcess:
+        p = ServiceProcess(name or f"worker-{len(started)}", "dispatcher_service.worker", [],
+                           {**stack_env, **extra_env}, workdir / "logs").start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(start_worker: Callable[..., ServiceProcess]) -> ServiceProcess:
+    """The session's default worker. A test that kills it must start a replacement."""
+    return start_worker("worker-main")
+
+
+@pytest.fixture(scope="session")
+def stack(campaign_server: ServiceProcess, dispatcher_server: ServiceProcess, sandbox: ServiceProcess,
+          worker: ServiceProcess) -> dict[str, ServiceProcess]:
+    """The whole stack up: both services, the sandbox and one worker."""
+    return {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
+
+
+@pytest.fixture(scope="session")
+def campaign_channel(campaign_server: ServiceProcess, ports: dict[str, int]) -> Iterator[grpc.Channel]:
+    ch = grpc.insecure_channel(f"127.0.0.1:{ports['campaign']}")
+    grpc.channel_ready_future(ch).result(timeout=15)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+def dispatcher_channel(dispatcher_server: ServiceProcess, ports: dict[str, int]) -> Iterator[grpc.Channel]:
+    ch = grpc.insecure_channel(f"127.0.0.1:{ports['dispatcher']}")
+    grpc.channel_ready_future(ch).result(timeout=15)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+def create_user(database_url: str) -> Callable[..., str]:
+    """Factory: a new user with credits; returns its API key (printed by the admin CLI)."""
+
+    def create(name: str | None = None, credits: int = 1_000_000) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "campaign_service.admin", "create-user",
+             "--name", name or f"user-{secrets.token_hex(4)}", "--credits", str(credits)],
+            env=service_env({"DATABASE_URL": database_url}), cwd=REPO, check=True,
+            capture_output=True, text=True,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    return create
+
+
+@pytest.fixture()
+def api_key(create_user: Callable[..., str]) -> str:
+    """A fresh user's API key, so each test sees only its own campaigns and chips."""
+    return create_user()
+
+
+def auth(key: str) -> list[tuple[str, str]]:
+    """gRPC metadata for a bearer key."""
+    return [("authorization", f"Bearer {key}")]
