@@ -1,0 +1,66 @@
+"""API keys and the caller's identity.
+
+User keys are random tokens stored as sha256 hex; the service token (WHAGO_SERVICE_TOKEN) is for
+internal RPCs (DeliveryService) only, and user keys there are PERMISSION_DENIED."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from campaign_service import errors
+
+KEY_PREFIX = "whk_"
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user, or the internal service (user_id None)."""
+
+    user_id: uuid.UUID | None
+    is_service: bool = False
+
+
+_current: ContextVar[Principal | None] = ContextVar("whago_principal", default=None)
+
+
+def set_current(p: Principal | None) -> object:
+    return _current.set(p)
+
+
+def reset_current(token: object) -> None:
+    _current.reset(token)  # type: ignore[arg-type]
+
+
+def current_user_id() -> uuid.UUID:
+    """The calling user's id; servicers of user-facing services call this."""
+    p = _current.get()
+    if p is None or p.user_id is None:
+        raise errors.Unauthenticated()
+    return p.user_id
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+    for k, v in metadata or ():
+        if k.lower() == "authorization":
+            value = v.decode() if isinstance(v, bytes) else v
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def is_service_token(token: str, service_token: str) -> bool:
+    return hmac.compare_digest(token.encode(), service_token.encode())

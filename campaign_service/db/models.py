@@ -1,0 +1,179 @@
+"""SQLAlchemy models. State columns hold the protobuf enum numbers (CampaignState, MessageState,
+ChipState) so translation is a cast, not a lookup table."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    # sha256 hex of the API key; keys are random 32-byte tokens, so a fast hash is enough.
+    api_key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    credits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+
+
+class Chip(Base):
+    __tablename__ = "chips"
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    display_name: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    phone: Mapped[str] = mapped_column(Text, nullable=False)
+    waha_base_url: Mapped[str] = mapped_column(Text, nullable=False)
+    waha_session: Mapped[str] = mapped_column(Text, nullable=False)
+    waha_api_key: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    proxy_label: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    state: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="1")
+    state_reason: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    # whago.campaign.v1.Pacing as proto JSON.
+    pacing: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    state: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    state_reason: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    # list of whago.campaign.v1.MessageTemplate as proto JSON.
+    templates: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    # whago.campaign.v1.CampaignSettings as proto JSON.
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    chip_ids: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), nullable=False,
+                                                      server_default=text("'{}'::uuid[]"))
+    schedule_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Counters kept in step with campaign_messages in the same transactions, so Get is one row read.
+    total_contacts: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    pending_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    sent_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    delivered_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    read_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    failed_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    skipped_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Bumped by Start/Resume/Pause/Cancel: lanes of an older epoch lease nothing, and arq job ids
+    # (which embed it) are never reused.
+    dispatch_epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Optimistic concurrency: the etag is derived from it.
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+
+    __table_args__ = (
+        Index("ix_campaigns_user_created", "user_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_campaigns_user_state_created", "user_id", "state", text("created_at DESC"), text("id DESC")),
+        Index("ix_campaigns_scheduled", "schedule_time", postgresql_where=text("state = 2")),
+    )
+
+
+class Contact(Base):
+    __tablename__ = "campaign_contacts"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"), nullable=False)
+    # E.164 digits without "+".
+    phone: Mapped[str] = mapped_column(Text, nullable=False)
+    chat_id: Mapped[str] = mapped_column(Text, nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    variables: Mapped[dict[str, str]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    # Import order (send order unless the campaign shuffles).
+    row_no: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (UniqueConstraint("campaign_id", "phone", name="uq_contacts_campaign_phone"),)
+
+
+class Message(Base):
+    __tablename__ = "campaign_messages"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"), nullable=False)
+    contact_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    chip_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    state: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="1")
+    # Send order within the campaign.
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    template_index: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    waha_message_id: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        Index("ix_messages_lane", "campaign_id", "chip_id", "state", "seq"),
+        Index("ix_messages_campaign_state", "campaign_id", "state", "id"),
+    )
+
+
+class Media(Base):
+    __tablename__ = "campaign_media"
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"), nullable=False, index=True)
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    mime_type: Mapped[str] = mapped_column(Text, nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Path of the stored file, relative to the media directory.
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), index=True)
+    action: Mapped[str] = mapped_column(Text, nullable=False)
+    entity_type: Mapped[str] = mapped_column(Text, nullable=False)
+    entity_id: Mapped[str] = mapped_column(Text, nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    extra_data: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_audit_entity", "entity_type", "entity_id"),)
+
+
+class IdempotencyKey(Base):
+    """AIP-155: the first response of a request_id, replayed on retries."""
+
+    __tablename__ = "idempotency_keys"
+    user_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    method: Mapped[str] = mapped_column(Text, nullable=False)
+    response: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _now()

@@ -1,0 +1,115 @@
+"""One server interceptor for the cross-cutting parts of every RPC: authentication and the
+translation of errors into gRPC statuses. It wraps the handler's behaviour, so it runs in the
+same thread as the servicer and can set the caller in a ContextVar."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from campaign_service import auth, errors
+
+log = logging.getLogger("campaign_service.rpc")
+
+INTERNAL_SERVICES = ("whago.campaign.v1.DeliveryService",)
+PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                   "grpc.reflection.v1.ServerReflection")
+
+
+class KeyCache:
+    """sha256(key) -> user id, with a short TTL so revoked keys stop working quickly."""
+
+    def __init__(self, lookup: Callable[[str], uuid.UUID | None], ttl: float = 30.0) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, uuid.UUID | None]] = {}
+
+    def user_for(self, key: str) -> uuid.UUID | None:
+        h = auth.hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(h)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        user = self._lookup(h)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[h] = (now + self._ttl, user)
+        return user
+
+
+def to_service_error(exc: BaseException) -> errors.ServiceError:
+    if isinstance(exc, errors.ServiceError):
+        return exc
+    if isinstance(exc, (OperationalError, PoolTimeout)) or (
+            isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return errors.Unavailable("database unavailable, retry later")
+    try:
+        import redis
+
+        if isinstance(exc, redis.exceptions.ConnectionError):
+            return errors.Unavailable("redis unavailable, retry later")
+    except ImportError:  # pragma: no cover
+        pass
+    return errors.Internal("internal error")
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, keys: KeyCache, service_token: str) -> None:
+        self._keys = keys
+        self._service_token = service_token
+
+    def _principal(self, method: str, metadata: Any) -> auth.Principal | None:
+        service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
+        if service in PUBLIC_SERVICES:
+            return None
+        token = auth.bearer_token(metadata)
+        if token is None:
+            raise errors.Unauthenticated("missing 'authorization: Bearer <api key>' metadata")
+        internal = service in INTERNAL_SERVICES
+        if auth.is_service_token(token, self._service_token):
+            if internal:
+                return auth.Principal(user_id=None, is_service=True)
+            raise errors.PermissionDenied("the service token is for internal RPCs only")
+        user = self._keys.user_for(token)
+        if user is None:
+            raise errors.Unauthenticated("invalid API key")
+        if internal:
+            raise errors.PermissionDenied(f"{service} is internal: user credentials are refused")
+        return auth.Principal(user_id=user)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+                token = None
+                try:
+                    token = auth.set_current(self._principal(method, context.invocation_metadata()))
+                    return behavior(request_or_iterator, context)
+                except Exception as exc:  # noqa: BLE001 - translated, never UNKNOWN
+                    err = to_service_error(exc)
+                    if isinstance(err, errors.Internal):
+                        log.exception("rpc=%s internal error", method)
+                    context.abort_with_status(err.to_status())
+                finally:
+                    if token is not None:
+                        auth.reset_current(token)
+            return run
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        return handler  # streaming responses: health Watch, reflection (public, no wrapping needed)
