@@ -44,14 +44,14 @@ lint: setup node_modules/.stamp
 	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:protos 2>/dev/null; then \
 		$(BUF) breaking --against '.git#branch=main'; \
 	else echo "buf breaking: no protos on main yet, skipped"; fi
-	$(BIN)/ruff check campaign_service dispatcher_service clients tests bench scripts
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: setup node_modules/.stamp
 	$(PYTHON) -m pytest -q
 
 run: setup node_modules/.stamp
-	$(PYTHON) -m scripts.devstack
+	$(PYTHON) -m devstack
 
 bench: setup
 	$(PYTHON) -m bench.run

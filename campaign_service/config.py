@@ -17,7 +17,8 @@ class Settings:
     listen: str = field(default_factory=lambda: os.environ.get("CAMPAIGN_LISTEN", "127.0.0.1:50051"))
     dispatcher_target: str = field(default_factory=lambda: os.environ.get("DISPATCHER_TARGET", "127.0.0.1:50052"))
     service_token: str = field(default_factory=lambda: os.environ.get("WHAGO_SERVICE_TOKEN", "dev-service-token"))
-    media_dir: Path = field(default_factory=lambda: Path(os.environ.get("WHAGO_MEDIA_DIR", str(REPO / ".run" / "media"))))
+    media_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("WHAGO_MEDIA_DIR", str(REPO / ".run" / "media"))))
     default_region: str = field(default_factory=lambda: os.environ.get("WHAGO_DEFAULT_REGION", "BR"))
     max_workers: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_MAX_WORKERS", "32")))
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))

@@ -96,7 +96,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 try:
                     token = auth.set_current(self._principal(method, context.invocation_metadata()))
                     return behavior(request_or_iterator, context)
-                except Exception as exc:  # noqa: BLE001 - translated, never UNKNOWN
+                except Exception as exc:
                     err = to_service_error(exc)
                     if isinstance(err, errors.Internal):
                         log.exception("rpc=%s internal error", method)
