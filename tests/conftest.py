@@ -175,3 +175,17 @@ def api_key(create_user: Callable[..., str]) -> str:
 def auth(key: str) -> list[tuple[str, str]]:
     """gRPC metadata for a bearer key."""
     return [("authorization", f"Bearer {key}")]
+
+
+@pytest.fixture(scope="session")
+def run_buf() -> Callable[..., str]:
+    """Run the pinned buf CLI (npm @bufbuild/buf) and return its stdout; fails the test on error."""
+    buf = REPO / "node_modules" / ".bin" / "buf"
+    assert buf.exists(), "buf is missing: `make test` installs it with npm ci"
+
+    def run(*args: str) -> str:
+        r = subprocess.run([str(buf), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.returncode == 0, f"buf {' '.join(args)} failed: {r.stderr}"
+        return r.stdout
+
+    return run

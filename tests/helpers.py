@@ -1,0 +1,90 @@
+"""Small helpers for tests that drive the real services over gRPC."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
+from whago.campaign.v1 import chip_service_pb2 as chs
+from whago.campaign.v1 import chip_service_pb2_grpc as chs_grpc
+from whago.campaign.v1 import resources_pb2 as res
+
+FINAL = (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED)
+
+
+class Api:
+    """CampaignService + ChipService stubs bound to one user's key."""
+
+    def __init__(self, channel: grpc.Channel, key: str) -> None:
+        self.md = [("authorization", f"Bearer {key}")]
+        self.campaigns = cs_grpc.CampaignServiceStub(channel)
+        self.chips = chs_grpc.ChipServiceStub(channel)
+
+    def chip(self, waha_url: str, api_key: str, session: str | None = None,
+             interval: tuple[float, float] = (0.0, 0.0), **pacing: int) -> res.Chip:
+        return self.chips.RegisterChip(chs.RegisterChipRequest(chip=res.Chip(
+            display_name="test chip", phone="5511" + str(secrets.randbelow(10**9)).zfill(9),
+            waha_base_url=waha_url, waha_session=session or f"s-{secrets.token_hex(4)}", waha_api_key=api_key,
+            pacing=res.Pacing(interval_min_seconds=interval[0], interval_max_seconds=interval[1], **pacing))),
+            metadata=self.md)
+
+    def campaign(self, chips: Iterable[res.Chip], *, name: str = "test campaign",
+                 interval: tuple[float, float] = (0.0, 0.0), camouflage: bool = False,
+                 templates: Iterable[str] = ("Olá {{name}}",), **settings: object) -> res.Campaign:
+        s = res.CampaignSettings(
+            pacing=res.Pacing(interval_min_seconds=interval[0], interval_max_seconds=interval[1]),
+            camouflage=res.Camouflage(send_seen=camouflage, typing=camouflage), **settings)  # type: ignore[arg-type]
+        return self.campaigns.CreateCampaign(cs.CreateCampaignRequest(campaign=res.Campaign(
+            name=name, templates=[res.MessageTemplate(text=t) for t in templates], settings=s,
+            chip_ids=[c.id for c in chips])), metadata=self.md)
+
+    def import_phones(self, campaign_id: str, phones: Iterable[str], batch: int = 1000) -> cs.ImportContactsResponse:
+        def reqs() -> Iterator[cs.ImportContactsRequest]:
+            buf: list[cs.ContactInput] = []
+            for i, p in enumerate(phones):
+                buf.append(cs.ContactInput(phone=p, name=f"Contact {i}"))
+                if len(buf) >= batch:
+                    yield cs.ImportContactsRequest(campaign_id=campaign_id, contacts=buf)
+                    buf = []
+            yield cs.ImportContactsRequest(campaign_id=campaign_id, contacts=buf)
+        return self.campaigns.ImportContacts(reqs(), metadata=self.md)
+
+    def get(self, campaign_id: str) -> res.Campaign:
+        return self.campaigns.GetCampaign(cs.GetCampaignRequest(campaign_id=campaign_id), metadata=self.md)
+
+    def start(self, campaign_id: str) -> res.Campaign:
+        return self.campaigns.StartCampaign(cs.StartCampaignRequest(campaign_id=campaign_id), metadata=self.md)
+
+    def pause(self, campaign_id: str) -> res.Campaign:
+        return self.campaigns.PauseCampaign(cs.PauseCampaignRequest(campaign_id=campaign_id), metadata=self.md)
+
+    def resume(self, campaign_id: str) -> res.Campaign:
+        return self.campaigns.ResumeCampaign(cs.ResumeCampaignRequest(campaign_id=campaign_id), metadata=self.md)
+
+    def cancel(self, campaign_id: str) -> res.Campaign:
+        return self.campaigns.CancelCampaign(cs.CancelCampaignRequest(campaign_id=campaign_id), metadata=self.md)
+
+    def wait(self, campaign_id: str, pred: object, timeout: float = 60.0) -> res.Campaign:
+        """Poll GetCampaign until pred(campaign) is true (bounded in time)."""
+        deadline = time.monotonic() + timeout
+        c = self.get(campaign_id)
+        while not pred(c):  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"campaign {campaign_id} did not reach the expected state: {c}")
+            time.sleep(0.1)
+            c = self.get(campaign_id)
+        return c
+
+    def wait_final(self, campaign_id: str, timeout: float = 60.0) -> res.Campaign:
+        return self.wait(campaign_id, lambda c: c.state in FINAL, timeout)
+
+
+def phones(n: int, start: int = 0) -> list[str]:
+    """n distinct valid Brazilian mobile numbers, as users type them."""
+    base = secrets.randbelow(10**6) * 100
+    return [f"+55 11 9{(base + start + i) % 10**8:08d}" for i in range(n)]
