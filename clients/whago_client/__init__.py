@@ -1,0 +1,35 @@
+"""Python SDK for the WHAGO campaigns API: `WhagoClient`, typed `errors`, and `Pager`."""
+
+from whago_client import errors
+from whago_client.client import (
+    DEFAULT_TARGET,
+    FINAL_CAMPAIGN_STATES,
+    RetryPolicy,
+    WhagoClient,
+    campaign_state,
+    import_requests,
+    message_state,
+    read_contacts_csv,
+    to_contact_input,
+)
+from whago_client.errors import WhagoError, from_rpc_error
+from whago_client.pager import Pager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "FINAL_CAMPAIGN_STATES",
+    "Pager",
+    "RetryPolicy",
+    "WhagoClient",
+    "WhagoError",
+    "__version__",
+    "campaign_state",
+    "errors",
+    "from_rpc_error",
+    "import_requests",
+    "message_state",
+    "read_contacts_csv",
+    "to_contact_input",
+]

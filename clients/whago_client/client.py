@@ -1,0 +1,704 @@
+"""Synchronous Python client for the WHAGO CampaignService and ChipService.
+
+Methods take plain Python arguments and return the protobuf resources (`Campaign`, `Chip`,
+...). Every call carries the API key and a deadline, failed calls raise a typed
+`WhagoError` subclass, and idempotent calls are retried on UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import mimetypes
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Generic, Self, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2, timestamp_pb2
+
+from whago.campaign.v1 import (
+    campaign_service_pb2 as cs,
+)
+from whago.campaign.v1 import (
+    campaign_service_pb2_grpc as cs_grpc,
+)
+from whago.campaign.v1 import (
+    chip_service_pb2 as chs,
+)
+from whago.campaign.v1 import (
+    chip_service_pb2_grpc as chs_grpc,
+)
+from whago.campaign.v1 import (
+    resources_pb2 as res,
+)
+from whago_client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    WaitTimeout,
+    from_rpc_error,
+)
+from whago_client.pager import Pager
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "FINAL_CAMPAIGN_STATES",
+    "ContactRow",
+    "RetryPolicy",
+    "WhagoClient",
+    "campaign_state",
+    "import_requests",
+    "message_state",
+    "read_contacts_csv",
+    "to_contact_input",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+USER_AGENT = "whago-client/0.1"
+#: The server refuses larger uploads; checking first saves sending megabytes for nothing.
+MAX_MEDIA_BYTES = 16 * 1024 * 1024
+#: A million-row import legitimately takes minutes; the usual 30 s deadline would cut it.
+IMPORT_TIMEOUT = 3600.0
+
+#: States a campaign never leaves on its own.
+FINAL_CAMPAIGN_STATES: frozenset[res.CampaignState.ValueType] = frozenset(
+    {res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED}
+)
+
+#: What `import_contacts` accepts per row: a ContactInput, a mapping with "phone", optional
+#: "name" and the rest as template variables (like a csv.DictReader row), or a bare phone.
+ContactRow: TypeAlias = cs.ContactInput | Mapping[str, object] | str
+CampaignStateLike: TypeAlias = int | str
+MessageStateLike: TypeAlias = int | str
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _enum_value(
+    enum: object, prefix: str, value: int | str, what: str
+) -> int:
+    """Resolve an enum given as value, full name or short name ("RUNNING")."""
+    wrapper = enum  # an EnumTypeWrapper; typed loosely to share the code for both enums
+    names: list[str] = list(wrapper.keys())  # type: ignore[attr-defined]
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith(prefix):
+            name = prefix + name
+        if name in names and not name.endswith("_UNSPECIFIED"):
+            return int(wrapper.Value(name))  # type: ignore[attr-defined]
+    elif value in wrapper.values():  # type: ignore[attr-defined]
+        return int(value)
+    valid = ", ".join(n.removeprefix(prefix) for n in names if not n.endswith("_UNSPECIFIED"))
+    raise ValueError(f"unknown {what} {value!r}; expected one of {valid}")
+
+
+def campaign_state(value: CampaignStateLike) -> res.CampaignState.ValueType:
+    """`CampaignState` from a value or a name such as "RUNNING" or "CAMPAIGN_STATE_RUNNING"."""
+    return res.CampaignState.ValueType(
+        _enum_value(res.CampaignState, "CAMPAIGN_STATE_", value, "campaign state")
+    )
+
+
+def message_state(value: MessageStateLike) -> res.MessageState.ValueType:
+    """`MessageState` from a value or a name such as "FAILED" or "MESSAGE_STATE_FAILED"."""
+    return res.MessageState.ValueType(
+        _enum_value(res.MessageState, "MESSAGE_STATE_", value, "message state")
+    )
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """A naive datetime is refused: guessing UTC or local time would schedule at the wrong hour."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("schedule_time must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _template(t: str | res.MessageTemplate) -> res.MessageTemplate:
+    return res.MessageTemplate(text=t) if isinstance(t, str) else t
+
+
+def to_contact_input(row: ContactRow) -> cs.ContactInput:
+    """Normalize one import row into a `ContactInput` (see `ContactRow`)."""
+    if isinstance(row, cs.ContactInput):
+        return row
+    if isinstance(row, str):
+        return cs.ContactInput(phone=row.strip())
+    if isinstance(row, Mapping):
+        contact = cs.ContactInput()
+        for key, value in row.items():
+            if value is None:
+                continue
+            k = str(key).strip()
+            if k.lower() == "phone":
+                contact.phone = str(value).strip()
+            elif k.lower() == "name":
+                contact.name = str(value).strip()
+            elif k == "variables" and isinstance(value, Mapping):
+                contact.variables.update({str(a): str(b) for a, b in value.items()})
+            elif k:
+                contact.variables[k] = str(value)
+        return contact
+    raise TypeError(f"cannot import a contact from {type(row).__name__}")
+
+
+def import_requests(
+    campaign_id: str,
+    rows: Iterable[ContactRow],
+    *,
+    batch_size: int = 1000,
+    default_region: str = "",
+) -> Iterator[cs.ImportContactsRequest]:
+    """The ImportContacts request stream: rows chunked lazily into `batch_size` contacts.
+
+    Only one chunk is in memory at a time, so an iterator over a million-line file streams
+    without being materialized. An empty input still yields one request, so the server learns
+    the campaign id and answers with the campaign's totals.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    it = iter(rows)
+    first = True
+    while True:
+        chunk = [to_contact_input(r) for r in itertools.islice(it, batch_size)]
+        if not chunk and not first:
+            return
+        # campaign_id on every message is allowed ("must match") and keeps each self-describing.
+        yield cs.ImportContactsRequest(
+            campaign_id=campaign_id, contacts=chunk, default_region=default_region
+        )
+        first = False
+        if len(chunk) < batch_size:
+            return
+
+
+def read_contacts_csv(
+    source: str | os.PathLike[str] | IO[str],
+) -> Iterator[cs.ContactInput]:
+    """Stream contacts from a CSV with a header: `phone` (required), `name`, and any other
+    columns as template variables. Comma, semicolon (Excel in pt-BR) or tab separated.
+
+    The header is read and checked now, so a wrong file fails before any RPC; rows are read
+    lazily. Blank lines are skipped; the server numbers the remaining data rows from 1.
+    """
+    close = isinstance(source, (str, os.PathLike))
+    # Opened here, closed by _rows (or below if the header is bad).
+    f: IO[str] = open(source, newline="", encoding="utf-8-sig") if isinstance(source, (str, os.PathLike)) else source
+    try:
+        header_line = f.readline()
+        delimiter = max((",", ";", "\t"), key=header_line.count)
+        header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter), [])]
+        lowered = [h.lower() for h in header]
+        if "phone" not in lowered:
+            raise ValueError(f"CSV header has no 'phone' column (got {header!r})")
+    except BaseException:
+        if close:
+            f.close()
+        raise
+    phone_at = lowered.index("phone")
+    name_at = lowered.index("name") if "name" in lowered else -1
+
+    def _rows() -> Iterator[cs.ContactInput]:
+        try:
+            for values in csv.reader(f, delimiter=delimiter):
+                if not values or not any(v.strip() for v in values):
+                    continue
+                contact = cs.ContactInput()
+                for i, value in enumerate(values[: len(header)]):
+                    if i == phone_at:
+                        contact.phone = value.strip()
+                    elif i == name_at:
+                        contact.name = value.strip()
+                    elif header[i]:
+                        contact.variables[header[i]] = value
+                yield contact
+        finally:
+            if close:
+                f.close()
+
+    return _rows()
+
+
+class _RequestGuard(Generic[T]):
+    """Wraps a client-stream request iterator that gRPC consumes on its own thread.
+
+    If the iterator raises (bad CSV row, I/O error), gRPC would log a traceback and report a
+    bare CANCELLED. Instead the error is kept, the call is cancelled before the stream is
+    half-closed (so the server never mistakes a broken upload for a complete one), and the
+    caller re-raises the original exception.
+    """
+
+    def __init__(self, source: Iterator[T]) -> None:
+        self._source = source
+        self._ready = threading.Event()
+        self._call: grpc.Future | None = None
+        self.error: Exception | None = None
+
+    def attach(self, call: grpc.Future) -> None:
+        self._call = call
+        self._ready.set()
+
+    def __iter__(self) -> _RequestGuard[T]:
+        return self
+
+    def __next__(self) -> T:
+        self._ready.wait()
+        try:
+            return next(self._source)
+        except StopIteration:
+            raise
+        except Exception as e:  # any failure of the source must stop the upload
+            self.error = e
+            if self._call is not None:
+                self._call.cancel()
+            raise StopIteration from None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient failures of idempotent calls.
+
+    Only calls that are safe to repeat are retried: reads, and mutations carrying a
+    request_id (the server returns the first result for a repeated id, AIP-155).
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.2
+    max_backoff: float = 3.0
+    multiplier: float = 2.0
+    retry_codes: frozenset[grpc.StatusCode] = field(
+        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
+    )
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class WhagoClient:
+    """Client for CampaignService and ChipService.
+
+    >>> with WhagoClient("127.0.0.1:50051", api_key="...") as client:
+    ...     c = client.create_campaign("Promo", templates=["Hi {{name}}!"])
+    ...     client.import_contacts(c.id, ["+55 11 99999-9999"])
+    ...     client.start_campaign(c.id)
+
+    `api_key` defaults to $WHAGO_API_KEY. `timeout` is the default deadline of each call in
+    seconds (retries included). Pass `channel` to share one; the client then leaves it open
+    on close(), since its owner may still use it. `credentials` makes a TLS channel.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        retry: RetryPolicy | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if api_key is None:
+            api_key = os.environ.get("WHAGO_API_KEY") or None
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
+        self._owns_channel = channel is None
+        if channel is None:
+            options = [
+                ("grpc.primary_user_agent", USER_AGENT),
+                ("grpc.max_send_message_length", 32 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+            ]
+            channel = (
+                grpc.secure_channel(target, credentials, options=options)
+                if credentials is not None
+                else grpc.insecure_channel(target, options=options)
+            )
+        self.channel: grpc.Channel = channel
+        self._campaigns = cs_grpc.CampaignServiceStub(channel)
+        self._chips = chs_grpc.ChipServiceStub(channel)
+        self._sleep: Callable[[float], None] = time.sleep
+
+    # -- lifecycle of the client
+
+    def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WhagoClient({self.target!r})"
+
+    # -- plumbing
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None,
+        idempotent: bool,
+    ) -> Resp:
+        """One unary RPC with auth, an overall deadline, typed errors and, when safe, retries."""
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempts = max(1, self.retry.max_attempts) if idempotent else 1
+        backoff = self.retry.initial_backoff
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"deadline of {budget:g}s exceeded after {attempt - 1} attempts")
+            try:
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+            if attempt >= attempts or err.code not in self.retry.retry_codes:
+                raise err from err.__cause__
+            delay = min(backoff, self.retry.max_backoff) * random.uniform(0.5, 1.0)
+            if err.retry_delay is not None:
+                delay = max(delay, err.retry_delay)
+            if time.monotonic() + delay >= deadline:
+                raise err from err.__cause__
+            self._sleep(delay)
+            backoff *= self.retry.multiplier
+
+    @staticmethod
+    def _request_id(request_id: str | None) -> str:
+        """A fresh id per logical call, reused by its retries, makes them idempotent."""
+        return request_id if request_id else str(uuid.uuid4())
+
+    # -- campaigns
+
+    def create_campaign(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        templates: Sequence[str | res.MessageTemplate] = (),
+        chip_ids: Sequence[str] = (),
+        settings: res.CampaignSettings | None = None,
+        schedule_time: datetime | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> res.Campaign:
+        """Create a campaign: DRAFT, or SCHEDULED when `schedule_time` (timezone-aware) is set."""
+        campaign = res.Campaign(
+            name=name,
+            description=description,
+            templates=[_template(t) for t in templates],
+            chip_ids=list(chip_ids),
+        )
+        if settings is not None:
+            campaign.settings.CopyFrom(settings)
+        if schedule_time is not None:
+            campaign.schedule_time.CopyFrom(_timestamp(schedule_time))
+        req = cs.CreateCampaignRequest(campaign=campaign, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.CreateCampaign, req, timeout=timeout, idempotent=True)
+
+    def get_campaign(self, campaign_id: str, *, timeout: float | None = None) -> res.Campaign:
+        req = cs.GetCampaignRequest(campaign_id=campaign_id)
+        return self._call(self._campaigns.GetCampaign, req, timeout=timeout, idempotent=True)
+
+    def list_campaigns(
+        self,
+        state: CampaignStateLike | None = None,
+        *,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> Pager[res.Campaign]:
+        """All the caller's campaigns (newest first), optionally only those in `state`."""
+        state_value = campaign_state(state) if state is not None else res.CAMPAIGN_STATE_UNSPECIFIED
+
+        def fetch(token: str) -> tuple[Sequence[res.Campaign], str]:
+            req = cs.ListCampaignsRequest(page_size=page_size, page_token=token, state=state_value)
+            resp = self._call(self._campaigns.ListCampaigns, req, timeout=timeout, idempotent=True)
+            return resp.campaigns, resp.next_page_token
+
+        return Pager(fetch)
+
+    def update_campaign(
+        self,
+        campaign: res.Campaign,
+        update_mask: Sequence[str],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> res.Campaign:
+        """Update the fields named in `update_mask`. Set `campaign.etag` to fail (Aborted)
+        instead of overwriting someone else's concurrent change."""
+        req = cs.UpdateCampaignRequest(
+            campaign=campaign,
+            update_mask=field_mask_pb2.FieldMask(paths=list(update_mask)),
+            request_id=self._request_id(request_id),
+        )
+        return self._call(self._campaigns.UpdateCampaign, req, timeout=timeout, idempotent=True)
+
+    def delete_campaign(
+        self,
+        campaign_id: str,
+        etag: str = "",
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> cs.DeleteCampaignResponse:
+        """Delete a DRAFT, CANCELLED or COMPLETED campaign; returns what was removed."""
+        req = cs.DeleteCampaignRequest(
+            campaign_id=campaign_id, etag=etag, request_id=self._request_id(request_id)
+        )
+        return self._call(self._campaigns.DeleteCampaign, req, timeout=timeout, idempotent=True)
+
+    def start_campaign(
+        self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> res.Campaign:
+        req = cs.StartCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.StartCampaign, req, timeout=timeout, idempotent=True)
+
+    def pause_campaign(
+        self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> res.Campaign:
+        """Returns once no further message of the campaign will reach WAHA."""
+        req = cs.PauseCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.PauseCampaign, req, timeout=timeout, idempotent=True)
+
+    def resume_campaign(
+        self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> res.Campaign:
+        req = cs.ResumeCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.ResumeCampaign, req, timeout=timeout, idempotent=True)
+
+    def cancel_campaign(
+        self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> res.Campaign:
+        """Returns once no further message of the campaign will reach WAHA."""
+        req = cs.CancelCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.CancelCampaign, req, timeout=timeout, idempotent=True)
+
+    def import_contacts(
+        self,
+        campaign_id: str,
+        rows: Iterable[ContactRow],
+        *,
+        batch_size: int = 1000,
+        default_region: str = "",
+        timeout: float | None = IMPORT_TIMEOUT,
+    ) -> cs.ImportContactsResponse:
+        """Stream contacts into a DRAFT/SCHEDULED campaign, `batch_size` per message.
+
+        `rows` is consumed lazily (see `import_requests`), e.g. `read_contacts_csv(path)`.
+        Not retried: the stream cannot be replayed. An exception raised by `rows` cancels the
+        call and is re-raised here as is.
+        """
+        guard = _RequestGuard(
+            import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)
+        )
+        future = self._campaigns.ImportContacts.future(
+            guard, timeout=timeout, metadata=self._metadata
+        )
+        guard.attach(future)
+        try:
+            return future.result()
+        except grpc.RpcError as e:
+            if guard.error is not None:
+                raise guard.error from None
+            raise from_rpc_error(e) from e
+        except grpc.FutureCancelledError:
+            if guard.error is not None:
+                raise guard.error from None
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave the upload running
+            future.cancel()
+            raise
+
+    def list_contacts(
+        self, campaign_id: str, *, page_size: int = 1000, timeout: float | None = None
+    ) -> Pager[res.Contact]:
+        def fetch(token: str) -> tuple[Sequence[res.Contact], str]:
+            req = cs.ListContactsRequest(campaign_id=campaign_id, page_size=page_size, page_token=token)
+            resp = self._call(self._campaigns.ListContacts, req, timeout=timeout, idempotent=True)
+            return resp.contacts, resp.next_page_token
+
+        return Pager(fetch)
+
+    def list_messages(
+        self,
+        campaign_id: str,
+        state: MessageStateLike | None = None,
+        *,
+        page_size: int = 1000,
+        timeout: float | None = None,
+    ) -> Pager[res.CampaignMessage]:
+        """The campaign's messages, optionally only those in `state` (e.g. "FAILED")."""
+        state_value = message_state(state) if state is not None else res.MESSAGE_STATE_UNSPECIFIED
+
+        def fetch(token: str) -> tuple[Sequence[res.CampaignMessage], str]:
+            req = cs.ListCampaignMessagesRequest(
+                campaign_id=campaign_id, page_size=page_size, page_token=token, state=state_value
+            )
+            resp = self._call(
+                self._campaigns.ListCampaignMessages, req, timeout=timeout, idempotent=True
+            )
+            return resp.messages, resp.next_page_token
+
+        return Pager(fetch)
+
+    def upload_media(
+        self,
+        campaign_id: str,
+        source: bytes | str | os.PathLike[str],
+        filename: str | None = None,
+        mime_type: str | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> res.Media:
+        """Upload a file (path) or raw bytes; the returned `Media.id` goes in a template.
+
+        For a path, `filename` defaults to its base name and `mime_type` is guessed from it.
+        """
+        if isinstance(source, bytes):
+            if not filename:
+                raise ValueError("filename is required when uploading bytes")
+            content = source
+        else:
+            with open(source, "rb") as f:
+                content = f.read(MAX_MEDIA_BYTES + 1)
+            filename = filename or os.path.basename(os.fspath(source))
+        if len(content) > MAX_MEDIA_BYTES:
+            raise InvalidArgument(
+                "media is larger than 16 MiB",
+                field_violations=[("content", "at most 16 MiB")],
+            )
+        mime = mime_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        req = cs.UploadMediaRequest(
+            campaign_id=campaign_id,
+            filename=filename,
+            mime_type=mime,
+            content=content,
+            request_id=self._request_id(request_id),
+        )
+        return self._call(self._campaigns.UploadMedia, req, timeout=timeout, idempotent=True)
+
+    def list_media(self, campaign_id: str, *, timeout: float | None = None) -> list[res.Media]:
+        req = cs.ListCampaignMediaRequest(campaign_id=campaign_id)
+        resp = self._call(self._campaigns.ListCampaignMedia, req, timeout=timeout, idempotent=True)
+        return list(resp.media)
+
+    def wait_for_state(
+        self,
+        campaign_id: str,
+        states: CampaignStateLike | Collection[CampaignStateLike] = tuple(FINAL_CAMPAIGN_STATES),
+        timeout: float | None = 60.0,
+        poll: float = 0.5,
+        *,
+        on_change: Callable[[res.Campaign], None] | None = None,
+    ) -> res.Campaign:
+        """Poll until the campaign is in one of `states`; returns it.
+
+        `timeout=None` waits forever. `on_change` sees every snapshot whose state or counters
+        differ from the previous one (progress reporting). Raises `WaitTimeout` (a
+        `DeadlineExceeded`) carrying the last snapshot, and stops early with
+        `FailedPrecondition` if the campaign reaches a final state not among `states`.
+        """
+        if isinstance(states, (str, int)):
+            states = [states]
+        wanted = {campaign_state(s) for s in states}
+        give_up = None if timeout is None else time.monotonic() + timeout
+        last_key: tuple[int, ...] | None = None
+        campaign: res.Campaign | None = None
+        while True:
+            campaign = self.get_campaign(campaign_id)
+            key = (
+                campaign.state, campaign.total_contacts, campaign.pending_count,
+                campaign.sent_count, campaign.delivered_count, campaign.read_count,
+                campaign.failed_count, campaign.skipped_count,
+            )
+            if on_change is not None and key != last_key:
+                on_change(campaign)
+            last_key = key
+            if campaign.state in wanted:
+                return campaign
+            if campaign.state in FINAL_CAMPAIGN_STATES:
+                raise FailedPrecondition(
+                    f"campaign {campaign_id} ended {res.CampaignState.Name(campaign.state)}",
+                    reason="CAMPAIGN_ENDED",
+                )
+            if give_up is not None and time.monotonic() + poll > give_up:
+                wanted_names = sorted(res.CampaignState.Name(s) for s in wanted)
+                raise WaitTimeout(
+                    f"campaign {campaign_id} not in {wanted_names} after {timeout:g}s "
+                    f"(still {res.CampaignState.Name(campaign.state)})",
+                    last=campaign,
+                )
+            self._sleep(poll)
+
+    # -- chips
+
+    def register_chip(
+        self,
+        phone: str,
+        waha_base_url: str,
+        waha_session: str,
+        waha_api_key: str,
+        *,
+        display_name: str = "",
+        proxy_label: str = "",
+        pacing: res.Pacing | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> res.Chip:
+        """Register a WhatsApp number (a WAHA session). The key is write-only: never returned."""
+        chip = res.Chip(
+            phone=phone,
+            waha_base_url=waha_base_url,
+            waha_session=waha_session,
+            waha_api_key=waha_api_key,
+            display_name=display_name,
+            proxy_label=proxy_label,
+        )
+        if pacing is not None:
+            chip.pacing.CopyFrom(pacing)
+        req = chs.RegisterChipRequest(chip=chip, request_id=self._request_id(request_id))
+        return self._call(self._chips.RegisterChip, req, timeout=timeout, idempotent=True)
+
+    def get_chip(self, chip_id: str, *, timeout: float | None = None) -> res.Chip:
+        req = chs.GetChipRequest(chip_id=chip_id)
+        return self._call(self._chips.GetChip, req, timeout=timeout, idempotent=True)
+
+    def list_chips(self, *, page_size: int = 100, timeout: float | None = None) -> Pager[res.Chip]:
+        def fetch(token: str) -> tuple[Sequence[res.Chip], str]:
+            req = chs.ListChipsRequest(page_size=page_size, page_token=token)
+            resp = self._call(self._chips.ListChips, req, timeout=timeout, idempotent=True)
+            return resp.chips, resp.next_page_token
+
+        return Pager(fetch)
+
+    def delete_chip(self, chip_id: str, *, timeout: float | None = None) -> None:
+        """Not retried: DeleteChip has no request_id, so a retry could report NOT_FOUND for a
+        delete that succeeded."""
+        req = chs.DeleteChipRequest(chip_id=chip_id)
+        self._call(self._chips.DeleteChip, req, timeout=timeout, idempotent=False)
