@@ -251,6 +251,11 @@ class _RequestGuard(Generic[T]):
         self._call = call
         self._ready.set()
 
+    def abandon(self) -> None:
+        """The call could not be made: end the stream without reading the source."""
+        self._source = iter(())
+        self._ready.set()
+
     def __iter__(self) -> _RequestGuard[T]:
         return self
 
@@ -510,15 +515,18 @@ class WhagoClient:
         """Stream contacts into a DRAFT/SCHEDULED campaign, `batch_size` per message.
 
         `rows` is consumed lazily (see `import_requests`), e.g. `read_contacts_csv(path)`.
+        `timeout` bounds the whole upload (default one hour; None for no deadline).
         Not retried: the stream cannot be replayed. An exception raised by `rows` cancels the
         call and is re-raised here as is.
         """
         guard = _RequestGuard(
             import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)
         )
-        future = self._campaigns.ImportContacts.future(
-            guard, timeout=timeout, metadata=self._metadata
-        )
+        try:
+            future = self._campaigns.ImportContacts.future(guard, timeout=timeout, metadata=self._metadata)
+        except BaseException:
+            guard.abandon()  # release gRPC's request thread, which waits for attach()
+            raise
         guard.attach(future)
         try:
             return future.result()
