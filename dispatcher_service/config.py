@@ -1,0 +1,54 @@
+"""Dispatcher configuration, read once from the environment (12-factor, defaults work for `make run`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the dispatcher server and workers need; no database settings on purpose."""
+
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    listen: str = field(default_factory=lambda: _env("DISPATCHER_LISTEN", "127.0.0.1:50052"))
+    campaign_target: str = field(default_factory=lambda: _env("CAMPAIGN_TARGET", "127.0.0.1:50051"))
+    service_token: str = field(default_factory=lambda: _env("WHAGO_SERVICE_TOKEN", "dev-service-token"))
+    queue_name: str = field(default_factory=lambda: _env("DISPATCH_QUEUE", "whago:dispatch"))
+    slice_seconds: float = field(default_factory=lambda: _float("DISPATCH_SLICE_SECONDS", 60.0))
+    job_timeout: float = field(default_factory=lambda: _float("DISPATCH_JOB_TIMEOUT", 120.0))
+    waha_timeout: float = field(default_factory=lambda: _float("WAHA_TIMEOUT_SECONDS", 15.0))
+    max_jobs: int = field(default_factory=lambda: _int("DISPATCH_MAX_JOBS", 2000))
+    log_level: str = field(default_factory=lambda: _env("WHAGO_LOG_LEVEL", "INFO"))
+    # Ask WAHA whether each recipient is on WhatsApp before sending (SKIPPED when not).
+    check_exists: bool = field(default_factory=lambda: _env("DISPATCH_CHECK_EXISTS", "0") in ("1", "true", "yes"))
+    # Retries of a timed-out / 5xx send before the message is FAILED.
+    send_retries: int = field(default_factory=lambda: _int("DISPATCH_SEND_RETRIES", 3))
+    grace_seconds: float = field(default_factory=lambda: _float("DISPATCHER_GRACE_SECONDS", 10.0))
+
+    @property
+    def stop_wait_seconds(self) -> float:
+        """How long a stop waits for in-flight WAHA requests: one request timeout plus a margin."""
+        return self.waha_timeout + 5.0
+
+
+def load() -> Config:
+    return Config()

@@ -1,0 +1,89 @@
+"""grpc.aio client of whago.campaign.v1.DeliveryService (the campaign service can restart: retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
+from whago.campaign.v1 import resources_pb2
+
+log = logging.getLogger("dispatcher.delivery")
+T = TypeVar("T")
+
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class DeliveryUnavailable(Exception):
+    """DeliveryService could not be reached within the retry budget."""
+
+
+class DeliveryClient:
+    """Leases and reports with the service token; retries UNAVAILABLE with capped backoff + jitter."""
+
+    def __init__(self, target: str, token: str, call_timeout: float = 30.0, retry_budget: float = 45.0) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = dgrpc.DeliveryServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.call_timeout = call_timeout
+        self.retry_budget = retry_budget
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def _call(self, name: str, fn: Callable[[], Awaitable[T]], budget: float | None = None) -> T:
+        deadline = time.monotonic() + (self.retry_budget if budget is None else budget)
+        delay = 0.2
+        for attempt in range(1, 60):
+            try:
+                return await fn()
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRY_CODES or time.monotonic() + delay > deadline:
+                    if e.code() in RETRY_CODES:
+                        raise DeliveryUnavailable(f"{name}: {e.code().name} {e.details()}") from e
+                    raise
+                log.warning("DeliveryService.%s %s (attempt %d), retrying in %.1fs", name, e.code().name,
+                            attempt, delay)
+            await asyncio.sleep(delay * random.uniform(0.7, 1.3))
+            delay = min(delay * 2, 3.0)
+        raise DeliveryUnavailable(f"{name}: retries exhausted")
+
+    async def lease(self, campaign_id: str, chip_id: str, epoch: int, max_messages: int, lease_seconds: int,
+                    owner: str) -> dpb.LeaseMessagesResponse:
+        req = dpb.LeaseMessagesRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch,
+                                       max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner)
+        return await self._call("LeaseMessages", lambda: self.stub.LeaseMessages(
+            req, metadata=self.metadata, timeout=self.call_timeout))
+
+    async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
+                     budget: float | None = None) -> dpb.ReportDeliveriesResponse:
+        req = dpb.ReportDeliveriesRequest(campaign_id=campaign_id, reports=list(reports))
+        return await self._call("ReportDeliveries", lambda: self.stub.ReportDeliveries(
+            req, metadata=self.metadata, timeout=self.call_timeout), budget)
+
+    async def chip_state(self, chip_id: str, state: resources_pb2.ChipState.ValueType,
+                         reason: str) -> dpb.ReportChipStateResponse:
+        req = dpb.ReportChipStateRequest(chip_id=chip_id, state=state, reason=reason)
+        return await self._call("ReportChipState", lambda: self.stub.ReportChipState(
+            req, metadata=self.metadata, timeout=self.call_timeout))
+
+    async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
+        req = dpb.GetMediaContentRequest(media_id=media_id)
+        return await self._call("GetMediaContent", lambda: self.stub.GetMediaContent(
+            req, metadata=self.metadata, timeout=self.call_timeout))

@@ -1,0 +1,62 @@
+"""Redis key layout of the dispatcher (all state lives here; see README section in the report).
+
+whago:dispatch:{c}          hash  epoch, state, request (serialized StartDispatchRequest), updated
+whago:fence:{c}             str   "run:{epoch}" while lanes may send, "stop:{epoch}" after Pause/Cancel
+whago:inflight:{c}          zset  token -> expiry (unix s) of WAHA requests in flight for the campaign
+whago:lane:{c}:{chip}       hash  state, sent, failed, next_send_time, last_error, epoch, job
+whago:lanelock:{c}:{chip}   str   job id holding the lane (short TTL, renewed)
+whago:lanewant:{c}:{chip}   str   "1" when a slice found the lane busy and wants a follow-up
+whago:jobs:{c}              set   arq job ids enqueued for the campaign (revoke/abort bookkeeping)
+whago:jobseq:{c}:{chip}     int   INCR source of the slice number n in job ids
+whago:pace:{chip}           hash  last (last reserved slot), last_actual (last send that left)
+whago:pacelog:{chip}        zset  reservation token -> slot time (rolling hour/day caps)
+"""
+
+from __future__ import annotations
+
+PREFIX = "whago"
+
+
+def dispatch(c: str) -> str:
+    return f"{PREFIX}:dispatch:{c}"
+
+
+def fence(c: str) -> str:
+    return f"{PREFIX}:fence:{c}"
+
+
+def inflight(c: str) -> str:
+    return f"{PREFIX}:inflight:{c}"
+
+
+def lane(c: str, chip: str) -> str:
+    return f"{PREFIX}:lane:{c}:{chip}"
+
+
+def lane_lock(c: str, chip: str) -> str:
+    return f"{PREFIX}:lanelock:{c}:{chip}"
+
+
+def lane_want(c: str, chip: str) -> str:
+    return f"{PREFIX}:lanewant:{c}:{chip}"
+
+
+def jobs(c: str) -> str:
+    return f"{PREFIX}:jobs:{c}"
+
+
+def job_seq(c: str, chip: str) -> str:
+    return f"{PREFIX}:jobseq:{c}:{chip}"
+
+
+def pace(chip: str) -> str:
+    return f"{PREFIX}:pace:{chip}"
+
+
+def pace_log(chip: str) -> str:
+    return f"{PREFIX}:pacelog:{chip}"
+
+
+def job_id(c: str, chip: str, epoch: int, n: int) -> str:
+    """arq job id of one lane slice; never reused (n comes from INCR)."""
+    return f"lane:{c}:{chip}:{epoch}:{n}"

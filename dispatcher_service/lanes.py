@@ -1,0 +1,656 @@
+"""One lane = (campaign, chip), run as bounded arq job slices.
+
+A slice leases small batches from DeliveryService and sends them through WAHA:
+
+  lease -> (messages carrying a waha_message_id: ask WAHA first; found -> SENT)
+        -> take a WAHA message id per message (new-message-id) and report ATTEMPTING for the batch
+           BEFORE anything leaves, so an uncertain outcome can always be looked up later
+        -> per message: pacing slot -> sleep -> seen -> typing -> send -> report
+
+Every WAHA request is fenced (fences.py): atomic "epoch still current + register in flight".
+Stopped by a fence, by a non-RUNNING campaign, by the slice clock or a cancellation, the lane
+RELEASES what it has not finished. Slices chain as new arq jobs while work remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from arq.connections import ArqRedis
+
+from dispatcher_service import fences as fences_mod
+from dispatcher_service.config import Config
+from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable
+from dispatcher_service.logs import lane_ctx
+from dispatcher_service.pacing import Limits, Pacer, Reservation
+from dispatcher_service.store import LaneLock, Store
+from dispatcher_service.waha.client import (
+    ChipRestricted,
+    MessageRejected,
+    SessionNotWorking,
+    WahaClient,
+    WahaError,
+    WahaServerError,
+    WahaTimeout,
+)
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+from whago.campaign.v1 import resources_pb2 as rpb
+from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+log = logging.getLogger("dispatcher.lane")
+T = TypeVar("T")
+
+# Media sends cannot carry a pre-chosen id (not in WAHA's spec), so their ATTEMPTING id is a marker:
+# a re-leased message carrying it cannot be looked up and becomes UNKNOWN instead of being resent.
+UNVERIFIABLE_PREFIX = "unverifiable:"
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+MAX_BATCH = 50
+LOCK_RENEW_SECONDS = 5.0
+FENCE_POLL_SECONDS = 1.0
+
+
+@dataclass
+class WorkerEnv:
+    """Process-wide resources of a worker (created in on_startup)."""
+
+    cfg: Config
+    redis: ArqRedis
+    http: aiohttp.ClientSession
+    delivery: DeliveryClient
+    store: Store = field(init=False)
+    fences: fences_mod.Fences = field(init=False)
+    pacer: Pacer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.redis, self.cfg.queue_name)
+        self.fences = self.store.fences
+        self.pacer = Pacer(self.redis)
+
+
+class ChipDown(Exception):
+    """WAHA said 422: the session is not WORKING."""
+
+
+class ChipBanned(Exception):
+    """WAHA said 500 + error 463: the number is restricted."""
+
+
+class SliceOver(Exception):
+    """Stop this slice and continue in a new one after `defer` seconds."""
+
+    def __init__(self, defer: float = 0.0, why: str = "") -> None:
+        super().__init__(why)
+        self.defer = defer
+
+
+class CampaignNotRunning(Exception):
+    """DeliveryService says the campaign is not RUNNING (or the epoch moved)."""
+
+    def __init__(self, state: int) -> None:
+        super().__init__(str(state))
+        self.state = state
+
+
+def _now_ts() -> dpb.DeliveryReport:
+    r = dpb.DeliveryReport()
+    r.time.GetCurrentTime()
+    return r
+
+
+def _ts_seconds(ts: Any) -> float:
+    return float(ts.seconds) + ts.nanos / 1e9
+
+
+class Lane:
+    """One slice of one lane."""
+
+    def __init__(self, env: WorkerEnv, campaign_id: str, chip_id: str, epoch: int, job_id: str,
+                 spec: pb.LaneSpec, camo: rpb.Camouflage) -> None:
+        self.env = env
+        self.cfg = env.cfg
+        self.c = campaign_id
+        self.chip = chip_id
+        self.epoch = epoch
+        self.job_id = job_id
+        self.spec = spec
+        self.ctx = lane_ctx(campaign_id, chip_id, epoch)
+        self.limits = Limits.from_proto(spec.pacing if spec.HasField("pacing") else None)
+        self.seen = camo.send_seen if camo.HasField("send_seen") else True
+        self.typing = camo.typing if camo.HasField("typing") else True
+        self.cps = camo.typing_chars_per_second if camo.HasField("typing_chars_per_second") else 12.0
+        self.typing_max = camo.typing_max_seconds if camo.HasField("typing_max_seconds") else 8.0
+        self.cps = self.cps if self.cps > 0 else 12.0
+        self.waha = WahaClient(env.http, spec.waha_base_url, spec.waha_api_key, self.cfg.waha_timeout)
+        self.session = spec.waha_session
+        self.started_wall = time.time()
+        t0 = time.monotonic()
+        self.deadline = t0 + self.cfg.slice_seconds
+        # Nothing may be in the air when arq's job timeout fires.
+        self.hard_deadline = t0 + max(self.cfg.slice_seconds, self.cfg.job_timeout - self.cfg.waha_timeout - 10)
+        self.held: dict[str, dpb.LeasedMessage] = {}
+        self.reports: list[dpb.DeliveryReport] = []
+        self.sent = 0
+        self.failed = 0
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)
+        self.lock_lost = False
+        self.last_error = ""
+
+    # -- fenced WAHA access ------------------------------------------------------------------------
+    async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None) -> T:
+        """Run one WAHA request under the fence (atomic check + in-flight registration).
+
+        The request itself runs in a shielded task: cancelling the lane (arq abort, shutdown) never
+        cuts a request half-way, and its in-flight token is removed only when it really ended.
+        """
+        token: str | None = None
+        for _ in range(10_000):
+            if self.lock_lost:
+                raise fences_mod.Stopped(self.c)
+            r = await self.env.fences.acquire(
+                self.c, self.epoch, self.cfg.waha_timeout + 2,
+                pace_chip=self.chip if min_gap is not None else None, min_gap=min_gap or 0.0)
+            if isinstance(r, str):
+                token = r
+                break
+            await self.sleep(min(r + 0.001, 60.0))
+        if token is None:
+            raise SliceOver(1.0, "pacing wait did not end")
+        tok = token
+
+        async def run() -> T:
+            try:
+                return await fn()
+            finally:
+                await asyncio.shield(self.env.fences.release(self.c, tok))
+
+        task: asyncio.Task[T] = asyncio.ensure_future(run())
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        return await asyncio.shield(task)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, re-checking the fence at least every second (and after the wait)."""
+        if seconds <= 0:
+            return
+        end = time.monotonic() + seconds
+        for _ in range(int(seconds / FENCE_POLL_SECONDS) + 3):
+            rem = end - time.monotonic()
+            if rem <= 0:
+                break
+            await asyncio.sleep(min(rem, FENCE_POLL_SECONDS))
+            if self.lock_lost or not await self.env.fences.is_current(self.c, self.epoch):
+                raise fences_mod.Stopped(self.c)
+
+    # -- reports -----------------------------------------------------------------------------------
+    def final(self, m: dpb.LeasedMessage, outcome: int, waha_id: str = "", reason: str = "") -> None:
+        r = _now_ts()
+        r.message_id = m.message_id
+        r.outcome = outcome  # type: ignore[assignment]
+        r.waha_message_id = waha_id
+        r.failure_reason = reason
+        self.reports.append(r)
+        self.held.pop(m.message_id, None)
+        if outcome == dpb.DELIVERY_OUTCOME_SENT:
+            self.sent += 1
+        elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):
+            self.failed += 1
+        name = dpb.DeliveryOutcome.Name(outcome)  # type: ignore[arg-type]
+        log.info("%s message=%s %s%s%s", self.ctx, m.message_id, name,
+                 f" waha_id={waha_id}" if waha_id else "", f" reason={reason!r}" if reason else "")
+
+    async def flush(self, extra: list[dpb.DeliveryReport] | None = None, budget: float | None = None,
+                    check: bool = True) -> None:
+        """Send buffered reports (plus `extra`) in one RPC; stop when the campaign is no longer RUNNING."""
+        batch = self.reports + (extra or [])
+        if not batch:
+            return
+        sent, failed = self.sent, self.failed
+        resp = await self.env.delivery.report(self.c, batch, budget=budget)
+        self.reports = []
+        self.sent = self.failed = 0
+        if sent or failed:
+            await self.env.store.incr_lane(self.c, self.chip, sent, failed)
+        if check and (resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch):
+            raise CampaignNotRunning(resp.campaign_state)
+
+    def attempting(self, m: dpb.LeasedMessage, waha_id: str) -> dpb.DeliveryReport:
+        r = _now_ts()
+        r.message_id = m.message_id
+        r.outcome = dpb.DELIVERY_OUTCOME_ATTEMPTING
+        r.waha_message_id = waha_id
+        return r
+
+    # -- the slice ---------------------------------------------------------------------------------
+    async def run(self) -> str:
+        """Run the slice; always cleans up (releases unsent leases, unlocks, chains the next slice)."""
+        outcome = "error"
+        defer = 5.0
+        cancelled = False
+        renew: asyncio.Task[None] | None = None
+        locked = False
+        try:
+            if not await self.env.fences.is_current(self.c, self.epoch):
+                outcome = "stopped"
+                return outcome
+            if not await self.lock.acquire():
+                log.info("%s lane busy (another slice holds it); asked it to follow up", self.ctx)
+                outcome = "busy"
+                return outcome
+            locked = True
+            renew = asyncio.ensure_future(self._renew_lock())
+            await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
+                                          job=self.job_id, queued="")
+            log.info("%s slice start job=%s", self.ctx, self.job_id)
+            outcome, defer = await self._loop()
+            return outcome
+        except asyncio.CancelledError:
+            cancelled = True
+            outcome = "cancelled"
+            raise
+        except Exception as e:  # never leave leases hanging; next slice retries
+            log.exception("%s slice error: %s", self.ctx, e)
+            self.last_error = f"{type(e).__name__}: {e}"[:500]
+            outcome = "error"
+            return outcome
+        finally:
+            if renew is not None:
+                renew.cancel()
+            await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
+
+    async def _renew_lock(self) -> None:
+        for _ in range(100_000):
+            await asyncio.sleep(LOCK_RENEW_SECONDS)
+            try:
+                if not await self.lock.renew():
+                    log.warning("%s lane lock lost; stopping sends", self.ctx)
+                    self.lock_lost = True
+                    return
+            except Exception as e:  # Redis hiccup: the next renewal tries again
+                log.warning("%s lock renewal failed: %s", self.ctx, e)
+
+    def _batch(self) -> tuple[int, int]:
+        """Batch size sendable well within the slice, and a lease that expires before arq would
+        re-run this job after a crash (so the re-run finds the messages leasable again)."""
+        typing_est = min(self.typing_max, 4.0) if self.typing else 0.0
+        per_msg = self.limits.mean_gap + typing_est + (0.2 if self.seen else 0.0) + 0.05
+        remaining = max(1.0, self.deadline - time.monotonic())
+        n = max(1, min(MAX_BATCH, int(remaining / per_msg) if per_msg > 0 else MAX_BATCH))
+        cap = self.started_wall + self.cfg.job_timeout + 5 - time.time()
+        need = min(remaining, n * per_msg) + 2 * self.cfg.waha_timeout + 15
+        lease = int(max(10, min(need, cap, 3600)))
+        return n, lease
+
+    async def _loop(self) -> tuple[str, float]:
+        for _ in range(100_000):
+            if time.monotonic() >= self.deadline:
+                return "slice", 0.0
+            try:
+                if not await self.env.fences.is_current(self.c, self.epoch):
+                    return "stopped", 0.0
+                n, lease_s = self._batch()
+                resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id)
+                for m in resp.messages:
+                    self.held[m.message_id] = m
+                if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
+                    raise CampaignNotRunning(resp.campaign_state)
+                if not resp.messages:
+                    if resp.remaining > 0:
+                        await self.sleep(min(2.0, max(0.0, self.deadline - time.monotonic())))
+                        continue
+                    return "finished", 0.0
+                log.info("%s leased %d (remaining %d, lease %ds)", self.ctx, len(resp.messages), resp.remaining,
+                         lease_s)
+                await self._batch_send(list(resp.messages))
+                await self.flush()
+            except fences_mod.Stopped:
+                return "stopped", 0.0
+            except CampaignNotRunning as e:
+                return ("finished" if e.state == rpb.CAMPAIGN_STATE_COMPLETED else "stopped"), 0.0
+            except SliceOver as e:
+                return "slice", e.defer
+            except ChipBanned as e:
+                await self._release_held(f"chip restricted: {e}")
+                await self._chip_state(rpb.CHIP_STATE_RESTRICTED, str(e))
+                self.last_error = f"chip restricted (WhatsApp 463): {e}"[:500]
+                return "chip_failed", 0.0
+            except ChipDown as e:
+                await self._release_held(f"chip unavailable: {e}")
+                await self._chip_state(rpb.CHIP_STATE_UNAVAILABLE, str(e))
+                self.last_error = f"session not WORKING (422): {e}"[:500]
+                if not await self._wait_working():
+                    return "backoff", 10.0
+                await self._chip_state(rpb.CHIP_STATE_ACTIVE, "session WORKING again")
+                await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING)
+            except DeliveryUnavailable as e:
+                self.last_error = f"campaign service unavailable: {e}"[:500]
+                log.warning("%s %s", self.ctx, self.last_error)
+                return "slice", 5.0
+        return "slice", 0.0
+
+    async def _release_held(self, reason: str) -> None:
+        for m in list(self.held.values()):
+            self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)
+        try:
+            await self.flush(check=False)
+        except DeliveryUnavailable as e:
+            log.warning("%s release report failed (leases will expire): %s", self.ctx, e)
+
+    async def _chip_state(self, state: int, reason: str) -> None:
+        """Tell the campaign service; wake the lanes of campaigns whose messages moved."""
+        try:
+            resp = await self.env.delivery.chip_state(self.chip, state, reason[:500])  # type: ignore[arg-type]
+        except Exception as e:
+            log.warning("%s ReportChipState(%s) failed: %s", self.ctx, rpb.ChipState.Name(state), e)  # type: ignore[arg-type]
+            return
+        log.info("%s chip state %s; redistributed=%s paused=%s", self.ctx, rpb.ChipState.Name(state),  # type: ignore[arg-type]
+                 list(resp.redistributed_campaign_ids), list(resp.paused_campaign_ids))
+        for cid in resp.redistributed_campaign_ids:
+            try:
+                n = await self.env.store.ensure_campaign(cid, except_chip=self.chip)
+                log.info("campaign=%s chip=%s woke %d lanes after redistribution", cid, self.chip, n)
+            except Exception as e:
+                log.warning("campaign=%s wake lanes failed: %s", cid, e)
+
+    async def _wait_working(self) -> bool:
+        """Back off and re-check GET /api/sessions/{session} until WORKING, bounded by the slice."""
+        await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_BACKING_OFF,
+                                      last_error=self.last_error)
+        delay = 1.0
+        for _ in range(1000):
+            wait = delay * random.uniform(0.8, 1.2)
+            if time.monotonic() + wait >= self.deadline:
+                return False
+            await self.sleep(wait)
+            delay = min(delay * 2, 30.0)
+            try:
+                info = await self.call(lambda: self.waha.get_session(self.session))
+            except WahaError as e:
+                log.info("%s session check failed: %s", self.ctx, e)
+                continue
+            status = str(info.get("status", ""))
+            log.info("%s session %s status %s", self.ctx, self.session, status)
+            if status == "WORKING":
+                return True
+        return False
+
+    # -- a batch -----------------------------------------------------------------------------------
+    async def _lookup(self, m: dpb.LeasedMessage, waha_id: str) -> bool | None:
+        """Does WAHA know this message id? None when it cannot be told (then: OUTCOME_UNKNOWN)."""
+        ids = [waha_id]
+        if not waha_id.startswith(("true_", "false_")):
+            ids.append(f"true_{m.chat_id}_{waha_id}")
+        for attempt in range(3):
+            try:
+                for i, mid in enumerate(ids):
+                    try:
+                        found = await self.call(functools.partial(self.waha.get_message, self.session, m.chat_id,
+                                                                  mid))
+                    except MessageRejected:
+                        if i == 0:
+                            raise
+                        found = None
+                    if found is not None:
+                        return True
+                return False
+            except SessionNotWorking as e:
+                raise ChipDown(str(e)) from e
+            except ChipRestricted as e:
+                raise ChipBanned(str(e)) from e
+            except WahaError as e:
+                log.info("%s message=%s lookup of %s failed (%s), attempt %d", self.ctx, m.message_id, waha_id,
+                         e, attempt + 1)
+                await self.sleep(min(4.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5))
+        return None
+
+    async def _batch_send(self, batch: list[dpb.LeasedMessage]) -> None:
+        todo: list[tuple[dpb.LeasedMessage, str]] = []
+        for m in batch:
+            if m.waha_message_id:
+                if m.waha_message_id.startswith(UNVERIFIABLE_PREFIX):
+                    self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: media send may have "
+                               "reached WAHA and cannot be looked up")
+                    continue
+                found = await self._lookup(m, m.waha_message_id)
+                if found is True:
+                    self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=m.waha_message_id)
+                elif found is None:
+                    self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: earlier attempt "
+                               f"{m.waha_message_id} could not be checked")
+                else:
+                    todo.append((m, m.waha_message_id))
+                continue
+            if self.cfg.check_exists and m.phone:
+                try:
+                    exists = await self.call(functools.partial(self.waha.check_exists, self.session, m.phone))
+                except SessionNotWorking as e:
+                    raise ChipDown(str(e)) from e
+                except WahaError:
+                    exists = True
+                if not exists:
+                    self.final(m, dpb.DELIVERY_OUTCOME_SKIPPED, reason="number is not on WhatsApp")
+                    continue
+            if m.HasField("media") and m.media.id:
+                todo.append((m, UNVERIFIABLE_PREFIX + uuid.uuid4().hex))
+                continue
+            try:
+                mid = await self.call(lambda: self.waha.new_message_id(self.session))
+            except SessionNotWorking as e:
+                raise ChipDown(str(e)) from e
+            except ChipRestricted as e:
+                raise ChipBanned(str(e)) from e
+            todo.append((m, mid))
+        if not todo:
+            return
+        # Recorded BEFORE any send leaves: a crash from here on can be resolved by looking the id up.
+        await self.flush(extra=[self.attempting(m, mid) for m, mid in todo])
+        for m, mid in todo:
+            await self._send_one(m, mid)
+
+    def _typing_seconds(self, m: dpb.LeasedMessage) -> float:
+        if not self.typing or not m.text:
+            return 0.0
+        return max(0.0, min(len(m.text) / self.cps, self.typing_max))
+
+    async def _send_one(self, m: dpb.LeasedMessage, mid: str) -> None:
+        typing_s = self._typing_seconds(m)
+        lead = typing_s + (0.3 if self.seen else 0.0)
+        res = await self.env.pacer.reserve(self.chip, self.limits)
+        if res is None:
+            raise SliceOver(3600.0, "no sending window within the horizon")
+        now = time.time()
+        lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else now + 60
+        slice_end_wall = now + (self.deadline - time.monotonic())
+        if res.slot > slice_end_wall or res.slot + self.cfg.waha_timeout + 5 > lease_end:
+            await self.env.pacer.release(res)
+            defer = max(0.0, res.slot - lead - now - 2.0)
+            await self.env.store.set_lane(self.c, self.chip, next_send_time=res.slot)
+            raise SliceOver(defer, "next slot is beyond this slice or lease")
+        await self.env.store.set_lane(self.c, self.chip, next_send_time=res.slot)
+        try:
+            if res.slot - lead - now > 1.0:
+                await self.flush()
+            await self.sleep(res.slot - lead - time.time())
+            await self._camouflage(m, res, typing_s)
+            await self.sleep(res.slot - time.time())
+        except BaseException:
+            await self.env.pacer.release(res)
+            raise
+        await self._send_with_retries(m, mid)
+        if len(self.reports) >= 10:
+            await self.flush()
+
+    async def _camouflage(self, m: dpb.LeasedMessage, res: Reservation, typing_s: float) -> None:
+        """sendSeen -> startTyping -> wait (grows with the text) -> stopTyping; each step switchable."""
+        try:
+            if self.seen:
+                await self.call(lambda: self.waha.send_seen(self.session, m.chat_id))
+            if typing_s > 0:
+                await self.call(lambda: self.waha.start_typing(self.session, m.chat_id))
+                await self.sleep(max(0.0, min(typing_s, res.slot - time.time())))
+                await self.call(lambda: self.waha.stop_typing(self.session, m.chat_id))
+        except SessionNotWorking as e:
+            raise ChipDown(str(e)) from e
+        except ChipRestricted as e:
+            raise ChipBanned(str(e)) from e
+        except WahaError as e:  # cosmetic steps: never block the send
+            log.info("%s message=%s camouflage step failed: %s", self.ctx, m.message_id, e)
+
+    async def _media_payload(self, m: dpb.LeasedMessage) -> tuple[str, str, str]:
+        got = await self.env.delivery.media(m.media.id)
+        meta = got.media if got.HasField("media") else m.media
+        return (meta.filename or m.media.filename or "file", meta.mime_type or m.media.mime_type
+                or "application/octet-stream", base64.b64encode(got.content).decode())
+
+    async def _send_with_retries(self, m: dpb.LeasedMessage, mid: str) -> None:
+        media = m.HasField("media") and bool(m.media.id)
+        payload = await self._media_payload(m) if media else None
+        uncertain = False
+        last = ""
+        for attempt in range(self.cfg.send_retries + 1):
+            if attempt > 0:
+                backoff = min(30.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                if time.monotonic() + backoff + 2 * self.cfg.waha_timeout > self.hard_deadline:
+                    # Out of time: hand it back; the id recorded by ATTEMPTING is checked next lease.
+                    self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=f"retry deferred after: {last}")
+                    return
+                await self.sleep(backoff)
+                if not media:
+                    found = await self._lookup(m, mid)
+                    if found is True:
+                        self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=mid)
+                        return
+                    if found is None:
+                        self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
+                        return
+            try:
+                if payload is not None:
+                    fname, mt, data = payload
+                    resp = await self._fenced_send(m, mid, functools.partial(
+                        self.waha.send_media, self.session, m.chat_id, fname, mt, data, m.text, mid))
+                else:
+                    resp = await self._fenced_send(m, mid, lambda: self.waha.send_text(
+                        self.session, m.chat_id, m.text, mid))
+            except SessionNotWorking as e:
+                raise ChipDown(str(e)) from e
+            except ChipRestricted as e:
+                raise ChipBanned(str(e)) from e
+            except MessageRejected as e:
+                self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA rejected the message (HTTP {e.status}): "
+                           f"{e.body[:300]}")
+                return
+            except WahaTimeout as e:
+                last = str(e)
+                uncertain = True
+                self.last_error = last[:500]
+                log.warning("%s message=%s send timed out (attempt %d): %s", self.ctx, m.message_id, attempt + 1, e)
+                if media:  # cannot be looked up: never resend blindly
+                    self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
+                    return
+                continue
+            except WahaServerError as e:
+                last = str(e)
+                self.last_error = last[:500]
+                log.warning("%s message=%s WAHA %d (attempt %d)", self.ctx, m.message_id, e.status, attempt + 1)
+                continue
+            except WahaError as e:
+                self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA error: {e}"[:500])
+                return
+            wid = str(resp.get("id") or "") if isinstance(resp, dict) else ""
+            if isinstance(resp, dict) and isinstance(resp.get("id"), dict):  # some engines nest the id
+                wid = str(resp["id"].get("_serialized") or resp["id"].get("id") or "")
+            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=wid or mid)
+            return
+        if uncertain and not media:
+            found = await self._lookup(m, mid)
+            if found is True:
+                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=mid)
+                return
+            if found is None:
+                self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
+                return
+        self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA failed after {self.cfg.send_retries + 1} "
+                   f"attempts: {last}"[:500])
+
+    async def _fenced_send(self, m: dpb.LeasedMessage, mid: str,
+                           fn: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The send itself: fence + chip minimum gap since the last send that actually left."""
+        lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else time.time() + 60
+        if time.time() + self.cfg.waha_timeout + 2 > lease_end:
+            raise SliceOver(0.0, "lease too close to expiry to send")
+        return await self.call(fn, min_gap=self.limits.interval_min)
+
+    # -- end of slice ------------------------------------------------------------------------------
+    async def _cleanup(self, outcome: str, defer: float, cancelled: bool, locked: bool) -> None:
+        try:
+            if self.inflight:  # let requests that left finish (bounded by the WAHA timeout)
+                await asyncio.wait(list(self.inflight), timeout=self.cfg.waha_timeout + 2)
+            if self.held:
+                await self._release_held(f"lane {outcome}")
+            elif self.reports:
+                try:
+                    await self.flush(check=False, budget=20.0)
+                except Exception as e:
+                    log.warning("%s final report failed: %s", self.ctx, e)
+        except Exception as e:
+            log.warning("%s cleanup reports failed: %s", self.ctx, e)
+        if outcome in ("busy",):
+            return
+        store = self.env.store
+        try:
+            current = await self.env.fences.is_current(self.c, self.epoch)
+            state = {
+                "finished": pb.LANE_STATE_FINISHED, "chip_failed": pb.LANE_STATE_FAILED,
+                "backoff": pb.LANE_STATE_BACKING_OFF, "stopped": pb.LANE_STATE_STOPPED,
+            }.get(outcome, pb.LANE_STATE_QUEUED)
+            if not current:
+                state = pb.LANE_STATE_STOPPED
+            lane = await store.lane_hash(self.c, self.chip)
+            mine = not lane.get("epoch") or int(lane["epoch"]) <= self.epoch
+            if locked and mine:
+                fields: dict[str, str | int | float] = {"state": state}
+                if self.last_error:
+                    fields["last_error"] = self.last_error
+                await store.set_lane(self.c, self.chip, **fields)
+            wanted = await self.lock.release() if locked else False
+            if wanted:  # a slice (maybe of a newer epoch) found us busy: make sure the lane goes on
+                jid = await store.ensure_lane(self.c, self.chip)
+                log.info("%s lane was wanted meanwhile; follow-up job %s", self.ctx, jid)
+            if cancelled:
+                return  # arq re-runs this very job (shutdown) or it was aborted by a stop
+            await store.job_done(self.c, self.job_id)
+            if not current or outcome in ("stopped", "chip_failed"):
+                return
+            if outcome in ("slice", "backoff", "error") and not wanted:
+                jid = await store.enqueue_lane(self.c, self.chip, self.epoch, defer=defer)
+                log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,
+                         ", wanted" if wanted else "")
+            elif outcome == "finished" and not wanted:
+                await store.maybe_finish_dispatch(self.c, self.epoch)
+            log.info("%s slice end job=%s outcome=%s", self.ctx, self.job_id, outcome)
+        except Exception as e:
+            log.exception("%s cleanup failed: %s", self.ctx, e)
+
+
+async def run_lane(ctx: dict[str, Any], campaign_id: str, chip_id: str, epoch: int, n: int) -> str:
+    """arq job: one slice of lane (campaign, chip) under `epoch`."""
+    env: WorkerEnv = ctx["env"]
+    job_id = str(ctx.get("job_id") or f"lane:{campaign_id}:{chip_id}:{epoch}:{n}")
+    req = await env.store.load_request(campaign_id)
+    spec = next((s for s in req.lanes if s.chip_id == chip_id), None) if req is not None else None
+    if req is None or spec is None:
+        log.info("%s no dispatch state; nothing to do", lane_ctx(campaign_id, chip_id, epoch))
+        await env.store.job_done(campaign_id, job_id)
+        return "gone"
+    lane = Lane(env, campaign_id, chip_id, epoch, job_id, spec, req.camouflage)
+    return await lane.run()

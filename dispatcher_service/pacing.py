@@ -1,0 +1,199 @@
+"""Per-chip send pacing shared by every worker and campaign (guarantee 4: chip pace).
+
+One atomic Lua script reserves the chip's next send slot:
+    slot = max(now, last_reserved_slot + gap)            gap ~ uniform(min, max), never fixed
+then pushes it forward until the rolling hourly/daily caps and the sending window allow it.
+Reservations are logged (zset) so caps count them; an unused reservation is released.
+The lane sleeps until the slot; at send time fences.py re-checks the minimum gap against the
+last send that actually left, so a late lane cannot squeeze the next send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from redis.asyncio import Redis
+
+from dispatcher_service import keys
+from whago.campaign.v1 import resources_pb2
+
+DEFAULT_MIN_SECONDS = 30.0  # WAHA's advice: random 30-60 s between messages
+DEFAULT_MAX_SECONDS = 60.0
+HORIZON_DAYS = 8
+NO_SLOT = -1.0
+
+_RESERVE = """
+local pace, plog = KEYS[1], KEYS[2]
+local gap, mph, mpd, token = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local nwin = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', plog, '-inf', now - 86401)
+local last = tonumber(redis.call('HGET', pace, 'last') or '0')
+local slot = math.max(now, last + gap)
+for i = 1, 64 do
+  local moved = false
+  if nwin >= 0 then
+    local found = false
+    for w = 0, nwin - 1 do
+      local s, e = tonumber(ARGV[6 + 2 * w]), tonumber(ARGV[7 + 2 * w])
+      if slot < e then
+        if slot < s then slot = s; moved = true end
+        found = true
+        break
+      end
+    end
+    if not found then return '-1' end
+  end
+  for _, cap in ipairs({{mph, 3600}, {mpd, 86400}}) do
+    local limit, span = cap[1], cap[2]
+    if limit > 0 then
+      local n = redis.call('ZCOUNT', plog, '(' .. (slot - span), '+inf')
+      if n >= limit then
+        local r = redis.call('ZRANGEBYSCORE', plog, '(' .. (slot - span), '+inf', 'WITHSCORES', 'LIMIT', n - limit, 1)
+        local ns = tonumber(r[2]) + span + 0.001
+        if ns > slot then slot = ns; moved = true end
+      end
+    end
+  end
+  if not moved then
+    redis.call('HSET', pace, 'last', tostring(slot))
+    redis.call('HSET', pace, 'last_prev', tostring(last), 'last_token', token)
+    redis.call('ZADD', plog, slot, token)
+    redis.call('EXPIRE', pace, 172800)
+    redis.call('EXPIRE', plog, 172800)
+    return tostring(slot)
+  end
+end
+return '-1'
+"""
+
+# Give back a slot: forget it for the caps; if nobody reserved after it, roll `last` back so the
+# next reservation draws a fresh random gap from the previous send instead of drifting.
+_RELEASE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'last_token') == ARGV[1] then
+  local prev = redis.call('HGET', KEYS[1], 'last_prev')
+  if prev then redis.call('HSET', KEYS[1], 'last', prev) end
+  redis.call('HDEL', KEYS[1], 'last_token', 'last_prev')
+end
+return 1
+"""
+
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Effective pacing of one lane, defaults filled in."""
+
+    interval_min: float = DEFAULT_MIN_SECONDS
+    interval_max: float = DEFAULT_MAX_SECONDS
+    max_per_hour: int = 0
+    max_per_day: int = 0
+    window: resources_pb2.SendingWindow | None = None
+
+    @classmethod
+    def from_proto(cls, p: resources_pb2.Pacing | None) -> Limits:
+        """Unset fields take WAHA's defaults (30-60 s); an unset window means around the clock."""
+        if p is None:
+            return cls()
+        mn = p.interval_min_seconds if p.HasField("interval_min_seconds") else None
+        mx = p.interval_max_seconds if p.HasField("interval_max_seconds") else None
+        if mn is None and mx is None:
+            mn, mx = DEFAULT_MIN_SECONDS, DEFAULT_MAX_SECONDS
+        elif mn is None:
+            mn = min(DEFAULT_MIN_SECONDS, mx or 0.0)
+        elif mx is None:
+            mx = max(DEFAULT_MAX_SECONDS, mn)
+        assert mn is not None and mx is not None
+        mx = max(mx, mn)
+        return cls(
+            interval_min=max(0.0, mn), interval_max=max(0.0, mx),
+            max_per_hour=p.max_per_hour if p.HasField("max_per_hour") else 0,
+            max_per_day=p.max_per_day if p.HasField("max_per_day") else 0,
+            window=p.window if p.HasField("window") else None,
+        )
+
+    def gap(self, rng: random.Random | None = None) -> float:
+        """A random gap, uniform in [min, max] (WAHA: never fixed timing)."""
+        r = rng or random
+        return r.uniform(self.interval_min, self.interval_max)
+
+    @property
+    def mean_gap(self) -> float:
+        return (self.interval_min + self.interval_max) / 2
+
+
+def window_intervals(w: resources_pb2.SendingWindow, now: float, days: int = HORIZON_DAYS) -> list[tuple[float, float]]:
+    """Allowed [start, end) unix-second intervals of a sending window from today for `days` days."""
+    try:
+        tz = ZoneInfo(w.timezone) if w.timezone else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = ZoneInfo("UTC")
+    start_h = max(0, min(23, w.start_hour))
+    end_h = max(start_h + 1, min(24, w.end_hour or 24))
+    weekdays = set(w.weekdays) or set(range(1, 8))
+    today = dt.datetime.fromtimestamp(now, tz).date()
+    out: list[tuple[float, float]] = []
+    for i in range(-1, days):
+        d = today + dt.timedelta(days=i)
+        if d.isoweekday() not in weekdays:
+            continue
+        s = dt.datetime.combine(d, dt.time(start_h), tz)
+        e = (dt.datetime.combine(d, dt.time(0), tz) + dt.timedelta(hours=end_h)) if end_h == 24 \
+            else dt.datetime.combine(d, dt.time(end_h), tz)
+        ss, ee = s.timestamp(), e.timestamp()
+        if ee <= now:
+            continue
+        if out and ss <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], ee))
+        else:
+            out.append((ss, ee))
+    return out
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A reserved send slot (unix seconds); `token` releases it when unused."""
+
+    chip_id: str
+    slot: float
+    token: str
+
+
+class Pacer:
+    """Reserves send slots of chips in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._reserve = redis.register_script(_RESERVE)
+        self._release = redis.register_script(_RELEASE)
+
+    async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
+                      gap: float | None = None) -> Reservation | None:
+        """The chip's next slot, or None when no window opens within the horizon."""
+        import time
+
+        g = limits.gap() if gap is None else gap
+        args: list[str | float | int] = [g, limits.max_per_hour, limits.max_per_day, uuid.uuid4().hex]
+        if limits.window is not None:
+            wins = window_intervals(limits.window, now or time.time())
+            args.append(len(wins))
+            for s, e in wins:
+                args += [s, e]
+        else:
+            args.append(-1)
+        token = str(args[3])
+        raw = await self._reserve(keys=[keys.pace(chip_id), keys.pace_log(chip_id)], args=args)
+        slot = float(raw.decode() if isinstance(raw, bytes) else raw)
+        if slot < 0:
+            return None
+        return Reservation(chip_id, slot, token)
+
+    async def release(self, r: Reservation) -> None:
+        """Give back an unused slot so it does not count against the caps."""
+        await self._release(keys=[keys.pace(r.chip_id), keys.pace_log(r.chip_id)], args=[r.token])

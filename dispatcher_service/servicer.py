@@ -1,0 +1,270 @@
+"""grpc.aio DispatcherService: start, stop (confirmed) and inspect a campaign's lanes.
+
+Internal API: only the service token is accepted. Errors follow DESIGN.md: INVALID_ARGUMENT with
+BadRequest field violations, FAILED_PRECONDITION for stale epochs, NOT_FOUND, UNAVAILABLE when
+Redis is down, INTERNAL for anything unexpected -- never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import grpc
+from arq.connections import ArqRedis
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from redis.exceptions import RedisError
+
+from dispatcher_service.config import Config
+from dispatcher_service.store import Store
+from whago.campaign.v1 import resources_pb2 as rpb
+from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
+from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as pbg
+
+log = logging.getLogger("dispatcher.api")
+ERROR_DOMAIN = "dispatcher.whago"
+R = TypeVar("R")
+
+
+class RpcAbort(Exception):
+    """Raised inside handlers; turned into a rich status by the `rpc` wrapper."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+
+def bad_request(violations: list[tuple[str, str]]) -> RpcAbort:
+    br = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
+    return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{f}: {d}" for f, d in violations), [br])
+
+
+def error_info(code: grpc.StatusCode, message: str, reason: str, **meta: str) -> RpcAbort:
+    ei = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=meta)
+    return RpcAbort(code, message, [ei])
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: RpcAbort) -> None:
+    st = status_pb2.Status(code=getattr(code_pb2, e.code.name), message=e.message)
+    for d in e.details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        st.details.append(a)
+    await context.abort_with_status(rpc_status.to_status(st))  # type: ignore[attr-defined]
+
+
+def rpc(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Auth + error mapping for every method."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: DispatcherServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            self.authenticate(context)
+            return await fn(self, request, context)
+        except RpcAbort as e:
+            if e.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                log.info("%s refused: %s %s", fn.__name__, e.code.name, e.message)
+            await _abort(context, e)
+        except (RedisError, OSError) as e:
+            log.warning("%s: redis unavailable: %s", fn.__name__, e)
+            await _abort(context, RpcAbort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(e).__name__}"))
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+                raise
+            log.exception("%s failed: %s", fn.__name__, e)
+            await _abort(context, RpcAbort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+        raise AssertionError("unreachable")  # abort_with_status always raises
+
+    return wrapper
+
+
+def _check_pacing(p: rpb.Pacing, prefix: str, v: list[tuple[str, str]]) -> None:
+    mn = p.interval_min_seconds if p.HasField("interval_min_seconds") else None
+    mx = p.interval_max_seconds if p.HasField("interval_max_seconds") else None
+    if mn is not None and not mn >= 0:
+        v.append((f"{prefix}.interval_min_seconds", "must be >= 0"))
+    if mx is not None and not mx >= 0:
+        v.append((f"{prefix}.interval_max_seconds", "must be >= 0"))
+    if mn is not None and mx is not None and mn > mx:
+        v.append((f"{prefix}.interval_min_seconds", "must not exceed interval_max_seconds"))
+    if p.HasField("max_per_hour") and p.max_per_hour < 0:
+        v.append((f"{prefix}.max_per_hour", "must be >= 0"))
+    if p.HasField("max_per_day") and p.max_per_day < 0:
+        v.append((f"{prefix}.max_per_day", "must be >= 0"))
+    if p.HasField("window"):
+        w = p.window
+        wp = f"{prefix}.window"
+        if not 0 <= w.start_hour <= 23:
+            v.append((f"{wp}.start_hour", "must be 0-23"))
+        if not 1 <= w.end_hour <= 24:
+            v.append((f"{wp}.end_hour", "must be 1-24"))
+        elif w.end_hour <= w.start_hour:
+            v.append((f"{wp}.end_hour", "must be greater than start_hour"))
+        if any(d < 1 or d > 7 for d in w.weekdays):
+            v.append((f"{wp}.weekdays", "ISO weekdays are 1 (Monday) to 7 (Sunday)"))
+        if w.timezone:
+            try:
+                ZoneInfo(w.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                v.append((f"{wp}.timezone", f"unknown IANA timezone {w.timezone!r}"))
+
+
+def validate_start(req: pb.StartDispatchRequest) -> None:
+    v: list[tuple[str, str]] = []
+    if not req.campaign_id.strip():
+        v.append(("campaign_id", "required"))
+    elif len(req.campaign_id) > 200 or ":" in req.campaign_id:
+        v.append(("campaign_id", "at most 200 characters, no ':'"))
+    if req.epoch < 0:
+        v.append(("epoch", "must be >= 0"))
+    if not req.lanes:
+        v.append(("lanes", "at least one lane is required"))
+    seen: set[str] = set()
+    for i, lane in enumerate(req.lanes):
+        p = f"lanes[{i}]"
+        if not lane.chip_id.strip():
+            v.append((f"{p}.chip_id", "required"))
+        elif ":" in lane.chip_id or len(lane.chip_id) > 200:
+            v.append((f"{p}.chip_id", "at most 200 characters, no ':'"))
+        elif lane.chip_id in seen:
+            v.append((f"{p}.chip_id", f"duplicate chip {lane.chip_id}"))
+        seen.add(lane.chip_id)
+        u = urlparse(lane.waha_base_url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            v.append((f"{p}.waha_base_url", "must be an http(s) URL"))
+        if not lane.waha_session.strip():
+            v.append((f"{p}.waha_session", "required"))
+        if lane.HasField("pacing"):
+            _check_pacing(lane.pacing, f"{p}.pacing", v)
+    c = req.camouflage
+    if c.HasField("typing_chars_per_second") and not c.typing_chars_per_second > 0:
+        v.append(("camouflage.typing_chars_per_second", "must be > 0"))
+    if c.HasField("typing_max_seconds") and not 0 <= c.typing_max_seconds <= 60:
+        v.append(("camouflage.typing_max_seconds", "must be 0-60"))
+    if v:
+        raise bad_request(v)
+
+
+def validate_stop(campaign_id: str, epoch: int) -> None:
+    v: list[tuple[str, str]] = []
+    if not campaign_id.strip():
+        v.append(("campaign_id", "required"))
+    if epoch < 0:
+        v.append(("epoch", "must be >= 0"))
+    if v:
+        raise bad_request(v)
+
+
+class DispatcherServicer(pbg.DispatcherServiceServicer):
+    """The DispatcherService implementation over Redis (fences, lane state, arq queue)."""
+
+    def __init__(self, cfg: Config, redis: ArqRedis) -> None:
+        self.cfg = cfg
+        self.redis = redis
+        self.store = Store(redis, cfg.queue_name)
+        self.fences = self.store.fences
+        self._token = cfg.service_token.encode()
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        auth = ""
+        for k, val in context.invocation_metadata() or ():
+            if k == "authorization":
+                auth = val if isinstance(val, str) else val.decode()
+        if not auth:
+            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED, "missing authorization: Bearer <service token>")
+        scheme, _, tok = auth.partition(" ")
+        if scheme.lower() != "bearer" or not tok.strip():
+            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
+        if not hmac.compare_digest(tok.strip().encode(), self._token):
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "DispatcherService accepts only the service token")
+
+    def _stale(self, campaign_id: str, epoch: int, current: str) -> RpcAbort:
+        return error_info(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"epoch {epoch} is older than the campaign's current dispatch ({current})",
+                          "STALE_EPOCH", campaign_id=campaign_id, current=current, epoch=str(epoch))
+
+    @rpc
+    async def StartDispatch(self, request: pb.StartDispatchRequest,
+                            context: grpc.aio.ServicerContext) -> pb.StartDispatchResponse:
+        validate_start(request)
+        c, e = request.campaign_id, request.epoch
+        res = await self.fences.set(c, "run", e)
+        if res.startswith("stale:"):
+            raise self._stale(c, e, res[6:])
+        if res == "same":
+            stored = await self.store.load_request(c)
+            if stored is not None and stored.epoch == e:
+                d = await self.store.get_dispatch(c)
+                log.info("campaign=%s epoch=%d StartDispatch repeated: no new jobs", c, e)
+                return pb.StartDispatchResponse(dispatch=d)
+        # A new epoch: stale queued jobs of the old one are revoked (running ones stop at the fence).
+        await self.store.stop_jobs(c)
+        await self.store.save_dispatch(request, pb.DISPATCH_STATE_RUNNING)
+        jobs = []
+        for lane in request.lanes:
+            await self.store.set_lane(c, lane.chip_id, state=pb.LANE_STATE_QUEUED, epoch=e, last_error="",
+                                      next_send_time=0)
+            jobs.append(await self.store.enqueue_lane(c, lane.chip_id, e))
+        log.info("campaign=%s epoch=%d StartDispatch: %d lanes enqueued (%s)", c, e, len(jobs), ", ".join(
+            str(j) for j in jobs))
+        d = await self.store.get_dispatch(c)
+        return pb.StartDispatchResponse(dispatch=d)
+
+    async def _stop(self, c: str, e: int, what: str) -> tuple[int, int]:
+        res = await self.fences.set(c, "stop", e)
+        if res.startswith("stale:"):
+            raise self._stale(c, e, res[6:])
+        revoked, aborted = await self.store.stop_jobs(c)
+        drained = await self.fences.wait_idle(c, self.cfg.stop_wait_seconds)
+        log.info("campaign=%s epoch=%d %s: fence set (%s), revoked=%d aborted=%d in-flight drained=%s",
+                 c, e, what, res, revoked, aborted, drained)
+        return revoked, aborted
+
+    @rpc
+    async def PauseDispatch(self, request: pb.PauseDispatchRequest,
+                            context: grpc.aio.ServicerContext) -> pb.PauseDispatchResponse:
+        validate_stop(request.campaign_id, request.epoch)
+        c, e = request.campaign_id, request.epoch
+        await self._stop(c, e, "PauseDispatch")
+        req = await self.store.load_request(c)
+        if req is None:
+            return pb.PauseDispatchResponse(dispatch=pb.Dispatch(campaign_id=c, epoch=e,
+                                                                 state=pb.DISPATCH_STATE_PAUSED))
+        await self.store.set_dispatch_state(c, pb.DISPATCH_STATE_PAUSED, epoch=e)
+        for lane in req.lanes:
+            h = await self.store.lane_hash(c, lane.chip_id)
+            st = int(h.get("state") or 0)
+            if st not in (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED):
+                await self.store.set_lane(c, lane.chip_id, state=pb.LANE_STATE_STOPPED)
+        d = await self.store.get_dispatch(c)
+        return pb.PauseDispatchResponse(dispatch=d)
+
+    @rpc
+    async def CancelDispatch(self, request: pb.CancelDispatchRequest,
+                             context: grpc.aio.ServicerContext) -> pb.CancelDispatchResponse:
+        validate_stop(request.campaign_id, request.epoch)
+        c, e = request.campaign_id, request.epoch
+        revoked, aborted = await self._stop(c, e, "CancelDispatch")
+        req = await self.store.load_request(c)
+        await self.store.forget(c, [lane.chip_id for lane in req.lanes] if req is not None else [])
+        return pb.CancelDispatchResponse(revoked_jobs=revoked, aborted_jobs=aborted)
+
+    @rpc
+    async def GetDispatch(self, request: pb.GetDispatchRequest, context: grpc.aio.ServicerContext) -> pb.Dispatch:
+        if not request.campaign_id.strip():
+            raise bad_request([("campaign_id", "required")])
+        d = await self.store.get_dispatch(request.campaign_id)
+        if d is None:
+            raise error_info(grpc.StatusCode.NOT_FOUND, f"no dispatch for campaign {request.campaign_id}",
+                             "DISPATCH_NOT_FOUND", campaign_id=request.campaign_id)
+        return d

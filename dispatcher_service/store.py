@@ -1,0 +1,263 @@
+"""Dispatch and lane state in Redis, and the arq job bookkeeping shared by the server and the workers."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+
+from dispatcher_service import fences as fences_mod
+from dispatcher_service import keys
+from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+log = logging.getLogger("dispatcher.store")
+T = TypeVar("T")
+
+LANE_FUNCTION = "run_lane"
+STATE_TTL_SECONDS = 30 * 86400
+
+_LOCK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[2], '1', 'EX', 3600)
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Release the lane lock and, in the same atomic step, collect the "someone wanted this lane" flag:
+# a slice that found the lane busy either set the flag before this runs (we see it and re-enqueue)
+# or runs after it (it gets the lock itself). No work is orphaned between the two.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  local w = redis.call('GET', KEYS[2])
+  redis.call('DEL', KEYS[2])
+  if w then return 1 end
+  return 0
+end
+return -1
+"""
+
+
+async def aw(x: Awaitable[T] | T) -> T:
+    """redis-py types its asyncio commands as `Awaitable[X] | X`; this keeps mypy honest."""
+    if inspect.isawaitable(x):
+        return await x
+    return x
+
+
+def _s(v: bytes | str | None) -> str:
+    if v is None:
+        return ""
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@dataclass
+class LaneLock:
+    redis: ArqRedis
+    campaign_id: str
+    chip_id: str
+    owner: str
+    ttl_ms: int = 20_000
+
+    def _keys(self) -> list[str]:
+        return [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
+
+    async def acquire(self) -> bool:
+        r = await aw(self.redis.eval(_LOCK, 2, *self._keys(), self.owner, str(self.ttl_ms)))
+        return int(r) == 1
+
+    async def renew(self) -> bool:
+        r = await aw(self.redis.eval(_RENEW, 1, self._keys()[0], self.owner, str(self.ttl_ms)))
+        return int(r) == 1
+
+    async def release(self) -> bool:
+        """Unlock; True when another slice asked for the lane meanwhile (caller re-enqueues)."""
+        r = await aw(self.redis.eval(_UNLOCK, 2, *self._keys(), self.owner))
+        return int(r) == 1
+
+
+class Store:
+    """Dispatch state, lane state and lane-job bookkeeping."""
+
+    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+        self.redis = redis
+        self.queue = queue_name
+        self.fences = fences_mod.Fences(redis)
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    async def save_dispatch(self, req: pb.StartDispatchRequest, state: int) -> None:
+        k = keys.dispatch(req.campaign_id)
+        await aw(self.redis.hset(k, mapping={"request": req.SerializeToString(), "epoch": req.epoch,
+                                             "state": state, "updated": time.time()}))
+        await self.redis.expire(k, STATE_TTL_SECONDS)
+
+    async def set_dispatch_state(self, campaign_id: str, state: int, epoch: int | None = None) -> None:
+        k = keys.dispatch(campaign_id)
+        if not await self.redis.exists(k):
+            return
+        m: dict[str, str | int | float] = {"state": state, "updated": time.time()}
+        if epoch is not None:
+            m["epoch"] = epoch
+        await aw(self.redis.hset(k, mapping=m))  # type: ignore[arg-type]
+
+    async def load_request(self, campaign_id: str) -> pb.StartDispatchRequest | None:
+        raw = await aw(self.redis.hget(keys.dispatch(campaign_id), "request"))
+        if not raw:
+            return None
+        req = pb.StartDispatchRequest()
+        req.ParseFromString(raw if isinstance(raw, bytes) else raw.encode())
+        return req
+
+    async def dispatch_meta(self, campaign_id: str) -> dict[str, str]:
+        h = await aw(self.redis.hgetall(keys.dispatch(campaign_id)))
+        return {_s(k): _s(v) for k, v in h.items() if _s(k) != "request"}
+
+    async def get_dispatch(self, campaign_id: str) -> pb.Dispatch | None:
+        req = await self.load_request(campaign_id)
+        if req is None:
+            return None
+        meta = await self.dispatch_meta(campaign_id)
+        d = pb.Dispatch(campaign_id=campaign_id, epoch=int(meta.get("epoch") or req.epoch),
+                        state=int(meta.get("state") or pb.DISPATCH_STATE_RUNNING))  # type: ignore[arg-type]
+        for spec in req.lanes:
+            d.lanes.append(await self.get_lane(campaign_id, spec.chip_id))
+        return d
+
+    async def forget(self, campaign_id: str, chip_ids: list[str]) -> None:
+        """Cancel: drop the dispatch state (the fence stays, so stale jobs still cannot send)."""
+        ks = [keys.dispatch(campaign_id), keys.jobs(campaign_id)]
+        for chip in chip_ids:
+            ks += [keys.lane(campaign_id, chip), keys.lane_want(campaign_id, chip), keys.job_seq(campaign_id, chip)]
+        await self.redis.delete(*ks)
+
+    # -- lanes -------------------------------------------------------------------------------------
+    async def set_lane(self, campaign_id: str, chip_id: str, **fields: str | int | float) -> None:
+        k = keys.lane(campaign_id, chip_id)
+        await aw(self.redis.hset(k, mapping=fields))  # type: ignore[arg-type]
+        await self.redis.expire(k, STATE_TTL_SECONDS)
+
+    async def incr_lane(self, campaign_id: str, chip_id: str, sent: int, failed: int) -> None:
+        k = keys.lane(campaign_id, chip_id)
+        async with self.redis.pipeline(transaction=True) as p:
+            if sent:
+                p.hincrby(k, "sent", sent)
+            if failed:
+                p.hincrby(k, "failed", failed)
+            await p.execute()
+
+    async def lane_hash(self, campaign_id: str, chip_id: str) -> dict[str, str]:
+        h = await aw(self.redis.hgetall(keys.lane(campaign_id, chip_id)))
+        return {_s(k): _s(v) for k, v in h.items()}
+
+    async def get_lane(self, campaign_id: str, chip_id: str) -> pb.Lane:
+        h = await self.lane_hash(campaign_id, chip_id)
+        lane = pb.Lane(chip_id=chip_id, state=int(h.get("state") or pb.LANE_STATE_QUEUED),  # type: ignore[arg-type]
+                       sent_count=int(h.get("sent") or 0), failed_count=int(h.get("failed") or 0),
+                       last_error=h.get("last_error", ""))
+        nst = float(h.get("next_send_time") or 0)
+        if nst > 0:
+            lane.next_send_time.FromNanoseconds(int(nst * 1e9))
+        return lane
+
+    async def maybe_finish_dispatch(self, campaign_id: str, epoch: int) -> None:
+        """Dispatch FINISHED once every lane of the current epoch is FINISHED or FAILED."""
+        req = await self.load_request(campaign_id)
+        if req is None or not await self.fences.is_current(campaign_id, epoch):
+            return
+        for spec in req.lanes:
+            st = int((await self.lane_hash(campaign_id, spec.chip_id)).get("state") or 0)
+            if st not in (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED):
+                return
+        await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
+
+    # -- jobs --------------------------------------------------------------------------------------
+    async def enqueue_lane(self, campaign_id: str, chip_id: str, epoch: int, defer: float = 0.0) -> str | None:
+        """Enqueue one slice of a lane as a NEW arq job (id lane:{c}:{chip}:{epoch}:{n}, n from INCR)."""
+        n = int(await self.redis.incr(keys.job_seq(campaign_id, chip_id)))
+        await self.redis.expire(keys.job_seq(campaign_id, chip_id), STATE_TTL_SECONDS)
+        jid = keys.job_id(campaign_id, chip_id, epoch, n)
+        await aw(self.redis.sadd(keys.jobs(campaign_id), jid))
+        await self.redis.expire(keys.jobs(campaign_id), STATE_TTL_SECONDS)
+        job = await self.redis.enqueue_job(LANE_FUNCTION, campaign_id, chip_id, epoch, n, _job_id=jid,
+                                           _queue_name=self.queue, _defer_by=defer if defer > 0 else None)
+        if job is None:  # cannot happen with INCR ids; kept as a guard
+            log.warning("campaign=%s chip=%s job %s already exists", campaign_id, chip_id, jid)
+            return None
+        await self.set_lane(campaign_id, chip_id, queued=jid)
+        return jid
+
+    async def ensure_lane(self, campaign_id: str, chip_id: str) -> str | None:
+        """Make sure a lane of the current epoch will run soon (redistributed work, wake-ups)."""
+        f = await self.fences.get(campaign_id)
+        if f.mode != "run":
+            return None
+        req = await self.load_request(campaign_id)
+        if req is None or chip_id not in {s.chip_id for s in req.lanes}:
+            return None
+        h = await self.lane_hash(campaign_id, chip_id)
+        queued = h.get("queued", "")
+        if queued and f":{f.epoch}:" in queued:
+            score = await self.redis.zscore(self.queue, queued)
+            if score is not None and score <= time.time() * 1000 + 1000 \
+                    and not await self.redis.exists(in_progress_key_prefix + queued):
+                return queued  # already waiting to start now
+        return await self.enqueue_lane(campaign_id, chip_id, f.epoch)
+
+    async def ensure_campaign(self, campaign_id: str, except_chip: str | None = None) -> int:
+        req = await self.load_request(campaign_id)
+        if req is None:
+            return 0
+        n = 0
+        for spec in req.lanes:
+            if spec.chip_id != except_chip and await self.ensure_lane(campaign_id, spec.chip_id):
+                n += 1
+        return n
+
+    async def job_done(self, campaign_id: str, job_id: str) -> None:
+        await aw(self.redis.srem(keys.jobs(campaign_id), job_id))
+
+    async def stop_jobs(self, campaign_id: str) -> tuple[int, int]:
+        """Revoke queued lane jobs and abort running ones (the fence already stops them from sending).
+
+        Returns (revoked, aborted). Does not wait for aborted jobs to end: they may need to report
+        to the campaign service, which may be holding a lock while it waits for us.
+        """
+        revoked = aborted = 0
+        # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
+        await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
+        members = await aw(self.redis.smembers(keys.jobs(campaign_id)))
+        now_ms = int(time.time() * 1000)
+        for m in members:
+            jid = _s(m)
+            if await self.redis.exists(in_progress_key_prefix + jid):
+                await self.redis.zadd(abort_jobs_ss, {jid: now_ms})
+                aborted += 1
+                continue
+            async with self.redis.pipeline(transaction=True) as p:
+                p.zrem(self.queue, jid)
+                p.delete(job_key_prefix + jid)
+                p.srem(keys.jobs(campaign_id), jid)
+                removed, _, _ = await p.execute()
+            if removed:
+                revoked += 1
+        return revoked, aborted

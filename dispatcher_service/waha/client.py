@@ -1,0 +1,190 @@
+"""aiohttp client for the WAHA endpoints the dispatcher uses, per /work/shared/waha/openapi.json.
+
+Errors are typed so a lane can classify outcomes (issue 3): 422 session not WORKING, HTTP 500 with
+WhatsApp error 463 (restricted number), 400/404 rejected message, other 5xx, and timeouts whose
+outcome is uncertain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+log = logging.getLogger("dispatcher.waha")
+
+
+class WahaError(Exception):
+    """A WAHA request failed; `status` is the HTTP status (0 when none) and `body` the answer text."""
+
+    def __init__(self, status: int, body: str, message: str | None = None) -> None:
+        super().__init__(message or f"WAHA HTTP {status}: {body[:300]}")
+        self.status = status
+        self.body = body
+
+
+class SessionNotWorking(WahaError):
+    """HTTP 422: the session is not WORKING; the chip is unavailable for now."""
+
+
+class ChipRestricted(WahaError):
+    """HTTP 500 carrying WhatsApp error 463: the number is restricted; take the chip out of rotation."""
+
+
+class MessageRejected(WahaError):
+    """HTTP 400/404 for the message itself: retrying will not help."""
+
+
+class WahaServerError(WahaError):
+    """Other 5xx: transient, retry with backoff."""
+
+
+class WahaTimeout(WahaError):
+    """Timeout or connection error: the request may or may not have reached WAHA."""
+
+
+def _is_463(body: str) -> bool:
+    low = body.lower()
+    return "463" in low or "account_restricted" in low
+
+
+def classify(status: int, body: str) -> WahaError:
+    """Map an HTTP error answer to its typed exception."""
+    if status == 422:
+        return SessionNotWorking(status, body)
+    if status == 500 and _is_463(body):
+        return ChipRestricted(status, body)
+    if status in (400, 404):
+        return MessageRejected(status, body)
+    if status >= 500:
+        return WahaServerError(status, body)
+    return WahaError(status, body)
+
+
+def media_endpoint(mimetype: str) -> str:
+    """Which send endpoint carries a media type (WAHA has one per kind)."""
+    m = (mimetype or "").lower()
+    if m.startswith("image/"):
+        return "sendImage"
+    if m.startswith("video/"):
+        return "sendVideo"
+    if m.startswith("audio/"):
+        return "sendVoice"
+    return "sendFile"
+
+
+def new_http_session(timeout: float, limit: int = 1200) -> aiohttp.ClientSession:
+    """One pooled session per worker process, sized for ~1000 concurrent lanes."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300,
+                                     enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
+                                 raise_for_status=False)
+
+
+class WahaClient:
+    """One WAHA server + API key; cheap to create per lane, shares the process-wide HTTP session."""
+
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, api_key: str, timeout: float = 15.0) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    # -- transport ---------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
+                       params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201)) -> Any:
+        headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
+        url = self.base_url + path
+        try:
+            async with self.http.request(method, url, json=json_body, params=params, headers=headers,
+                                         timeout=self.timeout) as resp:
+                text = await resp.text()
+                if resp.status in ok:
+                    if not text:
+                        return {}
+                    try:
+                        return json.loads(text)
+                    except ValueError:
+                        return {"raw": text}
+                raise classify(resp.status, text)
+        except WahaError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise WahaTimeout(0, "", f"WAHA {method} {path}: {type(e).__name__}: {e}") from e
+
+    # -- sessions ----------------------------------------------------------------------------------
+    async def get_session(self, session: str) -> dict[str, Any]:
+        """GET /api/sessions/{session} -> SessionInfo (status WORKING when usable)."""
+        r: dict[str, Any] = await self._request("GET", f"/api/sessions/{quote(session, safe='')}")
+        return r
+
+    # -- messages ----------------------------------------------------------------------------------
+    async def new_message_id(self, session: str) -> str:
+        """GET /api/{session}/new-message-id: the id is chosen before the send, so it can be looked up later."""
+        r = await self._request("GET", f"/api/{quote(session, safe='')}/new-message-id")
+        mid = r.get("id") if isinstance(r, dict) else None
+        if not mid:
+            raise WahaServerError(200, json.dumps(r), "new-message-id answered without an id")
+        return str(mid)
+
+    async def send_text(self, session: str, chat_id: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        """POST /api/sendText (201 WAMessage). `message_id` goes in the spec's `id` field (pre-generated id)."""
+        body: dict[str, Any] = {"session": session, "chatId": chat_id, "text": text}
+        if message_id:
+            body["id"] = message_id
+        r: dict[str, Any] = await self._request("POST", "/api/sendText", json_body=body, ok=(200, 201))
+        return r
+
+    async def send_media(self, session: str, chat_id: str, filename: str, mimetype: str, data_b64: str,
+                         caption: str = "", message_id: str | None = None) -> dict[str, Any]:
+        """POST sendImage/sendVideo/sendVoice/sendFile with a BinaryFile. The spec has no pre-chosen id
+        field for media, so `message_id` is not sent (media outcomes cannot be looked up by id)."""
+        del message_id
+        endpoint = media_endpoint(mimetype)
+        file: dict[str, Any] = {"mimetype": mimetype, "data": data_b64}
+        body: dict[str, Any] = {"session": session, "chatId": chat_id, "file": file}
+        if endpoint in ("sendImage", "sendFile"):
+            file["filename"] = filename
+            if caption:
+                body["caption"] = caption
+        elif endpoint == "sendVideo":
+            file["filename"] = filename
+            body["convert"] = False
+            if caption:
+                body["caption"] = caption
+        else:  # sendVoice: no caption in the spec
+            body["convert"] = False
+        r: dict[str, Any] = await self._request("POST", f"/api/{endpoint}", json_body=body, ok=(200, 201))
+        return r
+
+    async def send_seen(self, session: str, chat_id: str) -> None:
+        """POST /api/sendSeen: mark the chat read before writing, like a person would."""
+        await self._request("POST", "/api/sendSeen", json_body={"session": session, "chatId": chat_id})
+
+    async def start_typing(self, session: str, chat_id: str) -> None:
+        await self._request("POST", "/api/startTyping", json_body={"session": session, "chatId": chat_id})
+
+    async def stop_typing(self, session: str, chat_id: str) -> None:
+        await self._request("POST", "/api/stopTyping", json_body={"session": session, "chatId": chat_id})
+
+    async def get_message(self, session: str, chat_id: str, message_id: str) -> dict[str, Any] | None:
+        """GET /api/{session}/chats/{chatId}/messages/{messageId}; None when WAHA does not know it (404)."""
+        path = (f"/api/{quote(session, safe='')}/chats/{quote(chat_id, safe='@')}/messages/"
+                f"{quote(message_id, safe='@')}")
+        try:
+            r = await self._request("GET", path, params={"downloadMedia": "false"})
+        except MessageRejected as e:
+            if e.status == 404:
+                return None
+            raise
+        if not r:
+            return None
+        return r if isinstance(r, dict) else {"value": r}
+
+    async def check_exists(self, session: str, phone: str) -> bool:
+        """GET /api/contacts/check-exists: is the number on WhatsApp."""
+        r = await self._request("GET", "/api/contacts/check-exists", params={"phone": phone, "session": session})
+        return bool(r.get("numberExists")) if isinstance(r, dict) else False

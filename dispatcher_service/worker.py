@@ -1,0 +1,89 @@
+"""arq worker running lane slices: `python -m dispatcher_service.worker`.
+
+Crash semantics we rely on (arq 0.28 source): a running job keeps its id in the queue zset and an
+`arq:in-progress:{id}` key with TTL job_timeout+10 s; if the worker dies, another worker re-runs
+the same job once that key expires. SIGTERM cancels running jobs; arq puts them back for an
+immediate re-run (retry_jobs). Abort (allow_abort_jobs) cancels a job by id via `arq:abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+from arq import Worker
+from arq.connections import RedisSettings
+from redis.exceptions import RedisError
+
+from dispatcher_service import config as config_mod
+from dispatcher_service import logs
+from dispatcher_service.delivery import DeliveryClient
+from dispatcher_service.lanes import WorkerEnv, run_lane
+from dispatcher_service.redis_conn import arq_settings
+from dispatcher_service.waha.client import new_http_session
+
+log = logging.getLogger("dispatcher.worker")
+CFG = config_mod.load()
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """One aiohttp session and one gRPC channel per worker process."""
+    http = new_http_session(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
+    delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
+    ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)
+    log.info("worker %s@%s started: queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",
+             os.getpid(), socket.gethostname(), CFG.queue_name, CFG.campaign_target, CFG.max_jobs,
+             CFG.slice_seconds, CFG.job_timeout)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    env: WorkerEnv | None = ctx.get("env")
+    if env is None:
+        return
+    await env.http.close()
+    await env.delivery.close()
+    log.info("worker %s stopped", os.getpid())
+
+
+class ResilientWorker(Worker):
+    """arq Worker whose poll loop survives a Redis restart instead of exiting."""
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as e:
+            log.warning("redis unavailable in poll loop (%s: %s); retrying", type(e).__name__, e)
+            await asyncio.sleep(1.0)
+
+
+class WorkerSettings:
+    """arq settings (also usable as `arq dispatcher_service.worker.WorkerSettings`)."""
+
+    functions = [run_lane]
+    queue_name = CFG.queue_name
+    redis_settings: RedisSettings = arq_settings(CFG.redis_url)
+    allow_abort_jobs = True
+    job_timeout = int(CFG.job_timeout)
+    max_jobs = CFG.max_jobs
+    max_tries = 50
+    keep_result = 60
+    poll_delay = 0.25
+    on_startup = startup
+    on_shutdown = shutdown
+    health_check_interval = 30
+    expires_extra_ms = 86_400_000
+
+
+def main() -> None:
+    logs.setup(CFG.log_level)
+    logging.getLogger("arq.worker").setLevel(logging.WARNING if CFG.log_level.upper() != "DEBUG" else logging.DEBUG)
+    kwargs = {k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")}
+    worker = ResilientWorker(**kwargs)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
