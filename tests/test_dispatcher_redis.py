@@ -1,0 +1,259 @@
+"""Dispatcher state in a real Redis: the chip pacing limiter and the stop fences."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from zoneinfo import ZoneInfo
+
+import pytest
+from redis.asyncio import Redis
+
+from devstack.servers import Redis as RedisServer
+from dispatcher_service.fences import Fences, Stopped
+from dispatcher_service.pacing import Limits, Pacer, window_intervals
+from whago.campaign.v1 import resources_pb2 as rpb
+
+T = TypeVar("T")
+
+
+def run(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
+    async def main() -> T:
+        r = Redis.from_url(redis_server.url)
+        try:
+            return await fn(r)
+        finally:
+            await r.aclose()
+    return asyncio.run(main())
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+# -- pacing -------------------------------------------------------------------------------------
+
+def test_limits_default_to_wahas_30_to_60_seconds() -> None:
+    assert Limits.from_proto(None) == Limits(30.0, 60.0)
+    assert Limits.from_proto(rpb.Pacing()).interval_min == 30.0
+    lim = Limits.from_proto(rpb.Pacing(interval_min_seconds=2, interval_max_seconds=5, max_per_hour=7))
+    assert (lim.interval_min, lim.interval_max, lim.max_per_hour, lim.max_per_day) == (2, 5, 7, 0)
+    assert lim.window is None
+
+
+def test_two_concurrent_workers_share_a_chip_and_gaps_respect_the_minimum(redis_server: RedisServer) -> None:
+    chip = "chip-" + uid()
+    lim = Limits(interval_min=0.5, interval_max=1.5)
+
+    async def worker(r: Redis, n: int) -> list[float]:
+        p = Pacer(r)
+        out = []
+        for _ in range(n):
+            res = await p.reserve(chip, lim)
+            assert res is not None
+            out.append(res.slot)
+        return out
+
+    async def both(r: Redis) -> list[float]:
+        r2 = Redis.from_url(redis_server.url)
+        try:
+            a, b = await asyncio.gather(worker(r, 15), worker(r2, 15))
+        finally:
+            await r2.aclose()
+        return sorted(a + b)
+
+    slots = run(redis_server, both)
+    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    assert len(slots) == 30
+    assert min(gaps) >= 0.5 - 1e-6
+    assert max(gaps) <= 1.5 + 1e-6
+    # uniform, not a fixed interval
+    assert statistics.pstdev(gaps) > 0.1
+    assert len({round(g, 3) for g in gaps}) > 20
+
+
+def test_hourly_cap_pushes_the_slot_an_hour_after_the_oldest(redis_server: RedisServer) -> None:
+    chip = "chip-" + uid()
+    lim = Limits(interval_min=0, interval_max=0, max_per_hour=3)
+
+    async def go(r: Redis) -> list[float]:
+        p = Pacer(r)
+        out = []
+        for _ in range(4):
+            res = await p.reserve(chip, lim)
+            assert res is not None
+            out.append(res.slot)
+        return out
+
+    slots = run(redis_server, go)
+    assert slots[2] - slots[0] < 1
+    assert slots[3] >= slots[0] + 3600
+
+
+def test_daily_cap_and_release_gives_the_slot_back(redis_server: RedisServer) -> None:
+    chip = "chip-" + uid()
+    lim = Limits(interval_min=10, interval_max=10, max_per_day=2)
+
+    async def go(r: Redis) -> tuple[float, float, float, float]:
+        p = Pacer(r)
+        a = await p.reserve(chip, lim)
+        b = await p.reserve(chip, lim)
+        assert a and b
+        await p.release(b)  # unused: neither the cap nor the gap should remember it
+        c = await p.reserve(chip, lim)
+        d = await p.reserve(chip, lim)
+        assert c and d
+        return a.slot, b.slot, c.slot, d.slot
+
+    a, b, c, d = run(redis_server, go)
+    assert b == pytest.approx(a + 10, abs=0.01)
+    assert c == pytest.approx(a + 10, abs=0.01)  # rolled back to a, then a fresh gap
+    assert d >= a + 86400
+
+
+def test_sending_window_moves_the_slot_into_allowed_hours(redis_server: RedisServer) -> None:
+    tz = "America/Sao_Paulo"
+    now_local = dt.datetime.now(ZoneInfo(tz))
+    # A window that is closed now: starts two hours from now, one hour long, every day.
+    start = (now_local.hour + 2) % 24
+    end = start + 1
+    w = rpb.SendingWindow(timezone=tz, start_hour=start, end_hour=end)
+    lim = Limits(interval_min=0, interval_max=0, window=w)
+    chip = "chip-" + uid()
+
+    async def go(r: Redis) -> float:
+        res = await Pacer(r).reserve(chip, lim)
+        assert res is not None
+        return res.slot
+
+    slot = run(redis_server, go)
+    local = dt.datetime.fromtimestamp(slot, ZoneInfo(tz))
+    assert local.hour == start and local.minute == 0
+    assert slot > time.time() + 3600
+
+
+def test_window_weekdays_and_intervals() -> None:
+    w = rpb.SendingWindow(timezone="UTC", start_hour=9, end_hour=17, weekdays=[1])  # Mondays only
+    now = dt.datetime(2026, 7, 1, 12, tzinfo=dt.UTC).timestamp()  # a Wednesday
+    ivs = window_intervals(w, now)
+    assert ivs, "a Monday lies within the horizon"
+    for s, e in ivs:
+        ds = dt.datetime.fromtimestamp(s, dt.UTC)
+        assert ds.isoweekday() == 1 and ds.hour == 9 and e - s == 8 * 3600
+
+
+def test_no_window_in_horizon_returns_none(redis_server: RedisServer) -> None:
+    w = rpb.SendingWindow(timezone="UTC", start_hour=9, end_hour=10, weekdays=[8])  # never matches
+
+    async def go(r: Redis) -> object:
+        return await Pacer(r).reserve("chip-" + uid(), Limits(0, 0, window=w))
+
+    assert run(redis_server, go) is None
+
+
+# -- fences -------------------------------------------------------------------------------------
+
+def test_check_after_stop_fails_and_epoch_rules(redis_server: RedisServer) -> None:
+    c = "camp-" + uid()
+
+    async def go(r: Redis) -> None:
+        f = Fences(r)
+        assert await f.set(c, "run", 3) == "new"
+        assert await f.set(c, "run", 3) == "same"
+        assert (await f.set(c, "run", 2)).startswith("stale:")
+        tok = await f.acquire(c, 3, 5)
+        assert isinstance(tok, str)
+        await f.release(c, tok)
+        res, drained = await f.stop(c, 3, timeout=1)
+        assert res == "new" and drained
+        with pytest.raises(Stopped):
+            await f.acquire(c, 3, 5)
+        assert not await f.is_current(c, 3)
+        assert (await f.set(c, "run", 3)).startswith("stale:")  # a stopped epoch never restarts
+        assert await f.set(c, "stop", 2) == "same"  # an older stop is a no-op
+        assert await f.set(c, "run", 4) == "new"
+        assert await f.is_current(c, 4)
+
+    run(redis_server, go)
+
+
+def test_stop_waits_for_an_in_flight_request(redis_server: RedisServer) -> None:
+    c = "camp-" + uid()
+
+    async def go(r: Redis) -> tuple[float, float]:
+        f = Fences(r)
+        await f.set(c, "run", 1)
+        tok = await f.acquire(c, 1, 10)
+        assert isinstance(tok, str)
+        released_at = 0.0
+
+        async def request_ends() -> None:
+            nonlocal released_at
+            await asyncio.sleep(0.6)
+            released_at = time.monotonic()
+            await f.release(c, tok)
+
+        t = asyncio.ensure_future(request_ends())
+        t0 = time.monotonic()
+        _, drained = await f.stop(c, 2, timeout=5)
+        returned = time.monotonic()
+        await t
+        assert drained
+        return returned - t0, returned - released_at
+
+    took, after_release = run(redis_server, go)
+    assert took >= 0.55
+    assert after_release >= 0
+
+
+def test_expired_tokens_do_not_block_a_stop_forever(redis_server: RedisServer) -> None:
+    c = "camp-" + uid()
+
+    async def go(r: Redis) -> float:
+        f = Fences(r)
+        await f.set(c, "run", 1)
+        tok = await f.acquire(c, 1, 0.4)  # a worker that died mid-request never releases this
+        assert isinstance(tok, str)
+        t0 = time.monotonic()
+        _, drained = await f.stop(c, 2, timeout=5)
+        assert drained
+        return time.monotonic() - t0
+
+    took = run(redis_server, go)
+    assert 0.2 < took < 2.0
+
+
+def test_stop_bounded_by_timeout_when_tokens_outlive_it(redis_server: RedisServer) -> None:
+    c = "camp-" + uid()
+
+    async def go(r: Redis) -> tuple[bool, float]:
+        f = Fences(r)
+        await f.set(c, "run", 1)
+        await f.acquire(c, 1, 30)
+        t0 = time.monotonic()
+        _, drained = await f.stop(c, 2, timeout=0.3)
+        return drained, time.monotonic() - t0
+
+    drained, took = run(redis_server, go)
+    assert not drained and took < 1.5
+
+
+def test_send_acquire_enforces_the_chip_minimum_gap(redis_server: RedisServer) -> None:
+    c, chip = "camp-" + uid(), "chip-" + uid()
+
+    async def go(r: Redis) -> None:
+        f = Fences(r)
+        await f.set(c, "run", 1)
+        first = await f.acquire(c, 1, 5, pace_chip=chip, min_gap=2.0)
+        assert isinstance(first, str)
+        second = await f.acquire(c, 1, 5, pace_chip=chip, min_gap=2.0)
+        assert isinstance(second, float) and 1.5 < second <= 2.0
+        other = await f.acquire(c, 1, 5, pace_chip="chip-" + uid(), min_gap=2.0)
+        assert isinstance(other, str)
+
+    run(redis_server, go)
