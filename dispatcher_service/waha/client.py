@@ -144,19 +144,13 @@ class WahaClient:
         field for media, so `message_id` is not sent (media outcomes cannot be looked up by id)."""
         del message_id
         endpoint = media_endpoint(mimetype)
-        file: dict[str, Any] = {"mimetype": mimetype, "data": data_b64}
+        # BinaryFile / VideoBinaryFile / VoiceBinaryFile all take mimetype, filename and data.
+        file: dict[str, Any] = {"mimetype": mimetype, "filename": filename or "file", "data": data_b64}
         body: dict[str, Any] = {"session": session, "chatId": chat_id, "file": file}
-        if endpoint in ("sendImage", "sendFile"):
-            file["filename"] = filename
-            if caption:
-                body["caption"] = caption
-        elif endpoint == "sendVideo":
-            file["filename"] = filename
-            body["convert"] = False
-            if caption:
-                body["caption"] = caption
-        else:  # sendVoice: no caption in the spec
-            body["convert"] = False
+        if endpoint in ("sendVideo", "sendVoice"):
+            body["convert"] = False  # required by the spec; we send files as uploaded
+        if caption and endpoint != "sendVoice":  # voice notes have no caption in the spec
+            body["caption"] = caption
         r: dict[str, Any] = await self._request("POST", f"/api/{endpoint}", json_body=body, ok=(200, 201))
         return r
 
