@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import statistics
 import time
 import uuid
@@ -68,7 +69,7 @@ def test_two_concurrent_workers_share_a_chip_and_gaps_respect_the_minimum(redis_
         return sorted(a + b)
 
     slots = run(redis_server, both)
-    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert len(slots) == 30
     assert min(gaps) >= 0.5 - 1e-6
     assert max(gaps) <= 1.5 + 1e-6
