@@ -1,0 +1,99 @@
+"""Shared constants and helpers of the delivery package."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from campaign_service import errors
+
+# CampaignState (resources.proto); the columns hold the enum numbers.
+DRAFT, SCHEDULED, RUNNING, PAUSED, CANCELLED, COMPLETED = 1, 2, 3, 4, 5, 6
+# MessageState.
+PENDING, SENDING, SENT, DELIVERED, READ, FAILED, SKIPPED = 1, 2, 3, 4, 5, 6, 7
+# ChipState.
+CHIP_ACTIVE, CHIP_UNAVAILABLE, CHIP_RESTRICTED = 1, 2, 3
+
+CAMPAIGN_STATE_NAMES = {0: "CAMPAIGN_STATE_UNSPECIFIED", DRAFT: "CAMPAIGN_STATE_DRAFT",
+                        SCHEDULED: "CAMPAIGN_STATE_SCHEDULED", RUNNING: "CAMPAIGN_STATE_RUNNING",
+                        PAUSED: "CAMPAIGN_STATE_PAUSED", CANCELLED: "CAMPAIGN_STATE_CANCELLED",
+                        COMPLETED: "CAMPAIGN_STATE_COMPLETED"}
+
+# Longest wait for a row lock on the campaigns row (Pause/Cancel hold it FOR UPDATE while they
+# call the dispatcher, which may be waiting for the very lane that is calling us).
+LOCK_TIMEOUT = "5s"
+
+COUNTERS = ("pending_count", "sent_count", "delivered_count", "read_count", "failed_count", "skipped_count")
+
+
+def counter_contribution(state: int) -> dict[str, int]:
+    """Which counters a message in `state` adds 1 to (see the package docstring)."""
+    return {
+        "pending_count": int(state in (PENDING, SENDING)),
+        "sent_count": int(state in (SENT, DELIVERED, READ)),
+        "delivered_count": int(state in (DELIVERED, READ)),
+        "read_count": int(state == READ),
+        "failed_count": int(state == FAILED),
+        "skipped_count": int(state == SKIPPED),
+    }
+
+
+def counter_deltas(transitions: list[tuple[int, int]]) -> dict[str, int]:
+    """Counter changes for a list of (old state, new state) message transitions."""
+    out = dict.fromkeys(COUNTERS, 0)
+    for old, new in transitions:
+        if old == new:
+            continue
+        a, b = counter_contribution(old), counter_contribution(new)
+        for k in COUNTERS:
+            out[k] += b[k] - a[k]
+    return out
+
+
+def parse_uuid(value: str, field_name: str) -> uuid.UUID:
+    """A request id as UUID, or INVALID_ARGUMENT naming the field."""
+    if not value:
+        raise errors.InvalidArgument([(field_name, "required")])
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise errors.InvalidArgument([(field_name, "not a valid id")]) from None
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """True for PostgreSQL's lock_not_available (55P03), raised when LOCK_TIMEOUT expires."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, DBAPIError) and getattr(orig, "pgcode", None) == "55P03"
+
+
+@contextmanager
+def bounded_lock_wait(what: str) -> Iterator[None]:
+    """Turn a lock timeout into UNAVAILABLE with a retry hint (the caller's transaction is lost)."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if is_lock_timeout(exc):
+            raise errors.Unavailable(f"{what}: the campaign is changing state, retry shortly") from exc
+        raise
+
+
+def set_lock_timeout(session: Session) -> None:
+    session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+
+
+@dataclass
+class StatusEvent:
+    """A campaign status change to publish after the transaction committed."""
+
+    user_id: uuid.UUID
+    campaign_id: str
+    state: int
+    reason: str
+    webhook_url: str | None
+    extra: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,176 @@
+"""LeaseMessages: hand a lane (campaign, chip) its next due messages, rendered, under a lease.
+
+One transaction, four statements: campaign row FOR KEY SHARE (waits for a Pause/Cancel holding
+it FOR UPDATE, so a lane never leases across a stop), the lease UPDATE (FOR UPDATE SKIP LOCKED,
+so concurrent lanes and replicas never get the same message), the lane heartbeat + remaining
+count, and the media of the templates used."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from campaign_service import errors
+from campaign_service.db.engine import Database
+from campaign_service.delivery.common import RUNNING, bounded_lock_wait, parse_uuid, set_lock_timeout
+
+MAX_MESSAGES = 1000
+MAX_LEASE_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    id: uuid.UUID
+    campaign_id: uuid.UUID
+    filename: str
+    mime_type: str
+    size_bytes: int
+    created_at: datetime
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class LeasedMessage:
+    message_id: int
+    chat_id: str
+    phone: str
+    text: str
+    media: MediaInfo | None
+    waha_message_id: str | None
+    attempts: int
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class LeaseResult:
+    messages: list[LeasedMessage]
+    campaign_state: int
+    epoch: int
+    remaining: int
+
+
+_CAMPAIGN = text("SELECT state, dispatch_epoch, templates FROM campaigns WHERE id = :cid FOR KEY SHARE")
+
+# Expired SENDING leases (a crashed or slow lane's) first in seq order together with PENDING ones.
+# Two locking CTEs because FOR UPDATE is not allowed directly under UNION.
+_LEASE = text("""
+WITH expired AS (
+    SELECT id, seq FROM campaign_messages
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = 2 AND lease_expires_at < now()
+    ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
+), pending AS (
+    SELECT id, seq FROM campaign_messages
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+    ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM (SELECT id, seq FROM expired UNION ALL SELECT id, seq FROM pending) u ORDER BY seq LIMIT :n
+)
+UPDATE campaign_messages m
+SET state = 2, lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :secs),
+    attempts = m.attempts + 1, updated_at = now()
+FROM picked, campaign_contacts ct
+WHERE m.id = picked.id AND ct.id = m.contact_id
+RETURNING m.id, m.seq, m.template_index, m.waha_message_id, m.attempts, m.lease_expires_at,
+          ct.phone, ct.chat_id, ct.name, ct.variables
+""")
+
+_HEARTBEAT_AND_REMAINING = text("""
+WITH hb AS (
+    INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
+    VALUES (:cid, :chip, now(), :secs, :owner)
+    ON CONFLICT (campaign_id, chip_id) DO UPDATE
+    SET last_seen_at = now(), lease_seconds = EXCLUDED.lease_seconds, lease_owner = EXCLUDED.lease_owner
+    RETURNING 1
+)
+SELECT count(*) FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+""")
+
+_REMAINING = text("SELECT count(*) FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1")
+
+_MEDIA = text("""
+SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path FROM campaign_media
+WHERE campaign_id = :cid AND id = ANY(CAST(:ids AS uuid[]))""")
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+
+
+def render(template: str, name: str, phone: str, variables: dict[str, Any] | None) -> str:
+    """Fill {{name}}, {{phone}} and {{<variable>}}; unknown placeholders become empty."""
+    values = {str(k): "" if v is None else str(v) for k, v in (variables or {}).items()}
+    values["name"] = name or values.get("name", "")
+    values["phone"] = phone
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
+
+
+def template_parts(templates: list[dict[str, Any]] | None, index: int) -> tuple[str, uuid.UUID | None]:
+    """(text, media id) of templates[index] as stored (proto JSON; camelCase or field names)."""
+    if not templates:
+        return "", None
+    t = templates[index % len(templates)] or {}
+    media = t.get("mediaId") or t.get("media_id") or ""
+    try:
+        media_id = uuid.UUID(str(media)) if media else None
+    except ValueError:
+        media_id = None
+    return str(t.get("text") or ""), media_id
+
+
+def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int) -> tuple[uuid.UUID, uuid.UUID]:
+    violations: list[tuple[str, str]] = []
+    ids: list[uuid.UUID] = []
+    for name, value in (("campaign_id", campaign_id), ("chip_id", chip_id)):
+        try:
+            ids.append(parse_uuid(value, name))
+        except errors.InvalidArgument as e:
+            violations += e.violations
+    if not 1 <= max_messages <= MAX_MESSAGES:
+        violations.append(("max_messages", f"must be between 1 and {MAX_MESSAGES}"))
+    if not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
+        violations.append(("lease_seconds", f"must be between 1 and {MAX_LEASE_SECONDS}"))
+    if violations:
+        raise errors.InvalidArgument(violations)
+    return ids[0], ids[1]
+
+
+def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max_messages: int,
+                   lease_seconds: int, lease_owner: str) -> LeaseResult:
+    """Lease up to max_messages of the lane; nothing unless RUNNING under the current epoch."""
+    cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds)
+    params = {"cid": str(cid), "chip": str(chip)}
+    with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
+        set_lock_timeout(s)
+        camp = s.execute(_CAMPAIGN, {"cid": str(cid)}).one_or_none()
+        if camp is None:
+            raise errors.NotFound("campaign", campaign_id)
+        if camp.state != RUNNING or camp.dispatch_epoch != epoch:
+            remaining = s.execute(_REMAINING, params).scalar_one()
+            return LeaseResult([], camp.state, camp.dispatch_epoch, remaining)
+        rows = list(s.execute(_LEASE, {**params, "n": max_messages, "secs": lease_seconds,
+                                  "owner": lease_owner or None}))
+        remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds,
+                                                         "owner": lease_owner or ""}).scalar_one()
+        rows.sort(key=lambda r: r.seq)
+        parts = [template_parts(camp.templates, r.template_index) for r in rows]
+        media = _media(s, cid, {m for _, m in parts if m is not None})
+        leased = [
+            LeasedMessage(message_id=r.id, chat_id=r.chat_id, phone=r.phone,
+                          text=render(txt, r.name, r.phone, r.variables),
+                          media=media.get(mid) if mid is not None else None,
+                          waha_message_id=r.waha_message_id, attempts=r.attempts,
+                          lease_expires_at=r.lease_expires_at)
+            for r, (txt, mid) in zip(rows, parts, strict=True)
+        ]
+        return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)
+
+
+def _media(s: Session, cid: uuid.UUID, ids: set[uuid.UUID]) -> dict[uuid.UUID, MediaInfo]:
+    if not ids:
+        return {}
+    return {r.id: MediaInfo(r.id, r.campaign_id, r.filename, r.mime_type, r.size_bytes, r.created_at, r.path)
+            for r in s.execute(_MEDIA, {"cid": str(cid), "ids": [str(i) for i in ids]})}

@@ -1,0 +1,218 @@
+"""ReportDeliveries: apply a lane's outcomes set-based, keep counters in step, complete or
+auto-pause the campaign when due.
+
+Transitions (anything else is ignored, so late or duplicate reports are harmless):
+
+| outcome     | from                              | to        | also                                      |
+|-------------|-----------------------------------|-----------|-------------------------------------------|
+| ATTEMPTING  | SENDING                           | SENDING   | waha_message_id stored before the send    |
+| SENT        | PENDING, SENDING, FAILED, SKIPPED | SENT      | sent_at, waha id; the truth wins (a send  |
+|             |                                   |           | that reached WAHA after a Cancel is SENT) |
+| FAILED      | PENDING, SENDING                  | FAILED    | failure_reason                            |
+| RELEASED    | SENDING with an unexpired lease   | PENDING   | lease and waha id cleared (never sent)    |
+| UNKNOWN     | PENDING, SENDING                  | FAILED    | failure_reason "OUTCOME_UNKNOWN"          |
+| SKIPPED     | PENDING, SENDING                  | SKIPPED   | failure_reason                            |
+| DELIVERED   | not DELIVERED/READ                | DELIVERED | sent_at if missing                        |
+| READ        | not READ                          | READ      | sent_at if missing                        |
+
+RELEASED after the lease expired is ignored: the message may already be re-leased by another lane
+(reports carry no lease owner), and an expired lease is re-leased anyway."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from campaign_service import errors
+from campaign_service.db.engine import Database
+from campaign_service.delivery import transitions
+from campaign_service.delivery.common import (
+    COUNTERS,
+    RUNNING,
+    StatusEvent,
+    bounded_lock_wait,
+    counter_deltas,
+    parse_uuid,
+    set_lock_timeout,
+)
+from campaign_service.events import Events
+
+# DeliveryOutcome (delivery_service.proto).
+ATTEMPTING, SENT, FAILED, RELEASED, UNKNOWN, SKIPPED, DELIVERED, READ = 1, 2, 3, 4, 5, 6, 7, 8
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+MAX_REPORTS = 5000
+
+
+@dataclass(frozen=True)
+class Report:
+    message_id: int
+    outcome: int
+    waha_message_id: str = ""
+    failure_reason: str = ""
+    time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    campaign_state: int
+    epoch: int
+    applied: int
+
+
+_LOCK_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid FOR NO KEY UPDATE")
+_READ_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid")
+
+_APPLY = text("""
+WITH r AS (
+    SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS int[]), CAST(:wahas AS text[]),
+                         CAST(:reasons AS text[]), CAST(:times AS timestamptz[]))
+           AS r(id, outcome, waha, reason, ts)
+), old AS (
+    SELECT m.id, m.state, m.lease_expires_at FROM campaign_messages m
+    WHERE m.campaign_id = :cid AND m.id IN (SELECT id FROM r)
+    ORDER BY m.id FOR UPDATE
+), t AS (
+    SELECT r.id, r.outcome, r.waha, r.reason, r.ts, old.state AS old_state,
+        CASE
+            WHEN r.outcome = 1 AND old.state = 2 THEN 2
+            WHEN r.outcome = 2 AND old.state IN (1, 2, 6, 7) THEN 3
+            WHEN r.outcome = 3 AND old.state IN (1, 2) THEN 6
+            WHEN r.outcome = 4 AND old.state = 2 AND old.lease_expires_at >= now() THEN 1
+            WHEN r.outcome = 5 AND old.state IN (1, 2) THEN 6
+            WHEN r.outcome = 6 AND old.state IN (1, 2) THEN 7
+            WHEN r.outcome = 7 AND old.state IN (1, 2, 3, 6, 7) THEN 4
+            WHEN r.outcome = 8 AND old.state IN (1, 2, 3, 4, 6, 7) THEN 5
+        END AS new_state
+    FROM r JOIN old ON old.id = r.id
+)
+UPDATE campaign_messages m SET
+    state = t.new_state,
+    waha_message_id = CASE WHEN t.new_state = 1 THEN NULL
+                           ELSE COALESCE(NULLIF(t.waha, ''), m.waha_message_id) END,
+    failure_reason = CASE
+        WHEN t.outcome = 5 THEN 'OUTCOME_UNKNOWN'
+        WHEN t.new_state = 6 THEN COALESCE(NULLIF(t.reason, ''), 'failed')
+        WHEN t.new_state = 7 THEN COALESCE(NULLIF(t.reason, ''), 'skipped')
+        WHEN t.new_state IN (1, 3, 4, 5) THEN NULL
+        ELSE m.failure_reason END,
+    sent_at = CASE WHEN t.new_state IN (3, 4, 5) THEN COALESCE(m.sent_at, t.ts, now()) ELSE m.sent_at END,
+    lease_owner = CASE WHEN t.new_state = 2 THEN m.lease_owner END,
+    lease_expires_at = CASE WHEN t.new_state = 2 THEN m.lease_expires_at END,
+    updated_at = now()
+FROM t
+WHERE m.id = t.id AND t.new_state IS NOT NULL
+RETURNING m.id, t.old_state, m.state AS new_state
+""")
+
+
+def _counters_sql(deltas: dict[str, int]) -> Any:
+    sets = ", ".join(f"{k} = {k} + :{k}" for k in COUNTERS)
+    return text(f"UPDATE campaigns SET {sets} WHERE id = :cid "
+                "RETURNING state, dispatch_epoch, failed_count, settings")
+
+
+def validate(campaign_id: str, reports: list[Report]) -> uuid.UUID:
+    cid = parse_uuid(campaign_id, "campaign_id")
+    violations: list[tuple[str, str]] = []
+    if len(reports) > MAX_REPORTS:
+        violations.append(("reports", f"at most {MAX_REPORTS} reports per call"))
+    for i, r in enumerate(reports):
+        if not 1 <= r.outcome <= READ:
+            violations.append((f"reports[{i}].outcome", "must be set"))
+        if r.outcome == ATTEMPTING and not r.waha_message_id:
+            violations.append((f"reports[{i}].waha_message_id", "required for ATTEMPTING"))
+    if violations:
+        raise errors.InvalidArgument(violations)
+    return cid
+
+
+def parse_message_id(value: str, index: int) -> int:
+    """Message ids are decimal bigints on the wire (strings in the proto)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n <= 0 or n >= 2**63:
+        raise errors.InvalidArgument([(f"reports[{index}].message_id", "not a valid message id")])
+    return n
+
+
+def _rounds(reports: list[Report]) -> list[list[Report]]:
+    """Split into consecutive segments in which each message appears at most once, so one
+    set-based statement per segment applies a message's reports in order (ATTEMPTING, then SENT)."""
+    rounds: list[list[Report]] = [[]]
+    seen: set[int] = set()
+    for r in reports:
+        if r.message_id in seen:
+            rounds.append([])
+            seen = set()
+        rounds[-1].append(r)
+        seen.add(r.message_id)
+    return [b for b in rounds if b]
+
+
+def _max_failures(settings: dict[str, Any] | None) -> int:
+    v = (settings or {}).get("maxFailures", (settings or {}).get("max_failures", 0))
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def report_deliveries(db: Database, events: Events | None, campaign_id: str, reports: list[Report]) -> ReportResult:
+    """Apply the reports in one transaction; publish status changes after commit."""
+    cid = validate(campaign_id, reports)
+    status: list[StatusEvent] = []
+    with bounded_lock_wait("ReportDeliveries"), db.transaction() as s:
+        result = _apply(s, cid, campaign_id, reports, status)
+    transitions.publish(events, status)
+    return result
+
+
+def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
+           status: list[StatusEvent]) -> ReportResult:
+    params = {"cid": str(cid)}
+    counting = any(r.outcome != ATTEMPTING for r in reports)
+    if counting:
+        # Campaign row first (lock order), bounded: a Pause/Cancel may hold it FOR UPDATE.
+        set_lock_timeout(s)
+        camp = s.execute(_LOCK_CAMPAIGN, params).one_or_none()
+    else:
+        # ATTEMPTING only: no campaign lock, so an attempt can always be recorded.
+        camp = s.execute(_READ_CAMPAIGN, params).one_or_none()
+    if camp is None:
+        raise errors.NotFound("campaign", campaign_id)
+    state, epoch = camp.state, camp.dispatch_epoch
+    changed: list[tuple[int, int]] = []
+    for batch in _rounds(reports):
+        rows = s.execute(_APPLY, {
+            **params,
+            "ids": [r.message_id for r in batch],
+            "outcomes": [r.outcome for r in batch],
+            "wahas": [r.waha_message_id for r in batch],
+            "reasons": [r.failure_reason for r in batch],
+            "times": [r.time for r in batch],
+        }).all()
+        changed += [(row.old_state, row.new_state) for row in rows]
+    deltas = counter_deltas(changed)
+    if any(deltas.values()):
+        row = s.execute(_counters_sql(deltas), {**params, **deltas}).one()
+        state, epoch = row.state, row.dispatch_epoch
+        if state == RUNNING and deltas["pending_count"] < 0:
+            ev = transitions.complete_if_done(s, cid)
+            if ev is not None:
+                status.append(ev)
+                state = ev.state
+        threshold = _max_failures(row.settings)
+        if state == RUNNING and threshold > 0 and deltas["failed_count"] > 0 and row.failed_count >= threshold:
+            ev = transitions.auto_pause(
+                s, cid, f"auto-paused: {row.failed_count} failures (threshold {threshold})", "campaign.auto_pause")
+            if ev is not None:
+                status.append(ev)
+                state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
+    return ReportResult(state, epoch, len(changed))

@@ -1,0 +1,94 @@
+"""whago.campaign.v1.DeliveryService: protobuf <-> the domain functions of this package, nothing more.
+
+Authentication (service token only; user keys are PERMISSION_DENIED) and the mapping of domain
+errors to rich statuses are done by `campaign_service.interceptors`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+
+from campaign_service.config import Settings
+from campaign_service.db.engine import Database
+from campaign_service.delivery import chips, leases, media, reports
+from campaign_service.events import Events
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
+from whago.campaign.v1 import resources_pb2 as res
+
+
+def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(dt)
+    return t
+
+
+def media_pb(m: leases.MediaInfo) -> res.Media:
+    return res.Media(id=str(m.id), campaign_id=str(m.campaign_id), filename=m.filename, mime_type=m.mime_type,
+                     size_bytes=m.size_bytes, create_time=_ts(m.created_at))
+
+
+def chip_pb(c: chips.ChipRow) -> res.Chip:
+    pacing = res.Pacing()
+    try:
+        json_format.ParseDict(c.pacing or {}, pacing, ignore_unknown_fields=True)
+    except json_format.ParseError:
+        pacing = res.Pacing()
+    return res.Chip(id=str(c.id), display_name=c.display_name, phone=c.phone, waha_base_url=c.waha_base_url,
+                    waha_session=c.waha_session, proxy_label=c.proxy_label, state=c.state,  # type: ignore[arg-type]
+                    state_reason=c.state_reason, pacing=pacing, create_time=_ts(c.created_at),
+                    update_time=_ts(c.updated_at))
+
+
+class DeliveryServicer(dgrpc.DeliveryServiceServicer):
+    """The internal API the dispatcher's lanes call."""
+
+    def __init__(self, db: Database, settings: Settings, events: Events | None) -> None:
+        self.db = db
+        self.settings = settings
+        self.events = events
+
+    def LeaseMessages(self, request: dpb.LeaseMessagesRequest, context: grpc.ServicerContext
+                      ) -> dpb.LeaseMessagesResponse:
+        r = leases.lease_messages(self.db, request.campaign_id, request.chip_id, request.epoch,
+                                  request.max_messages, request.lease_seconds, request.lease_owner)
+        return dpb.LeaseMessagesResponse(
+            messages=[dpb.LeasedMessage(
+                message_id=str(m.message_id), chat_id=m.chat_id, phone=m.phone, text=m.text,
+                media=media_pb(m.media) if m.media is not None else None,
+                waha_message_id=m.waha_message_id or "", attempts=m.attempts,
+                lease_expire_time=_ts(m.lease_expires_at)) for m in r.messages],
+            campaign_state=r.campaign_state,  # type: ignore[arg-type]
+            epoch=r.epoch, remaining=r.remaining)
+
+    def ReportDeliveries(self, request: dpb.ReportDeliveriesRequest, context: grpc.ServicerContext
+                         ) -> dpb.ReportDeliveriesResponse:
+        items = [reports.Report(
+            message_id=reports.parse_message_id(r.message_id, i), outcome=int(r.outcome),
+            waha_message_id=r.waha_message_id, failure_reason=r.failure_reason,
+            time=r.time.ToDatetime(tzinfo=UTC) if r.HasField("time") else None)
+            for i, r in enumerate(request.reports)]
+        out = reports.report_deliveries(self.db, self.events, request.campaign_id, items)
+        return dpb.ReportDeliveriesResponse(campaign_state=out.campaign_state,  # type: ignore[arg-type]
+                                            epoch=out.epoch)
+
+    def ReportChipState(self, request: dpb.ReportChipStateRequest, context: grpc.ServicerContext
+                        ) -> dpb.ReportChipStateResponse:
+        out = chips.report_chip_state(self.db, self.events, request.chip_id, int(request.state), request.reason)
+        return dpb.ReportChipStateResponse(chip=chip_pb(out.chip),
+                                           redistributed_campaign_ids=out.redistributed_campaign_ids,
+                                           paused_campaign_ids=out.paused_campaign_ids)
+
+    def GetMediaContent(self, request: dpb.GetMediaContentRequest, context: grpc.ServicerContext
+                        ) -> dpb.GetMediaContentResponse:
+        info, content = media.get_media_content(self.db, self.settings.media_dir, request.media_id)
+        return dpb.GetMediaContentResponse(media=media_pb(info), content=content)
+
+
+def add_to_server(server: grpc.Server, db: Database, settings: Settings, events: Events) -> None:
+    """Register DeliveryService on the campaign service's gRPC server."""
+    dgrpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(db, settings, events), server)
