@@ -1,0 +1,79 @@
+"""Operator commands: `python -m campaign_service.admin migrate | create-user | add-credits`.
+
+create-user prints the new API key alone on the last line of stdout (scripts and tests read it);
+only its hash is stored."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from campaign_service import auth, config
+from campaign_service.db import migrate
+from campaign_service.db.engine import Database
+from campaign_service.repository import users as users_repo
+
+
+def cmd_migrate(settings: config.Settings, args: argparse.Namespace) -> int:
+    migrate.upgrade(settings.database_url)
+    print("database migrated to head", file=sys.stderr)
+    return 0
+
+
+def cmd_create_user(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.credits < 0:
+        print("--credits must be >= 0", file=sys.stderr)
+        return 2
+    key = auth.new_api_key()
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            user = users_repo.create(s, name=args.name, key_hash=auth.hash_key(key), credits=args.credits,
+                                     webhook_url=args.webhook_url)
+            user_id = user.id
+    finally:
+        db.dispose()
+    print(f"user {user_id} ({args.name}) created with {args.credits} credits; API key:")
+    print(key)
+    return 0
+
+
+def cmd_add_credits(settings: config.Settings, args: argparse.Namespace) -> int:
+    try:
+        user_id = uuid.UUID(args.user_id)
+    except ValueError:
+        print(f"not a user id: {args.user_id!r}", file=sys.stderr)
+        return 2
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            balance = users_repo.credit(s, user_id, args.credits)
+    finally:
+        db.dispose()
+    if balance is None:
+        print(f"no user {user_id}", file=sys.stderr)
+        return 1
+    print(balance)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m campaign_service.admin")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="alembic upgrade head on DATABASE_URL").set_defaults(fn=cmd_migrate)
+    cu = sub.add_parser("create-user", help="create a user; prints the API key on the last line")
+    cu.add_argument("--name", required=True)
+    cu.add_argument("--credits", type=int, default=0)
+    cu.add_argument("--webhook-url", default=None)
+    cu.set_defaults(fn=cmd_create_user)
+    ac = sub.add_parser("add-credits", help="add (or, negative, remove) credits; prints the new balance")
+    ac.add_argument("--user-id", required=True)
+    ac.add_argument("--credits", type=int, required=True)
+    ac.set_defaults(fn=cmd_add_credits)
+    args = p.parse_args(argv)
+    return int(args.fn(config.load(), args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

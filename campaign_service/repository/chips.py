@@ -1,0 +1,73 @@
+"""Chips (a user's WhatsApp numbers)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import literal, select, text, tuple_
+from sqlalchemy.orm import Session
+
+from campaign_service.db.models import Chip
+
+
+def insert(session: Session, *, user_id: uuid.UUID, display_name: str, phone: str, waha_base_url: str,
+           waha_session: str, waha_api_key: str, proxy_label: str, pacing: dict[str, Any]) -> Chip:
+    chip = Chip(id=uuid.uuid4(), user_id=user_id, display_name=display_name, phone=phone,
+                waha_base_url=waha_base_url, waha_session=waha_session, waha_api_key=waha_api_key,
+                proxy_label=proxy_label, pacing=pacing)
+    session.add(chip)
+    session.flush()
+    session.refresh(chip)
+    return chip
+
+
+def get(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> Chip | None:
+    return session.execute(select(Chip).where(Chip.id == chip_id, Chip.user_id == user_id)).scalar_one_or_none()
+
+
+def page(session: Session, user_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[Chip]:
+    q = select(Chip).where(Chip.user_id == user_id)
+    if after is not None:
+        q = q.where(tuple_(Chip.created_at, Chip.id) < tuple_(literal(after[0]), literal(after[1])))
+    q = q.order_by(Chip.created_at.desc(), Chip.id.desc()).limit(limit)
+    return list(session.execute(q).scalars())
+
+
+def owned_ids(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    if not ids:
+        return set()
+    return set(session.execute(select(Chip.id).where(Chip.user_id == user_id, Chip.id.in_(list(ids)))).scalars())
+
+
+def usable(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Chip]:
+    """ACTIVE chips of the user among `ids` (in that order), or all ACTIVE ones when `ids` is empty
+    (oldest first, so the round-robin order is stable)."""
+    q = select(Chip).where(Chip.user_id == user_id, Chip.state == 1)
+    if ids:
+        found = {c.id: c for c in session.execute(q.where(Chip.id.in_(list(ids)))).scalars()}
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+    return list(session.execute(q.order_by(Chip.created_at, Chip.id)).scalars())
+
+
+def in_use(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> list[uuid.UUID]:
+    """RUNNING/PAUSED campaigns of the user whose messages go through the chip (up to 10)."""
+    return list(session.execute(text(
+        "SELECT c.id FROM campaigns c WHERE c.user_id = :u AND c.state IN (3, 4) AND ("
+        " :chip = ANY(c.chip_ids) OR (cardinality(c.chip_ids) = 0 AND EXISTS ("
+        "  SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = :chip)))"
+        " LIMIT 10"), {"u": user_id, "chip": chip_id}).scalars())
+
+
+def delete(session: Session, chip: Chip) -> None:
+    session.delete(chip)
+    session.flush()
+
+
+def by_ids(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Chip]:
+    if not ids:
+        return []
+    return list(session.execute(select(Chip).where(Chip.user_id == user_id, Chip.id.in_(list(ids)))
+                                .order_by(Chip.created_at, Chip.id)).scalars())

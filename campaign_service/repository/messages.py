@@ -1,0 +1,85 @@
+"""Campaign messages: created set-based at Start, failed set-based at Cancel, deleted in one
+statement at Delete."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+
+def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequence[uuid.UUID], n_templates: int,
+                     shuffle: bool) -> int:
+    """One PENDING message per contact in ONE statement: send order seq = rn over row_no (or random()),
+    chip = chip_ids[(rn-1) % n], template (rn-1) % n_templates. Returns the number created."""
+    order = "random()" if shuffle else "row_no, id"
+    result = session.execute(text(
+        "INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, state, seq, template_index)"
+        " SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], 1, t.rn, (t.rn - 1) % :nt"
+        f" FROM (SELECT id, row_number() OVER (ORDER BY {order}) AS rn"
+        "       FROM campaign_contacts WHERE campaign_id = :c) t"),
+        {"c": campaign_id, "chips": [str(c) for c in chip_ids], "n": len(chip_ids), "nt": max(n_templates, 1)})
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    failed: int  # rows now FAILED by the cancel (incl. those already FAILED)
+    were_open: int  # of which PENDING or SENDING before (never sent: refunded)
+
+
+def fail_open(session: Session, campaign_id: uuid.UUID, reason: str) -> CancelResult:
+    """PENDING, SENDING and FAILED -> FAILED with `reason`, leases dropped, in one statement."""
+    row = session.execute(text(
+        "WITH upd AS ("
+        " UPDATE campaign_messages m SET state = 6, failure_reason = :r, lease_owner = NULL,"
+        "   lease_expires_at = NULL, updated_at = now()"
+        " FROM (SELECT id, state FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2, 6)"
+        "       FOR UPDATE) old"
+        " WHERE m.id = old.id RETURNING old.state AS old_state)"
+        " SELECT count(*) AS failed, count(*) FILTER (WHERE old_state IN (1, 2)) AS were_open FROM upd"),
+        {"c": campaign_id, "r": reason}).one()
+    return CancelResult(int(row.failed), int(row.were_open))
+
+
+def delete_all(session: Session, campaign_id: uuid.UUID) -> int:
+    return int(session.execute(text("DELETE FROM campaign_messages WHERE campaign_id = :c"),
+                               {"c": campaign_id}).rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: int
+    campaign_id: uuid.UUID
+    contact_id: int
+    phone: str
+    chat_id: str
+    chip_id: uuid.UUID
+    state: int
+    waha_message_id: str | None
+    failure_reason: str | None
+    attempts: int
+    sent_at: datetime | None
+    updated_at: datetime
+
+
+def page(session: Session, campaign_id: uuid.UUID, state: int, limit: int, after_id: int) -> list[MessageRow]:
+    cond = "AND m.state = :s" if state else ""
+    rows = session.execute(text(
+        "SELECT m.id, m.campaign_id, m.contact_id, c.phone, c.chat_id, m.chip_id, m.state, m.waha_message_id,"
+        " m.failure_reason, m.attempts, m.sent_at, m.updated_at"
+        " FROM campaign_messages m JOIN campaign_contacts c ON c.id = m.contact_id"
+        f" WHERE m.campaign_id = :c {cond} AND m.id > :after ORDER BY m.id LIMIT :lim"),
+        {"c": campaign_id, "s": state, "after": after_id, "lim": limit}).all()
+    return [MessageRow(*r) for r in rows]
+
+
+def open_chip_ids(session: Session, campaign_id: uuid.UUID) -> list[uuid.UUID]:
+    """Chips that still have PENDING or SENDING messages of the campaign (the lanes to resume)."""
+    return list(session.execute(text(
+        "SELECT DISTINCT chip_id FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2)"),
+        {"c": campaign_id}).scalars())

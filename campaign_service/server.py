@@ -1,0 +1,154 @@
+"""`python -m campaign_service.server`: CampaignService, ChipService (and DeliveryService when the
+delivery package is present) on a threaded grpc.server, with reflection and grpc.health.v1.
+
+SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `grace` seconds, the engine is disposed."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from campaign_service import config, logs
+from campaign_service.db.engine import Database
+from campaign_service.dispatch import DispatcherClient
+from campaign_service.events import Events
+from campaign_service.interceptors import KeyCache, ServerInterceptor
+from campaign_service.repository import users as users_repo
+from campaign_service.service import CampaignOps
+from campaign_service.servicers import campaigns as campaigns_servicer
+from campaign_service.servicers import chips as chips_servicer
+from whago.campaign.v1 import campaign_service_pb2, chip_service_pb2, delivery_service_pb2
+
+log = logging.getLogger("campaign_service.server")
+
+GRACE_SECONDS = 10.0
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024  # UploadMedia carries up to 16 MiB of content
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_connection_idle_ms", 15 * 60_000),
+]
+
+SERVICE_NAMES = (
+    campaign_service_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
+    chip_service_pb2.DESCRIPTOR.services_by_name["ChipService"].full_name,
+)
+DELIVERY_SERVICE = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
+
+
+class App:
+    """The wired-up server: build with `App.create()`, then `start()`, `wait()`, `stop()`."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url, settings.db_pool_size)
+        self.events = Events(settings.redis_url)
+        self.dispatcher = DispatcherClient(settings.dispatcher_target, settings.service_token,
+                                           settings.dispatcher_timeout)
+        self.ops = CampaignOps(self.db, settings, self.dispatcher, self.events)
+        self.keys = KeyCache(self._lookup_key)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
+                                                             thread_name_prefix="rpc"),
+                                  interceptors=[ServerInterceptor(self.keys, settings.service_token)],
+                                  options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 8)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.scheduler: Any = None
+        self._stopped = threading.Event()
+        campaigns_servicer.add_to_server(self.server, self.ops)
+        chips_servicer.add_to_server(self.server, self.ops)
+        names = [*SERVICE_NAMES]
+        if self._add_delivery():
+            names.append(DELIVERY_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.service_names = names
+
+    def _lookup_key(self, key_hash: str) -> Any:
+        with self.db.session() as s:
+            return users_repo.by_key_hash(s, key_hash)
+
+    def _add_delivery(self) -> bool:
+        try:
+            add_to_server = importlib.import_module("campaign_service.delivery.servicer").add_to_server
+        except (ImportError, AttributeError) as exc:
+            log.warning("DeliveryService not served: campaign_service.delivery.servicer unavailable (%s)", exc)
+            return False
+        add_to_server(self.server, self.db, self.settings, self.events)
+        return True
+
+    def _start_scheduler(self) -> None:
+        try:
+            scheduler = importlib.import_module("campaign_service.delivery.scheduler")
+        except ImportError as exc:
+            log.warning("scheduler not started: campaign_service.delivery.scheduler unavailable (%s)", exc)
+            return
+        start = getattr(scheduler, "start", None)
+        if start is not None:
+            self.scheduler = start(self.db, self.settings, self.events)
+
+    def start(self) -> None:
+        port = self.server.add_insecure_port(self.settings.listen)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {self.settings.listen}")
+        self.server.start()
+        self._start_scheduler()
+        for name in ("", *self.service_names):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("campaign_service listening on %s (dispatcher %s, services: %s)", self.settings.listen,
+                 self.settings.dispatcher_target, ", ".join(self.service_names))
+
+    def stop(self, grace: float = GRACE_SECONDS) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("draining: health NOT_SERVING, grace %.0fs", grace)
+        self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            try:
+                self.scheduler.stop()
+            except Exception as exc:
+                log.warning("scheduler stop failed: %s", exc)
+        self.server.stop(grace=grace).wait()
+        self.dispatcher.close()
+        self.events.close()
+        self.db.dispose()
+        log.info("campaign_service stopped")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def main() -> None:
+    settings = config.load()
+    logs.setup(settings.log_level)
+    app = App(settings)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    done.wait()
+    app.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""whago.campaign.v1.CampaignService: protobuf <-> CampaignOps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC
+from typing import Any
+
+import grpc
+
+from campaign_service import auth, convert
+from campaign_service.service import CampaignInput, CampaignOps, ContactRow, DeleteResult, ImportChunk, mask_paths
+from campaign_service.servicers import idem, unwrap
+from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
+from whago.campaign.v1 import resources_pb2 as res
+
+
+def campaign_input(c: res.Campaign) -> CampaignInput:
+    return CampaignInput(
+        name=c.name, description=c.description, templates=list(c.templates), settings=c.settings,
+        chip_ids=list(c.chip_ids),
+        schedule_time=c.schedule_time.ToDatetime(tzinfo=UTC) if c.HasField("schedule_time") else None,
+        has_settings=c.HasField("settings"))
+
+
+def delete_response(r: DeleteResult) -> cs.DeleteCampaignResponse:
+    return cs.DeleteCampaignResponse(campaign_id=r.campaign_id, deleted_contacts=r.deleted_contacts,
+                                     deleted_messages=r.deleted_messages, deleted_media=r.deleted_media,
+                                     revoked_jobs=r.revoked_jobs)
+
+
+class CampaignServicer(cs_grpc.CampaignServiceServicer):
+    def __init__(self, ops: CampaignOps) -> None:
+        self.ops = ops
+
+    def CreateCampaign(self, request: cs.CreateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        uid = auth.current_user_id()
+        out = self.ops.create_campaign(uid, campaign_input(request.campaign),
+                                       idem(request.request_id, "CreateCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        return convert.campaign(self.ops.get_campaign(auth.current_user_id(), request.campaign_id))
+
+    def ListCampaigns(self, request: cs.ListCampaignsRequest,
+                      context: grpc.ServicerContext) -> cs.ListCampaignsResponse:
+        page = self.ops.list_campaigns(auth.current_user_id(), request.state, request.page_size, request.page_token)
+        return cs.ListCampaignsResponse(campaigns=[convert.campaign(c) for c in page.items],
+                                        next_page_token=page.next_page_token)
+
+    def UpdateCampaign(self, request: cs.UpdateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        uid = auth.current_user_id()
+        patch = campaign_input(request.campaign)
+        paths = mask_paths(request.update_mask if request.HasField("update_mask") else None, patch,
+                           settings_set=request.campaign.HasField("settings"))
+        out = self.ops.update_campaign(uid, request.campaign.id, patch, paths, request.campaign.etag,
+                                       idem(request.request_id, "UpdateCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def DeleteCampaign(self, request: cs.DeleteCampaignRequest,
+                       context: grpc.ServicerContext) -> cs.DeleteCampaignResponse:
+        out = self.ops.delete_campaign(auth.current_user_id(), request.campaign_id, request.etag,
+                                       idem(request.request_id, "DeleteCampaign", delete_response))
+        return unwrap(out, cs.DeleteCampaignResponse, delete_response)
+
+    def StartCampaign(self, request: cs.StartCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        out = self.ops.start_campaign(auth.current_user_id(), request.campaign_id,
+                                      idem(request.request_id, "StartCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def PauseCampaign(self, request: cs.PauseCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        out = self.ops.pause_campaign(auth.current_user_id(), request.campaign_id,
+                                      idem(request.request_id, "PauseCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def ResumeCampaign(self, request: cs.ResumeCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        out = self.ops.resume_campaign(auth.current_user_id(), request.campaign_id,
+                                       idem(request.request_id, "ResumeCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def CancelCampaign(self, request: cs.CancelCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        out = self.ops.cancel_campaign(auth.current_user_id(), request.campaign_id,
+                                       idem(request.request_id, "CancelCampaign", convert.campaign))
+        return unwrap(out, res.Campaign, convert.campaign)
+
+    def ImportContacts(self, request_iterator: Iterator[cs.ImportContactsRequest],
+                       context: grpc.ServicerContext) -> cs.ImportContactsResponse:
+        uid = auth.current_user_id()
+
+        def chunks() -> Iterator[ImportChunk]:
+            for req in request_iterator:
+                yield ImportChunk(req.campaign_id, [ContactRow(c.phone, c.name, dict(c.variables) if c.variables
+                                                               else {}) for c in req.contacts],
+                                  req.default_region)
+
+        r = self.ops.import_contacts(uid, chunks())
+        return cs.ImportContactsResponse(
+            imported_count=r.imported, duplicate_count=r.duplicates, rejected_count=r.rejected_count,
+            total_contacts=r.total_contacts,
+            rejected=[cs.RejectedContact(row=x.row, phone=x.phone, reason=x.reason) for x in r.rejected])
+
+    def ListContacts(self, request: cs.ListContactsRequest, context: grpc.ServicerContext) -> cs.ListContactsResponse:
+        page = self.ops.list_contacts(auth.current_user_id(), request.campaign_id, request.page_size,
+                                      request.page_token)
+        return cs.ListContactsResponse(contacts=[convert.contact(c) for c in page.items],
+                                       next_page_token=page.next_page_token)
+
+    def ListCampaignMessages(self, request: cs.ListCampaignMessagesRequest,
+                             context: grpc.ServicerContext) -> cs.ListCampaignMessagesResponse:
+        page = self.ops.list_messages(auth.current_user_id(), request.campaign_id, request.state,
+                                      request.page_size, request.page_token)
+        return cs.ListCampaignMessagesResponse(messages=[convert.message(m) for m in page.items],
+                                               next_page_token=page.next_page_token)
+
+    def UploadMedia(self, request: cs.UploadMediaRequest, context: grpc.ServicerContext) -> res.Media:
+        out = self.ops.upload_media(auth.current_user_id(), request.campaign_id, request.filename,
+                                    request.mime_type, request.content,
+                                    idem(request.request_id, "UploadMedia", convert.media))
+        return unwrap(out, res.Media, convert.media)
+
+    def ListCampaignMedia(self, request: cs.ListCampaignMediaRequest,
+                          context: grpc.ServicerContext) -> cs.ListCampaignMediaResponse:
+        items = self.ops.list_media(auth.current_user_id(), request.campaign_id)
+        return cs.ListCampaignMediaResponse(media=[convert.media(m) for m in items])
+
+
+def add_to_server(server: Any, ops: CampaignOps) -> None:
+    cs_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(ops), server)
