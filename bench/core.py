@@ -126,15 +126,16 @@ def pg_enable_profiling(stack: Stack) -> bool:
     the server log); restarts the private PostgreSQL once. False when not possible."""
     try:
         with stack.db(autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements,auto_explain'")
-            cur.execute("ALTER SYSTEM SET auto_explain.log_min_duration = '200ms'")
-            cur.execute("ALTER SYSTEM SET auto_explain.log_analyze = off")
-            cur.execute("ALTER SYSTEM SET auto_explain.log_nested_statements = on")
-            cur.execute("ALTER SYSTEM SET log_min_duration_statement = '200ms'")
+            cur.execute("ALTER SYSTEM SET shared_preload_libraries = pg_stat_statements, auto_explain")
         stack.pg.stop()
         stack.pg.start(fast_unsafe=False)
         with stack.db(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            cur.execute("ALTER SYSTEM SET auto_explain.log_min_duration = '200ms'")
+            cur.execute("ALTER SYSTEM SET auto_explain.log_analyze = off")
+            cur.execute("ALTER SYSTEM SET auto_explain.log_nested_statements = on")
+            cur.execute("ALTER SYSTEM SET log_min_duration_statement = '200ms'")
+            cur.execute("SELECT pg_reload_conf()")
         return True
     except Exception:
         if stack.pg.proc is None:
@@ -155,7 +156,7 @@ def pg_top(stack: Stack, limit: int = 5) -> list[dict[str, Any]]:
         rows = stack.sql(
             "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, round(total_exec_time::numeric, 1), "
             "round(mean_exec_time::numeric, 2) FROM pg_stat_statements "
-            "WHERE query NOT ILIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT %s", (limit,))
+            "WHERE query NOT ILIKE '%%pg_stat_statements%%' ORDER BY total_exec_time DESC LIMIT %s", (limit,))
     except Exception:
         return []
     return [{"query": str(q)[:300], "calls": int(c), "total_ms": float(t), "mean_ms": float(m)}
