@@ -287,7 +287,7 @@ def test_completion_when_all_final(delivery_db: Database, events: RecordingEvent
     assert out.campaign_state == 6
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == 6 and row.completed_at is not None
-    assert events.states(w.cid) == ["CAMPAIGN_STATE_COMPLETED"]
+    assert events.states(w.cid) == ["COMPLETED"]
     with delivery_db.session() as s:
         assert s.query(AuditEvent).filter_by(entity_id=w.cid, action="campaign.complete").count() == 1
     # A late receipt after completion is recorded but does not reopen anything.
@@ -307,7 +307,7 @@ def test_auto_pause_at_failure_threshold(delivery_db: Database, events: Recordin
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == PAUSED and row.state_reason == "auto-paused: 3 failures (threshold 3)"
     assert row.dispatch_epoch == 2
-    assert events.states(w.cid) == ["CAMPAIGN_STATE_PAUSED"]
+    assert events.states(w.cid) == ["PAUSED"]
     assert events.calls[0]["reason"] == "auto-paused: 3 failures (threshold 3)"
     with delivery_db.session() as s:
         assert s.query(AuditEvent).filter_by(entity_id=w.cid, action="campaign.auto_pause").count() == 1
@@ -359,7 +359,7 @@ def test_unavailable_chip_with_no_chip_left_auto_pauses(delivery_db: Database, e
     assert out.paused_campaign_ids == [w.cid] and out.redistributed_campaign_ids == []
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == PAUSED and row.state_reason == chips.NO_CHIP_LEFT and row.dispatch_epoch == 2
-    assert events.states(w.cid) == ["CAMPAIGN_STATE_PAUSED"]
+    assert events.states(w.cid) == ["PAUSED"]
     assert {m.state for m in message_rows(delivery_db, w.campaign_id)} == {M_PENDING}
     # ACTIVE again: just the state.
     out = chips.report_chip_state(delivery_db, events, w.chip(0), 1, "")

@@ -20,10 +20,9 @@ PENDING, SENDING, SENT, DELIVERED, READ, FAILED, SKIPPED = 1, 2, 3, 4, 5, 6, 7
 # ChipState.
 CHIP_ACTIVE, CHIP_UNAVAILABLE, CHIP_RESTRICTED = 1, 2, 3
 
-CAMPAIGN_STATE_NAMES = {0: "CAMPAIGN_STATE_UNSPECIFIED", DRAFT: "CAMPAIGN_STATE_DRAFT",
-                        SCHEDULED: "CAMPAIGN_STATE_SCHEDULED", RUNNING: "CAMPAIGN_STATE_RUNNING",
-                        PAUSED: "CAMPAIGN_STATE_PAUSED", CANCELLED: "CAMPAIGN_STATE_CANCELLED",
-                        COMPLETED: "CAMPAIGN_STATE_COMPLETED"}
+# Names used in status events (same as the rest of campaign_service: lifecycle.State names).
+CAMPAIGN_STATE_NAMES = {0: "UNSPECIFIED", DRAFT: "DRAFT", SCHEDULED: "SCHEDULED", RUNNING: "RUNNING",
+                        PAUSED: "PAUSED", CANCELLED: "CANCELLED", COMPLETED: "COMPLETED"}
 
 # Longest wait for a row lock on the campaigns row (Pause/Cancel hold it FOR UPDATE while they
 # call the dispatcher, which may be waiting for the very lane that is calling us).

@@ -1,0 +1,376 @@
+"""Background jobs of campaign_service: one stoppable thread, a tick about every second, bounded
+work per tick, safe with several replicas on one PostgreSQL and tolerant to database outages.
+
+Each tick, in order:
+1. `start_due`: SCHEDULED campaigns whose schedule_time has passed are started through the same
+   operation as StartCampaign (`CampaignOps.start_scheduled`). Candidates are picked
+   `FOR UPDATE SKIP LOCKED` so replicas spread them; Start itself re-checks under its row lock. A
+   refused start (no contacts, no chip, credits) stays SCHEDULED with the error in state_reason and
+   is retried after `RETRY_REFUSED_SECONDS`.
+2. `sweep_unusable_chips`: PENDING messages of RUNNING campaigns that sit on a chip out of rotation
+   (e.g. released by its lane after ReportChipState moved the rest) are redistributed, or the
+   campaign is auto-paused when no ACTIVE chip is left. Expired, never-attempted leases on such
+   chips go back to PENDING first.
+3. `complete_finished`: RUNNING campaigns whose messages are all final become COMPLETED (covers a
+   lost last report).
+4. `kick_stalled`, the watchdog of guarantee 3: a RUNNING campaign with work left (PENDING or an
+   expired lease), no live lease, and no lane that leased within max(stall_seconds, 2 x its lease
+   time) gets a new dispatch epoch and StartDispatch again. Old lanes are fenced by the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+
+from campaign_service import audit, errors
+from campaign_service.config import Settings
+from campaign_service.db.engine import Database
+from campaign_service.delivery import chips, transitions
+from campaign_service.delivery.common import (
+    RUNNING,
+    StatusEvent,
+    is_lock_timeout,
+    set_lock_timeout,
+)
+from campaign_service.events import Events
+
+log = logging.getLogger("campaign_service.scheduler")
+
+RETRY_REFUSED_SECONDS = 60.0
+RETRY_UNAVAILABLE_SECONDS = 5.0
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class SchedulerConfig:
+    tick_seconds: float = field(default_factory=lambda: _env_float("WHAGO_SCHEDULER_TICK_SECONDS", 1.0))
+    stall_seconds: float = field(default_factory=lambda: _env_float("WHAGO_WATCHDOG_STALL_SECONDS", 120.0))
+    batch: int = field(default_factory=lambda: int(_env_float("WHAGO_SCHEDULER_BATCH", 20)))
+
+
+@dataclass
+class TickResult:
+    started: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    kicked: list[str] = field(default_factory=list)
+    errors: int = 0
+
+
+_DUE = text("""
+SELECT id FROM campaigns WHERE state = 2 AND schedule_time <= now()
+ORDER BY schedule_time LIMIT :n FOR UPDATE SKIP LOCKED""")
+
+_FINISHED = text("""
+SELECT c.id FROM campaigns c
+WHERE c.state = 3
+  AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state IN (1, 2))
+LIMIT :n""")
+
+_UNUSABLE = text("""
+SELECT c.id AS cid, c.state, ch.id AS chip FROM campaigns c
+JOIN chips ch ON ch.user_id = c.user_id AND ch.state <> 1
+WHERE c.state = 3
+  AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = ch.id
+              AND (m.state = 1 OR (m.state = 2 AND m.lease_expires_at < now() AND m.waha_message_id IS NULL)))
+LIMIT :n""")
+
+# Never attempted (no waha id) and the lease is gone: safe to send from another chip.
+_UNLEASE = text("""
+WITH old AS (
+    SELECT id, state FROM campaign_messages
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = 2 AND lease_expires_at < now()
+      AND waha_message_id IS NULL
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE campaign_messages m SET state = 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+FROM old WHERE m.id = old.id RETURNING m.id""")
+
+_STALL_PREDICATE = """
+c.state = 3
+AND c.updated_at < now() - make_interval(secs => :stall)
+AND NOT EXISTS (SELECT 1 FROM delivery_lanes l WHERE l.campaign_id = c.id
+                AND l.last_seen_at > now() - make_interval(secs => greatest(:stall, 2 * l.lease_seconds)))
+AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = 2
+                AND m.lease_expires_at >= now())
+AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
+            AND (m.state = 1 OR (m.state = 2 AND m.lease_expires_at < now())))
+"""
+
+_STALLED = text(f"SELECT c.id FROM campaigns c WHERE {_STALL_PREDICATE} ORDER BY c.updated_at LIMIT :n")
+_LOCK_STALLED = text(f"""
+SELECT c.id, c.user_id, c.settings FROM campaigns c WHERE c.id = :cid AND {_STALL_PREDICATE}
+FOR UPDATE SKIP LOCKED""")
+
+
+class Scheduler:
+    """The background thread; `run_once()` does one tick synchronously (tests use it)."""
+
+    def __init__(self, db: Database, settings: Settings, events: Events | None,
+                 config: SchedulerConfig | None = None, ops: Any = None, dispatcher: Any = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.events = events
+        self.config = config or SchedulerConfig()
+        self._dispatcher = dispatcher
+        self._own_dispatcher = False
+        self._ops = ops
+        self._retry_at: dict[uuid.UUID, float] = {}
+        self._kicked_epoch: dict[uuid.UUID, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failures = 0
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            from campaign_service.dispatch import DispatcherClient
+
+            self._dispatcher = DispatcherClient(self.settings.dispatcher_target, self.settings.service_token,
+                                                self.settings.dispatcher_timeout)
+            self._own_dispatcher = True
+        return self._dispatcher
+
+    @property
+    def ops(self) -> Any:
+        """The CampaignService operations (Start), created lazily so the module imports alone."""
+        if self._ops is None:
+            from campaign_service.service import CampaignOps
+
+            self._ops = CampaignOps(self.db, self.settings, self.dispatcher, self.events)
+        return self._ops
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
+        self._thread.start()
+        log.info("scheduler started: tick %.1fs, stall %.0fs, batch %d", self.config.tick_seconds,
+                 self.config.stall_seconds, self.config.batch)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop after the current job; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._own_dispatcher and self._dispatcher is not None:
+            self._dispatcher.close()
+            self._dispatcher = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            result = self.run_once()
+            # Back off while the database is down (every job failing), up to 10 s.
+            self._failures = self._failures + 1 if result.errors >= 4 else 0
+            pause = self.config.tick_seconds * (2 ** min(self._failures, 4)) if self._failures else \
+                self.config.tick_seconds
+            self._stop.wait(max(0.0, min(pause, 10.0) - (time.monotonic() - began)))
+
+    def run_once(self) -> TickResult:
+        out = TickResult()
+        for job, bucket in ((self.start_due, out.started), (self.sweep_unusable_chips, out.swept),
+                            (self.complete_finished, out.completed), (self.kick_stalled, out.kicked)):
+            if self._stop.is_set():
+                break
+            try:
+                bucket += job()
+            except Exception as exc:
+                out.errors += 1
+                if self._failures == 0:
+                    log.warning("scheduler job %s failed: %s", job.__name__, exc, exc_info=not _is_db_down(exc))
+        return out
+
+    def _due(self, cid: uuid.UUID) -> bool:
+        return self._retry_at.get(cid, 0.0) <= time.monotonic()
+
+    def _later(self, cid: uuid.UUID, seconds: float) -> None:
+        if len(self._retry_at) > 10_000:
+            now = time.monotonic()
+            self._retry_at = {k: v for k, v in self._retry_at.items() if v > now}
+        self._retry_at[cid] = time.monotonic() + seconds
+
+    # -- 1. scheduled starts ------------------------------------------------------------------
+
+    def start_due(self) -> list[str]:
+        with self.db.transaction() as s:
+            due = [r.id for r in s.execute(_DUE, {"n": self.config.batch})]
+        started: list[str] = []
+        for cid in due:
+            if self._stop.is_set() or not self._due(cid):
+                continue
+            try:
+                c = self.ops.start_scheduled(cid)
+            except errors.FailedPrecondition as exc:
+                log.warning("campaign=%s scheduled start refused: %s", cid, exc.message)
+                self._note_refusal(cid, exc.message)
+                self._later(cid, RETRY_REFUSED_SECONDS)
+                continue
+            except errors.Unavailable as exc:
+                log.warning("campaign=%s scheduled start postponed: %s", cid, exc.message)
+                self._later(cid, RETRY_UNAVAILABLE_SECONDS)
+                continue
+            except errors.ServiceError as exc:
+                log.warning("campaign=%s scheduled start failed: %s", cid, exc.message)
+                self._later(cid, RETRY_REFUSED_SECONDS)
+                continue
+            if c is not None:
+                log.info("campaign=%s scheduled start done", cid)
+                started.append(str(cid))
+        return started
+
+    def _note_refusal(self, cid: uuid.UUID, message: str) -> None:
+        reason = f"scheduled start failed: {message}"
+        with self.db.transaction() as s:
+            s.execute(text("UPDATE campaigns SET state_reason = :r WHERE id = :cid AND state = 2 "
+                           "AND state_reason <> :r"), {"r": reason, "cid": str(cid)})
+
+    # -- 2. chips out of rotation ---------------------------------------------------------------
+
+    def sweep_unusable_chips(self) -> list[str]:
+        with self.db.session() as s:
+            pairs = [(r.cid, r.chip) for r in s.execute(_UNUSABLE, {"n": self.config.batch})]
+        swept: list[str] = []
+        for cid, chip in pairs:
+            status: list[StatusEvent] = []
+            try:
+                with self.db.transaction() as s:
+                    set_lock_timeout(s)
+                    camp = s.execute(text("SELECT state FROM campaigns WHERE id = :cid FOR NO KEY UPDATE"),
+                                     {"cid": str(cid)}).one_or_none()
+                    if camp is None or camp.state != RUNNING:
+                        continue
+                    back = len(s.execute(_UNLEASE, {"cid": str(cid), "chip": str(chip)}).all())
+                    done = chips.redistribute(s, cid, chip, camp.state, "chip out of rotation (sweep)", status)
+            except Exception as exc:
+                if not is_lock_timeout(exc):
+                    raise
+                continue
+            transitions.publish(self.events, status)
+            if back or done:
+                log.info("campaign=%s chip %s swept: %d expired leases back, %s", cid, chip, back, done or "-")
+                swept.append(str(cid))
+        return swept
+
+    # -- 3. completion --------------------------------------------------------------------------
+
+    def complete_finished(self) -> list[str]:
+        with self.db.session() as s:
+            ids = [r.id for r in s.execute(_FINISHED, {"n": self.config.batch})]
+        done: list[str] = []
+        for cid in ids:
+            try:
+                with self.db.transaction() as s:
+                    set_lock_timeout(s)
+                    ev = transitions.complete_if_done(s, cid)
+            except Exception as exc:
+                if not is_lock_timeout(exc):
+                    raise
+                continue
+            if ev is not None:
+                transitions.publish(self.events, [ev])
+                done.append(str(cid))
+        return done
+
+    # -- 4. watchdog ----------------------------------------------------------------------------
+
+    def kick_stalled(self) -> list[str]:
+        stall = self.config.stall_seconds
+        with self.db.session() as s:
+            ids = [r.id for r in s.execute(_STALLED, {"stall": stall, "n": self.config.batch})]
+        kicked: list[str] = []
+        for cid in ids:
+            if self._stop.is_set() or not self._due(cid):
+                continue
+            try:
+                if self._kick(cid, stall):
+                    kicked.append(str(cid))
+            except errors.Unavailable as exc:
+                log.warning("campaign=%s watchdog restart postponed: %s", cid, exc.message)
+                self._later(cid, RETRY_UNAVAILABLE_SECONDS)
+            except errors.ServiceError as exc:
+                log.warning("campaign=%s watchdog restart failed: %s", cid, exc.message)
+                self._later(cid, RETRY_REFUSED_SECONDS)
+        return kicked
+
+    def _kick(self, cid: uuid.UUID, stall: float) -> bool:
+        """New epoch + StartDispatch, holding the campaign row FOR UPDATE so leases wait for the
+        commit and see the new epoch; a dispatcher failure rolls the epoch back."""
+        from campaign_service import convert, pacing
+        from campaign_service.repository import chips as chips_repo
+        from campaign_service.repository import messages as messages_repo
+
+        status: list[StatusEvent] = []
+        try:
+            with self.db.transaction() as s:
+                set_lock_timeout(s)
+                c = s.execute(_LOCK_STALLED, {"cid": str(cid), "stall": stall}).one_or_none()
+                if c is None:
+                    return False
+                chip_ids = messages_repo.open_chip_ids(s, cid)
+                usable = [ch for ch in chips_repo.by_ids(s, c.user_id, chip_ids) if ch.state != 3]
+                if not usable:
+                    ev = transitions.auto_pause(s, cid, chips.NO_CHIP_LEFT, "campaign.auto_pause")
+                    status += [ev] if ev is not None else []
+                    return False
+                settings = convert.settings_from_json(c.settings)
+                lanes = [self._lane(ch, settings, pacing, convert) for ch in usable]
+                floor = self._kicked_epoch.get(cid, 0) + 1
+                epoch = s.execute(text(
+                    "UPDATE campaigns SET dispatch_epoch = greatest(dispatch_epoch + 1, :floor) WHERE id = :cid "
+                    "RETURNING dispatch_epoch"), {"cid": str(cid), "floor": floor}).scalar_one()
+                s.execute(text("""
+                    INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
+                    SELECT :cid, chip, now(), 0, 'watchdog' FROM unnest(CAST(:chips AS uuid[])) AS chip
+                    ON CONFLICT (campaign_id, chip_id) DO UPDATE
+                    SET last_seen_at = now(), lease_seconds = 0, lease_owner = 'watchdog'"""),
+                    {"cid": str(cid), "chips": [str(ch.id) for ch in usable]})
+                audit.record(s, user_id=c.user_id, action="campaign.dispatch_restart", entity_type="campaign",
+                             entity_id=str(cid), description="watchdog: lanes silent with work left, dispatch "
+                             "restarted", extra_data={"epoch": epoch, "chips": [str(ch.id) for ch in usable]})
+                self._kicked_epoch[cid] = epoch
+                self.dispatcher.start(str(cid), epoch, lanes, pacing.effective_camouflage(settings.camouflage))
+                log.warning("campaign=%s watchdog: lanes silent for %.0fs with work left, dispatch restarted "
+                            "at epoch %d over %d chips", cid, stall, epoch, len(usable))
+                return True
+        except Exception as exc:
+            if is_lock_timeout(exc):
+                return False
+            raise
+        finally:
+            transitions.publish(self.events, status)
+
+    @staticmethod
+    def _lane(ch: Any, settings: Any, pacing: Any, convert: Any) -> Any:
+        from campaign_service.dispatch import Lane
+
+        return Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
+                    waha_api_key=ch.waha_api_key,
+                    pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
+
+
+def _is_db_down(exc: BaseException) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError)
+
+
+def start(db: Database, settings: Settings, events: Events) -> Scheduler:
+    """Start the background thread (called by campaign_service.server); `.stop()` ends it."""
+    return Scheduler(db, settings, events).start()

@@ -1,0 +1,282 @@
+"""The background jobs: scheduled starts, chip sweep, completion sweep, stalled-dispatch watchdog.
+
+Most tests drive `Scheduler.run_once()`'s jobs directly against the real PostgreSQL with a
+recording dispatcher; the last one runs the whole stack (the scheduler inside campaign_service,
+the real dispatcher, worker and WAHA sandbox)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from sqlalchemy import text
+
+from campaign_service import errors
+from campaign_service.config import Settings
+from campaign_service.db.engine import Database
+from campaign_service.db.models import AuditEvent
+from campaign_service.delivery import leases
+from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
+from devstack.procs import ServiceProcess
+from tests.conftest import SANDBOX_API_KEY
+from tests.helpers import Api, phones
+from tests.test_delivery_fixtures import (
+    PAUSED,
+    RUNNING,
+    RecordingEvents,
+    campaign_row,
+    check_counters,
+    delivery_db,
+    events,
+    make_world,
+    message_rows,
+    set_messages,
+)
+from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import resources_pb2 as res
+
+__all__ = ["delivery_db", "events"]
+
+
+class RecordingDispatcher:
+    """Stands in for campaign_service.dispatch.DispatcherClient."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.starts: list[tuple[str, int, list[Any]]] = []
+        self.fail = fail
+
+    def start(self, campaign_id: str, epoch: int, lanes: list[Any], camouflage: Any) -> None:
+        if self.fail:
+            raise errors.Unavailable("dispatcher down")
+        self.starts.append((campaign_id, epoch, lanes))
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingOps:
+    """Stands in for CampaignOps: records start_scheduled calls, optionally refusing."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[uuid.UUID] = []
+        self.refuse = refuse
+
+    def start_scheduled(self, campaign_id: uuid.UUID) -> object | None:
+        self.calls.append(campaign_id)
+        if self.refuse:
+            raise errors.FailedPrecondition("NO_CONTACTS", "the campaign has no contacts: import some first")
+        return object()
+
+
+def scheduler(db: Database, events: Any = None, dispatcher: Any = None, ops: Any = None,
+              stall: float = 1.0) -> Scheduler:
+    return Scheduler(db, Settings(), events, SchedulerConfig(tick_seconds=0.1, stall_seconds=stall, batch=500),
+                     ops=ops, dispatcher=dispatcher or RecordingDispatcher())
+
+
+def age(db: Database, campaign_id: uuid.UUID, seconds: int = 3600) -> None:
+    """Pretend the campaign was started long ago."""
+    with db.transaction() as s:
+        s.execute(text("UPDATE campaigns SET updated_at = now() - make_interval(secs => :s) WHERE id = :c"),
+                  {"s": seconds, "c": str(campaign_id)})
+
+
+def epoch_of(db: Database, campaign_id: uuid.UUID) -> int:
+    return int(campaign_row(db, campaign_id).dispatch_epoch)
+
+
+# ---------------------------------------------------------------- completion sweep
+
+
+def test_completion_sweep_completes_a_finished_running_campaign(delivery_db: Database,
+                                                                 events: RecordingEvents) -> None:
+    w = make_world(delivery_db, contacts=3, chips=1)
+    busy = make_world(delivery_db, contacts=2, chips=1)
+    # The last report was lost: every message is final but the campaign is still RUNNING.
+    set_messages(delivery_db, w.message_ids, state=3, waha_message_id="x")
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE campaigns SET pending_count = 0, sent_count = 3 WHERE id = :c"), {"c": w.cid})
+    done = scheduler(delivery_db, events).complete_finished()
+    assert w.cid in done and busy.cid not in done
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert row.state == 6 and row.completed_at is not None
+    assert events.states(w.cid) == ["COMPLETED"]
+    assert campaign_row(delivery_db, busy.campaign_id).state == RUNNING
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+def test_watchdog_restarts_a_stalled_dispatch_with_a_new_epoch(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=6, chips=2)
+    age(delivery_db, w.campaign_id)
+    d = RecordingDispatcher()
+    sch = scheduler(delivery_db, dispatcher=d)
+    assert w.cid in sch.kick_stalled()
+    starts = [x for x in d.starts if x[0] == w.cid]
+    assert len(starts) == 1 and starts[0][1] == 2 == epoch_of(delivery_db, w.campaign_id)
+    assert sorted(ln.chip_id for ln in starts[0][2]) == sorted(str(c) for c in w.chip_ids)
+    with delivery_db.session() as s:
+        assert s.query(AuditEvent).filter_by(entity_id=w.cid, action="campaign.dispatch_restart").count() == 1
+    # The restart counts as lane activity: no second kick before the lanes had time to lease.
+    assert w.cid not in sch.kick_stalled()
+    # The old epoch's lanes are fenced; the new one leases.
+    assert leases.lease_messages(delivery_db, w.cid, w.chip(0), 1, 10, 60, "old").messages == []
+    assert len(leases.lease_messages(delivery_db, w.cid, w.chip(0), 2, 10, 60, "new").messages) == 3
+
+
+def test_watchdog_leaves_live_lanes_alone(delivery_db: Database) -> None:
+    sch = scheduler(delivery_db, stall=30)
+    # A lane that leased recently (heartbeat) is alive even between sends.
+    w = make_world(delivery_db, contacts=4, chips=1)
+    age(delivery_db, w.campaign_id)
+    leases.lease_messages(delivery_db, w.cid, w.chip(0), 1, 1, 1, "lane")
+    set_messages(delivery_db, w.message_ids[:1], state=3)
+    # A live lease means a lane is working on it.
+    w2 = make_world(delivery_db, contacts=4, chips=1)
+    age(delivery_db, w2.campaign_id)
+    set_messages(delivery_db, w2.message_ids[:1], state=2, lease_expires_at=text("now() + interval '1 hour'"))
+    # Recently (re)started: its lanes are still being queued.
+    w3 = make_world(delivery_db, contacts=4, chips=1)
+    # Paused: nothing to do.
+    w4 = make_world(delivery_db, contacts=4, chips=1, state=PAUSED)
+    age(delivery_db, w4.campaign_id)
+    kicked = sch.kick_stalled()
+    assert not {w.cid, w2.cid, w3.cid, w4.cid} & set(kicked)
+    # Expired lease + silent lanes: that one is stalled.
+    set_messages(delivery_db, w2.message_ids[:1], lease_expires_at=text("now() - interval '1 second'"))
+    assert w2.cid in sch.kick_stalled()
+
+
+def test_watchdog_heartbeat_window_scales_with_lease_time(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=2, chips=1)
+    age(delivery_db, w.campaign_id)
+    with delivery_db.transaction() as s:  # leased 100 s ago for 600 s: allowed 1200 s of silence
+        s.execute(text("""INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds)
+                          VALUES (:c, :chip, now() - interval '100 seconds', 600)"""),
+                  {"c": w.cid, "chip": w.chip(0)})
+    assert w.cid not in scheduler(delivery_db, stall=30).kick_stalled()
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE delivery_lanes SET last_seen_at = now() - interval '1300 seconds' "
+                       "WHERE campaign_id = :c"), {"c": w.cid})
+    assert w.cid in scheduler(delivery_db, stall=30).kick_stalled()
+
+
+def test_watchdog_dispatcher_down_keeps_the_epoch(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=2, chips=1)
+    age(delivery_db, w.campaign_id)
+    sch = scheduler(delivery_db, dispatcher=RecordingDispatcher(fail=True))
+    assert w.cid not in sch.kick_stalled()
+    assert epoch_of(delivery_db, w.campaign_id) == 1
+    with delivery_db.session() as s:
+        assert s.execute(text("SELECT count(*) FROM delivery_lanes WHERE campaign_id = :c"),
+                         {"c": w.cid}).scalar_one() == 0
+
+
+# ---------------------------------------------------------------- chips out of rotation
+
+
+def test_sweep_moves_released_messages_off_a_restricted_chip(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=6, chips=2)
+    on0 = [m.id for m in message_rows(delivery_db, w.campaign_id) if m.chip_id == w.chip_ids[0]]
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE chips SET state = 3 WHERE id = :c"), {"c": w.chip(0)})
+    # One never-attempted expired lease and one attempted one (its outcome must be checked on chip 0).
+    set_messages(delivery_db, on0[:1], state=2, lease_expires_at=text("now() - interval '1 second'"))
+    set_messages(delivery_db, on0[1:2], state=2, waha_message_id="wa-1",
+                 lease_expires_at=text("now() - interval '1 second'"))
+    assert w.cid in scheduler(delivery_db).sweep_unusable_chips()
+    rows = {m.id: m for m in message_rows(delivery_db, w.campaign_id)}
+    assert rows[on0[0]].state == 1 and rows[on0[0]].chip_id == w.chip_ids[1]
+    assert rows[on0[1]].state == 2 and rows[on0[1]].chip_id == w.chip_ids[0]
+    assert rows[on0[2]].state == 1 and rows[on0[2]].chip_id == w.chip_ids[1]
+    check_counters(delivery_db, w.campaign_id)
+
+
+def test_sweep_auto_pauses_when_no_chip_is_left(delivery_db: Database, events: RecordingEvents) -> None:
+    w = make_world(delivery_db, contacts=2, chips=1)
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE chips SET state = 2 WHERE id = :c"), {"c": w.chip(0)})
+    scheduler(delivery_db, events).sweep_unusable_chips()
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert row.state == PAUSED and row.state_reason == "auto-paused: no usable chip left"
+    assert events.states(w.cid) == ["PAUSED"]
+
+
+# ---------------------------------------------------------------- scheduled starts
+
+
+def test_start_due_calls_start_for_due_scheduled_campaigns_only(delivery_db: Database) -> None:
+    due = make_world(delivery_db, contacts=1, chips=1, state=2)
+    later = make_world(delivery_db, contacts=1, chips=1, state=2)
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE campaigns SET schedule_time = now() - interval '1 second' WHERE id = :c"),
+                  {"c": due.cid})
+        s.execute(text("UPDATE campaigns SET schedule_time = now() + interval '1 hour' WHERE id = :c"),
+                  {"c": later.cid})
+    ops = RecordingOps()
+    assert due.cid in scheduler(delivery_db, ops=ops).start_due()
+    assert due.campaign_id in ops.calls and later.campaign_id not in ops.calls
+
+
+def test_start_due_refused_start_is_noted_and_retried_later(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=0, chips=1, state=2)
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE campaigns SET schedule_time = now() - interval '1 second' WHERE id = :c"),
+                  {"c": w.cid})
+    ops = RecordingOps(refuse=True)
+    sch = scheduler(delivery_db, ops=ops)
+    assert sch.start_due() == []
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert row.state == 2 and row.state_reason.startswith("scheduled start failed: the campaign has no contacts")
+    sch.start_due()
+    assert ops.calls.count(w.campaign_id) == 1  # backed off, not hammered every tick
+
+
+def test_scheduler_thread_runs_and_stops(delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=1, chips=1)
+    set_messages(delivery_db, w.message_ids, state=7)
+    sch = scheduler(delivery_db).start()
+    try:
+        deadline = time.monotonic() + 10
+        while campaign_row(delivery_db, w.campaign_id).state != 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sch.stop()
+    assert campaign_row(delivery_db, w.campaign_id).state == 6
+    assert sch._thread is None
+
+
+def test_scheduler_survives_a_database_outage() -> None:
+    dead = Database("postgresql+psycopg2://postgres@127.0.0.1:9/nowhere", pool_size=1)
+    sch = scheduler(dead)
+    out = sch.run_once()
+    assert out.errors == 4 and out.started == out.kicked == []
+    dead.dispose()
+
+
+# ---------------------------------------------------------------- the whole stack
+
+
+@pytest.mark.slow
+def test_scheduled_campaign_is_started_by_the_scheduler(stack: dict[str, ServiceProcess],
+                                                        campaign_channel: grpc.Channel, api_key: str,
+                                                        sandbox_url: str) -> None:
+    api = Api(campaign_channel, api_key)
+    chip = api.chip(sandbox_url, SANDBOX_API_KEY)
+    when = timestamp_pb2.Timestamp()
+    when.FromDatetime(datetime.now(UTC) + timedelta(seconds=2))
+    camp = api.campaigns.CreateCampaign(cs.CreateCampaignRequest(campaign=res.Campaign(
+        name="scheduled", templates=[res.MessageTemplate(text="Oi {{name}}")], chip_ids=[chip.id],
+        schedule_time=when, settings=res.CampaignSettings(
+            pacing=res.Pacing(interval_min_seconds=0, interval_max_seconds=0),
+            camouflage=res.Camouflage(send_seen=False, typing=False)))), metadata=api.md)
+    assert camp.state == res.CAMPAIGN_STATE_SCHEDULED
+    api.import_phones(camp.id, phones(5))
+    done = api.wait(camp.id, lambda c: c.state == res.CAMPAIGN_STATE_COMPLETED, timeout=60)
+    assert done.sent_count == 5 and done.HasField("start_time")
