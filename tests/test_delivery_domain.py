@@ -411,3 +411,42 @@ def test_media_in_lease_and_content(delivery_db: Database, tmp_path: Path) -> No
         media.get_media_content(delivery_db, tmp_path, str(uuid.uuid4()))
     with pytest.raises(errors.InvalidArgument):
         media.get_media_content(delivery_db, tmp_path, "nope")
+
+
+# ---------------------------------------------------------------- Pause/Cancel holding the row
+
+
+def test_lock_waits_are_bounded_and_attempting_never_waits(delivery_db: Database,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a Pause holds the campaign row FOR UPDATE (calling the dispatcher, which waits for the
+    lanes' sends in flight), a lane can still record ATTEMPTING; leases and counted reports wait at
+    most LOCK_TIMEOUT and then get UNAVAILABLE (retried by the dispatcher's client)."""
+    from campaign_service.delivery import common
+
+    monkeypatch.setattr(common, "LOCK_TIMEOUT", "300ms")
+    w = make_world(delivery_db, contacts=2, chips=1)
+    mid = lease(delivery_db, w, w.chip(0), n=1).messages[0].message_id
+    held, release = threading.Event(), threading.Event()
+
+    def pause_in_progress() -> None:
+        with delivery_db.transaction() as s:
+            s.execute(text("SELECT 1 FROM campaigns WHERE id = :c FOR UPDATE"), {"c": w.cid})
+            held.set()
+            release.wait(20)
+
+    t = threading.Thread(target=pause_in_progress)
+    t.start()
+    try:
+        assert held.wait(10)
+        out = reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, ATTEMPTING, "wa-during-pause")])
+        assert out.campaign_state == RUNNING
+        with pytest.raises(errors.Unavailable):
+            lease(delivery_db, w, w.chip(0))
+        with pytest.raises(errors.Unavailable):
+            reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, SENT, "wa-during-pause")])
+    finally:
+        release.set()
+        t.join(10)
+    assert states(delivery_db, w)[mid] == (M_SENDING, "wa-during-pause", None)
+    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, SENT, "wa-during-pause")])
+    assert states(delivery_db, w)[mid][0] == M_SENT

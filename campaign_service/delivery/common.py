@@ -83,7 +83,17 @@ def bounded_lock_wait(what: str) -> Iterator[None]:
 
 
 def set_lock_timeout(session: Session) -> None:
-    session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    """Bound row-lock waits for the rest of the transaction (see LOCK_TIMEOUT)."""
+    session.execute(text("SELECT set_config('lock_timeout', :lt, true)"), {"lt": LOCK_TIMEOUT})
+
+
+# For a first statement that locks: `SELECT {SET_LOCK_TIMEOUT}, ... FOR ...` saves a round trip; the
+# target list is evaluated before the row lock is taken, so the timeout applies to that very lock.
+SET_LOCK_TIMEOUT = "set_config('lock_timeout', :lock_timeout, true) AS _lt"
+
+
+def lock_timeout_param() -> dict[str, str]:
+    return {"lock_timeout": LOCK_TIMEOUT}
 
 
 @dataclass

@@ -18,7 +18,13 @@ from sqlalchemy.orm import Session
 
 from campaign_service import errors
 from campaign_service.db.engine import Database
-from campaign_service.delivery.common import RUNNING, bounded_lock_wait, parse_uuid, set_lock_timeout
+from campaign_service.delivery.common import (
+    RUNNING,
+    SET_LOCK_TIMEOUT,
+    bounded_lock_wait,
+    lock_timeout_param,
+    parse_uuid,
+)
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -55,7 +61,8 @@ class LeaseResult:
     remaining: int
 
 
-_CAMPAIGN = text("SELECT state, dispatch_epoch, templates FROM campaigns WHERE id = :cid FOR KEY SHARE")
+_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates FROM campaigns WHERE id = :cid "
+                 "FOR KEY SHARE")
 
 # Expired SENDING leases (a crashed or slow lane's) first in seq order together with PENDING ones.
 # Two locking CTEs because FOR UPDATE is not allowed directly under UNION.
@@ -144,8 +151,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
     cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds)
     params = {"cid": str(cid), "chip": str(chip)}
     with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
-        set_lock_timeout(s)
-        camp = s.execute(_CAMPAIGN, {"cid": str(cid)}).one_or_none()
+        camp = s.execute(_CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
         if camp is None:
             raise errors.NotFound("campaign", campaign_id)
         if camp.state != RUNNING or camp.dispatch_epoch != epoch:

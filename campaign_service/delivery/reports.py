@@ -34,11 +34,12 @@ from campaign_service.delivery import transitions
 from campaign_service.delivery.common import (
     COUNTERS,
     RUNNING,
+    SET_LOCK_TIMEOUT,
     StatusEvent,
     bounded_lock_wait,
     counter_deltas,
+    lock_timeout_param,
     parse_uuid,
-    set_lock_timeout,
 )
 from campaign_service.events import Events
 
@@ -64,7 +65,8 @@ class ReportResult:
     applied: int
 
 
-_LOCK_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid FOR NO KEY UPDATE")
+_LOCK_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch FROM campaigns WHERE id = :cid "
+                      "FOR NO KEY UPDATE")
 _READ_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid")
 
 _APPLY = text("""
@@ -113,7 +115,7 @@ RETURNING m.id, t.old_state, m.state AS new_state
 def _counters_sql(deltas: dict[str, int]) -> Any:
     sets = ", ".join(f"{k} = {k} + :{k}" for k in COUNTERS)
     return text(f"UPDATE campaigns SET {sets} WHERE id = :cid "
-                "RETURNING state, dispatch_epoch, failed_count, settings")
+                "RETURNING state, dispatch_epoch, pending_count, failed_count, settings")
 
 
 def validate(campaign_id: str, reports: list[Report]) -> uuid.UUID:
@@ -180,8 +182,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
     counting = any(r.outcome != ATTEMPTING for r in reports)
     if counting:
         # Campaign row first (lock order), bounded: a Pause/Cancel may hold it FOR UPDATE.
-        set_lock_timeout(s)
-        camp = s.execute(_LOCK_CAMPAIGN, params).one_or_none()
+        camp = s.execute(_LOCK_CAMPAIGN, {**params, **lock_timeout_param()}).one_or_none()
     else:
         # ATTEMPTING only: no campaign lock, so an attempt can always be recorded.
         camp = s.execute(_READ_CAMPAIGN, params).one_or_none()
@@ -203,7 +204,9 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
     if any(deltas.values()):
         row = s.execute(_counters_sql(deltas), {**params, **deltas}).one()
         state, epoch = row.state, row.dispatch_epoch
-        if state == RUNNING and deltas["pending_count"] < 0:
+        # The counter decides whether to look (a drifted counter is caught by the scheduler's
+        # completion sweep); the check itself recounts under the row lock.
+        if state == RUNNING and deltas["pending_count"] < 0 and row.pending_count <= 0:
             ev = transitions.complete_if_done(s, cid)
             if ev is not None:
                 status.append(ev)

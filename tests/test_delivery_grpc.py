@@ -1,0 +1,196 @@
+"""DeliveryService over real gRPC against the running campaign_service: auth, validation with
+field violations, the lease/report protocol a lane follows, chip state, media, throughput."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from campaign_service.db.engine import Database
+from campaign_service.db.models import Media
+from tests.conftest import SERVICE_TOKEN, auth
+from tests.test_delivery_fixtures import (
+    campaign_row,
+    check_counters,
+    delivery_db,
+    make_world,
+    message_rows,
+)
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
+from whago.campaign.v1 import resources_pb2 as res
+
+__all__ = ["delivery_db"]
+
+SERVICE = auth(SERVICE_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def stub(campaign_channel: grpc.Channel) -> dgrpc.DeliveryServiceStub:
+    return dgrpc.DeliveryServiceStub(campaign_channel)
+
+
+def violations(err: grpc.RpcError) -> set[str]:
+    st = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert st is not None
+    out: set[str] = set()
+    for d in st.details:
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            d.Unpack(br)
+            out |= {v.field for v in br.field_violations}
+    return out
+
+
+def lease_req(w: object, chip: str, n: int = 10, epoch: int = 1, secs: int = 60) -> dpb.LeaseMessagesRequest:
+    return dpb.LeaseMessagesRequest(campaign_id=w.cid, chip_id=chip, epoch=epoch,  # type: ignore[attr-defined]
+                                    max_messages=n, lease_seconds=secs, lease_owner="grpc-test")
+
+
+def test_user_key_is_permission_denied_on_every_rpc(stub: dgrpc.DeliveryServiceStub,
+                                                    create_user: Callable[..., str]) -> None:
+    md = auth(create_user())
+    calls: list[Callable[[], object]] = [
+        lambda: stub.LeaseMessages(dpb.LeaseMessagesRequest(campaign_id=str(uuid.uuid4())), metadata=md),
+        lambda: stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=str(uuid.uuid4())), metadata=md),
+        lambda: stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=str(uuid.uuid4())), metadata=md),
+        lambda: stub.GetMediaContent(dpb.GetMediaContentRequest(media_id=str(uuid.uuid4())), metadata=md),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LeaseMessages(dpb.LeaseMessagesRequest(), metadata=auth("wrong"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_bad_input_is_invalid_argument_with_the_fields(stub: dgrpc.DeliveryServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LeaseMessages(dpb.LeaseMessagesRequest(campaign_id=str(uuid.uuid4()), chip_id="x", max_messages=0,
+                                                    lease_seconds=3601), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(e.value) == {"chip_id", "max_messages", "lease_seconds"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=str(uuid.uuid4()), reports=[
+            dpb.DeliveryReport(message_id="1"), dpb.DeliveryReport(message_id="abc", outcome=2)]), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(e.value) == {"reports[1].message_id"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=str(uuid.uuid4()), reports=[
+            dpb.DeliveryReport(message_id="1")]), metadata=SERVICE)
+    assert violations(e.value) == {"reports[0].outcome"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=str(uuid.uuid4())), metadata=SERVICE)
+    assert violations(e.value) == {"state"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LeaseMessages(lease_req(type("W", (), {"cid": str(uuid.uuid4())})(), str(uuid.uuid4())),
+                           metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_lane_protocol_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=3, chips=1, settings={"maxFailures": 5})
+    r = stub.LeaseMessages(lease_req(w, w.chip(0), n=2), metadata=SERVICE)
+    assert r.campaign_state == res.CAMPAIGN_STATE_RUNNING and r.epoch == 1 and r.remaining == 1
+    assert [m.message_id for m in r.messages] == [str(i) for i in w.message_ids[:2]]
+    m0 = r.messages[0]
+    assert m0.text == f"Hi Contact 0 ({w.contact_phones[0]}) City0" and m0.attempts == 1
+    assert m0.lease_expire_time.ToDatetime().timestamp() > time.time() + 30
+    stale = stub.LeaseMessages(lease_req(w, w.chip(0), epoch=0), metadata=SERVICE)
+    assert not stale.messages and stale.epoch == 1
+    out = stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[
+        dpb.DeliveryReport(message_id=m0.message_id, outcome=dpb.DELIVERY_OUTCOME_ATTEMPTING,
+                           waha_message_id="true_1@c.us_A"),
+        dpb.DeliveryReport(message_id=m0.message_id, outcome=dpb.DELIVERY_OUTCOME_SENT,
+                           waha_message_id="true_1@c.us_A"),
+        dpb.DeliveryReport(message_id=r.messages[1].message_id, outcome=dpb.DELIVERY_OUTCOME_RELEASED),
+    ]), metadata=SERVICE)
+    assert out.campaign_state == res.CAMPAIGN_STATE_RUNNING and out.epoch == 1
+    rest = stub.LeaseMessages(lease_req(w, w.chip(0)), metadata=SERVICE)
+    assert len(rest.messages) == 2 and rest.remaining == 0
+    out = stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[
+        dpb.DeliveryReport(message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_UNKNOWN) for m in rest.messages
+    ]), metadata=SERVICE)
+    assert out.campaign_state == res.CAMPAIGN_STATE_COMPLETED
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert (row.sent_count, row.failed_count, row.pending_count) == (1, 2, 0)
+    assert {m.failure_reason for m in message_rows(delivery_db, w.campaign_id) if m.state == 6} == {"OUTCOME_UNKNOWN"}
+    check_counters(delivery_db, w.campaign_id)
+
+
+def test_chip_state_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=4, chips=2)
+    out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(0), state=res.CHIP_STATE_RESTRICTED,
+                                                          reason="463"), metadata=SERVICE)
+    assert out.chip.id == w.chip(0) and out.chip.state == res.CHIP_STATE_RESTRICTED and out.chip.waha_api_key == ""
+    assert list(out.redistributed_campaign_ids) == [w.cid] and not out.paused_campaign_ids
+    out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(1), state=res.CHIP_STATE_UNAVAILABLE,
+                                                          reason="422"), metadata=SERVICE)
+    assert list(out.paused_campaign_ids) == [w.cid]
+    lease = stub.LeaseMessages(lease_req(w, w.chip(1)), metadata=SERVICE)
+    assert lease.campaign_state == res.CAMPAIGN_STATE_PAUSED and lease.epoch == 2 and not lease.messages
+
+
+def test_media_content_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: Database,
+                                 stack_env: dict[str, str]) -> None:
+    mid = uuid.uuid4()
+    w = make_world(delivery_db, contacts=1, chips=1, templates=[{"text": "see", "mediaId": str(mid)}])
+    media_dir = Path(stack_env["WHAGO_MEDIA_DIR"])
+    (media_dir / w.cid).mkdir(parents=True, exist_ok=True)
+    (media_dir / w.cid / "a.png").write_bytes(b"\x89PNG-data")
+    with delivery_db.transaction() as s:
+        s.add(Media(id=mid, campaign_id=w.campaign_id, filename="a.png", mime_type="image/png", size_bytes=9,
+                    path=f"{w.cid}/a.png"))
+    leased = stub.LeaseMessages(lease_req(w, w.chip(0)), metadata=SERVICE).messages[0]
+    assert leased.media.id == str(mid) and leased.media.mime_type == "image/png" and leased.text == "see"
+    got = stub.GetMediaContent(dpb.GetMediaContentRequest(media_id=str(mid)), metadata=SERVICE)
+    assert got.content == b"\x89PNG-data" and got.media.filename == "a.png" and got.media.size_bytes == 9
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetMediaContent(dpb.GetMediaContentRequest(media_id=str(uuid.uuid4())), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_lease_and_report_throughput(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    """Many lanes at once, one message per lease and one report per send (the worst case):
+    hundreds of calls per second, and no message leased twice."""
+    lanes = 16
+    w = make_world(delivery_db, contacts=lanes * 60, chips=lanes)
+    leased: list[str] = []
+    lock = threading.Lock()
+    calls = [0, 0]
+
+    def lane(i: int) -> None:
+        while True:
+            r = stub.LeaseMessages(lease_req(w, w.chip(i), n=1), metadata=SERVICE)
+            calls[0] += 1
+            if not r.messages:
+                return
+            m = r.messages[0]
+            stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[dpb.DeliveryReport(
+                message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_SENT, waha_message_id=f"wa-{m.message_id}")]),
+                metadata=SERVICE)
+            calls[1] += 1
+            with lock:
+                leased.append(m.message_id)
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(lanes) as pool:
+        list(pool.map(lane, range(lanes)))
+    elapsed = time.monotonic() - began
+    rate = (calls[0] + calls[1]) / elapsed
+    print(f"\n{calls[0]} leases + {calls[1]} reports in {elapsed:.2f}s = {rate:.0f} calls/s "
+          f"({calls[1] / elapsed:.0f} messages/s over {lanes} lanes)")
+    assert len(leased) == len(set(leased)) == lanes * 60
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert row.state == 6 and row.sent_count == lanes * 60
+    assert rate > 200
