@@ -170,9 +170,9 @@ def states(db: Database, w: object) -> dict[int, tuple[int, str | None, str | No
 
 
 def test_report_transitions_and_counters(delivery_db: Database, events: RecordingEvents) -> None:
-    w = make_world(delivery_db, contacts=8, chips=1)
-    ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=7).messages]
-    a, b, c, d, e, f, g = ids
+    w = make_world(delivery_db, contacts=9, chips=1)
+    ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=8).messages]
+    a, b, c, d, e, f, g, h = ids
     out = reports.report_deliveries(delivery_db, events, w.cid, [
         Report(a, ATTEMPTING, "wa-a"), Report(b, ATTEMPTING, "wa-b"), Report(c, ATTEMPTING, "wa-c"),
         Report(d, ATTEMPTING, "wa-d")])
@@ -187,15 +187,17 @@ def test_report_transitions_and_counters(delivery_db: Database, events: Recordin
         Report(e, SKIPPED, failure_reason="not on WhatsApp"),
         Report(f, SENT, "wa-f"), Report(f, DELIVERED), Report(f, READ),  # in order, same call
         Report(g, SENT, "wa-g"),
+        Report(h, UNKNOWN, failure_reason="OUTCOME_UNKNOWN: lookup failed"),
     ])
     st = states(delivery_db, w)
     assert st[a] == (M_SENT, "wa-a", None)
     assert st[b] == (M_FAILED, "wa-b", "HTTP 400: bad chat id")  # the attempted id is kept
     assert st[c] == (M_PENDING, None, None)  # released: never sent, id cleared, leasable again
-    assert st[d] == (M_FAILED, "wa-d", "OUTCOME_UNKNOWN")
+    assert st[d] == (M_FAILED, "wa-d", "OUTCOME_UNKNOWN: timeout, WAHA lookup failed")
     assert st[e] == (M_SKIPPED, None, "not on WhatsApp")
     assert st[f] == (M_READ, "wa-f", None)
     assert st[g] == (M_SENT, "wa-g", None)
+    assert st[h] == (M_FAILED, None, "OUTCOME_UNKNOWN: lookup failed")
     rows = {m.id: m for m in message_rows(delivery_db, w.campaign_id)}
     assert rows[a].sent_at is not None and rows[a].lease_expires_at is None and rows[c].lease_owner is None
     # Never backwards: DELIVERED after READ, SENT after DELIVERED change nothing.
@@ -206,7 +208,7 @@ def test_report_transitions_and_counters(delivery_db: Database, events: Recordin
     row = campaign_row(delivery_db, w.campaign_id)
     # pending: c (PENDING again) + the one never leased; sent = a, f, g (cumulative).
     assert (row.pending_count, row.sent_count, row.delivered_count, row.read_count, row.failed_count,
-            row.skipped_count) == (2, 3, 2, 1, 2, 1)
+            row.skipped_count) == (2, 3, 2, 1, 3, 1)
     check_counters(delivery_db, w.campaign_id)
     assert row.state == RUNNING and events.calls == []
 

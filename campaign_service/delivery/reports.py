@@ -10,7 +10,7 @@ Transitions (anything else is ignored, so late or duplicate reports are harmless
 |             |                                   |           | that reached WAHA after a Cancel is SENT) |
 | FAILED      | PENDING, SENDING                  | FAILED    | failure_reason                            |
 | RELEASED    | SENDING with an unexpired lease   | PENDING   | lease and waha id cleared (never sent)    |
-| UNKNOWN     | PENDING, SENDING                  | FAILED    | failure_reason "OUTCOME_UNKNOWN"          |
+| UNKNOWN     | PENDING, SENDING                  | FAILED    | failure_reason "OUTCOME_UNKNOWN[: detail]"|
 | SKIPPED     | PENDING, SENDING                  | SKIPPED   | failure_reason                            |
 | DELIVERED   | not DELIVERED/READ                | DELIVERED | sent_at if missing                        |
 | READ        | not READ                          | READ      | sent_at if missing                        |
@@ -97,7 +97,8 @@ UPDATE campaign_messages m SET
     waha_message_id = CASE WHEN t.new_state = 1 THEN NULL
                            ELSE COALESCE(NULLIF(t.waha, ''), m.waha_message_id) END,
     failure_reason = CASE
-        WHEN t.outcome = 5 THEN 'OUTCOME_UNKNOWN'
+        WHEN t.outcome = 5 AND starts_with(t.reason, 'OUTCOME_UNKNOWN') THEN t.reason
+        WHEN t.outcome = 5 THEN 'OUTCOME_UNKNOWN' || CASE WHEN t.reason <> '' THEN ': ' || t.reason ELSE '' END
         WHEN t.new_state = 6 THEN COALESCE(NULLIF(t.reason, ''), 'failed')
         WHEN t.new_state = 7 THEN COALESCE(NULLIF(t.reason, ''), 'skipped')
         WHEN t.new_state IN (1, 3, 4, 5) THEN NULL
