@@ -255,16 +255,20 @@ def fig_dispatch(ctx: Ctx) -> None:
     chips = [api.chip(st.sandbox_url) for _ in range(10)]
     camp = api.campaign(chips, name="bench dispatch", interval=(0.0, 0.0), camouflage=False)
     seed_contacts(st, camp.id, n)
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     try:
         api.start(camp.id)
         c = api.wait(camp.id, lambda c: c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED,
                                                     res.CAMPAIGN_STATE_PAUSED), timeout=max(120.0, n / 5),
                      poll=0.02)
-        secs = time.perf_counter() - t0
+        secs, wall1 = time.perf_counter() - t0, time.time()
         rate_ratio(r, c.sent_count / secs, r.baseline, 0.4)
         sessions = {ch.waha_session for ch in chips}
         sends = [q for q in sb.sends() if q["session"] in sessions]
+        ts = sorted(q["ts"] for q in sends)
+        if len(ts) > 1:
+            r.details.update(first_send_after_start_s=ts[0] - wall0, completed_after_last_send_s=wall1 - ts[-1],
+                             send_window_rate=(len(ts) - 1) / max(ts[-1] - ts[0], 1e-6))
         r.details.update(seconds=secs, state=res.CampaignState.Name(c.state), sent=c.sent_count,
                          failed=c.failed_count, sandbox_sends=len(sends),
                          sandbox_requests=len([q for q in sb.requests() if q["session"] in sessions]))
@@ -495,11 +499,11 @@ def fig_lanes(ctx: Ctx) -> None:
     sb.reset()
     try:
         with RssSampler(pid, 0.2) as sampler:
-            t0 = time.perf_counter()
-            api.start(camp.id)
+            t0, wall0 = time.perf_counter(), time.time()
+            start_s, _ = timed(lambda: api.start(camp.id))
             c = api.wait(camp.id, lambda x: x.state != res.CAMPAIGN_STATE_RUNNING,
                          timeout=per_chip * 1.0 + 180, poll=0.25)
-            secs = time.perf_counter() - t0
+            secs, wall1 = time.perf_counter() - t0, time.time()
         hwm = read_status_kb(pid, "VmHWM")
         rss.value = max(sampler.peak_kb, hwm) / 1024
         rss.met = rss.value < 250
@@ -512,9 +516,19 @@ def fig_lanes(ctx: Ctx) -> None:
             if q["session"] in sessions:
                 by_session[q["session"]].append(q["ts"])
         gaps: list[float] = []
+        firsts: list[float] = []
+        lasts: list[float] = []
         for ts in by_session.values():
             ts.sort()
             gaps += [b - a for a, b in itertools.pairwise(ts)]
+            firsts.append(ts[0] - wall0)
+            lasts.append(ts[-1] - wall0)
+        if firsts:
+            # Separates lane start-up (first send of each lane after Start) from pacing and from
+            # completion detection (COMPLETED seen after the last send).
+            rss.details.update(start_rpc_s=start_s, lane_first_send_p50_s=pct(firsts, 50),
+                               lane_first_send_max_s=max(firsts), last_send_s=max(lasts),
+                               completed_after_last_send_s=(wall1 - wall0) - max(lasts))
         lateness = [(g - 1.0) * 1000 for g in gaps]
         late.value = pct(lateness, 99)
         late.met = late.value < 200
