@@ -188,3 +188,68 @@ class PgLog:
                 found.append((float(m.group(1)), e.strip()[:chars]))
         found.sort(key=lambda x: -x[0])
         return [e for _, e in found[:limit]]
+
+
+# -- optional py-spy sampling of a service during a measured window (BENCH_PYSPY=1) ----------------
+
+def pyspy_path() -> str | None:
+    """py-spy, when installed (an investigation tool only, never a dependency) and BENCH_PYSPY=1."""
+    if os.environ.get("BENCH_PYSPY", "") not in ("1", "true", "yes"):
+        return None
+    import shutil
+    import sys
+    from pathlib import Path
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+class PySpy:
+    """`py-spy record --format raw` on a pid for a bounded time; summarises the hottest frames."""
+
+    def __init__(self, pid: int, seconds: float, out: str) -> None:
+        self.pid, self.seconds, self.out = pid, seconds, out
+        self.proc: Any = None
+
+    def __enter__(self) -> PySpy:
+        exe = pyspy_path()
+        if exe is not None:
+            import subprocess
+            self.proc = subprocess.Popen(
+                [exe, "record", "--format", "raw", "--nonblocking", "-r", "50", "-d", str(int(self.seconds) + 1),
+                 "-p", str(self.pid), "-o", self.out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=self.seconds + 30)
+            except Exception:
+                self.proc.kill()
+
+    def summary(self, limit: int = 12) -> dict[str, Any]:
+        """Self time of leaf frames and inclusive time of frames, in % of samples."""
+        if self.proc is None or not os.path.exists(self.out):
+            return {}
+        leaf: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        total = 0
+        with open(self.out) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not count.isdigit():
+                    continue
+                n = int(count)
+                total += n
+                frames = [fr.strip() for fr in stack.split(";") if fr.strip()]
+                if frames:
+                    leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+                for fr in set(frames):
+                    incl[fr] = incl.get(fr, 0) + n
+        if not total:
+            return {}
+
+        def top(d: dict[str, int]) -> list[str]:
+            return [f"{100 * v / total:5.1f}% {k}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:limit]]
+
+        ours = {k: v for k, v in incl.items() if "campaign_service" in k or "dispatcher_service" in k}
+        return {"samples": total, "file": self.out, "self_top": top(leaf), "inclusive_top_ours": top(ours)}

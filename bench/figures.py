@@ -29,6 +29,7 @@ from bench.api import (
 )
 from bench.core import (
     Ctx,
+    PySpy,
     RssSampler,
     pct,
     rate_ratio,
@@ -256,12 +257,17 @@ def fig_dispatch(ctx: Ctx) -> None:
     camp = api.campaign(chips, name="bench dispatch", interval=(0.0, 0.0), camouflage=False)
     seed_contacts(st, camp.id, n)
     t0, wall0 = time.perf_counter(), time.time()
+    spy = PySpy(st.pid("worker"), 8, str(st.workdir / "pyspy-dispatch-worker.txt"))
     try:
+        spy.__enter__()
         api.start(camp.id)
         c = api.wait(camp.id, lambda c: c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED,
                                                     res.CAMPAIGN_STATE_PAUSED), timeout=max(120.0, n / 5),
                      poll=0.02)
         secs, wall1 = time.perf_counter() - t0, time.time()
+        spy.__exit__()
+        if spy.summary():
+            r.details["pyspy_worker"] = spy.summary()
         rate_ratio(r, c.sent_count / secs, r.baseline, 0.4)
         sessions = {ch.waha_session for ch in chips}
         sends = [q for q in sb.sends() if q["session"] in sessions]
@@ -344,7 +350,10 @@ def fig_get(ctx: Ctx) -> None:
         ours_q: list[float] = []
         errs = 0
         for k in range(2):  # alternate with the baseline to share the machine's noise
-            q, _, e = _qps(f"127.0.0.1:{st.ports['campaign']}", req, api.md, threads, seconds / 2)
+            with PySpy(st.pid("campaign"), seconds / 2, str(st.workdir / f"pyspy-get-{k}.txt")) as spy:
+                q, _, e = _qps(f"127.0.0.1:{st.ports['campaign']}", req, api.md, threads, seconds / 2)
+            if k == 0 and spy.summary():
+                r.details["pyspy_campaign_service"] = spy.summary()
             ours_q.append(q)
             errs += e
             if k == 0:
@@ -498,13 +507,15 @@ def fig_lanes(ctx: Ctx) -> None:
     seed_contacts(st, camp.id, lanes * per_chip)
     sb.reset()
     try:
-        with RssSampler(pid, 0.2) as sampler:
+        with RssSampler(pid, 0.2) as sampler, PySpy(pid, 20, str(st.workdir / "pyspy-lanes-worker.txt")) as spy:
             t0, wall0 = time.perf_counter(), time.time()
             start_s, _ = timed(lambda: api.start(camp.id))
             c = api.wait(camp.id, lambda x: x.state != res.CAMPAIGN_STATE_RUNNING,
                          timeout=per_chip * 1.0 + 180, poll=0.25)
             secs, wall1 = time.perf_counter() - t0, time.time()
         hwm = read_status_kb(pid, "VmHWM")
+        if spy.summary():
+            late.details["pyspy_worker_first_20s"] = spy.summary()
         rss.value = max(sampler.peak_kb, hwm) / 1024
         rss.met = rss.value < 250
         rss.details.update(idle_rss_mb=rss_idle / 1024, sampled_peak_mb=sampler.peak_kb / 1024, vmhwm_mb=hwm / 1024,
