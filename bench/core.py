@@ -97,6 +97,8 @@ class RssSampler:
         self.pid, self.period, self.max_seconds = pid, period, max_seconds
         self.peak_kb = 0
         self.samples = 0
+        self.max_threads = 0
+        self.max_fds = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -105,6 +107,8 @@ class RssSampler:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 self.peak_kb = max(self.peak_kb, read_status_kb(self.pid, "VmRSS"))
+                self.max_threads = max(self.max_threads, read_status_kb(self.pid, "Threads"))
+                self.max_fds = max(self.max_fds, len(os.listdir(f"/proc/{self.pid}/fd")))
                 self.samples += 1
             except (OSError, KeyError):
                 return

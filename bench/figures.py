@@ -519,6 +519,7 @@ def fig_lanes(ctx: Ctx) -> None:
         rss.value = max(sampler.peak_kb, hwm) / 1024
         rss.met = rss.value < 250
         rss.details.update(idle_rss_mb=rss_idle / 1024, sampled_peak_mb=sampler.peak_kb / 1024, vmhwm_mb=hwm / 1024,
+                           max_threads=sampler.max_threads, max_open_fds=sampler.max_fds,
                            seconds_to_final=secs, state=res.CampaignState.Name(c.state), sent=c.sent_count,
                            expected=lanes * per_chip)
         sessions = {ch.waha_session for ch in chips}
@@ -584,7 +585,7 @@ def fig_million(ctx: Ctx) -> None:
         mem.value = (peak - before) / 1024
         mem.met = mem.value < 150
         mem.details.update(rss_before_mb=before / 1024, vmhwm_after_mb=after_hwm / 1024,
-                           sampled_peak_mb=sampler.peak_kb / 1024, hwm_was_reset=hwm_reset,
+                           sampled_peak_mb=sampler.peak_kb / 1024, hwm_was_reset=hwm_reset, samples=sampler.samples,
                            rss_after_mb=read_status_kb(pid, "VmRSS") / 1024)
     finally:
         cleanup(api, camp.id)
