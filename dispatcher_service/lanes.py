@@ -107,6 +107,16 @@ def _now_ts() -> dpb.DeliveryReport:
     return r
 
 
+def _waha_id(resp: Any) -> str:
+    """The message id of a WAHA send answer (some engines nest it as {_serialized: ...})."""
+    if not isinstance(resp, dict):
+        return ""
+    v = resp.get("id")
+    if isinstance(v, dict):
+        return str(v.get("_serialized") or v.get("id") or "")
+    return str(v or "")
+
+
 def _ts_seconds(ts: Any) -> float:
     return float(ts.seconds) + ts.nanos / 1e9
 
@@ -136,18 +146,25 @@ class Lane:
         t0 = time.monotonic()
         self.deadline = t0 + self.cfg.slice_seconds
         # Nothing may be in the air when arq's job timeout fires.
-        self.hard_deadline = t0 + max(self.cfg.slice_seconds, self.cfg.job_timeout - self.cfg.waha_timeout - 10)
+        self.hard_deadline = t0 + max(self.cfg.slice_seconds, self.cfg.job_timeout - 2 * self.cfg.waha_timeout - 2)
         self.held: dict[str, dpb.LeasedMessage] = {}
         self.reports: list[dpb.DeliveryReport] = []
         self.sent = 0
         self.failed = 0
         self.inflight: set[asyncio.Task[Any]] = set()
+        # Sends that left for WAHA without a known answer yet: never RELEASED (the campaign service
+        # clears the WAHA id on RELEASED); their lease expires and the next lease looks them up.
+        self.maybe_sent: set[str] = set()
+        self.send_ok: dict[str, dict[str, Any]] = {}
+        # Latest lease end of messages left leased on purpose: the lane must come back after it.
+        self.revisit_at = 0.0
         self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)
         self.lock_lost = False
         self.last_error = ""
 
     # -- fenced WAHA access ------------------------------------------------------------------------
-    async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None) -> T:
+    async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None,
+                   on_leave: Callable[[], None] | None = None) -> T:
         """Run one WAHA request under the fence (atomic check + in-flight registration).
 
         The request itself runs in a shielded task: cancelling the lane (arq abort, shutdown) never
@@ -167,6 +184,8 @@ class Lane:
         if token is None:
             raise SliceOver(1.0, "pacing wait did not end")
         tok = token
+        if on_leave is not None:
+            on_leave()
 
         async def run() -> T:
             try:
@@ -201,6 +220,7 @@ class Lane:
         r.failure_reason = reason
         self.reports.append(r)
         self.held.pop(m.message_id, None)
+        self.maybe_sent.discard(m.message_id)
         if outcome == dpb.DELIVERY_OUTCOME_SENT:
             self.sent += 1
         elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):
@@ -338,9 +358,25 @@ class Lane:
                 return "slice", 5.0
         return "slice", 0.0
 
+    def _leave_leased(self, m: dpb.LeasedMessage) -> None:
+        """Keep the lease (and the WAHA id recorded with it) and come back once it expired."""
+        self.held.pop(m.message_id, None)
+        end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else time.time() + 60
+        self.revisit_at = max(self.revisit_at, end)
+
     async def _release_held(self, reason: str) -> None:
+        """Hand back what was not sent. A send that got its 201 after all is SENT; one whose answer
+        is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken)."""
         for m in list(self.held.values()):
-            self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)
+            ok = self.send_ok.get(m.message_id)
+            if ok is not None:
+                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(ok) or m.waha_message_id)
+            elif m.message_id in self.maybe_sent:
+                log.info("%s message=%s outcome uncertain: left leased for a lookup on the next lease",
+                         self.ctx, m.message_id)
+                self._leave_leased(m)
+            else:
+                self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)
         try:
             await self.flush(check=False)
         except DeliveryUnavailable as e:
@@ -453,6 +489,7 @@ class Lane:
         if not todo:
             return
         # Recorded BEFORE any send leaves: a crash from here on can be resolved by looking the id up.
+        await self.flush()  # finals first: an ATTEMPTING-only report takes no campaign lock
         await self.flush(extra=[self.attempting(m, mid) for m, mid in todo])
         for m, mid in todo:
             await self._send_one(m, mid)
@@ -520,9 +557,12 @@ class Lane:
         for attempt in range(self.cfg.send_retries + 1):
             if attempt > 0:
                 backoff = min(30.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-                if time.monotonic() + backoff + 2 * self.cfg.waha_timeout > self.hard_deadline:
-                    # Out of time: hand it back; the id recorded by ATTEMPTING is checked next lease.
-                    self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=f"retry deferred after: {last}")
+                if time.monotonic() + backoff + self.cfg.waha_timeout + 1 > self.hard_deadline:
+                    # Out of time: leave it leased; the id recorded by ATTEMPTING is looked up when the
+                    # lease is retaken (RELEASED would clear that id).
+                    log.info("%s message=%s retry deferred to a later lease after: %s", self.ctx, m.message_id,
+                             last)
+                    self._leave_leased(m)
                     return
                 await self.sleep(backoff)
                 if not media:
@@ -566,10 +606,7 @@ class Lane:
             except WahaError as e:
                 self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA error: {e}"[:500])
                 return
-            wid = str(resp.get("id") or "") if isinstance(resp, dict) else ""
-            if isinstance(resp, dict) and isinstance(resp.get("id"), dict):  # some engines nest the id
-                wid = str(resp["id"].get("_serialized") or resp["id"].get("id") or "")
-            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=wid or mid)
+            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(resp) or mid)
             return
         if uncertain and not media:
             found = await self._lookup(m, mid)
@@ -588,7 +625,18 @@ class Lane:
         lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else time.time() + 60
         if time.time() + self.cfg.waha_timeout + 2 > lease_end:
             raise SliceOver(0.0, "lease too close to expiry to send")
-        return await self.call(fn, min_gap=self.limits.interval_min)
+
+        async def tracked() -> dict[str, Any]:
+            r = await fn()
+            self.send_ok[m.message_id] = r  # kept even if the lane was cancelled meanwhile
+            return r
+
+        try:
+            return await self.call(tracked, min_gap=self.limits.interval_min,
+                                   on_leave=lambda: self.maybe_sent.add(m.message_id))
+        except (SessionNotWorking, ChipRestricted, MessageRejected):
+            self.maybe_sent.discard(m.message_id)  # WAHA answered: definitely not sent
+            raise
 
     # -- end of slice ------------------------------------------------------------------------------
     async def _cleanup(self, outcome: str, defer: float, cancelled: bool, locked: bool) -> None:
@@ -631,6 +679,13 @@ class Lane:
             await store.job_done(self.c, self.job_id)
             if not current or outcome in ("stopped", "chip_failed"):
                 return
+            # Messages left leased (uncertain outcome) by this or an earlier slice: come back when
+            # their lease expired so they are looked up, or the campaign would never complete.
+            revisit = max(self.revisit_at, float(lane.get("revisit_at") or 0))
+            if revisit > float(lane.get("revisit_at") or 0):
+                await store.set_lane(self.c, self.chip, revisit_at=revisit)
+            if outcome == "finished" and revisit > time.time() - 1.0:
+                outcome, defer = "slice", max(0.0, revisit - time.time() + 1.0)
             if outcome in ("slice", "backoff", "error") and not wanted:
                 jid = await store.enqueue_lane(self.c, self.chip, self.epoch, defer=defer)
                 log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,

@@ -1,8 +1,8 @@
 """Lanes end to end without the campaign service: a real arq worker process and the dispatcher
 server, the WAHA sandbox, real Redis, and an in-memory DeliveryService (FakeDelivery, below) with
-the semantics the dispatcher expects from campaign_service: leases expire, RELEASED keeps the
-recorded WAHA id, a restricted chip's PENDING messages move to the other chips, the campaign
-completes when every message is final."""
+the semantics of campaign_service's DeliveryService: expired leases are re-leased with their
+recorded WAHA id, RELEASED means "never sent" (id cleared), a restricted chip's PENDING messages
+move to the other chips, the campaign completes when every message is final."""
 
 from __future__ import annotations
 
@@ -143,8 +143,10 @@ class FakeDelivery(dgrpc.DeliveryServiceServicer):
                     m.state, m.reason = "FAILED", r.failure_reason
                 elif r.outcome == dpb.DELIVERY_OUTCOME_SKIPPED:
                     m.state, m.reason = "SKIPPED", r.failure_reason
-                elif r.outcome == dpb.DELIVERY_OUTCOME_RELEASED:
-                    m.state, m.lease_until = "PENDING", 0.0  # the WAHA id stays: checked on the next lease
+                elif (r.outcome == dpb.DELIVERY_OUTCOME_RELEASED and m.state == "SENDING"
+                      and m.lease_until >= time.time()):
+                    # as campaign_service: "never sent", so the WAHA id is cleared; ignored once expired
+                    m.state, m.lease_until, m.waha_id = "PENDING", 0.0, ""
             if c.state == rpb.CAMPAIGN_STATE_RUNNING and all(m.state in FINAL for m in c.msgs.values()):
                 c.state = rpb.CAMPAIGN_STATE_COMPLETED
             return dpb.ReportDeliveriesResponse(campaign_state=c.state, epoch=c.epoch)  # type: ignore[arg-type]
@@ -221,17 +223,18 @@ class Rig:
         self.stub.StartDispatch(req, metadata=MD, timeout=30)
         return cid, chips, sessions
 
-    def wait(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait(self, pred: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             if time.monotonic() > deadline:
+                what = what() if callable(what) else what
                 raise AssertionError(f"timed out waiting for {what}; workers: " +
                                      "\n".join(w.tail(30) for w in self.workers))
             time.sleep(0.1)
 
     def wait_state(self, cid: str, state: int, timeout: float = 60.0) -> None:
         self.wait(lambda: self.fake.camps[cid].state == state, timeout,
-                  f"campaign {cid} in {rpb.CampaignState.Name(state)} ({self.fake.counts(cid)})")
+                  lambda: f"campaign {cid} in {rpb.CampaignState.Name(state)} ({self.fake.counts(cid)})")
 
     def sends_by_chat(self, sessions: list[str]) -> collections.Counter[str]:
         return collections.Counter(s["chat_id"] for ss in sessions for s in self.control.sends(session=ss))
