@@ -6,9 +6,12 @@ the real dispatcher, worker and WAHA sandbox)."""
 
 from __future__ import annotations
 
+import collections
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +26,9 @@ from campaign_service.db.models import AuditEvent
 from campaign_service.delivery import leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
 from devstack.procs import ServiceProcess
-from tests.conftest import SANDBOX_API_KEY
+from devstack.servers import free_port
+from dispatcher_service.waha.sandbox_control import SandboxControl
+from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, auth
 from tests.helpers import Api, phones
 from tests.test_delivery_fixtures import (
     PAUSED,
@@ -39,6 +44,8 @@ from tests.test_delivery_fixtures import (
 )
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
+from whago.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb2
+from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 
 __all__ = ["delivery_db", "events"]
 
@@ -153,16 +160,18 @@ def test_watchdog_leaves_live_lanes_alone(delivery_db: Database) -> None:
     assert w2.cid in sch.kick_stalled()
 
 
-def test_watchdog_heartbeat_window_scales_with_lease_time(delivery_db: Database) -> None:
+def test_watchdog_a_released_long_lease_does_not_delay_the_restart(delivery_db: Database) -> None:
+    """A lane leased a long batch and released it when it stopped: once the lease is gone, silence
+    for stall_seconds is enough (the lease length does not count)."""
     w = make_world(delivery_db, contacts=2, chips=1)
     age(delivery_db, w.campaign_id)
-    with delivery_db.transaction() as s:  # leased 100 s ago for 600 s: allowed 1200 s of silence
+    with delivery_db.transaction() as s:
         s.execute(text("""INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds)
-                          VALUES (:c, :chip, now() - interval '100 seconds', 600)"""),
+                          VALUES (:c, :chip, now() - interval '10 seconds', 600)"""),
                   {"c": w.cid, "chip": w.chip(0)})
     assert w.cid not in scheduler(delivery_db, stall=30).kick_stalled()
     with delivery_db.transaction() as s:
-        s.execute(text("UPDATE delivery_lanes SET last_seen_at = now() - interval '1300 seconds' "
+        s.execute(text("UPDATE delivery_lanes SET last_seen_at = now() - interval '31 seconds' "
                        "WHERE campaign_id = :c"), {"c": w.cid})
     assert w.cid in scheduler(delivery_db, stall=30).kick_stalled()
 
@@ -280,3 +289,48 @@ def test_scheduled_campaign_is_started_by_the_scheduler(stack: dict[str, Service
     api.import_phones(camp.id, phones(5))
     done = api.wait(camp.id, lambda c: c.state == res.CAMPAIGN_STATE_COMPLETED, timeout=60)
     assert done.sent_count == 5 and done.HasField("start_time")
+
+
+@pytest.fixture(scope="module")
+def watchdog_replica(stack: dict[str, ServiceProcess], stack_env: dict[str, str],
+                     workdir: Path) -> Iterator[ServiceProcess]:
+    """A second campaign_service replica on the same database whose watchdog is impatient (2 s)."""
+    port = free_port()
+    p = ServiceProcess("campaign-service-watchdog", "campaign_service.server", [],
+                       {**stack_env, "CAMPAIGN_LISTEN": f"127.0.0.1:{port}", "WHAGO_WATCHDOG_STALL_SECONDS": "2"},
+                       workdir / "logs", port=port).start()
+    yield p
+    p.stop()
+
+
+@pytest.mark.slow
+def test_watchdog_finishes_a_campaign_whose_lanes_vanished(watchdog_replica: ServiceProcess,
+                                                           campaign_channel: grpc.Channel,
+                                                           dispatcher_channel: grpc.Channel, api_key: str,
+                                                           sandbox_url: str, delivery_db: Database) -> None:
+    """The dispatcher forgets the campaign mid-run (its lanes stop, the database still says RUNNING):
+    the watchdog restarts the dispatch under a new epoch and every contact gets exactly one message."""
+    api = Api(campaign_channel, api_key)
+    chip = api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.1, 0.2))
+    camp = api.campaign([chip])
+    numbers = phones(30)
+    api.import_phones(camp.id, numbers)
+    started = api.start(camp.id)
+    api.wait(camp.id, lambda c: c.sent_count >= 3, timeout=30)
+    dstub = dispatcher_grpc.DispatcherServiceStub(dispatcher_channel)
+    dstub.CancelDispatch(dispatcher_pb2.CancelDispatchRequest(campaign_id=camp.id, epoch=started_epoch(
+        delivery_db, camp.id) + 1), metadata=auth(SERVICE_TOKEN))
+    mid = api.get(camp.id)
+    assert mid.state == res.CAMPAIGN_STATE_RUNNING and mid.sent_count < 30
+    done = api.wait(camp.id, lambda c: c.state == res.CAMPAIGN_STATE_COMPLETED, timeout=90)
+    assert done.sent_count == 30 and done.failed_count == 0
+    control = SandboxControl(sandbox_url)
+    per_chat = collections.Counter(s["chat_id"] for s in control.sends(session=chip.waha_session))
+    assert len(per_chat) == 30 and max(per_chat.values()) == 1
+    with delivery_db.session() as s:
+        assert s.query(AuditEvent).filter_by(entity_id=camp.id, action="campaign.dispatch_restart").count() >= 1
+    assert started.state == res.CAMPAIGN_STATE_RUNNING
+
+
+def started_epoch(db: Database, campaign_id: str) -> int:
+    return epoch_of(db, uuid.UUID(campaign_id))

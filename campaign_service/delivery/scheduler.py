@@ -14,8 +14,11 @@ Each tick, in order:
 3. `complete_finished`: RUNNING campaigns whose messages are all final become COMPLETED (covers a
    lost last report).
 4. `kick_stalled`, the watchdog of guarantee 3: a RUNNING campaign with work left (PENDING or an
-   expired lease), no live lease, and no lane that leased within max(stall_seconds, 2 x its lease
-   time) gets a new dispatch epoch and StartDispatch again. Old lanes are fenced by the epoch.
+   expired lease), no live lease (a working lane always holds one: it leases a batch and sends it),
+   no lane that leased within `stall_seconds` (WHAGO_WATCHDOG_STALL_SECONDS, default 120), and no
+   (re)start within that time either, gets a new dispatch epoch and StartDispatch again. Old lanes
+   are fenced by the epoch. A lane that deliberately waits longer than that without a lease (closed
+   sending window, hourly cap) is restarted too; harmless, since pacing state lives in Redis.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ _STALL_PREDICATE = """
 c.state = 3
 AND c.updated_at < now() - make_interval(secs => :stall)
 AND NOT EXISTS (SELECT 1 FROM delivery_lanes l WHERE l.campaign_id = c.id
-                AND l.last_seen_at > now() - make_interval(secs => greatest(:stall, 2 * l.lease_seconds)))
+                AND l.last_seen_at > now() - make_interval(secs => :stall))
 AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = 2
                 AND m.lease_expires_at >= now())
 AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
