@@ -26,15 +26,71 @@ def templates_to_json(templates: list[res.MessageTemplate]) -> list[dict[str, An
     return [to_json(t) for t in templates]
 
 
+_TEMPLATE_KEYS = frozenset({"text", "mediaId"})
+_PACING_KEYS = {"intervalMinSeconds": "interval_min_seconds", "intervalMaxSeconds": "interval_max_seconds",
+                "maxPerHour": "max_per_hour", "maxPerDay": "max_per_day"}
+_CAMOUFLAGE_KEYS = {"sendSeen": "send_seen", "typing": "typing", "typingCharsPerSecond": "typing_chars_per_second",
+                    "typingMaxSeconds": "typing_max_seconds"}
+_WINDOW_KEYS = frozenset({"timezone", "startHour", "endHour", "weekdays"})
+
+
 def templates_from_json(data: list[dict[str, Any]]) -> list[res.MessageTemplate]:
-    return [json_format.ParseDict(t, res.MessageTemplate(), ignore_unknown_fields=True) for t in data or []]
+    out = []
+    for t in data or []:
+        if t.keys() <= _TEMPLATE_KEYS:  # fast path: what templates_to_json writes
+            out.append(res.MessageTemplate(text=t.get("text", ""), media_id=t.get("mediaId", "")))
+        else:
+            out.append(json_format.ParseDict(t, res.MessageTemplate(), ignore_unknown_fields=True))
+    return out
+
+
+def _fill_pacing(data: dict[str, Any], p: res.Pacing) -> bool:
+    for k, v in data.items():
+        f = _PACING_KEYS.get(k)
+        if f is not None:
+            setattr(p, f, v)
+        elif k == "window" and isinstance(v, dict) and v.keys() <= _WINDOW_KEYS:
+            p.window.SetInParent()
+            p.window.timezone = v.get("timezone", "")
+            p.window.start_hour = v.get("startHour", 0)
+            p.window.end_hour = v.get("endHour", 0)
+            p.window.weekdays.extend(v.get("weekdays", ()))
+        else:
+            return False
+    return True
 
 
 def settings_from_json(data: dict[str, Any]) -> res.CampaignSettings:
-    return json_format.ParseDict(data or {}, res.CampaignSettings(), ignore_unknown_fields=True)
+    """Hand-written for the keys MessageToDict writes (json_format is slow); anything else falls back."""
+    s = res.CampaignSettings()
+    try:
+        for k, v in (data or {}).items():
+            if k == "pacing":
+                s.pacing.SetInParent()
+                if not _fill_pacing(v, s.pacing):
+                    raise ValueError(k)
+            elif k == "camouflage":
+                s.camouflage.SetInParent()
+                for ck, cv in v.items():
+                    setattr(s.camouflage, _CAMOUFLAGE_KEYS[ck], cv)
+            elif k == "shuffleContacts":
+                s.shuffle_contacts = v
+            elif k == "maxFailures":
+                s.max_failures = v
+            else:
+                raise ValueError(k)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return json_format.ParseDict(data or {}, res.CampaignSettings(), ignore_unknown_fields=True)
+    return s
 
 
 def pacing_from_json(data: dict[str, Any]) -> res.Pacing:
+    p = res.Pacing()
+    try:
+        if _fill_pacing(data or {}, p):
+            return p
+    except (ValueError, TypeError, AttributeError):
+        pass
     return json_format.ParseDict(data or {}, res.Pacing(), ignore_unknown_fields=True)
 
 
@@ -58,13 +114,15 @@ class _BodyCache:
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, c: Campaign) -> bytes:
+    def get(self, c: Any) -> bytes:
         key = (c.id, c.version)
         with self._lock:
             hit = self._d.get(key)
             if hit is not None:
                 self._d.move_to_end(key)
                 return hit
+        if not c.templates and not c.settings:
+            return b""
         body = res.Campaign(templates=templates_from_json(c.templates),
                             settings=settings_from_json(c.settings)).SerializeToString()
         with self._lock:
@@ -77,7 +135,8 @@ class _BodyCache:
 _bodies = _BodyCache()
 
 
-def campaign(c: Campaign) -> res.Campaign:
+def campaign(c: Campaign | Any) -> res.Campaign:
+    """A Campaign resource from an ORM object or a Core row of the campaigns table."""
     out = res.Campaign.FromString(_bodies.get(c))
     out.id = str(c.id)
     out.name = c.name

@@ -8,8 +8,10 @@ national/trunk prefix, an invalid result)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumber, ValidationResult
@@ -40,6 +42,41 @@ def _region_info(region: str) -> tuple[int, re.Pattern[str] | None] | None:
     return int(md.country_code or 0), (re.compile(npp) if npp else None)
 
 
+_TYPE_DESCS = ("mobile", "fixed_line", "premium_rate", "toll_free", "shared_cost", "voip", "personal_number",
+               "pager", "uan", "voicemail")
+
+
+@lru_cache(maxsize=512)
+def _validator(region: str) -> Callable[[str], bool] | None:
+    """is_valid_number for a region's national significant numbers, as libphonenumber decides it
+    (matches the general description and at least one number type), with precompiled patterns and
+    the common types (mobile, fixed line) tried first."""
+    md = PhoneMetadata.metadata_for_region(region)
+    if md is None:
+        return None
+
+    def compiled(desc: Any) -> tuple[frozenset[int], re.Pattern[str]] | None:
+        if desc is None or desc.national_number_pattern is None:
+            return None
+        return frozenset(desc.possible_length or ()), re.compile(desc.national_number_pattern)
+
+    general = compiled(md.general_desc)
+    if general is None:
+        return None
+    types = [d for d in (compiled(getattr(md, name, None)) for name in _TYPE_DESCS) if d is not None]
+
+    def matches(nsn: str, desc: tuple[frozenset[int], re.Pattern[str]]) -> bool:
+        lengths, pattern = desc
+        if lengths and len(nsn) not in lengths:
+            return False
+        return pattern.fullmatch(nsn) is not None
+
+    def valid(nsn: str) -> bool:
+        return matches(nsn, general) and any(matches(nsn, d) for d in types)
+
+    return valid
+
+
 def _from_parts(cc: int, national: str) -> Normalized | None:
     """Shortcut result for a country code and national digits, if valid and unambiguous."""
     if national.startswith("0"):
@@ -51,8 +88,11 @@ def _from_parts(cc: int, national: str) -> Normalized | None:
         info = _region_info(region)
         if info is not None and info[1] is not None and info[1].match(national):
             return None  # the parser might strip a trunk/carrier prefix: let it decide
-    num = PhoneNumber(country_code=cc, national_number=int(national))
-    if not phonenumbers.is_valid_number(num):
+    check = _validator(regions[0]) if len(regions) == 1 else None
+    if check is not None:
+        if not check(national):
+            return None
+    elif not phonenumbers.is_valid_number(PhoneNumber(country_code=cc, national_number=int(national))):
         return None
     digits = f"{cc}{national}"
     return Normalized(digits, chat_id(digits))
