@@ -36,6 +36,20 @@ def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def _check_free(port: int, what: str, hint: str) -> None:
+    """Refuse to start on a taken port: a readiness probe would otherwise talk to someone else's server."""
+    if port_in_use(port):
+        raise RuntimeError(f"cannot start {what}: 127.0.0.1:{port} is already in use ({hint})")
+
+
 def _as_pg_user() -> list[str]:
     return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
@@ -57,6 +71,7 @@ class Postgres:
 
     def start(self, fast_unsafe: bool = False) -> None:
         """initdb if needed, then run postgres in the foreground of a child process."""
+        _check_free(self.port, "PostgreSQL", "set WHAGO_PG_PORT, or DATABASE_URL to use that server")
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             pg = pwd.getpwnam("postgres")
@@ -131,6 +146,7 @@ class Redis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        _check_free(self.port, "redis-server", "set WHAGO_REDIS_PORT, or REDIS_URL to use that server")
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "redis.log", "ab")
         self.proc = subprocess.Popen(
