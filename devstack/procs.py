@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.servers import wait_port
+from devstack.servers import port_in_use, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,8 @@ class ServiceProcess:
         return self.log_dir / f"{self.name}.log"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
+        if self.port is not None and port_in_use(self.port):
+            raise RuntimeError(f"cannot start {self.name}: 127.0.0.1:{self.port} is already in use")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
