@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -109,7 +110,7 @@ def main() -> int:
                               "--credits", "100000"], env=service_env(env), cwd=REPO, check=True,
                              capture_output=True, text=True)
         key = out.stdout.strip().splitlines()[-1]
-        md = [("authorization", f"Bearer {key}")]
+        md: tuple[tuple[str, str | bytes], ...] = (("authorization", f"Bearer {key}"),)
         channel = grpc.insecure_channel(env["CAMPAIGN_LISTEN"])
         grpc.channel_ready_future(channel).result(timeout=30)
         campaigns = cs_grpc.CampaignServiceStub(channel)
@@ -134,7 +135,7 @@ def main() -> int:
                        res.MessageTemplate(text="Oi {{name}}! Mensagem de teste do WHAGO.")],
             settings=settings, chip_ids=chip_ids)), metadata=md)
 
-        def rows() -> object:
+        def rows() -> Iterator[cs.ImportContactsRequest]:
             yield cs.ImportContactsRequest(campaign_id=camp.id, contacts=[
                 cs.ContactInput(phone=f"+55 11 9{8000_0000 + i:08d}", name=f"Contato {i}")
                 for i in range(DEMO_CONTACTS)])
