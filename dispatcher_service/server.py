@@ -54,7 +54,7 @@ async def serve(cfg: config_mod.Config) -> None:
     log.info("shutting down: draining for up to %.0fs", cfg.grace_seconds)
     await health.enter_graceful_shutdown()
     await server.stop(cfg.grace_seconds)
-    await redis.close(close_connection_pool=True)
+    await redis.aclose()
     log.info("stopped")
 
 

@@ -57,7 +57,10 @@ def test_cancel_mid_run_at_full_speed_on_five_chips_no_request_after_cancel_retu
 def test_two_workers_two_campaigns_sharing_a_chip_respect_its_minimum_gap(
         api: Api, sandbox_url: str, control: SandboxControl,
         start_worker: Callable[..., ServiceProcess]) -> None:
-    start_worker("worker-shared-chip")
+    w = start_worker("worker-shared-chip")
+    deadline = time.monotonic() + 20
+    while "started" not in w.tail() and time.monotonic() < deadline:  # both workers polling first
+        time.sleep(0.1)
     shared = api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.4, 0.6))
     own = [api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.4, 0.6)) for _ in range(2)]
     camps = [api.campaign([shared, own[i]], interval=(0.0, 0.0)) for i in range(2)]

@@ -32,6 +32,7 @@ from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as pbg
 TOKEN = "lanes-token-" + secrets.token_hex(4)
 QUEUE = "whago:dispatch:lanes-" + secrets.token_hex(4)
 MD = [("authorization", f"Bearer {TOKEN}")]
+REDIS_SERVER: Redis | None = None
 
 FINAL = {"SENT", "FAILED", "SKIPPED"}
 
@@ -242,6 +243,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(redis_server: Redis, sandbox_url: str, workdir: Path) -> Iterator[Rig]:
+    global REDIS_SERVER
+    REDIS_SERVER = redis_server
     server, fake, port = serve(TOKEN)
     disp_port = free_port()
     env = {
@@ -375,3 +378,15 @@ def test_worker_killed_mid_campaign_nothing_lost_nothing_twice(rig: Rig) -> None
     assert rig.fake.counts(cid) == {"SENT": 90}
     delivered = collections.Counter(m["chatId"] for s in sessions for m in rig.control.messages(session=s))
     assert len(delivered) == 90 and max(delivered.values()) == 1
+
+
+def test_redis_restart_mid_campaign_worker_reconnects_and_completes(rig: Rig) -> None:
+    assert REDIS_SERVER is not None
+    cid, _chips, sessions = rig.campaign(2, 80, interval=(0.05, 0.1))
+    rig.wait(lambda: rig.fake.counts(cid).get("SENT", 0) >= 10, 60, "some sends")
+    REDIS_SERVER.restart()  # data kept (append-only file)
+    rig.wait_state(cid, rpb.CAMPAIGN_STATE_COMPLETED, 120)
+    assert rig.fake.counts(cid) == {"SENT": 80}
+    delivered = collections.Counter(m["chatId"] for s in sessions for m in rig.control.messages(session=s))
+    assert len(delivered) == 80 and max(delivered.values()) == 1
+    assert all(w.alive() for w in rig.workers)
