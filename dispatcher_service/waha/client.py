@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -46,9 +47,23 @@ class WahaTimeout(WahaError):
     """Timeout or connection error: the request may or may not have reached WAHA."""
 
 
+_ERROR_463 = re.compile(r"\berror\s*463\b|account_restricted", re.IGNORECASE)
+
+
 def _is_463(body: str) -> bool:
-    low = body.lower()
-    return "463" in low or "account_restricted" in low
+    """WhatsApp's 463 is only in WAHA's exception message/details ("server returned error 463").
+
+    Look there, not anywhere in the body: WAHA echoes the request body in its 500 answers, so a
+    phone number or text containing "463" must not read as a restricted chip."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return bool(_ERROR_463.search(body))
+    exc = doc.get("exception") if isinstance(doc, dict) else None
+    if not isinstance(exc, dict):
+        return False
+    parts = [str(exc.get(k, "")) for k in ("message", "details", "reason")]
+    return any(_ERROR_463.search(p) for p in parts)
 
 
 def classify(status: int, body: str) -> WahaError:
