@@ -99,13 +99,19 @@ def _calls(campaign_id: str) -> dict[str, Callable[[Api], Any]]:
 
 def test_another_users_campaign_is_not_found_for_every_method(api: Api, other_api: Api, live: str,
                                                               engine: sa.Engine, api_key: str) -> None:
-    victim = running(api, live, contacts=2)
+    victim = draft(api, [slow_chip(api, live)], contacts=3)
+    api.campaigns.UploadMedia(cs.UploadMediaRequest(campaign_id=victim.id, filename="a.txt", mime_type="text/plain",
+                                                    content=b"x"), metadata=api.md)
     before = snapshot(engine, api_key)
     for name, call in _calls(victim.id).items():
         f = fails(call, other_api)
         assert f.code == grpc.StatusCode.NOT_FOUND, (name, f)
     assert snapshot(engine, api_key) == before
-    api.cancel(victim.id)
+    live_one = running(api, live, contacts=6)
+    for name in ("pause", "cancel", "get"):
+        assert fails(_calls(live_one.id)[name], other_api).code == grpc.StatusCode.NOT_FOUND, name
+    assert api.get(live_one.id).state == res.CAMPAIGN_STATE_RUNNING
+    api.cancel(live_one.id)
 
 
 def test_another_users_chip_is_not_found(api: Api, other_api: Api, live: str) -> None:

@@ -17,7 +17,18 @@ import sqlalchemy as sa
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
 from tests.helpers import Api
-from tests.test_campaign_support import api, draft, engine, fails, live, running, slow_chip, snapshot  # noqa: F401
+from tests.test_campaign_support import (  # noqa: F401
+    api,
+    count,
+    draft,
+    engine,
+    fails,
+    live,
+    row,
+    running,
+    slow_chip,
+    snapshot,
+)
 from whago.campaign.v1 import resources_pb2 as res
 
 SNAPSHOT_SKIP = ("dispatch_epoch",)  # bumped on purpose: it fences any lane of the failed attempt
@@ -64,11 +75,17 @@ def test_pause_and_cancel_with_dispatcher_unreachable_roll_back(
         isolated_channel: grpc.Channel, api: Api, api_key: str, engine: sa.Engine, live: str) -> None:
     c = running(api, live, contacts=4)  # started through the healthy server
     down = Api(isolated_channel, api_key)
-    before = snapshot(engine, api_key)
+    cols = ("state", "state_reason", "version", "dispatch_epoch", "completed_at", "updated_at")
+    pick = lambda: {k: v for k, v in (row(engine, "campaigns", c.id) or {}).items() if k in cols}  # noqa: E731
+    before = pick()
+    credits = snapshot(engine, api_key)["user"]["credits"]  # type: ignore[index]
     for op in (down.pause, down.cancel):
         f = fails(op, c.id)
         assert f.code == grpc.StatusCode.UNAVAILABLE, f
-    assert snapshot(engine, api_key) == before
+    assert pick() == before
+    assert snapshot(engine, api_key)["user"]["credits"] == credits  # type: ignore[index]
+    assert count(engine, "SELECT count(*) FROM campaign_messages WHERE campaign_id = :c"
+                 " AND failure_reason = 'cancelled by user'", c=c.id) == 0
     assert down.get(c.id).state == res.CAMPAIGN_STATE_RUNNING
     assert api.cancel(c.id).state == res.CAMPAIGN_STATE_CANCELLED
 

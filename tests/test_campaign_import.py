@@ -90,10 +90,11 @@ def test_names_with_special_characters_survive_copy(api: Api) -> None:
 
 
 def test_import_into_running_campaign_is_failed_precondition(api: Api, live: str, engine: sa.Engine) -> None:
-    c = running(api, live, contacts=2)
+    c = running(api, live, contacts=6)
     f = fails(api.import_phones, c.id, phones(2))
     assert f.code == grpc.StatusCode.FAILED_PRECONDITION and f.reason == "INVALID_STATE_TRANSITION"
-    assert count(engine, "SELECT count(*) FROM campaign_contacts WHERE campaign_id = :c", c=c.id) == 2
+    assert f.metadata["current_state"] == "CAMPAIGN_STATE_RUNNING"
+    assert count(engine, "SELECT count(*) FROM campaign_contacts WHERE campaign_id = :c", c=c.id) == 6
     api.cancel(c.id)
 
 

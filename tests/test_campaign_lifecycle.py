@@ -55,6 +55,14 @@ def in_state(state: str, api: Api, engine: sa.Engine, url: str) -> res.Campaign:
     return completed(api, engine, url)
 
 
+COUNTERS = ("pending_count", "sent_count", "delivered_count", "read_count", "failed_count", "skipped_count")
+
+
+def stable(r: dict[str, Any] | None) -> dict[str, Any]:
+    """The campaign row without the message counters (lanes of a RUNNING campaign may be reporting)."""
+    return {k: v for k, v in (r or {}).items() if k not in COUNTERS}
+
+
 def state_name(c: res.Campaign) -> str:
     return res.CampaignState.Name(c.state).removeprefix("CAMPAIGN_STATE_")
 
@@ -103,15 +111,14 @@ def test_lifecycle_table(op: str, state: str, api: Api, engine: sa.Engine, live:
             assert state_name(out) == want
             assert state_name(api.get(c.id)) == want
     else:
-        before = row(engine, "campaigns", c.id)
+        before = stable(row(engine, "campaigns", c.id))
         f = fails(fn, api, c)
         assert f.code == grpc.StatusCode.FAILED_PRECONDITION, f
         assert f.reason == "INVALID_STATE_TRANSITION"
         assert f.metadata["current_state"] == f"CAMPAIGN_STATE_{state}"
         if op == "delete":
             assert DELETE_MESSAGE in f.message
-        after = row(engine, "campaigns", c.id)
-        assert after == before, "a refused transition changed the campaign row"
+        assert stable(row(engine, "campaigns", c.id)) == before, "a refused transition changed the campaign row"
 
 
 def test_create_is_draft_or_scheduled(api: Api) -> None:
@@ -255,7 +262,7 @@ def test_seed_validation_21_campaigns_4_running_cancel_delete_17_remain(
     chips = [slow_chip(api, live) for _ in range(2)]
     run = []
     for i in range(21):
-        c = draft(api, chips, contacts=2, name=f"Teste_{i}")
+        c = draft(api, chips, contacts=5, name=f"Teste_{i}")
         if i % 5 == 0 and len(run) < 4:
             api.start(c.id)
             run.append(c.id)
@@ -268,7 +275,7 @@ def test_seed_validation_21_campaigns_4_running_cancel_delete_17_remain(
         assert api.cancel(cid).state == res.CAMPAIGN_STATE_CANCELLED
     for cid in run:
         out = api.campaigns.DeleteCampaign(cs.DeleteCampaignRequest(campaign_id=cid), metadata=api.md)
-        assert (out.deleted_messages, out.deleted_contacts) == (2, 2)
+        assert (out.deleted_messages, out.deleted_contacts) == (5, 5)
 
     remaining = api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=100), metadata=api.md).campaigns
     assert len(remaining) == 17
@@ -284,7 +291,7 @@ def test_seed_validation_21_campaigns_4_running_cancel_delete_17_remain(
 
 
 def test_delete_logs_the_seed_lines(api: Api, live: str, campaign_server: Any) -> None:
-    c = draft(api, [slow_chip(api, live)], contacts=2, name="logged")
+    c = draft(api, [slow_chip(api, live)], contacts=3, name="logged")
     api.start(c.id)
     api.cancel(c.id)
     op_delete(api, c)
@@ -298,7 +305,7 @@ def test_delete_logs_the_seed_lines(api: Api, live: str, campaign_server: Any) -
         time.sleep(0.1)
     text = "\n".join(lines)
     for want in (f"deleting campaign {c.id} (name: logged)", f"dispatch jobs revoked for campaign {c.id}",
-                 f"0 media deleted from campaign {c.id}", f"2 messages deleted from campaign {c.id}",
-                 f"2 contacts deleted from campaign {c.id}", f"campaign {c.id} deleted"):
+                 f"0 media deleted from campaign {c.id}", f"3 messages deleted from campaign {c.id}",
+                 f"3 contacts deleted from campaign {c.id}", f"campaign {c.id} deleted"):
         assert want in text, want
 

@@ -128,11 +128,12 @@ def scheduled(api: Api, name: str = "scheduled") -> res.Campaign:
 def completed(api: Api, engine: sa.Engine, waha_url: str) -> res.Campaign:
     """A COMPLETED campaign. Completion is the delivery side's automatic transition; here it is
     produced directly in the database (every message final, state COMPLETED)."""
-    c = running(api, waha_url, contacts=2, n_chips=1)
+    c = running(api, waha_url, contacts=3, n_chips=1)
+    api.pause(c.id)  # no lane touches it any more
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE campaign_messages SET state = 3, sent_at = now() WHERE campaign_id = :c"),
                      {"c": c.id})
-        conn.execute(sa.text("UPDATE campaigns SET state = 6, completed_at = now(), sent_count = 2,"
+        conn.execute(sa.text("UPDATE campaigns SET state = 6, completed_at = now(), sent_count = 3,"
                              " pending_count = 0 WHERE id = :c"), {"c": c.id})
     got = api.get(c.id)
     assert got.state == res.CAMPAIGN_STATE_COMPLETED
