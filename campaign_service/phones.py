@@ -133,7 +133,7 @@ def _slow(raw: str, region: str) -> Normalized | str:
     return Normalized(digits, chat_id(digits))
 
 
-@lru_cache(maxsize=262_144)
+@lru_cache(maxsize=65_536)
 def normalize(raw: str, region: str = "BR") -> Normalized | str:
     """Normalized phone, or the reason (a str) it is rejected. `region` applies to numbers without
     a country code."""

@@ -468,6 +468,8 @@ class CampaignOps:
                 revoked = outcome.revoked_jobs + outcome.aborted_jobs
                 log.info("dispatch jobs revoked for campaign %s (revoked=%d, aborted=%d)", cid,
                          outcome.revoked_jobs, outcome.aborted_jobs)
+            else:
+                log.info("no dispatch jobs to revoke for campaign %s (never started)", cid)
             paths = media_repo.delete_all(s, cid)
             log.info("%d media deleted from campaign %s", len(paths), cid)
             n_messages = messages_repo.delete_all(s, cid)
