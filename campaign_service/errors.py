@@ -105,5 +105,11 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Cancelled(ServiceError):
+    """The client went away mid-request (e.g. broke a streaming upload); nothing was committed."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class Internal(ServiceError):
     code = grpc.StatusCode.INTERNAL

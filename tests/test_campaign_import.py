@@ -83,10 +83,12 @@ def test_default_region_and_variables(api: Api) -> None:
 
 def test_names_with_special_characters_survive_copy(api: Api) -> None:
     c = draft(api)
-    names = ["tab\tname", "new\nline", "back\\slash", "ção ñ 😀", "\\N"]
+    names = ["tab\tname", "new\nline", "back\\slash", "ção ñ 😀", "\\N", "nul\x00byte"]
     rows = [(p, n) for p, n in zip(phones(len(names)), names, strict=True)]
-    api.campaigns.ImportContacts(stream(c.id, rows), metadata=api.md)
-    assert sorted(x.name for x in all_contacts(api, c.id)) == sorted(names)
+    api.campaigns.ImportContacts(stream(c.id, rows, variables={"k\x00": "v\x00\\u0000"}), metadata=api.md)
+    got = all_contacts(api, c.id)
+    assert sorted(x.name for x in got) == sorted(n.replace("\x00", "") for n in names)
+    assert dict(got[0].variables) == {"k": "v\\u0000"}
 
 
 def test_import_into_running_campaign_is_failed_precondition(api: Api, live: str, engine: sa.Engine) -> None:

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from campaign_service.db.models import Contact
 
 _TEMP = "whago_import"
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+# COPY text format escapes; NUL cannot be stored in PostgreSQL text, so it is dropped.
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
 
 
 def _raw_connection(session: Session) -> Any:
@@ -36,6 +37,11 @@ def stage(session: Session, rows: Iterable[tuple[str, str, str, dict[str, str], 
     return _copy(session, f"{_TEMP} (phone, chat_id, name, variables, row_no)", rows, "")
 
 
+def _no_nul(variables: dict[str, str]) -> dict[str, str]:
+    """jsonb rejects \\u0000: drop NUL characters from template variables."""
+    return {k.replace("\x00", ""): v.replace("\x00", "") for k, v in variables.items()}
+
+
 def _copy(session: Session, target: str, rows: Iterable[tuple[str, str, str, dict[str, str], int]],
           prefix: str) -> int:
     """COPY rows in text format (tabs, newlines and backslashes escaped)."""
@@ -43,7 +49,7 @@ def _copy(session: Session, target: str, rows: Iterable[tuple[str, str, str, dic
     add = parts.append
     dumps = json.dumps
     for phone, chat, name, variables, row_no in rows:
-        v = dumps(variables, ensure_ascii=False).translate(_ESCAPES) if variables else "{}"
+        v = dumps(_no_nul(variables), ensure_ascii=False).translate(_ESCAPES) if variables else "{}"
         add(f"{prefix}{phone}\t{chat}\t{name.translate(_ESCAPES)}\t{v}\t{row_no}\n")
     if parts:
         cur = _raw_connection(session).cursor()

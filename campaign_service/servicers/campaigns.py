@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 
 import grpc
 
-from campaign_service import auth, convert
+from campaign_service import auth, convert, errors
 from campaign_service.service import CampaignInput, CampaignOps, ContactRow, DeleteResult, ImportChunk, mask_paths
 from campaign_service.servicers import idem, unwrap
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import resources_pb2 as res
+
+#: gRPC's sync server can hand a handler the end of a client stream that was in fact cancelled
+#: (RST_STREAM), with the cancellation itself surfacing a moment later. ImportContacts waits this
+#: long for it before committing, so a broken upload is never kept as if it were complete.
+END_OF_STREAM_GRACE = 0.05
 
 
 def campaign_input(c: res.Campaign) -> CampaignInput:
@@ -87,12 +93,21 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
     def ImportContacts(self, request_iterator: Iterator[cs.ImportContactsRequest],
                        context: grpc.ServicerContext) -> cs.ImportContactsResponse:
         uid = auth.current_user_id()
+        ended = threading.Event()  # the RPC terminated: before we answered, that is a cancellation
+        if not context.add_callback(ended.set):
+            ended.set()
 
         def chunks() -> Iterator[ImportChunk]:
-            for req in request_iterator:
-                yield ImportChunk(req.campaign_id, [ContactRow(c.phone, c.name, dict(c.variables) if c.variables
-                                                               else {}) for c in req.contacts],
-                                  req.default_region)
+            try:
+                for req in request_iterator:
+                    yield ImportChunk(req.campaign_id, [ContactRow(c.phone, c.name, dict(c.variables)
+                                                                   if c.variables else {}) for c in req.contacts],
+                                      req.default_region)
+            except grpc.RpcError:
+                raise errors.Cancelled("the client ended the stream early; nothing was imported") from None
+            # Raised inside the import transaction, so it rolls back.
+            if ended.wait(END_OF_STREAM_GRACE) or not context.is_active():
+                raise errors.Cancelled("the client cancelled the upload; nothing was imported")
 
         r = self.ops.import_contacts(uid, chunks())
         return cs.ImportContactsResponse(
