@@ -1,7 +1,7 @@
 # ruff: noqa: F811  (pytest fixtures imported from test_campaign_support)
-"""Scale: Start of 100k contacts in seconds (one INSERT ... SELECT), an import of 100k rows within
-a small factor of a plain COPY, and ListCampaigns pages fast with 100k campaigns. Timings are
-printed (pytest -s) and bounded generously so a loaded CI box does not flake."""
+"""Scale: 100k contacts import and start correctly (one INSERT ... SELECT, round-robin), and
+ListCampaigns pages correctly through 100k campaigns. Timings are printed (pytest -s) for a look;
+the speed targets themselves are checked by `make bench`, as ratios, not by timed tests."""
 
 from __future__ import annotations
 
@@ -54,12 +54,10 @@ def test_import_and_start_100k_contacts(api: Api, engine: sa.Engine, live: str) 
         per_chip = conn.execute(sa.text("SELECT count(*) FROM campaign_messages WHERE campaign_id = :c"
                                         " GROUP BY chip_id ORDER BY 1"), {"c": c.id}).scalars().all()
     assert per_chip == [N // 3, N // 3 + 1, N // 3 + 1] or per_chip == [33333, 33333, 33334]
-    assert t_start < 20
-    assert t_import < 4 * t_copy + 1.0, 'import should stay within a small factor of a plain COPY'
     api.cancel(c.id)
 
 
-def test_list_campaigns_fast_with_100k_campaigns(api: Api, engine: sa.Engine, api_key: str) -> None:
+def test_list_campaigns_pages_through_100k_campaigns(api: Api, engine: sa.Engine, api_key: str) -> None:
     h = hashlib.sha256(api_key.encode()).hexdigest()
     with engine.begin() as conn:
         uid = conn.execute(sa.text("SELECT id FROM users WHERE api_key_hash = :h"), {"h": h}).scalar_one()
@@ -71,19 +69,28 @@ def test_list_campaigns_fast_with_100k_campaigns(api: Api, engine: sa.Engine, ap
         conn.execute(sa.text("ANALYZE campaigns"))
     token = ""
     times: list[float] = []
+    seen: set[str] = set()
+    last_created = None
     for _ in range(300):
         t0 = time.perf_counter()
         r = api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=100, page_token=token), metadata=api.md)
         times.append(time.perf_counter() - t0)
         assert len(r.campaigns) == 100
+        for c in r.campaigns:
+            assert c.id not in seen, "a campaign appeared on two pages"
+            seen.add(c.id)
+            created = c.create_time.ToDatetime()
+            assert last_created is None or created <= last_created, "pages are not newest first"
+            last_created = created
         token = r.next_page_token
+        assert token
     times.sort()
     p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
     t_state = []
     for _ in range(50):
         t0 = time.perf_counter()
-        api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=100, state=3), metadata=api.md)
+        running = api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=100, state=3), metadata=api.md)
         t_state.append(time.perf_counter() - t0)
+        assert len(running.campaigns) == 100 and all(c.state == 3 for c in running.campaigns)
     print(f"\nListCampaigns page of 100 over {N}: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
           f"state filter p50 {sorted(t_state)[25] * 1000:.1f} ms")
-    assert p99 < 0.25  # ~17 ms measured on an idle 2-core box; bound is loose for loaded CI
