@@ -508,7 +508,8 @@ class Lane:
         now = time.time()
         lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else now + 60
         slice_end_wall = now + (self.deadline - time.monotonic())
-        if res.slot > slice_end_wall or res.slot + self.cfg.waha_timeout + 5 > lease_end:
+        send_at = max(res.slot, now + lead)  # the camouflage is never cut short; the send waits for it
+        if send_at > slice_end_wall or send_at + self.cfg.waha_timeout + 5 > lease_end:
             await self.env.pacer.release(res)
             defer = max(0.0, res.slot - lead - now - 2.0)
             await self.env.store.set_lane(self.c, self.chip, next_send_time=res.slot)
@@ -534,7 +535,7 @@ class Lane:
                 await self.call(lambda: self.waha.send_seen(self.session, m.chat_id))
             if typing_s > 0:
                 await self.call(lambda: self.waha.start_typing(self.session, m.chat_id))
-                await self.sleep(max(0.0, min(typing_s, res.slot - time.time())))
+                await self.sleep(typing_s)
                 await self.call(lambda: self.waha.stop_typing(self.session, m.chat_id))
         except SessionNotWorking as e:
             raise ChipDown(str(e)) from e
