@@ -8,7 +8,9 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -189,3 +191,89 @@ def run_buf() -> Callable[..., str]:
         return r.stdout
 
     return run
+
+
+@dataclass
+class IsolatedStack:
+    """A private Redis, campaign server, dispatcher server and arq workers, on free ports, sharing
+    the session's PostgreSQL database and WAHA sandbox. For destructive tests (SIGKILL a worker,
+    restart Redis) that must not disturb the session's shared stack."""
+
+    name: str
+    redis: Redis
+    env: dict[str, str]
+    log_dir: Path
+    campaign: ServiceProcess
+    dispatcher: ServiceProcess
+    campaign_channel: grpc.Channel
+    dispatcher_channel: grpc.Channel
+    workers: list[ServiceProcess] = field(default_factory=list)
+    _count: int = 0
+
+    def start_worker(self, name: str | None = None, **extra_env: str) -> ServiceProcess:
+        """Start one more arq worker on this stack's Redis; returns it once it logged "started"."""
+        self._count += 1
+        p = ServiceProcess(name or f"{self.name}-worker-{self._count}", "dispatcher_service.worker", [],
+                           {**self.env, **extra_env}, self.log_dir).start()
+        self.workers.append(p)
+        deadline = time.monotonic() + 30
+        while " started: " not in p.tail(200):
+            if not p.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{p.name} did not start:\n{p.tail()}")
+            time.sleep(0.05)
+        return p
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker of this stack: a crash, no drain, no cleanup."""
+        for w in self.workers:
+            w.kill()
+        self.workers.clear()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers.clear()
+        self.campaign_channel.close()
+        self.dispatcher_channel.close()
+        self.dispatcher.stop()
+        self.campaign.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="session")
+def isolated_stack(database_url: str, sandbox: ServiceProcess, workdir: Path
+                   ) -> Iterator[Callable[..., IsolatedStack]]:
+    """Factory: `isolated_stack(name, workers=1, **env)` starts a dedicated stack (see IsolatedStack)
+    with short dispatcher slices (DISPATCH_SLICE_SECONDS=4 < DISPATCH_JOB_TIMEOUT=10, so arq re-runs
+    a crashed worker's lane within ~20 s) and WAHA_TIMEOUT_SECONDS=2; `env` overrides those."""
+    started: list[IsolatedStack] = []
+
+    def start(name: str, workers: int = 1, **extra_env: str) -> IsolatedStack:
+        root = workdir / f"isolated-{name}"
+        redis = Redis(root / "redis", free_port())
+        redis.start()
+        cport, dport = free_port(), free_port()
+        env = {
+            "DATABASE_URL": database_url, "REDIS_URL": redis.url, "WHAGO_SERVICE_TOKEN": SERVICE_TOKEN,
+            "CAMPAIGN_LISTEN": f"127.0.0.1:{cport}", "CAMPAIGN_TARGET": f"127.0.0.1:{cport}",
+            "DISPATCHER_LISTEN": f"127.0.0.1:{dport}", "DISPATCHER_TARGET": f"127.0.0.1:{dport}",
+            "WHAGO_MEDIA_DIR": str(workdir / "media"), "WHAGO_LOG_LEVEL": "INFO",
+            "DISPATCH_JOB_TIMEOUT": "10", "DISPATCH_SLICE_SECONDS": "4", "WAHA_TIMEOUT_SECONDS": "2",
+            **extra_env,
+        }
+        log_dir = root / "logs"
+        camp = ServiceProcess(f"{name}-campaign", "campaign_service.server", [], env, log_dir, port=cport).start()
+        disp = ServiceProcess(f"{name}-dispatcher", "dispatcher_service.server", [], env, log_dir,
+                              port=dport).start()
+        cch, dch = grpc.insecure_channel(f"127.0.0.1:{cport}"), grpc.insecure_channel(f"127.0.0.1:{dport}")
+        grpc.channel_ready_future(cch).result(timeout=15)
+        grpc.channel_ready_future(dch).result(timeout=15)
+        st = IsolatedStack(name, redis, env, log_dir, camp, disp, cch, dch)
+        started.append(st)
+        for _ in range(workers):
+            st.start_worker()
+        return st
+
+    yield start
+    for st in started:
+        st.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -13,6 +13,8 @@ from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import chip_service_pb2_grpc as chs_grpc
 from whago.campaign.v1 import resources_pb2 as res
+from whago.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
+from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 
 FINAL = (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED)
 
@@ -88,3 +90,51 @@ def phones(n: int, start: int = 0) -> list[str]:
     """n distinct valid Brazilian mobile numbers, as users type them."""
     base = secrets.randbelow(10**6) * 100
     return [f"+55 11 9{(base + start + i) % 10**8:08d}" for i in range(n)]
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str],
+             interval: float = 0.1) -> None:
+    """Poll pred() until it is truthy; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def chat_id(phone: str) -> str:
+    """The WhatsApp chat id campaign_service derives from a number made by `phones`."""
+    return "".join(ch for ch in phone if ch.isdigit()) + "@c.us"
+
+
+class Ops(Api):
+    """Api plus the reads the dispatcher guarantee tests need: every message of a campaign, a chip,
+    campaigns with full settings, and GetDispatch with the service token."""
+
+    def messages(self, campaign_id: str) -> list[res.CampaignMessage]:
+        out: list[res.CampaignMessage] = []
+        token = ""
+        for _ in range(10_000):
+            page = self.campaigns.ListCampaignMessages(cs.ListCampaignMessagesRequest(
+                campaign_id=campaign_id, page_size=1000, page_token=token), metadata=tuple(self.md))
+            out.extend(page.messages)
+            token = page.next_page_token
+            if not token:
+                break
+        return out
+
+    def get_chip(self, chip_id: str) -> res.Chip:
+        return self.chips.GetChip(chs.GetChipRequest(chip_id=chip_id), metadata=tuple(self.md))
+
+    def campaign_with(self, chips: Iterable[res.Chip], settings: res.CampaignSettings,
+                      templates: Iterable[str] = ("Olá {{name}}",)) -> res.Campaign:
+        return self.campaigns.CreateCampaign(cs.CreateCampaignRequest(campaign=res.Campaign(
+            name="test campaign", templates=[res.MessageTemplate(text=t) for t in templates], settings=settings,
+            chip_ids=[c.id for c in chips])), metadata=tuple(self.md))
+
+
+def get_dispatch(channel: grpc.Channel, token: str, campaign_id: str) -> dispatcher_pb.Dispatch:
+    """DispatcherService.GetDispatch with the internal service token."""
+    stub = dispatcher_grpc.DispatcherServiceStub(channel)
+    return stub.GetDispatch(dispatcher_pb.GetDispatchRequest(campaign_id=campaign_id),
+                            metadata=(("authorization", f"Bearer {token}"),), timeout=10)
