@@ -210,13 +210,11 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
         # A new epoch: stale queued jobs of the old one are revoked (running ones stop at the fence).
         await self.store.stop_jobs(c)
         await self.store.save_dispatch(request, pb.DISPATCH_STATE_RUNNING)
-        jobs = []
-        for lane in request.lanes:
-            await self.store.set_lane(c, lane.chip_id, state=pb.LANE_STATE_QUEUED, epoch=e, last_error="",
-                                      next_send_time=0)
-            jobs.append(await self.store.enqueue_lane(c, lane.chip_id, e))
-        log.info("campaign=%s epoch=%d StartDispatch: %d lanes enqueued (%s)", c, e, len(jobs), ", ".join(
-            str(j) for j in jobs))
+        # All lanes in one pipeline (a 1000-lane campaign used to cost ~10 round trips per lane).
+        jobs = await self.store.enqueue_lanes(c, [lane.chip_id for lane in request.lanes], e,
+                                              state=pb.LANE_STATE_QUEUED, epoch=e, last_error="", next_send_time=0)
+        log.info("campaign=%s epoch=%d StartDispatch: %d lanes enqueued (%s%s)", c, e, len(jobs),
+                 ", ".join(jobs[:5]), ", …" if len(jobs) > 5 else "")
         d = await self.store.get_dispatch(c)
         return pb.StartDispatchResponse(dispatch=d)
 

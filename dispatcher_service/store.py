@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable
+import uuid
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
 
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys
@@ -21,6 +23,22 @@ T = TypeVar("T")
 
 LANE_FUNCTION = "run_lane"
 STATE_TTL_SECONDS = 30 * 86400
+REQUEST_CACHE_SIZE = 64
+DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
+
+# 1 when every lane hash in KEYS has a final state (FINISHED/FAILED), else 0. Starts at ARGV[1]
+# (the caller's successor: lanes finish roughly in start order, so an unfinished one is usually
+# found at once) and stops at the first unfinished lane: O(1) typical, one round trip.
+_ALL_DONE = """
+local n = #KEYS
+local start = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local k = KEYS[((start + i) % n) + 1]
+  local st = redis.call('HGET', k, 'state')
+  if st ~= ARGV[2] and st ~= ARGV[3] then return 0 end
+end
+return 1
+"""
 
 _LOCK = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -96,6 +114,16 @@ class LaneLock:
         return int(r) == 1
 
 
+def _lane_proto(chip_id: str, h: dict[str, str]) -> pb.Lane:
+    lane = pb.Lane(chip_id=chip_id, state=int(h.get("state") or pb.LANE_STATE_QUEUED),  # type: ignore[arg-type]
+                   sent_count=int(h.get("sent") or 0), failed_count=int(h.get("failed") or 0),
+                   last_error=h.get("last_error", ""))
+    nst = float(h.get("next_send_time") or 0)
+    if nst > 0:
+        lane.next_send_time.FromNanoseconds(int(nst * 1e9))
+    return lane
+
+
 class Store:
     """Dispatch state, lane state and lane-job bookkeeping."""
 
@@ -103,13 +131,20 @@ class Store:
         self.redis = redis
         self.queue = queue_name
         self.fences = fences_mod.Fences(redis)
+        self._all_done = redis.register_script(_ALL_DONE)
+        # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
+        # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory
+        # and CPU). The revision is rewritten by every save_dispatch.
+        self._requests: dict[str, tuple[str, pb.StartDispatchRequest, dict[str, int]]] = {}
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def save_dispatch(self, req: pb.StartDispatchRequest, state: int) -> None:
         k = keys.dispatch(req.campaign_id)
-        await aw(self.redis.hset(k, mapping={"request": req.SerializeToString(), "epoch": req.epoch,
-                                             "state": state, "updated": time.time()}))
-        await self.redis.expire(k, STATE_TTL_SECONDS)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(k, mapping={"request": req.SerializeToString(), "epoch": req.epoch, "state": state,
+                               "updated": time.time(), "rev": uuid.uuid4().hex})
+            p.expire(k, STATE_TTL_SECONDS)
+            await p.execute()
 
     async def set_dispatch_state(self, campaign_id: str, state: int, epoch: int | None = None) -> None:
         k = keys.dispatch(campaign_id)
@@ -121,12 +156,38 @@ class Store:
         await aw(self.redis.hset(k, mapping=m))  # type: ignore[arg-type]
 
     async def load_request(self, campaign_id: str) -> pb.StartDispatchRequest | None:
-        raw = await aw(self.redis.hget(keys.dispatch(campaign_id), "request"))
+        """The stored StartDispatchRequest (shared, cached per process: never mutate it)."""
+        got = await self._load(campaign_id)
+        return got[0] if got is not None else None
+
+    async def load_lane_spec(self, campaign_id: str, chip_id: str) -> tuple[pb.StartDispatchRequest,
+                                                                            pb.LaneSpec] | None:
+        """(request, the chip's lane spec), or None when there is no dispatch or no such lane."""
+        got = await self._load(campaign_id)
+        if got is None:
+            return None
+        req, index = got
+        i = index.get(chip_id)
+        return (req, req.lanes[i]) if i is not None else None
+
+    async def _load(self, campaign_id: str) -> tuple[pb.StartDispatchRequest, dict[str, int]] | None:
+        k = keys.dispatch(campaign_id)
+        rev = _s(await aw(self.redis.hget(k, "rev")))
+        hit = self._requests.get(campaign_id)
+        if rev and hit is not None and hit[0] == rev:
+            return hit[1], hit[2]
+        rev_raw, raw = await aw(self.redis.hmget(k, ["rev", "request"]))
         if not raw:
+            self._requests.pop(campaign_id, None)
             return None
         req = pb.StartDispatchRequest()
         req.ParseFromString(raw if isinstance(raw, bytes) else raw.encode())
-        return req
+        index = {spec.chip_id: i for i, spec in enumerate(req.lanes)}
+        if rev_raw:
+            if len(self._requests) >= REQUEST_CACHE_SIZE:
+                self._requests.pop(next(iter(self._requests)))
+            self._requests[campaign_id] = (_s(rev_raw), req, index)
+        return req, index
 
     async def dispatch_meta(self, campaign_id: str) -> dict[str, str]:
         h = await aw(self.redis.hgetall(keys.dispatch(campaign_id)))
@@ -139,8 +200,9 @@ class Store:
         meta = await self.dispatch_meta(campaign_id)
         d = pb.Dispatch(campaign_id=campaign_id, epoch=int(meta.get("epoch") or req.epoch),
                         state=int(meta.get("state") or pb.DISPATCH_STATE_RUNNING))  # type: ignore[arg-type]
-        for spec in req.lanes:
-            d.lanes.append(await self.get_lane(campaign_id, spec.chip_id))
+        chips = [spec.chip_id for spec in req.lanes]
+        for chip, h in zip(chips, await self.lane_hashes(campaign_id, chips), strict=True):
+            d.lanes.append(_lane_proto(chip, h))
         return d
 
     async def forget(self, campaign_id: str, chip_ids: list[str]) -> None:
@@ -153,8 +215,10 @@ class Store:
     # -- lanes -------------------------------------------------------------------------------------
     async def set_lane(self, campaign_id: str, chip_id: str, **fields: str | int | float) -> None:
         k = keys.lane(campaign_id, chip_id)
-        await aw(self.redis.hset(k, mapping=fields))  # type: ignore[arg-type]
-        await self.redis.expire(k, STATE_TTL_SECONDS)
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hset(k, mapping=fields)  # type: ignore[arg-type]
+            p.expire(k, STATE_TTL_SECONDS)
+            await p.execute()
 
     async def incr_lane(self, campaign_id: str, chip_id: str, sent: int, failed: int) -> None:
         k = keys.lane(campaign_id, chip_id)
@@ -169,42 +233,66 @@ class Store:
         h = await aw(self.redis.hgetall(keys.lane(campaign_id, chip_id)))
         return {_s(k): _s(v) for k, v in h.items()}
 
-    async def get_lane(self, campaign_id: str, chip_id: str) -> pb.Lane:
-        h = await self.lane_hash(campaign_id, chip_id)
-        lane = pb.Lane(chip_id=chip_id, state=int(h.get("state") or pb.LANE_STATE_QUEUED),  # type: ignore[arg-type]
-                       sent_count=int(h.get("sent") or 0), failed_count=int(h.get("failed") or 0),
-                       last_error=h.get("last_error", ""))
-        nst = float(h.get("next_send_time") or 0)
-        if nst > 0:
-            lane.next_send_time.FromNanoseconds(int(nst * 1e9))
-        return lane
+    async def lane_hashes(self, campaign_id: str, chip_ids: Sequence[str]) -> list[dict[str, str]]:
+        """Several lane hashes in one round trip."""
+        async with self.redis.pipeline(transaction=False) as p:
+            for chip in chip_ids:
+                p.hgetall(keys.lane(campaign_id, chip))
+            got = await p.execute()
+        return [{_s(k): _s(v) for k, v in h.items()} for h in got]
 
-    async def maybe_finish_dispatch(self, campaign_id: str, epoch: int) -> None:
+    async def get_lane(self, campaign_id: str, chip_id: str) -> pb.Lane:
+        return _lane_proto(chip_id, await self.lane_hash(campaign_id, chip_id))
+
+    async def maybe_finish_dispatch(self, campaign_id: str, epoch: int, chip_id: str = "") -> None:
         """Dispatch FINISHED once every lane of the current epoch is FINISHED or FAILED."""
-        req = await self.load_request(campaign_id)
-        if req is None or not await self.fences.is_current(campaign_id, epoch):
+        got = await self._load(campaign_id)
+        if got is None or not await self.fences.is_current(campaign_id, epoch):
             return
-        for spec in req.lanes:
-            st = int((await self.lane_hash(campaign_id, spec.chip_id)).get("state") or 0)
-            if st not in (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED):
-                return
-        await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
+        req, index = got
+        ks = [keys.lane(campaign_id, spec.chip_id) for spec in req.lanes]
+        start = (index.get(chip_id, -1) + 1) % max(1, len(ks))
+        if int(await self._all_done(keys=ks, args=[start, *DONE_STATES])) == 1:
+            await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
 
     # -- jobs --------------------------------------------------------------------------------------
     async def enqueue_lane(self, campaign_id: str, chip_id: str, epoch: int, defer: float = 0.0) -> str | None:
         """Enqueue one slice of a lane as a NEW arq job (id lane:{c}:{chip}:{epoch}:{n}, n from INCR)."""
-        n = int(await self.redis.incr(keys.job_seq(campaign_id, chip_id)))
-        await self.redis.expire(keys.job_seq(campaign_id, chip_id), STATE_TTL_SECONDS)
-        jid = keys.job_id(campaign_id, chip_id, epoch, n)
-        await aw(self.redis.sadd(keys.jobs(campaign_id), jid))
-        await self.redis.expire(keys.jobs(campaign_id), STATE_TTL_SECONDS)
-        job = await self.redis.enqueue_job(LANE_FUNCTION, campaign_id, chip_id, epoch, n, _job_id=jid,
-                                           _queue_name=self.queue, _defer_by=defer if defer > 0 else None)
-        if job is None:  # cannot happen with INCR ids; kept as a guard
-            log.warning("campaign=%s chip=%s job %s already exists", campaign_id, chip_id, jid)
-            return None
-        await self.set_lane(campaign_id, chip_id, queued=jid)
-        return jid
+        return (await self.enqueue_lanes(campaign_id, [chip_id], epoch, defer=defer))[0]
+
+    async def enqueue_lanes(self, campaign_id: str, chip_ids: Sequence[str], epoch: int, /, defer: float = 0.0,
+                            **lane_fields: str | int | float) -> list[str]:
+        """Enqueue one NEW arq job per lane in two round trips (INCRs, then one pipeline with the
+        jobs, the bookkeeping set and the lane hashes), whatever the number of lanes.
+
+        Same records as arq's enqueue_job (job key with expiry, queue zset score); ids come from INCR
+        so they are never reused and arq's exists/WATCH guard is not needed. `lane_fields` go into
+        each lane hash together with `queued`."""
+        if not chip_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as p:
+            for chip in chip_ids:
+                p.incr(keys.job_seq(campaign_id, chip))
+                p.expire(keys.job_seq(campaign_id, chip), STATE_TTL_SECONDS)
+            seqs = (await p.execute())[::2]
+        now_ms = int(time.time() * 1000)
+        defer_ms = round(defer * 1000) if defer > 0 else 0
+        score = now_ms + defer_ms
+        expires_ms = defer_ms + self.redis.expires_extra_ms
+        jids = [keys.job_id(campaign_id, chip, epoch, int(n)) for chip, n in zip(chip_ids, seqs, strict=True)]
+        async with self.redis.pipeline(transaction=True) as p:
+            p.sadd(keys.jobs(campaign_id), *jids)
+            p.expire(keys.jobs(campaign_id), STATE_TTL_SECONDS)
+            for chip, n, jid in zip(chip_ids, seqs, jids, strict=True):
+                job = serialize_job(LANE_FUNCTION, (campaign_id, chip, epoch, int(n)), {}, None, now_ms,
+                                    serializer=self.redis.job_serializer)
+                p.psetex(job_key_prefix + jid, expires_ms, job)
+                p.zadd(self.queue, {jid: score})
+                k = keys.lane(campaign_id, chip)
+                p.hset(k, mapping={**lane_fields, "queued": jid})
+                p.expire(k, STATE_TTL_SECONDS)
+            await p.execute()
+        return jids
 
     async def ensure_lane(self, campaign_id: str, chip_id: str) -> str | None:
         """Make sure a lane of the current epoch will run soon (redistributed work, wake-ups)."""
@@ -245,19 +333,29 @@ class Store:
         revoked = aborted = 0
         # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
         await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
-        members = await aw(self.redis.smembers(keys.jobs(campaign_id)))
+        jids = [_s(m) for m in await aw(self.redis.smembers(keys.jobs(campaign_id)))]
+        if not jids:
+            return 0, 0
         now_ms = int(time.time() * 1000)
-        for m in members:
-            jid = _s(m)
-            if await self.redis.exists(in_progress_key_prefix + jid):
-                await self.redis.zadd(abort_jobs_ss, {jid: now_ms})
-                aborted += 1
-                continue
-            async with self.redis.pipeline(transaction=True) as p:
+        async with self.redis.pipeline(transaction=False) as p:
+            for jid in jids:
+                p.exists(in_progress_key_prefix + jid)
+            running = await p.execute()
+        async with self.redis.pipeline(transaction=True) as p:
+            for jid, busy in zip(jids, running, strict=True):
+                if busy:
+                    p.zadd(abort_jobs_ss, {jid: now_ms})
+                    aborted += 1
+                    continue
                 p.zrem(self.queue, jid)
                 p.delete(job_key_prefix + jid)
                 p.srem(keys.jobs(campaign_id), jid)
-                removed, _, _ = await p.execute()
-            if removed:
-                revoked += 1
+            res = await p.execute()
+        i = 0
+        for busy in running:
+            if busy:
+                i += 1
+                continue
+            revoked += int(res[i] or 0)
+            i += 3
         return revoked, aborted

@@ -70,7 +70,7 @@ class WorkerSettings:
     max_jobs = CFG.max_jobs
     max_tries = 50
     keep_result = 60
-    poll_delay = 0.25
+    poll_delay = 0.05  # a lane (or a chained slice) starts within ~50 ms of being due
     on_startup = startup
     on_shutdown = shutdown
     health_check_interval = 30
