@@ -21,22 +21,43 @@ from dispatcher_service import keys
 
 FENCE_TTL_SECONDS = 7 * 86400
 
+# KEYS: fence, inflight[, pace]; ARGV: run_value, token, request_ttl, min_gap.
+# With a pace key (a send): no other send of the chip may be in flight (busy_until) and `min_gap`
+# must have passed since the END of the chip's previous send (last_actual, moved to the end by
+# _RELEASE_SEND), so the gap holds as WAHA sees it. While a send is in flight the earliest next
+# send is min_gap after it ends: the answer is 'wait:<min_gap>'.
 _ACQUIRE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'stop' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[3])
 if #KEYS >= 3 then
   local mg = tonumber(ARGV[4])
   if mg > 0 then
+    local busy = tonumber(redis.call('HGET', KEYS[3], 'busy_until') or '0')
+    if busy > now then return 'wait:' .. tostring(mg) end
     local la = tonumber(redis.call('HGET', KEYS[3], 'last_actual') or '0')
     if now < la + mg then return 'wait:' .. tostring(la + mg - now) end
   end
-  redis.call('HSET', KEYS[3], 'last_actual', tostring(now))
+  redis.call('HSET', KEYS[3], 'last_actual', tostring(now), 'busy_until', tostring(now + ttl), 'busy_token', ARGV[2])
   redis.call('EXPIRE', KEYS[3], 172800)
 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
 redis.call('EXPIRE', KEYS[2], 3600)
 return 'ok'
+"""
+
+# A send ended (answer, error or timeout): it no longer holds a stop back, and the chip's pace is
+# measured from now on. KEYS: inflight, pace; ARGV: token.
+_RELEASE_SEND = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local la = tonumber(redis.call('HGET', KEYS[2], 'last_actual') or '0')
+if now > la then redis.call('HSET', KEYS[2], 'last_actual', tostring(now)) end
+if redis.call('HGET', KEYS[2], 'busy_token') == ARGV[1] then redis.call('HDEL', KEYS[2], 'busy_until', 'busy_token') end
+redis.call('EXPIRE', KEYS[2], 172800)
+return 1
 """
 
 _PENDING = """
@@ -106,6 +127,7 @@ class Fences:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._acquire = redis.register_script(_ACQUIRE)
+        self._release_send = redis.register_script(_RELEASE_SEND)
         self._pending = redis.register_script(_PENDING)
         self._set = redis.register_script(_SET)
 
@@ -126,8 +148,9 @@ class Fences:
                       pace_chip: str | None = None, min_gap: float = 0.0) -> str | float:
         """Atomically: fence still run:epoch -> register an in-flight token and return it.
 
-        With `pace_chip`, also enforce the chip's minimum gap since its last send that left:
-        returns the seconds to wait (float) instead of a token when it is too early.
+        With `pace_chip`, also enforce the chip's minimum gap since the end of its last send (and
+        no other send of the chip in flight): returns the seconds to wait (float) instead of a token
+        when it is too early. Release such a token with `release(..., pace_chip=...)`.
         Raises Stopped when the fence moved.
         """
         token = uuid.uuid4().hex
@@ -142,9 +165,13 @@ class Fences:
             return max(0.0, float(s[5:]))
         raise Stopped(campaign_id)
 
-    async def release(self, campaign_id: str, token: str) -> None:
-        """The HTTP request ended: it no longer holds a stop back."""
-        await self.redis.zrem(keys.inflight(campaign_id), token)
+    async def release(self, campaign_id: str, token: str, pace_chip: str | None = None) -> None:
+        """The HTTP request ended: it no longer holds a stop back. With `pace_chip` (a send), the
+        chip's pace is measured from now (the end of the send) and the chip is free again."""
+        if pace_chip is None:
+            await self.redis.zrem(keys.inflight(campaign_id), token)
+        else:
+            await self._release_send(keys=[keys.inflight(campaign_id), keys.pace(pace_chip)], args=[token])
 
     async def pending(self, campaign_id: str) -> int:
         return int(await self._pending(keys=[keys.inflight(campaign_id)]))

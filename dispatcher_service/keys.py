@@ -8,7 +8,8 @@ whago:lanelock:{c}:{chip}   str   job id holding the lane (short TTL, renewed)
 whago:lanewant:{c}:{chip}   str   "1" when a slice found the lane busy and wants a follow-up
 whago:jobs:{c}              set   arq job ids enqueued for the campaign (revoke/abort bookkeeping)
 whago:jobseq:{c}:{chip}     int   INCR source of the slice number n in job ids
-whago:pace:{chip}           hash  last (last reserved slot), last_actual (last send that left)
+whago:pace:{chip}           hash  last (last reserved slot), last_actual (end of the last send), busy_until/
+                                  busy_token (a send of the chip in flight)
 whago:pacelog:{chip}        zset  reservation token -> slot time (rolling hour/day caps)
 """
 

@@ -29,6 +29,7 @@ import aiohttp
 from arq.connections import ArqRedis
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import keys as keys_mod
 from dispatcher_service.config import Config
 from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable
 from dispatcher_service.logs import lane_ctx
@@ -57,6 +58,12 @@ OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 MAX_BATCH = 50
 LOCK_RENEW_SECONDS = 5.0
 FENCE_POLL_SECONDS = 1.0
+# new-message-id requests of a batch run concurrently, this many under one fence token: all of a
+# chunk start together, so the token's TTL (one WAHA timeout + margin) covers every one of them.
+ID_CHUNK = 10
+# Outcomes reported per ReportDeliveries (ATTEMPTING already recorded each WAHA id: a crash before
+# the report is resolved by a lookup when the lease is retaken).
+REPORT_BATCH = 10
 
 
 @dataclass
@@ -161,6 +168,8 @@ class Lane:
         self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)
         self.lock_lost = False
         self.last_error = ""
+        # A send token taken together with the pacing slot (reserve_send); the next send call uses it.
+        self.pretoken: str | None = None
 
     # -- fenced WAHA access ------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None,
@@ -171,7 +180,9 @@ class Lane:
         cuts a request half-way, and its in-flight token is removed only when it really ended.
         """
         token: str | None = None
-        for _ in range(10_000):
+        if min_gap is not None and self.pretoken is not None:
+            token, self.pretoken = self.pretoken, None
+        for _ in range(0 if token is not None else 10_000):
             if self.lock_lost:
                 raise fences_mod.Stopped(self.c)
             r = await self.env.fences.acquire(
@@ -184,6 +195,10 @@ class Lane:
         if token is None:
             raise SliceOver(1.0, "pacing wait did not end")
         tok = token
+        pace_chip = self.chip if min_gap is not None else None
+        if self.lock_lost:
+            await self.env.fences.release(self.c, tok, pace_chip)
+            raise fences_mod.Stopped(self.c)
         if on_leave is not None:
             on_leave()
 
@@ -191,7 +206,7 @@ class Lane:
             try:
                 return await fn()
             finally:
-                await asyncio.shield(self.env.fences.release(self.c, tok))
+                await asyncio.shield(self.env.fences.release(self.c, tok, pace_chip))
 
         task: asyncio.Task[T] = asyncio.ensure_future(run())
         self.inflight.add(task)
@@ -199,7 +214,10 @@ class Lane:
         return await asyncio.shield(task)
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep, re-checking the fence at least every second (and after the wait)."""
+        """Sleep, re-checking the fence at least every second while time remains.
+
+        No check after the last stretch: what follows a sleep is a fenced WAHA call (atomic check)
+        or a loop that checks the fence itself, so a check here would only cost a round trip."""
         if seconds <= 0:
             return
         end = time.monotonic() + seconds
@@ -208,7 +226,9 @@ class Lane:
             if rem <= 0:
                 break
             await asyncio.sleep(min(rem, FENCE_POLL_SECONDS))
-            if self.lock_lost or not await self.env.fences.is_current(self.c, self.epoch):
+            if self.lock_lost:
+                raise fences_mod.Stopped(self.c)
+            if end - time.monotonic() > 0.001 and not await self.env.fences.is_current(self.c, self.epoch):
                 raise fences_mod.Stopped(self.c)
 
     # -- reports -----------------------------------------------------------------------------------
@@ -225,9 +245,11 @@ class Lane:
             self.sent += 1
         elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):
             self.failed += 1
-        name = dpb.DeliveryOutcome.Name(outcome)  # type: ignore[arg-type]
-        log.info("%s message=%s %s%s%s", self.ctx, m.message_id, name,
-                 f" waha_id={waha_id}" if waha_id else "", f" reason={reason!r}" if reason else "")
+        level = logging.DEBUG if outcome == dpb.DELIVERY_OUTCOME_SENT else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s message=%s %s%s%s", self.ctx, m.message_id,
+                    dpb.DeliveryOutcome.Name(outcome),  # type: ignore[arg-type]
+                    f" waha_id={waha_id}" if waha_id else "", f" reason={reason!r}" if reason else "")
 
     async def flush(self, extra: list[dpb.DeliveryReport] | None = None, budget: float | None = None,
                     check: bool = True) -> None:
@@ -449,6 +471,27 @@ class Lane:
                 await self.sleep(min(4.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5))
         return None
 
+    async def _new_ids(self, n: int) -> list[str]:
+        """n WAHA message ids (new-message-id), fetched concurrently in fenced chunks of ID_CHUNK."""
+        out: list[str] = []
+        for k in range(0, n, ID_CHUNK):
+            size = min(ID_CHUNK, n - k)
+
+            async def chunk(size: int = size) -> list[str | BaseException]:
+                return await asyncio.gather(*(self.waha.new_message_id(self.session) for _ in range(size)),
+                                            return_exceptions=True)
+
+            got = await self.call(chunk)
+            errs = [e for e in got if isinstance(e, BaseException)]
+            for cls, wrap in ((ChipRestricted, ChipBanned), (SessionNotWorking, ChipDown)):
+                e = next((e for e in errs if isinstance(e, cls)), None)
+                if e is not None:
+                    raise wrap(str(e)) from e
+            if errs:
+                raise errs[0]
+            out += [str(x) for x in got]
+        return out
+
     async def _batch_send(self, batch: list[dpb.LeasedMessage]) -> None:
         todo: list[tuple[dpb.LeasedMessage, str]] = []
         for m in batch:
@@ -479,15 +522,12 @@ class Lane:
             if m.HasField("media") and m.media.id:
                 todo.append((m, UNVERIFIABLE_PREFIX + uuid.uuid4().hex))
                 continue
-            try:
-                mid = await self.call(lambda: self.waha.new_message_id(self.session))
-            except SessionNotWorking as e:
-                raise ChipDown(str(e)) from e
-            except ChipRestricted as e:
-                raise ChipBanned(str(e)) from e
-            todo.append((m, mid))
+            todo.append((m, ""))  # id taken below, for the whole batch at once
         if not todo:
             return
+        need = [i for i, (_, mid) in enumerate(todo) if not mid]
+        for i, mid in zip(need, await self._new_ids(len(need)), strict=True):
+            todo[i] = (todo[i][0], mid)
         # Recorded BEFORE any send leaves: a crash from here on can be resolved by looking the id up.
         await self.flush()  # finals first: an ATTEMPTING-only report takes no campaign lock
         await self.flush(extra=[self.attempting(m, mid) for m, mid in todo])
@@ -502,30 +542,44 @@ class Lane:
     async def _send_one(self, m: dpb.LeasedMessage, mid: str) -> None:
         typing_s = self._typing_seconds(m)
         lead = typing_s + (0.3 if self.seen else 0.0)
-        res = await self.env.pacer.reserve(self.chip, self.limits)
-        if res is None:
-            raise SliceOver(3600.0, "no sending window within the horizon")
         now = time.time()
         lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else now + 60
         slice_end_wall = now + (self.deadline - time.monotonic())
-        send_at = max(res.slot, now + lead)  # the camouflage is never cut short; the send waits for it
-        if send_at > slice_end_wall or send_at + self.cfg.waha_timeout + 5 > lease_end:
-            await self.env.pacer.release(res)
-            defer = max(0.0, res.slot - lead - now - 2.0)
-            await self.env.store.set_lane(self.c, self.chip, next_send_time=res.slot)
-            raise SliceOver(defer, "next slot is beyond this slice or lease")
-        await self.env.store.set_lane(self.c, self.chip, next_send_time=res.slot)
+        media = m.HasField("media") and bool(m.media.id)
+        lane_key = keys_mod.lane(self.c, self.chip)
+        if lead <= 0 and not media:
+            # Nothing to do before the send: reserve the slot and, when it is due now, pass the fence
+            # and take the send in the same atomic step.
+            latest = min(slice_end_wall, lease_end - self.cfg.waha_timeout - 5)
+            res, self.pretoken = await self.env.pacer.reserve_send(
+                self.chip, self.limits, lane_key, keys_mod.fence(self.c), keys_mod.inflight(self.c),
+                fences_mod.run_value(self.epoch), self.cfg.waha_timeout + 2, latest)
+        else:
+            res = await self.env.pacer.reserve(self.chip, self.limits, lane_key=lane_key)
+        if res is None:
+            raise SliceOver(3600.0, "no sending window within the horizon")
         try:
-            if res.slot - lead - now > 1.0:
-                await self.flush()
-            await self.sleep(res.slot - lead - time.time())
-            await self._camouflage(m, res, typing_s)
-            await self.sleep(res.slot - time.time())
-        except BaseException:
-            await self.env.pacer.release(res)
-            raise
-        await self._send_with_retries(m, mid)
-        if len(self.reports) >= 10:
+            if self.pretoken is None:
+                send_at = max(res.slot, now + lead)  # the camouflage is never cut short; the send waits for it
+                if send_at > slice_end_wall or send_at + self.cfg.waha_timeout + 5 > lease_end:
+                    await self.env.pacer.release(res)
+                    defer = max(0.0, res.slot - lead - now - 2.0)
+                    raise SliceOver(defer, "next slot is beyond this slice or lease")
+                try:
+                    if res.slot - lead - now > 1.0:
+                        await self.flush()
+                    await self.sleep(res.slot - lead - time.time())
+                    await self._camouflage(m, res, typing_s)
+                    await self.sleep(res.slot - time.time())
+                except BaseException:
+                    await self.env.pacer.release(res)
+                    raise
+            await self._send_with_retries(m, mid)
+        finally:
+            if self.pretoken is not None:  # taken with the slot but never used: free the chip and the fence
+                tok, self.pretoken = self.pretoken, None
+                await asyncio.shield(self.env.fences.release(self.c, tok, self.chip))
+        if len(self.reports) >= REPORT_BATCH:
             await self.flush()
 
     async def _camouflage(self, m: dpb.LeasedMessage, res: Reservation, typing_s: float) -> None:
@@ -692,7 +746,7 @@ class Lane:
                 log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,
                          ", wanted" if wanted else "")
             elif outcome == "finished" and not wanted:
-                await store.maybe_finish_dispatch(self.c, self.epoch)
+                await store.maybe_finish_dispatch(self.c, self.epoch, self.chip)
             log.info("%s slice end job=%s outcome=%s", self.ctx, self.job_id, outcome)
         except Exception as e:
             log.exception("%s cleanup failed: %s", self.ctx, e)
@@ -702,11 +756,11 @@ async def run_lane(ctx: dict[str, Any], campaign_id: str, chip_id: str, epoch: i
     """arq job: one slice of lane (campaign, chip) under `epoch`."""
     env: WorkerEnv = ctx["env"]
     job_id = str(ctx.get("job_id") or f"lane:{campaign_id}:{chip_id}:{epoch}:{n}")
-    req = await env.store.load_request(campaign_id)
-    spec = next((s for s in req.lanes if s.chip_id == chip_id), None) if req is not None else None
-    if req is None or spec is None:
+    got = await env.store.load_lane_spec(campaign_id, chip_id)  # shared, parsed once per worker
+    if got is None:
         log.info("%s no dispatch state; nothing to do", lane_ctx(campaign_id, chip_id, epoch))
         await env.store.job_done(campaign_id, job_id)
         return "gone"
+    req, spec = got
     lane = Lane(env, campaign_id, chip_id, epoch, job_id, spec, req.camouflage)
     return await lane.run()
