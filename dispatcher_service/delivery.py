@@ -87,3 +87,70 @@ class DeliveryClient:
         req = dpb.GetMediaContentRequest(media_id=media_id)
         return await self._call("GetMediaContent", lambda: self.stub.GetMediaContent(
             req, metadata=self.metadata, timeout=self.call_timeout))
+
+
+_Pending = tuple[list[dpb.DeliveryReport], float | None, "asyncio.Future[dpb.ReportDeliveriesResponse]"]
+
+
+class ReportBatcher:
+    """Group commit of ReportDeliveries per campaign within a worker process.
+
+    Every counting report takes the campaign row lock on the campaign side, so the reports of a
+    campaign's lanes run one after another there anyway; 1000 lanes each reporting alone kept the
+    campaign service's threads waiting on that lock (and its leases waiting for threads). Here at
+    most one ReportDeliveries per (campaign, kind) is in flight per worker; reports arriving
+    meanwhile go together in the next one. Every caller gets the answer of the RPC that carried its
+    reports, or its error. ATTEMPTING-only reports are a separate kind: they take no campaign lock
+    and must stay that way (a lane records an attempt even while a Pause holds the row).
+    """
+
+    def __init__(self, client: DeliveryClient, max_reports: int = 1000) -> None:
+        self.client = client
+        self.max_reports = max_reports
+        self._queues: dict[tuple[str, bool], list[_Pending]] = {}
+        self._drains: dict[tuple[str, bool], asyncio.Task[None]] = {}
+
+    async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
+                     budget: float | None = None) -> dpb.ReportDeliveriesResponse:
+        key = (campaign_id, all(r.outcome == dpb.DELIVERY_OUTCOME_ATTEMPTING for r in reports))
+        fut: asyncio.Future[dpb.ReportDeliveriesResponse] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append((list(reports), budget, fut))
+        if key not in self._drains:
+            self._drains[key] = asyncio.ensure_future(self._drain(key))
+        return await fut
+
+    async def _drain(self, key: tuple[str, bool]) -> None:
+        batch: list[_Pending] = []
+        try:
+            for _ in range(1_000_000):
+                q = self._queues.get(key)
+                if not q:
+                    break
+                batch, n = [], 0
+                while q and (not batch or n + len(q[0][0]) <= self.max_reports):
+                    item = q.pop(0)
+                    batch.append(item)
+                    n += len(item[0])
+                if not q:
+                    self._queues.pop(key, None)
+                budgets = [b for _, b, _ in batch if b is not None]
+                try:
+                    resp = await self.client.report(key[0], [r for rs, _, _ in batch for r in rs],
+                                                    budget=min(budgets) if budgets else None)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:
+                    for _, _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    batch = []
+                    continue
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_result(resp)
+                batch = []
+        finally:
+            self._drains.pop(key, None)
+            for _, _, f in batch + self._queues.pop(key, []):
+                if not f.done():
+                    f.cancel()

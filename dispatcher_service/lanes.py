@@ -31,7 +31,7 @@ from arq.connections import ArqRedis
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys as keys_mod
 from dispatcher_service.config import Config
-from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable
+from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable, ReportBatcher
 from dispatcher_service.logs import lane_ctx
 from dispatcher_service.pacing import Limits, Pacer, Reservation
 from dispatcher_service.store import LaneLock, Store
@@ -77,8 +77,10 @@ class WorkerEnv:
     store: Store = field(init=False)
     fences: fences_mod.Fences = field(init=False)
     pacer: Pacer = field(init=False)
+    reports: ReportBatcher = field(init=False)
 
     def __post_init__(self) -> None:
+        self.reports = ReportBatcher(self.delivery)
         self.store = Store(self.redis, self.cfg.queue_name)
         self.fences = self.store.fences
         self.pacer = Pacer(self.redis)
@@ -258,7 +260,7 @@ class Lane:
         if not batch:
             return
         sent, failed = self.sent, self.failed
-        resp = await self.env.delivery.report(self.c, batch, budget=budget)
+        resp = await self.env.reports.report(self.c, batch, budget=budget)
         self.reports = []
         self.sent = self.failed = 0
         if sent or failed:
