@@ -24,14 +24,14 @@ PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefle
 
 
 class KeyCache:
-    """sha256(key) -> user id, with a short TTL so revoked keys stop working quickly."""
+    """sha256(key) -> the user's Principal, with a short TTL so revoked keys stop working quickly."""
 
     def __init__(self, lookup: Callable[[str], uuid.UUID | None], ttl: float = 30.0) -> None:
         self._lookup = lookup
         self._ttl = ttl
-        self._cache: dict[str, tuple[float, uuid.UUID | None]] = {}
+        self._cache: dict[str, tuple[float, auth.Principal | None]] = {}
 
-    def user_for(self, key: str) -> uuid.UUID | None:
+    def principal_for(self, key: str) -> auth.Principal | None:
         h = auth.hash_key(key)
         now = time.monotonic()
         hit = self._cache.get(h)
@@ -40,8 +40,13 @@ class KeyCache:
         user = self._lookup(h)
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[h] = (now + self._ttl, user)
-        return user
+        principal = None if user is None else auth.Principal(user_id=user)
+        self._cache[h] = (now + self._ttl, principal)
+        return principal
+
+    def user_for(self, key: str) -> uuid.UUID | None:
+        p = self.principal_for(key)
+        return None if p is None else p.user_id
 
 
 def to_service_error(exc: BaseException) -> errors.ServiceError:
@@ -60,13 +65,16 @@ def to_service_error(exc: BaseException) -> errors.ServiceError:
     return errors.Internal("internal error")
 
 
+_SERVICE_PRINCIPAL = auth.Principal(user_id=None, is_service=True)
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
     def __init__(self, keys: KeyCache, service_token: str) -> None:
         self._keys = keys
         self._service_token = service_token
+        self._handlers: dict[str, Any] = {}  # method -> wrapped handler (built once per method)
 
-    def _principal(self, method: str, metadata: Any) -> auth.Principal | None:
-        service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
+    def _principal(self, service: str, metadata: Any) -> auth.Principal | None:
         if service in PUBLIC_SERVICES:
             return None
         token = auth.bearer_token(metadata)
@@ -75,26 +83,38 @@ class ServerInterceptor(grpc.ServerInterceptor):
         internal = service in INTERNAL_SERVICES
         if auth.is_service_token(token, self._service_token):
             if internal:
-                return auth.Principal(user_id=None, is_service=True)
+                return _SERVICE_PRINCIPAL
             raise errors.PermissionDenied("the service token is for internal RPCs only")
-        user = self._keys.user_for(token)
-        if user is None:
+        principal = self._keys.principal_for(token)
+        if principal is None:
             raise errors.Unauthenticated("invalid API key")
         if internal:
             raise errors.PermissionDenied(f"{service} is internal: user credentials are refused")
-        return auth.Principal(user_id=user)
+        return principal
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        method: str = details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = continuation(details)
         if handler is None:
             return None
-        method: str = details.method
+        wrapped = self._wrap(method, handler)
+        if len(self._handlers) < 1000:  # only registered methods resolve to a handler; bounded anyway
+            self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
+        principal_of = self._principal
+        set_current, reset_current = auth.set_current, auth.reset_current
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
                 token = None
                 try:
-                    token = auth.set_current(self._principal(method, context.invocation_metadata()))
+                    token = set_current(principal_of(service, context.invocation_metadata()))
                     return behavior(request_or_iterator, context)
                 except Exception as exc:
                     err = to_service_error(exc)
@@ -103,7 +123,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                     context.abort_with_status(err.to_status())
                 finally:
                     if token is not None:
-                        auth.reset_current(token)
+                        reset_current(token)
             return run
 
         if handler.unary_unary:
