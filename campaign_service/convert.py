@@ -5,10 +5,10 @@ templates/settings are memoized per (campaign id, version): they only change wit
 
 from __future__ import annotations
 
+import json
 import threading
-import uuid
 from collections import OrderedDict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -106,58 +106,87 @@ def etag(version: int) -> str:
     return f'W/"{version}"'
 
 
+def _body(templates: list[dict[str, Any]], settings: dict[str, Any]) -> bytes:
+    """The serialized templates+settings part of a Campaign."""
+    if not templates and not settings:
+        return b""
+    return res.Campaign(templates=templates_from_json(templates),
+                        settings=settings_from_json(settings)).SerializeToString()
+
+
 class _BodyCache:
-    """(campaign id, version) -> serialized templates+settings part of the Campaign."""
+    """Serialized templates+settings, memoized by (campaign id, version) for ORM objects and by the
+    JSON text itself for view rows (campaigns often share settings, and a list page of 100 rows
+    then parses each distinct text once)."""
 
     def __init__(self, size: int = 20_000) -> None:
-        self._d: OrderedDict[tuple[uuid.UUID, int], bytes] = OrderedDict()
+        self._d: OrderedDict[Any, bytes] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, c: Any) -> bytes:
-        key = (c.id, c.version)
+    def _lookup(self, key: Any) -> bytes | None:
         with self._lock:
             hit = self._d.get(key)
             if hit is not None:
                 self._d.move_to_end(key)
-                return hit
-        if not c.templates and not c.settings:
-            return b""
-        body = res.Campaign(templates=templates_from_json(c.templates),
-                            settings=settings_from_json(c.settings)).SerializeToString()
+            return hit
+
+    def _store(self, key: Any, body: bytes) -> bytes:
         with self._lock:
             self._d[key] = body
             if len(self._d) > self._size:
                 self._d.popitem(last=False)
         return body
 
+    def get(self, c: Any) -> bytes:
+        key = (c.id, c.version)
+        hit = self._lookup(key)
+        if hit is not None:
+            return hit
+        return self._store(key, _body(c.templates, c.settings))
+
+    def from_json(self, templates_json: str, settings_json: str) -> bytes:
+        key = (templates_json, settings_json)
+        hit = self._lookup(key)
+        if hit is not None:
+            return hit
+        return self._store(key, _body(json.loads(templates_json), json.loads(settings_json)))
+
 
 _bodies = _BodyCache()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_Timestamp = timestamp_pb2.Timestamp
+
+
+def _stamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """Timestamp.FromDatetime, without its time tuple round trip (naive means UTC, as there)."""
+    if dt is None:
+        return None
+    d = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)) - _EPOCH
+    return _Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
+
+
+def _campaign(c: Any, id_: str, chip_ids: Any, body: bytes) -> res.Campaign:
+    out = res.Campaign(
+        id=id_, name=c.name, description=c.description, state=c.state, state_reason=c.state_reason, chip_ids=chip_ids,
+        schedule_time=_stamp(c.schedule_time), create_time=_stamp(c.created_at),
+        update_time=_stamp(c.updated_at), start_time=_stamp(c.started_at), complete_time=_stamp(c.completed_at),
+        total_contacts=c.total_contacts, pending_count=c.pending_count, sent_count=c.sent_count,
+        delivered_count=c.delivered_count, read_count=c.read_count, failed_count=c.failed_count,
+        skipped_count=c.skipped_count, etag=f'W/"{c.version}"')
+    if body:
+        out.MergeFromString(body)
+    return out
 
 
 def campaign(c: Campaign | Any) -> res.Campaign:
-    """A Campaign resource from an ORM object or a Core row of the campaigns table."""
-    out = res.Campaign.FromString(_bodies.get(c))
-    out.id = str(c.id)
-    out.name = c.name
-    out.description = c.description
-    out.state = c.state  # type: ignore[assignment]
-    out.state_reason = c.state_reason
-    out.chip_ids.extend(str(i) for i in c.chip_ids)
-    for field, value in (("schedule_time", c.schedule_time), ("create_time", c.created_at),
-                         ("update_time", c.updated_at), ("start_time", c.started_at),
-                         ("complete_time", c.completed_at)):
-        if value is not None:
-            getattr(out, field).FromDatetime(value)
-    out.total_contacts = c.total_contacts
-    out.pending_count = c.pending_count
-    out.sent_count = c.sent_count
-    out.delivered_count = c.delivered_count
-    out.read_count = c.read_count
-    out.failed_count = c.failed_count
-    out.skipped_count = c.skipped_count
-    out.etag = etag(c.version)
-    return out
+    """A Campaign resource from an ORM object (or a row of all the campaigns table's columns)."""
+    return _campaign(c, str(c.id), [str(i) for i in c.chip_ids], _bodies.get(c))
+
+
+def campaign_view(row: Any) -> res.Campaign:
+    """A Campaign resource from a row of campaigns_repo.VIEW_COLUMNS."""
+    return _campaign(row, row.id, row.chip_ids, _bodies.from_json(row.templates_json, row.settings_json))
 
 
 def chip(c: Chip) -> res.Chip:

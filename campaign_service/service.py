@@ -378,12 +378,16 @@ class CampaignOps:
         log.info("campaign=%s created (name: %s, state: %s)", c.id, c.name, state.name)
         return c
 
-    def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> Campaign:
+    def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
+        """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view)."""
         cid = parse_uuid(campaign_id, "campaign_id")
-        with self.db.session() as s:
-            return self._campaign(s, user_id, cid)
+        row = campaigns_repo.get_view(self.db, user_id, cid)
+        if row is None:
+            raise errors.NotFound("campaign", str(cid))
+        return row
 
     def list_campaigns(self, user_id: uuid.UUID, state: int, page_size: int, page_token: str) -> Page:
+        """Rows of campaigns_repo.VIEW_COLUMNS (render them with convert.campaign_view)."""
         size = pagination.page_size(page_size)
         if state and state not in State._value2member_map_:
             raise errors.InvalidArgument([("state", f"unknown state {state}")])
@@ -394,12 +398,12 @@ class CampaignOps:
                 after = (datetime.fromisoformat(cursor[0]), uuid.UUID(cursor[1]))
             except (ValueError, IndexError, TypeError):
                 raise errors.InvalidArgument([("page_token", "malformed page token")]) from None
-        with self.db.session() as s:
-            rows = campaigns_repo.page(s, user_id, state, size + 1, after)
+        with self.db.read() as conn:
+            rows = campaigns_repo.page(conn, user_id, state, size + 1, after)
         token = ""
         if len(rows) > size:
             rows = rows[:size]
-            token = pagination.encode("campaigns", str(state), [rows[-1].created_at.isoformat(), str(rows[-1].id)])
+            token = pagination.encode("campaigns", str(state), [rows[-1].created_at.isoformat(), rows[-1].id])
         return Page(rows, token)
 
     def update_campaign(self, user_id: uuid.UUID, campaign_id: str, patch: CampaignInput, paths: list[str],

@@ -5,12 +5,73 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, literal, select, tuple_
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, tuple_
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
+from campaign_service.db.engine import Database, Prepared
 from campaign_service.db.models import Campaign
+
+_c = Campaign.__table__.c
+#: What the API view of a campaign needs (convert.campaign_view), typed for cheap rendering: ids as
+#: text, and templates/settings as their JSON text (rendered once per distinct text, not per row).
+VIEW_COLUMNS = (
+    cast(_c.id, Text).label("id"), _c.name, _c.description, _c.state, _c.state_reason,
+    cast(_c.templates, Text).label("templates_json"), cast(_c.settings, Text).label("settings_json"),
+    cast(_c.chip_ids, ARRAY(Text)).label("chip_ids"), _c.schedule_time, _c.created_at, _c.updated_at,
+    _c.started_at, _c.completed_at, _c.total_contacts, _c.pending_count, _c.sent_count, _c.delivered_count,
+    _c.read_count, _c.failed_count, _c.skipped_count, _c.version)
+
+
+
+class CampaignView(NamedTuple):
+    """A row of VIEW_COLUMNS (same names, same order)."""
+
+    id: str
+    name: str
+    description: str
+    state: int
+    state_reason: str
+    templates_json: str
+    settings_json: str
+    chip_ids: list[str]
+    schedule_time: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    total_contacts: int
+    pending_count: int
+    sent_count: int
+    delivered_count: int
+    read_count: int
+    failed_count: int
+    skipped_count: int
+    version: int
+
+
+assert CampaignView._fields == tuple(c.name for c in VIEW_COLUMNS)
+
+#: GetCampaign, the hottest read: prepared once per connection (see Database.fetch_one).
+GET_VIEW = Prepared("whago_get_campaign_view", str(select(*VIEW_COLUMNS).compile(dialect=postgresql.dialect()))
+                    + " WHERE campaigns.id = $1 AND campaigns.user_id = $2", 2)
+
+
+def _page_query(by_state: bool, keyset: bool) -> Select[Any]:
+    q = select(*VIEW_COLUMNS).where(_c.user_id == bindparam("uid"))
+    if by_state:
+        q = q.where(_c.state == bindparam("state"))
+    if keyset:
+        q = q.where(tuple_(_c.created_at, _c.id) < tuple_(bindparam("after_t", type_=_c.created_at.type),
+                                                           bindparam("after_id", type_=_c.id.type)))
+    return q.order_by(_c.created_at.desc(), _c.id.desc()).limit(bindparam("lim"))
+
+
+_PAGES = {(s, k): _page_query(s, k) for s in (False, True) for k in (False, True)}
 
 
 def insert(session: Session, **fields: Any) -> Campaign:
@@ -36,16 +97,21 @@ def get_any(session: Session, campaign_id: uuid.UUID, *, for_update: bool = Fals
     return session.execute(q).scalar_one_or_none()
 
 
-def page(session: Session, user_id: uuid.UUID, state: int, limit: int,
-         after: tuple[datetime, uuid.UUID] | None) -> list[Any]:
-    """Core rows (attribute access like the ORM objects, without the identity-map cost)."""
-    q = select(*Campaign.__table__.c).where(Campaign.user_id == user_id)
+def get_view(db: Database, user_id: uuid.UUID, campaign_id: uuid.UUID) -> CampaignView | None:
+    """The VIEW_COLUMNS of one of the user's campaigns."""
+    row = db.fetch_one(GET_VIEW, str(campaign_id), str(user_id))
+    return None if row is None else CampaignView._make(row)
+
+
+def page(conn: Connection, user_id: uuid.UUID, state: int, limit: int,
+         after: tuple[datetime, uuid.UUID] | None) -> list[Row[Any]]:
+    """VIEW_COLUMNS rows, newest first, keyset-paginated after (created_at, id)."""
+    params: dict[str, Any] = {"uid": user_id, "lim": limit}
     if state:
-        q = q.where(Campaign.state == state)
+        params["state"] = state
     if after is not None:
-        q = q.where(tuple_(Campaign.created_at, Campaign.id) < tuple_(literal(after[0]), literal(after[1])))
-    q = q.order_by(Campaign.created_at.desc(), Campaign.id.desc()).limit(limit)
-    return list(session.execute(q).all())
+        params["after_t"], params["after_id"] = after
+    return list(conn.execute(_PAGES[bool(state), after is not None], params).all())
 
 
 def touch(session: Session, c: Campaign) -> None:

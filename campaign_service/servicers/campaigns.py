@@ -47,12 +47,12 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         return unwrap(out, res.Campaign, convert.campaign)
 
     def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        return convert.campaign(self.ops.get_campaign(auth.current_user_id(), request.campaign_id))
+        return convert.campaign_view(self.ops.get_campaign(auth.current_user_id(), request.campaign_id))
 
     def ListCampaigns(self, request: cs.ListCampaignsRequest,
                       context: grpc.ServicerContext) -> cs.ListCampaignsResponse:
         page = self.ops.list_campaigns(auth.current_user_id(), request.state, request.page_size, request.page_token)
-        return cs.ListCampaignsResponse(campaigns=[convert.campaign(c) for c in page.items],
+        return cs.ListCampaignsResponse(campaigns=[convert.campaign_view(c) for c in page.items],
                                         next_page_token=page.next_page_token)
 
     def UpdateCampaign(self, request: cs.UpdateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
