@@ -172,6 +172,8 @@ class Lane:
         self.last_error = ""
         # A send token taken together with the pacing slot (reserve_send); the next send call uses it.
         self.pretoken: str | None = None
+        # Outcome report running in the background while the lane goes on sending (flush_later).
+        self.pending_flush: asyncio.Task[dpb.ReportDeliveriesResponse | None] | None = None
 
     # -- fenced WAHA access ------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None,
@@ -256,6 +258,7 @@ class Lane:
     async def flush(self, extra: list[dpb.DeliveryReport] | None = None, budget: float | None = None,
                     check: bool = True) -> None:
         """Send buffered reports (plus `extra`) in one RPC; stop when the campaign is no longer RUNNING."""
+        await self._settle(check)
         batch = self.reports + (extra or [])
         if not batch:
             return
@@ -266,6 +269,51 @@ class Lane:
         if sent or failed:
             await self.env.store.incr_lane(self.c, self.chip, sent, failed)
         if check and (resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch):
+            raise CampaignNotRunning(resp.campaign_state)
+
+    async def flush_later(self) -> None:
+        """Report the buffered outcomes in the background while the lane goes on sending (one such
+        report at a time). Safe because every WAHA id was recorded by ATTEMPTING before its send: a
+        report that fails goes back into the buffer for the next flush, and one lost with the worker
+        is resolved by a lookup when the lease is retaken."""
+        if not self.reports:
+            return
+        if self.pending_flush is not None:
+            if not self.pending_flush.done():
+                return  # the outcomes wait for the next one
+            await self._settle(True)  # done: no wait, only its answer is checked
+        batch, sent, failed = self.reports, self.sent, self.failed
+        self.reports = []
+        self.sent = self.failed = 0
+        self.pending_flush = asyncio.ensure_future(self._report_bg(batch, sent, failed))
+
+    async def _report_bg(self, batch: list[dpb.DeliveryReport], sent: int,
+                         failed: int) -> dpb.ReportDeliveriesResponse | None:
+        try:
+            resp = await self.env.reports.report(self.c, batch)
+        except Exception as e:
+            log.warning("%s background report failed (kept for the next one): %s", self.ctx, e)
+            self.reports[:0] = batch
+            self.sent += sent
+            self.failed += failed
+            return None
+        if sent or failed:
+            try:
+                await self.env.store.incr_lane(self.c, self.chip, sent, failed)
+            except Exception as e:  # lane counters are for GetDispatch only
+                log.warning("%s lane counters not updated: %s", self.ctx, e)
+        return resp
+
+    async def _settle(self, check: bool) -> None:
+        """Wait for the background report, if any; with `check`, stop when the campaign is no longer
+        RUNNING under our epoch."""
+        t = self.pending_flush
+        if t is None:
+            return
+        resp = await asyncio.shield(t)
+        self.pending_flush = None
+        if check and resp is not None and (resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING
+                                           or resp.epoch != self.epoch):
             raise CampaignNotRunning(resp.campaign_state)
 
     def attempting(self, m: dpb.LeasedMessage, waha_id: str) -> dpb.DeliveryReport:
@@ -476,14 +524,17 @@ class Lane:
     async def _new_ids(self, n: int) -> list[str]:
         """n WAHA message ids (new-message-id), fetched concurrently in fenced chunks of ID_CHUNK."""
         out: list[str] = []
-        for k in range(0, n, ID_CHUNK):
-            size = min(ID_CHUNK, n - k)
 
-            async def chunk(size: int = size) -> list[str | BaseException]:
-                return await asyncio.gather(*(self.waha.new_message_id(self.session) for _ in range(size)),
-                                            return_exceptions=True)
+        async def chunk(size: int) -> list[str | BaseException]:
+            return await asyncio.gather(*(self.waha.new_message_id(self.session) for _ in range(size)),
+                                        return_exceptions=True)
 
-            got = await self.call(chunk)
+        # The chunks too run concurrently, each under its own fence token taken before it starts.
+        chunks = await asyncio.gather(*(self.call(functools.partial(chunk, min(ID_CHUNK, n - k)))
+                                        for k in range(0, n, ID_CHUNK)), return_exceptions=True)
+        for got in chunks:
+            if isinstance(got, BaseException):
+                raise got
             errs = [e for e in got if isinstance(e, BaseException)]
             for cls, wrap in ((ChipRestricted, ChipBanned), (SessionNotWorking, ChipDown)):
                 e = next((e for e in errs if isinstance(e, cls)), None)
@@ -582,7 +633,7 @@ class Lane:
                 tok, self.pretoken = self.pretoken, None
                 await asyncio.shield(self.env.fences.release(self.c, tok, self.chip))
         if len(self.reports) >= REPORT_BATCH:
-            await self.flush()
+            await self.flush_later()
 
     async def _camouflage(self, m: dpb.LeasedMessage, res: Reservation, typing_s: float) -> None:
         """sendSeen -> startTyping -> wait (grows with the text) -> stopTyping; each step switchable."""
@@ -702,7 +753,7 @@ class Lane:
                 await asyncio.wait(list(self.inflight), timeout=self.cfg.waha_timeout + 2)
             if self.held:
                 await self._release_held(f"lane {outcome}")
-            elif self.reports:
+            elif self.reports or self.pending_flush is not None:
                 try:
                     await self.flush(check=False, budget=20.0)
                 except Exception as e:
