@@ -404,7 +404,7 @@ def test_400_fails_that_message_with_the_reason_and_503_twice_is_retried_then_se
 def test_failure_threshold_auto_pauses_the_campaign_with_the_reason(
         api: Ops, sandbox_url: str, control: SandboxControl) -> None:
     # Gaps over 1 s make the lane report each outcome before the next send, so the count is exact.
-    chip = api.chip(sandbox_url, KEY, interval=(1.2, 1.3))
+    chip = api.chip(sandbox_url, KEY, interval=(1.5, 1.6))
     control.set_session(chip.waha_session, fail_next=[{"status": 400, "count": 1000}])
     settings = res.CampaignSettings(pacing=res.Pacing(interval_min_seconds=0, interval_max_seconds=0),
                                     camouflage=res.Camouflage(send_seen=False, typing=False), max_failures=3)
