@@ -63,7 +63,7 @@ MAX_MEDIA_BYTES = 16 * 1024 * 1024
 MAX_REJECTED_REPORTED = 1000
 MAX_CONTACT_NAME = 1000
 MAX_REQUEST_ID = 200
-COPY_BATCH = 20_000
+COPY_BATCH = 5_000  # rows per piece handed to the COPY thread
 
 UPDATABLE_PATHS = ("name", "description", "templates", "settings", "chip_ids", "schedule_time")
 
@@ -732,8 +732,9 @@ class CampaignOps:
     # -- contacts -------------------------------------------------------------------------------
 
     def import_contacts(self, user_id: uuid.UUID, chunks: Iterator[ImportChunk]) -> ImportResult:
-        """Stream rows in, normalize in Python (cached libphonenumber), COPY in batches, merge duplicates
-        with ON CONFLICT DO NOTHING; one transaction holding the campaign row lock."""
+        """Stream rows in, normalize in Python (cached libphonenumber) while one COPY (in a helper thread)
+        takes the rows, merge duplicates with ON CONFLICT DO NOTHING; one transaction holding the
+        campaign row lock."""
         first = next(chunks, None)
         if first is None:
             raise errors.InvalidArgument([("campaign_id", "required on the first message")])
@@ -750,33 +751,38 @@ class CampaignOps:
             if not direct:
                 contacts_repo.begin_import(s)
             seen: set[int] = set()
-            batch: list[tuple[str, str, str, dict[str, str], int]] = []
-            staged = 0
+            batch: list[contacts_repo.Row] = []
             row = 0
             normalize = phones.normalize
-            for chunk in self._chain(first, chunks, first.campaign_id):
-                for r in chunk.rows:
-                    row += 1
-                    got = normalize(r.phone, region)
-                    if isinstance(got, str):
-                        reason = got
-                    elif len(r.name) > MAX_CONTACT_NAME:
-                        reason = f"name longer than {MAX_CONTACT_NAME} characters"
-                    else:
-                        key = int(got.digits)
-                        if key in seen:
-                            out.duplicates += 1
+            sink = contacts_repo.CopyStream(s, cid, direct)
+            try:
+                for chunk in self._chain(first, chunks, first.campaign_id):
+                    for r in chunk.rows:
+                        row += 1
+                        got = normalize(r.phone, region)
+                        if isinstance(got, str):
+                            reason = got
+                        elif len(r.name) > MAX_CONTACT_NAME:
+                            reason = f"name longer than {MAX_CONTACT_NAME} characters"
                         else:
-                            seen.add(key)
-                            batch.append((got.digits, got.chat_id, r.name, r.variables, offset + row))
-                        continue
-                    out.rejected_count += 1
-                    if len(out.rejected) < MAX_REJECTED_REPORTED:
-                        out.rejected.append(Rejected(row, r.phone, reason))
-                if len(batch) >= COPY_BATCH:
-                    staged += self._flush(s, cid, batch, direct)
-                    batch = []
-            staged += self._flush(s, cid, batch, direct)
+                            key = int(got.digits)
+                            if key in seen:
+                                out.duplicates += 1
+                            else:
+                                seen.add(key)
+                                batch.append((got.digits, got.chat_id, r.name, r.variables, offset + row))
+                            continue
+                        out.rejected_count += 1
+                        if len(out.rejected) < MAX_REJECTED_REPORTED:
+                            out.rejected.append(Rejected(row, r.phone, reason))
+                    if len(batch) >= COPY_BATCH:
+                        sink.send(batch)
+                        batch = []
+                sink.send(batch)
+                staged = sink.finish()
+            except BaseException:
+                sink.abort()
+                raise
             inserted = staged if direct else contacts_repo.finish_import(s, cid)
             out.imported = inserted
             out.duplicates += staged - inserted
@@ -794,15 +800,6 @@ class CampaignOps:
             if chunk.campaign_id and chunk.campaign_id != campaign_id:
                 raise errors.InvalidArgument([("campaign_id", "must match the first message of the stream")])
             yield chunk
-
-    @staticmethod
-    def _flush(s: Session, cid: uuid.UUID, batch: list[tuple[str, str, str, dict[str, str], int]],
-               direct: bool) -> int:
-        if not batch:
-            return 0
-        if direct:
-            return contacts_repo.copy_direct(s, cid, batch)
-        return contacts_repo.stage(s, batch)
 
     def list_contacts(self, user_id: uuid.UUID, campaign_id: str, page_size: int, page_token: str) -> Page:
         cid = parse_uuid(campaign_id, "campaign_id")

@@ -3,8 +3,9 @@ CONFLICT DO NOTHING, so a 1M-row import is a handful of statements."""
 
 from __future__ import annotations
 
-import io
 import json
+import queue
+import threading
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -32,40 +33,115 @@ def begin_import(session: Session) -> None:
     session.execute(text(f"TRUNCATE {_TEMP}"))
 
 
-def stage(session: Session, rows: Iterable[tuple[str, str, str, dict[str, str], int]]) -> int:
-    """COPY normalized rows (phone, chat_id, name, variables, row_no) into the temp table."""
-    return _copy(session, f"{_TEMP} (phone, chat_id, name, variables, row_no)", rows, "")
-
-
 def _no_nul(variables: dict[str, str]) -> dict[str, str]:
     """jsonb rejects \\u0000: drop NUL characters from template variables."""
     return {k.replace("\x00", ""): v.replace("\x00", "") for k, v in variables.items()}
 
 
-def _copy(session: Session, target: str, rows: Iterable[tuple[str, str, str, dict[str, str], int]],
-          prefix: str) -> int:
-    """COPY rows in text format (tabs, newlines and backslashes escaped)."""
+Row = tuple[str, str, str, dict[str, str], int]
+
+
+def copy_text(rows: Iterable[Row], prefix: str) -> tuple[str, int]:
+    """COPY text format of (phone, chat_id, name, variables, row_no) rows, each line starting with
+    `prefix` (tabs, newlines and backslashes escaped); and the number of rows."""
     parts: list[str] = []
     add = parts.append
     dumps = json.dumps
     for phone, chat, name, variables, row_no in rows:
         v = dumps(_no_nul(variables), ensure_ascii=False).translate(_ESCAPES) if variables else "{}"
         add(f"{prefix}{phone}\t{chat}\t{name.translate(_ESCAPES)}\t{v}\t{row_no}\n")
-    if parts:
-        cur = _raw_connection(session).cursor()
+    return "".join(parts), len(parts)
+
+
+class _Abort(Exception):
+    """Raised inside COPY's read() to make psycopg2 abort the COPY."""
+
+
+class CopyStream:
+    """One COPY of the import's rows, running in a helper thread while the caller keeps normalizing:
+    psycopg2 releases the GIL while it sends data and while PostgreSQL works, so the import costs
+    about max(Python, PostgreSQL) instead of their sum. The caller must not use the session until
+    `finish()` (or `abort()`) returns.
+
+    `direct`: straight into campaign_contacts (a campaign without contacts whose row the caller holds
+    locked, rows already deduplicated: nothing can conflict); otherwise into the temp table of
+    `begin_import`."""
+
+    def __init__(self, session: Session, campaign_id: uuid.UUID, direct: bool, depth: int = 4) -> None:
+        if direct:
+            self._sql = ("COPY campaign_contacts (campaign_id, phone, chat_id, name, variables, row_no)"
+                         " FROM STDIN")
+            self._prefix = f"{campaign_id}\t"
+        else:
+            self._sql = f"COPY {_TEMP} (phone, chat_id, name, variables, row_no) FROM STDIN"
+            self._prefix = ""
+        self._session = session
+        self._queue: queue.Queue[str | _Abort | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.rows = 0
+
+    def read(self, size: int = -1) -> str:
+        """psycopg2's side: the next piece of COPY text ('' ends the COPY)."""
+        item = self._queue.get()
+        if isinstance(item, _Abort):
+            raise item
+        return item or ""
+
+    def _run(self, cursor: Any) -> None:
         try:
-            cur.copy_expert(f"COPY {target} FROM STDIN", io.StringIO("".join(parts)))
+            cursor.copy_expert(self._sql, self, size=1 << 16)
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
         finally:
-            cur.close()
-    return len(parts)
+            cursor.close()
 
+    def send(self, rows: list[Row]) -> None:
+        """Queue rows for the COPY (blocks while PostgreSQL is behind)."""
+        text_, n = copy_text(rows, self._prefix)
+        if not n:
+            return
+        if self._thread is None:
+            cursor = _raw_connection(self._session).cursor()
+            self._thread = threading.Thread(target=self._run, args=(cursor,), name="import-copy", daemon=True)
+            self._thread.start()
+        self._put(text_)
+        self.rows += n
 
-def copy_direct(session: Session, campaign_id: uuid.UUID,
-                rows: Iterable[tuple[str, str, str, dict[str, str], int]]) -> int:
-    """COPY straight into campaign_contacts. Only for a campaign without contacts whose row the caller
-    holds locked, with rows already deduplicated: nothing can conflict, so no staging is needed."""
-    return _copy(session, "campaign_contacts (campaign_id, phone, chat_id, name, variables, row_no)", rows,
-                 f"{campaign_id}\t")
+    def _put(self, item: str | _Abort | None) -> None:
+        assert self._thread is not None
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise self._error or RuntimeError("COPY ended early") from None
+
+    def finish(self) -> int:
+        """End the COPY and wait for it; raises its error if it failed. Returns the rows sent."""
+        if self._thread is not None:
+            self._put(None)
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+        return self.rows
+
+    def abort(self) -> None:
+        """Cancel the COPY (the caller failed); the transaction must then roll back."""
+        if self._thread is None:
+            return
+        while True:  # only this thread puts: once drained, there is room for the abort
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put_nowait(_Abort("import aborted"))
+        self._thread.join()
+        self._thread = None
 
 
 def finish_import(session: Session, campaign_id: uuid.UUID) -> int:
