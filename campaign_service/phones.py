@@ -65,49 +65,69 @@ def _validator(region: str) -> Callable[[str], bool] | None:
         return None
     types = [d for d in (compiled(getattr(md, name, None)) for name in _TYPE_DESCS) if d is not None]
 
-    def matches(nsn: str, desc: tuple[frozenset[int], re.Pattern[str]]) -> bool:
-        lengths, pattern = desc
-        if lengths and len(nsn) not in lengths:
-            return False
-        return pattern.fullmatch(nsn) is not None
+    g_lengths, g_full = general[0], general[1].fullmatch
+    checks = tuple((lengths, pattern.fullmatch) for lengths, pattern in types)
 
     def valid(nsn: str) -> bool:
-        return matches(nsn, general) and any(matches(nsn, d) for d in types)
+        n = len(nsn)
+        if (g_lengths and n not in g_lengths) or g_full(nsn) is None:
+            return False
+        for lengths, full in checks:  # noqa: SIM110 -- a loop: any() over a generator is slower here
+            if (not lengths or n in lengths) and full(nsn) is not None:
+                return True
+        return False
 
     return valid
+
+
+_Plan = tuple[tuple[Callable[[str], Any], ...], Callable[[str], bool] | None]
+
+
+@lru_cache(maxsize=1024)
+def _plan(cc: int) -> _Plan | None:
+    """For a country code: the national-prefix matchers of its regions, and the validator when it
+    has exactly one region (None: ask phonenumbers.is_valid_number); None for an unknown code."""
+    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(cc)
+    if not regions:
+        return None
+    prefixes = []
+    for region in regions:
+        info = _region_info(region)
+        if info is not None and info[1] is not None:
+            prefixes.append(info[1].match)
+    return tuple(prefixes), (_validator(regions[0]) if len(regions) == 1 else None)
 
 
 def _from_parts(cc: int, national: str) -> Normalized | None:
     """Shortcut result for a country code and national digits, if valid and unambiguous."""
     if national.startswith("0"):
         return None
-    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(cc)
-    if not regions:
+    plan = _plan(cc)
+    if plan is None:
         return None
-    for region in regions:
-        info = _region_info(region)
-        if info is not None and info[1] is not None and info[1].match(national):
+    prefixes, check = plan
+    for prefix in prefixes:
+        if prefix(national):
             return None  # the parser might strip a trunk/carrier prefix: let it decide
-    check = _validator(regions[0]) if len(regions) == 1 else None
     if check is not None:
         if not check(national):
             return None
     elif not phonenumbers.is_valid_number(PhoneNumber(country_code=cc, national_number=int(national))):
         return None
     digits = f"{cc}{national}"
-    return Normalized(digits, chat_id(digits))
+    return Normalized(digits, f"{digits}@c.us")
 
 
-def _fast(cleaned: str, region: str) -> Normalized | None:
+_CC_BY_PREFIX = {str(cc): cc for cc in _COUNTRY_CODES}
+
+
+def _fast(cleaned: str, info: tuple[int, re.Pattern[str] | None]) -> Normalized | None:
     if cleaned.startswith("+"):
         body = cleaned[1:]
         for n in (1, 2, 3):
-            cc = int(body[:n])
-            if cc in _COUNTRY_CODES:
+            cc = _CC_BY_PREFIX.get(body[:n])
+            if cc is not None:
                 return _from_parts(cc, body[n:])
-        return None
-    info = _region_info(region)
-    if info is None:
         return None
     return _from_parts(info[0], cleaned)
 
@@ -142,11 +162,12 @@ def normalize(raw: str, region: str = "BR") -> Normalized | str:
         return "empty phone"
     if len(stripped) > 64:
         return "not a phone number: too long"
-    if _region_info(region) is None:
+    info = _region_info(region)
+    if info is None:
         return f"unknown default region {region!r}"
     cleaned = _FORMATTING.sub("", stripped)
     if _CLEAN.fullmatch(cleaned):
-        fast = _fast(cleaned, region)
+        fast = _fast(cleaned, info)
         if fast is not None:
             return fast
     return _slow(stripped, region)

@@ -25,11 +25,11 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
@@ -118,12 +118,25 @@ class ContactRow(NamedTuple):
     variables: dict[str, str]
 
 
+class ContactLike(Protocol):
+    """What import reads of a row: a ContactRow, or the ContactInput message itself (no copy)."""
+
+    @property
+    def phone(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def variables(self) -> Mapping[str, str]: ...
+
+
 @dataclass(frozen=True)
 class ImportChunk:
     """One message of the ImportContacts stream."""
 
     campaign_id: str
-    rows: list[ContactRow]
+    rows: Sequence[ContactLike]
     default_region: str = ""
 
 

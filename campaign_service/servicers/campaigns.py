@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from campaign_service import auth, convert, errors
-from campaign_service.service import CampaignInput, CampaignOps, ContactRow, DeleteResult, ImportChunk, mask_paths
+from campaign_service.service import CampaignInput, CampaignOps, DeleteResult, ImportChunk, mask_paths
 from campaign_service.servicers import idem, unwrap
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -100,9 +100,7 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         def chunks() -> Iterator[ImportChunk]:
             try:
                 for req in request_iterator:
-                    yield ImportChunk(req.campaign_id, [ContactRow(c.phone, c.name, dict(c.variables)
-                                                                   if c.variables else {}) for c in req.contacts],
-                                      req.default_region)
+                    yield ImportChunk(req.campaign_id, req.contacts, req.default_region)
             except grpc.RpcError:
                 raise errors.Cancelled("the client ended the stream early; nothing was imported") from None
             # Raised inside the import transaction, so it rolls back.
