@@ -100,6 +100,7 @@ class Campaign(Base):
         Index("ix_campaigns_user_created", "user_id", text("created_at DESC"), text("id DESC")),
         Index("ix_campaigns_user_state_created", "user_id", "state", text("created_at DESC"), text("id DESC")),
         Index("ix_campaigns_scheduled", "schedule_time", postgresql_where=text("state = 2")),
+        Index("ix_campaigns_running", "id", postgresql_where=text("state = 3")),
     )
 
 
@@ -140,6 +141,19 @@ class Message(Base):
         Index("ix_messages_lane", "campaign_id", "chip_id", "state", "seq"),
         Index("ix_messages_campaign_state", "campaign_id", "state", "id"),
     )
+
+
+class DeliveryLane(Base):
+    """One row per (campaign, chip) lane: when it last leased (or was restarted by the watchdog).
+    Separate from campaigns so that leasing never writes the campaign row (migration 0002)."""
+
+    __tablename__ = "delivery_lanes"
+    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"),
+                                                   primary_key=True)
+    chip_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    last_seen_at: Mapped[datetime] = _now()
+    lease_seconds: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    lease_owner: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
 
 
 class Media(Base):
