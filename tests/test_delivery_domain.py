@@ -354,19 +354,39 @@ def test_restricted_chip_pending_redistributed_round_robin(delivery_db: Database
     check_counters(delivery_db, w.campaign_id)
 
 
-def test_unavailable_chip_with_no_chip_left_auto_pauses(delivery_db: Database, events: RecordingEvents) -> None:
+def test_unavailable_chip_with_no_active_chip_left_keeps_its_messages_and_the_campaign_running(
+        delivery_db: Database, events: RecordingEvents) -> None:
+    """A session that is not WORKING is usually transient: its lane backs off and re-checks, so with
+    no ACTIVE chip to take over, the messages stay PENDING on it and the campaign keeps RUNNING."""
     w = make_world(delivery_db, contacts=6, chips=2)
     chips.report_chip_state(delivery_db, events, w.chip(1), 3, "restricted")
     out = chips.report_chip_state(delivery_db, events, w.chip(0), 2, "session not WORKING")
-    assert out.paused_campaign_ids == [w.cid] and out.redistributed_campaign_ids == []
+    assert out.paused_campaign_ids == [] and out.redistributed_campaign_ids == []
     row = campaign_row(delivery_db, w.campaign_id)
-    assert row.state == PAUSED and row.state_reason == chips.NO_CHIP_LEFT and row.dispatch_epoch == 2
-    assert events.states(w.cid) == ["PAUSED"]
-    assert {m.state for m in message_rows(delivery_db, w.campaign_id)} == {M_PENDING}
-    # ACTIVE again: just the state.
+    assert row.state == RUNNING and row.dispatch_epoch == 1
+    assert events.states(w.cid) == []
+    rows = message_rows(delivery_db, w.campaign_id)
+    assert {m.state for m in rows} == {M_PENDING} and {m.chip_id for m in rows} == {w.chip_ids[0]}
+    # ACTIVE again: just the state; the same lane sends them.
     out = chips.report_chip_state(delivery_db, events, w.chip(0), 1, "")
     assert out.chip.state == 1 and out.paused_campaign_ids == [] == out.redistributed_campaign_ids
-    assert campaign_row(delivery_db, w.campaign_id).state == PAUSED
+    assert campaign_row(delivery_db, w.campaign_id).state == RUNNING
+
+
+def test_restricted_chip_hands_its_messages_to_an_unavailable_chip_and_pauses_only_when_none_is_left(
+        delivery_db: Database, events: RecordingEvents) -> None:
+    w = make_world(delivery_db, contacts=6, chips=3)
+    chips.report_chip_state(delivery_db, events, w.chip(1), 2, "session not WORKING")
+    out = chips.report_chip_state(delivery_db, events, w.chip(0), 3, "463")
+    assert out.redistributed_campaign_ids == [w.cid] and out.paused_campaign_ids == []
+    assert w.chip_ids[0] not in {m.chip_id for m in message_rows(delivery_db, w.campaign_id)}
+    chips.report_chip_state(delivery_db, events, w.chip(1), 3, "463")
+    out = chips.report_chip_state(delivery_db, events, w.chip(2), 3, "463")
+    assert out.paused_campaign_ids == [w.cid]
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert row.state == PAUSED and row.state_reason == chips.NO_CHIP_LEFT
+    assert events.states(w.cid) == ["PAUSED"]
+    assert {m.state for m in message_rows(delivery_db, w.campaign_id)} == {M_PENDING}
 
 
 def test_paused_campaign_messages_move_but_it_is_not_paused_again(delivery_db: Database) -> None:

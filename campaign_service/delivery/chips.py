@@ -2,9 +2,11 @@
 
 A chip leaving rotation (UNAVAILABLE or RESTRICTED) has the PENDING messages it holds in RUNNING
 and PAUSED campaigns moved round-robin (in seq order) to the campaign's other ACTIVE chips, in one
-set-based UPDATE per campaign; a RUNNING campaign with no ACTIVE chip left is auto-paused with the
-reason "no usable chip left". SENDING messages stay with their lane: it reports their outcome, or
-releases them, and the scheduler's sweep moves released ones later (`sweep_unusable_chips`).
+set-based UPDATE per campaign. With no ACTIVE chip left, an UNAVAILABLE chip keeps its messages (its
+lane backs off and re-checks the session); a RESTRICTED chip's go to UNAVAILABLE chips, and with none
+of those either a RUNNING campaign is auto-paused with the reason "no usable chip left".
+SENDING messages stay with their lane: it reports their outcome, or releases them, and the
+scheduler's sweep moves released ones later (`sweep_unusable_chips`).
 
 Redistribution takes no campaign lock (a Pause/Cancel in progress may hold it while it waits
 for the very lane that reports the chip); it only locks the moved message rows."""
@@ -76,7 +78,7 @@ ORDER BY c.id""")
 
 _TARGETS = text("""
 SELECT count(*) FROM chips ch JOIN campaigns c ON c.id = :cid
-WHERE ch.user_id = c.user_id AND ch.state = 1 AND ch.id <> :chip
+WHERE ch.user_id = c.user_id AND ch.state = ANY(CAST(:states AS smallint[])) AND ch.id <> :chip
   AND (cardinality(c.chip_ids) = 0 OR ch.id = ANY(c.chip_ids))""")
 
 # Targets: the campaign's chips (or every chip of the owner when the campaign names none), ACTIVE,
@@ -86,7 +88,7 @@ WITH camp AS (SELECT user_id, chip_ids FROM campaigns WHERE id = :cid),
 targets AS (
     SELECT ch.id, row_number() OVER (ORDER BY ch.id) - 1 AS k, count(*) OVER () AS n
     FROM chips ch, camp
-    WHERE ch.user_id = camp.user_id AND ch.state = 1 AND ch.id <> :chip
+    WHERE ch.user_id = camp.user_id AND ch.state = ANY(CAST(:states AS smallint[])) AND ch.id <> :chip
       AND (cardinality(camp.chip_ids) = 0 OR ch.id = ANY(camp.chip_ids))
 ), moving AS (
     SELECT id, seq FROM campaign_messages
@@ -103,8 +105,18 @@ RETURNING m.id""")
 
 def redistribute(s: Session, campaign_id: uuid.UUID, chip_id: uuid.UUID, campaign_state: int,
                  why: str, status: list[StatusEvent]) -> str:
-    """Move the campaign's PENDING messages off chip_id. Returns "moved", "paused" or ""."""
-    params = {"cid": str(campaign_id), "chip": str(chip_id)}
+    """Move the campaign's PENDING messages off chip_id. Returns "moved", "paused" or "".
+
+    Targets are the campaign's ACTIVE chips. With none, an UNAVAILABLE chip (session not WORKING,
+    usually transient) keeps its messages: its lane backs off and re-checks the session. A RESTRICTED
+    chip hands them to UNAVAILABLE chips that may come back; with no such chip either, a RUNNING
+    campaign is auto-paused, since nothing could ever send them."""
+    chip_state = s.execute(text("SELECT state FROM chips WHERE id = :chip"), {"chip": str(chip_id)}).scalar()
+    params: dict[str, Any] = {"cid": str(campaign_id), "chip": str(chip_id), "states": [CHIP_ACTIVE]}
+    if s.execute(_TARGETS, params).scalar_one() == 0:
+        if chip_state != CHIP_RESTRICTED:
+            return ""
+        params["states"] = [CHIP_ACTIVE, CHIP_UNAVAILABLE]
     if s.execute(_TARGETS, params).scalar_one() == 0:
         if campaign_state == RUNNING:
             ev = transitions.auto_pause(s, campaign_id, NO_CHIP_LEFT, "campaign.auto_pause")
