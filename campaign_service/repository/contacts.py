@@ -7,7 +7,7 @@ import json
 import queue
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import text
@@ -33,12 +33,12 @@ def begin_import(session: Session) -> None:
     session.execute(text(f"TRUNCATE {_TEMP}"))
 
 
-def _no_nul(variables: dict[str, str]) -> dict[str, str]:
+def _no_nul(variables: Mapping[str, str]) -> dict[str, str]:
     """jsonb rejects \\u0000: drop NUL characters from template variables."""
     return {k.replace("\x00", ""): v.replace("\x00", "") for k, v in variables.items()}
 
 
-Row = tuple[str, str, str, dict[str, str], int]
+Row = tuple[str, str, str, Mapping[str, str], int]
 
 
 def copy_text(rows: Iterable[Row], prefix: str) -> tuple[str, int]:
