@@ -45,6 +45,9 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raise exc.DisconnectionError("connection closed by the server")  # the pool retries with a new one
 
 
+_PLAN_CHANGED = "0A000"  # feature_not_supported: "cached plan must not change result type"
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A read statement (placeholders $1..$n) that each connection PREPAREs once, then EXECUTEs."""
@@ -105,7 +108,15 @@ class Database:
                 if stmt.name not in prepared:
                     cur.execute(f"PREPARE {stmt.name} AS {stmt.sql}")
                     prepared.add(stmt.name)
-                cur.execute(stmt.execute_sql, params)
+                try:
+                    cur.execute(stmt.execute_sql, params)
+                except self.engine.dialect.loaded_dbapi.Error as e:
+                    if getattr(e, "pgcode", None) != _PLAN_CHANGED:
+                        raise
+                    # A migration changed a column's type under the prepared plan: prepare it again.
+                    cur.execute(f"DEALLOCATE {stmt.name}")
+                    cur.execute(f"PREPARE {stmt.name} AS {stmt.sql}")
+                    cur.execute(stmt.execute_sql, params)
                 row: tuple[Any, ...] | None = cur.fetchone()
                 return row
             finally:
