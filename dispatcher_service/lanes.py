@@ -61,6 +61,11 @@ FENCE_POLL_SECONDS = 1.0
 # new-message-id requests of a batch run concurrently, this many under one fence token: all of a
 # chunk start together, so the token's TTL (one WAHA timeout + margin) covers every one of them.
 ID_CHUNK = 10
+# An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
+# (one Redis call per message instead of two). Before any wait (sleep, report, lease) the lane
+# releases it at once, and a timer this soon covers every other path, so a stop waiting for
+# in-flight requests is never held back by a lane that went quiet.
+FOLD_RELEASE_SECONDS = 0.05
 # Outcomes reported per ReportDeliveries (ATTEMPTING already recorded each WAHA id: a crash before
 # the report is resolved by a lookup when the lease is retaken).
 REPORT_BATCH = 10
@@ -174,6 +179,15 @@ class Lane:
         self.pretoken: str | None = None
         # Outcome report running in the background while the lane goes on sending (flush_later).
         self.pending_flush: asyncio.Task[dpb.ReportDeliveriesResponse | None] | None = None
+        self.lane_key = keys_mod.lane(campaign_id, chip_id)
+        self.fence_key = keys_mod.fence(campaign_id)
+        self.inflight_key = keys_mod.inflight(campaign_id)
+        self.run_value = fences_mod.run_value(epoch)
+        # Full speed (no minimum gap): an ended send's token waits for the next reservation to
+        # release it (the release marks the chip's last send END; later is only more conservative).
+        self.fold_release = self.limits.interval_min <= 0
+        self.unreleased: str | None = None
+        self.release_timer: asyncio.TimerHandle | None = None
 
     # -- fenced WAHA access ------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None,
@@ -210,12 +224,45 @@ class Lane:
             try:
                 return await fn()
             finally:
-                await asyncio.shield(self.env.fences.release(self.c, tok, pace_chip))
+                if pace_chip is not None and self.fold_release and self.unreleased is None:
+                    self._defer_release(tok)
+                else:
+                    await asyncio.shield(self.env.fences.release(self.c, tok, pace_chip))
 
         task: asyncio.Task[T] = asyncio.ensure_future(run())
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
         return await asyncio.shield(task)
+
+    def _defer_release(self, token: str) -> None:
+        """Leave an ended send's token to the next reserve_send; release it soon anyway."""
+        self.unreleased = token
+        if self.release_timer is None:
+            self.release_timer = asyncio.get_running_loop().call_later(FOLD_RELEASE_SECONDS, self._release_soon)
+
+    def _take_unreleased(self) -> str | None:
+        tok, self.unreleased = self.unreleased, None
+        if self.release_timer is not None:
+            self.release_timer.cancel()
+            self.release_timer = None
+        return tok
+
+    def _release_soon(self) -> None:
+        self.release_timer = None
+        tok = self._take_unreleased()
+        if tok is not None:
+            self._spawn_release(tok)
+
+    def _spawn_release(self, tok: str) -> None:
+        task = asyncio.ensure_future(self.env.fences.release(self.c, tok, self.chip))
+        self.inflight.add(task)  # the slice's cleanup waits for it like for a request
+        task.add_done_callback(self.inflight.discard)
+
+    async def release_now(self) -> None:
+        """Release an ended send's token still held for folding (before anything slow)."""
+        tok = self._take_unreleased()
+        if tok is not None:
+            await asyncio.shield(self.env.fences.release(self.c, tok, self.chip))
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, re-checking the fence at least every second while time remains.
@@ -224,6 +271,7 @@ class Lane:
         or a loop that checks the fence itself, so a check here would only cost a round trip."""
         if seconds <= 0:
             return
+        await self.release_now()
         end = time.monotonic() + seconds
         for _ in range(int(seconds / FENCE_POLL_SECONDS) + 3):
             rem = end - time.monotonic()
@@ -258,6 +306,7 @@ class Lane:
     async def flush(self, extra: list[dpb.DeliveryReport] | None = None, budget: float | None = None,
                     check: bool = True) -> None:
         """Send buffered reports (plus `extra`) in one RPC; stop when the campaign is no longer RUNNING."""
+        await self.release_now()
         await self._settle(check)
         batch = self.reports + (extra or [])
         if not batch:
@@ -439,6 +488,7 @@ class Lane:
     async def _release_held(self, reason: str) -> None:
         """Hand back what was not sent. A send that got its 201 after all is SENT; one whose answer
         is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken)."""
+        await self.release_now()
         for m in list(self.held.values()):
             ok = self.send_ok.get(m.message_id)
             if ok is not None:
@@ -599,16 +649,24 @@ class Lane:
         lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else now + 60
         slice_end_wall = now + (self.deadline - time.monotonic())
         media = m.HasField("media") and bool(m.media.id)
-        lane_key = keys_mod.lane(self.c, self.chip)
         if lead <= 0 and not media:
             # Nothing to do before the send: reserve the slot and, when it is due now, pass the fence
-            # and take the send in the same atomic step.
+            # and take the send in the same atomic step (releasing the previous send, if still held).
             latest = min(slice_end_wall, lease_end - self.cfg.waha_timeout - 5)
-            res, self.pretoken = await self.env.pacer.reserve_send(
-                self.chip, self.limits, lane_key, keys_mod.fence(self.c), keys_mod.inflight(self.c),
-                fences_mod.run_value(self.epoch), self.cfg.waha_timeout + 2, latest)
+            prev = self._take_unreleased()
+            try:
+                res, self.pretoken = await self.env.pacer.reserve_send(
+                    self.chip, self.limits, self.lane_key, self.fence_key, self.inflight_key,
+                    self.run_value, self.cfg.waha_timeout + 2, latest, prev_token=prev)
+            except fences_mod.Stopped:
+                raise  # the script ran: `prev` is released
+            except BaseException:
+                if prev is not None:  # cancelled or failed: the script may not have run (a release twice is harmless)
+                    self._spawn_release(prev)
+                raise
         else:
-            res = await self.env.pacer.reserve(self.chip, self.limits, lane_key=lane_key)
+            await self.release_now()
+            res = await self.env.pacer.reserve(self.chip, self.limits, lane_key=self.lane_key)
         if res is None:
             raise SliceOver(3600.0, "no sending window within the horizon")
         try:
@@ -751,6 +809,7 @@ class Lane:
         try:
             if self.inflight:  # let requests that left finish (bounded by the WAHA timeout)
                 await asyncio.wait(list(self.inflight), timeout=self.cfg.waha_timeout + 2)
+            await self.release_now()
             if self.held:
                 await self._release_held(f"lane {outcome}")
             elif self.reports or self.pending_flush is not None:

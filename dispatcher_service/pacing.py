@@ -93,15 +93,27 @@ return tostring(slot)
 # Reserve a slot and, when it is due now, also pass the stop fence and take the send in one step
 # (what fences.acquire does with a pace chip), saving two round trips per message at full speed.
 # KEYS: pace, pacelog, lane, fence, inflight
-# ARGV: gap, mph, mpd, res_token, run_value, send_token, request_ttl, min_gap, latest, nwin, windows...
+# ARGV: gap, mph, mpd, res_token, run_value, send_token, request_ttl, min_gap, latest, prev_token, nwin,
+#       windows...
+# `prev_token` (or ''): the lane's previous send of this chip, ended but not yet released; it is
+# released first, whatever the answer (what fences' _RELEASE_SEND does, its end time = now, which
+# is never earlier than the real end: the pace only gets more conservative).
 # Returns 'stop' (fence moved: nothing reserved), '-1' (no window), 'go:<slot>' (reserved AND the
 # send is registered under send_token) or 'slot:<slot>' (reserved for later: sleep, then acquire).
 _RESERVE_SEND = _SLOT_FN + """
-if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if ARGV[10] ~= '' then
+  redis.call('ZREM', KEYS[5], ARGV[10])
+  local la0 = tonumber(redis.call('HGET', KEYS[1], 'last_actual') or '0')
+  if now > la0 then redis.call('HSET', KEYS[1], 'last_actual', tostring(now)) end
+  if redis.call('HGET', KEYS[1], 'busy_token') == ARGV[10] then
+    redis.call('HDEL', KEYS[1], 'busy_until', 'busy_token')
+  end
+end
+if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
 local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-                          tonumber(ARGV[10]), 11, now)
+                          tonumber(ARGV[11]), 12, now)
 if slot < 0 then return '-1' end
 redis.call('HSET', KEYS[3], 'next_send_time', tostring(slot))
 if slot > now or now > tonumber(ARGV[9]) then return 'slot:' .. tostring(slot) end
@@ -235,9 +247,12 @@ class Pacer:
         return Reservation(chip_id, slot, token)
 
     async def reserve_send(self, chip_id: str, limits: Limits, lane_key: str, fence_key: str, inflight_key: str,
-                           run_value: str, request_ttl: float, latest: float) -> tuple[Reservation | None, str | None]:
+                           run_value: str, request_ttl: float, latest: float,
+                           prev_token: str | None = None) -> tuple[Reservation | None, str | None]:
         """reserve() plus, when the slot is due now (and not after `latest`, unix s), the fenced send
-        registration of fences.acquire(pace_chip=...) in the same atomic step.
+        registration of fences.acquire(pace_chip=...) in the same atomic step. `prev_token`: an ended
+        send of this chip and campaign still to release (fences.release(..., pace_chip)); released
+        first in the same step, even when the fence moved.
 
         Returns (reservation, send token or None); (None, None) when no window opens.
         Raises fences.Stopped when the fence moved (nothing is reserved then)."""
@@ -245,7 +260,7 @@ class Pacer:
 
         token, send_token = uuid.uuid4().hex, uuid.uuid4().hex
         args = [*self._args(limits, token, None), run_value, send_token, request_ttl, limits.interval_min, latest,
-                *self._windows(limits, None)]
+                prev_token or "", *self._windows(limits, None)]
         raw = await self._reserve_send(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
                                              inflight_key], args=args)
         r = raw.decode() if isinstance(raw, bytes) else str(raw)
