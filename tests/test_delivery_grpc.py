@@ -134,9 +134,15 @@ def test_chip_state_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: Data
                                                           reason="463"), metadata=SERVICE)
     assert out.chip.id == w.chip(0) and out.chip.state == res.CHIP_STATE_RESTRICTED and out.chip.waha_api_key == ""
     assert list(out.redistributed_campaign_ids) == [w.cid] and not out.paused_campaign_ids
+    # 422 on the last chip: transient, nothing paused; its lane keeps leasing once the session is back.
     out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(1), state=res.CHIP_STATE_UNAVAILABLE,
                                                           reason="422"), metadata=SERVICE)
-    assert list(out.paused_campaign_ids) == [w.cid]
+    assert not out.paused_campaign_ids and not out.redistributed_campaign_ids
+    lease = stub.LeaseMessages(lease_req(w, w.chip(1)), metadata=SERVICE)
+    assert lease.campaign_state == res.CAMPAIGN_STATE_RUNNING and lease.epoch == 1 and len(lease.messages) == 4
+    # 463 on it too: nothing can send any more, so the campaign pauses.
+    out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(1), state=res.CHIP_STATE_RESTRICTED,
+                                                          reason="463"), metadata=SERVICE)
     lease = stub.LeaseMessages(lease_req(w, w.chip(1)), metadata=SERVICE)
     assert lease.campaign_state == res.CAMPAIGN_STATE_PAUSED and lease.epoch == 2 and not lease.messages
 

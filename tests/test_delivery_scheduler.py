@@ -212,6 +212,11 @@ def test_sweep_auto_pauses_when_no_chip_is_left(delivery_db: Database, events: R
     with delivery_db.transaction() as s:
         s.execute(text("UPDATE chips SET state = 2 WHERE id = :c"), {"c": w.chip(0)})
     scheduler(delivery_db, events).sweep_unusable_chips()
+    # UNAVAILABLE (session not WORKING) is transient: the campaign keeps running on it.
+    assert campaign_row(delivery_db, w.campaign_id).state == RUNNING and events.states(w.cid) == []
+    with delivery_db.transaction() as s:
+        s.execute(text("UPDATE chips SET state = 3 WHERE id = :c"), {"c": w.chip(0)})
+    scheduler(delivery_db, events).sweep_unusable_chips()
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == PAUSED and row.state_reason == "auto-paused: no usable chip left"
     assert events.states(w.cid) == ["PAUSED"]
