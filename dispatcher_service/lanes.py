@@ -69,6 +69,13 @@ FOLD_RELEASE_SECONDS = 0.05
 # Outcomes reported per ReportDeliveries (ATTEMPTING already recorded each WAHA id: a crash before
 # the report is resolved by a lookup when the lease is retaken).
 REPORT_BATCH = 10
+# At full speed (no minimum gap) outcomes go in fewer, larger reports: each costs the campaign
+# service a transaction on the campaign row.
+REPORT_BATCH_FAST = 50
+# Prefetch: while a batch is sent, the next one is leased, given its WAHA ids and recorded as
+# ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is
+# expected to take at most this long (its lease must outlast that wait plus its own sends).
+PREFETCH_AHEAD_SECONDS = 10.0
 
 
 @dataclass
@@ -135,6 +142,14 @@ def _ts_seconds(ts: Any) -> float:
     return float(ts.seconds) + ts.nanos / 1e9
 
 
+@dataclass
+class Prepared:
+    """A leased batch; `todo` when every message got its WAHA id and ATTEMPTING is recorded."""
+
+    resp: dpb.LeaseMessagesResponse
+    todo: list[tuple[dpb.LeasedMessage, str]] | None = None
+
+
 class Lane:
     """One slice of one lane."""
 
@@ -186,8 +201,11 @@ class Lane:
         # Full speed (no minimum gap): an ended send's token waits for the next reservation to
         # release it (the release marks the chip's last send END; later is only more conservative).
         self.fold_release = self.limits.interval_min <= 0
+        self.report_batch = REPORT_BATCH_FAST if self.fold_release else REPORT_BATCH
         self.unreleased: str | None = None
         self.release_timer: asyncio.TimerHandle | None = None
+        # The next batch, being prepared while the current one is sent (its messages are in `held`).
+        self.prefetch: asyncio.Task[Prepared] | None = None
 
     # -- fenced WAHA access ------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Awaitable[T]], min_gap: float | None = None,
@@ -420,40 +438,96 @@ class Lane:
             except Exception as e:  # Redis hiccup: the next renewal tries again
                 log.warning("%s lock renewal failed: %s", self.ctx, e)
 
-    def _batch(self) -> tuple[int, int]:
-        """Batch size sendable well within the slice, and a lease that expires before arq would
-        re-run this job after a crash (so the re-run finds the messages leasable again)."""
+    def _per_msg(self) -> float:
         typing_est = min(self.typing_max, 4.0) if self.typing else 0.0
-        per_msg = self.limits.mean_gap + typing_est + (0.2 if self.seen else 0.0) + 0.05
-        remaining = max(1.0, self.deadline - time.monotonic())
-        n = max(1, min(MAX_BATCH, int(remaining / per_msg) if per_msg > 0 else MAX_BATCH))
+        return self.limits.mean_gap + typing_est + (0.2 if self.seen else 0.0) + 0.05
+
+    def _batch(self, ahead: float = 0.0, most: int = MAX_BATCH) -> tuple[int, int]:
+        """Batch size sendable well within the slice, and a lease that expires before arq would
+        re-run this job after a crash (so the re-run finds the messages leasable again). `ahead`:
+        seconds before the batch starts sending (a prefetched batch waits for the current one)."""
+        per_msg = self._per_msg()
+        remaining = max(1.0, self.deadline - time.monotonic() - ahead)
+        n = max(1, min(most, MAX_BATCH, int(remaining / per_msg) if per_msg > 0 else MAX_BATCH))
         cap = self.started_wall + self.cfg.job_timeout + 5 - time.time()
-        need = min(remaining, n * per_msg) + 2 * self.cfg.waha_timeout + 15
+        need = ahead + min(remaining, n * per_msg) + 2 * self.cfg.waha_timeout + 15
         lease = int(max(10, min(need, cap, 3600)))
         return n, lease
+
+    async def _prepare(self, n: int, lease_s: int) -> Prepared:
+        """Lease a batch; when it needs no lookup, existence check or media, also take its WAHA ids
+        and record them as ATTEMPTING (durable before any of them is sent)."""
+        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id)
+        for m in resp.messages:
+            self.held[m.message_id] = m
+        if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
+            raise CampaignNotRunning(resp.campaign_state)
+        msgs = list(resp.messages)
+        if not msgs or self.cfg.check_exists or any(
+                m.waha_message_id or (m.HasField("media") and m.media.id) for m in msgs):
+            return Prepared(resp)
+        todo = list(zip(msgs, await self._new_ids(len(msgs)), strict=True))
+        ar = await self.env.reports.report(self.c, [self.attempting(m, mid) for m, mid in todo])
+        if ar.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or ar.epoch != self.epoch:
+            raise CampaignNotRunning(ar.campaign_state)
+        return Prepared(resp, todo)
+
+    def _start_prefetch(self, sending: int) -> None:
+        """Prepare the next batch while `sending` messages go out, when they go out soon enough."""
+        ahead = sending * self._per_msg()
+        if ahead > PREFETCH_AHEAD_SECONDS or time.monotonic() + ahead + 1.0 >= self.deadline:
+            return
+        # Growing batches: the first ones are small so the first sends leave early.
+        self.prefetch = asyncio.ensure_future(self._prepare(*self._batch(ahead, max(ID_CHUNK, 2 * sending))))
+
+    async def _settle_prefetch(self) -> None:
+        """Wait for a prefetch still running (its messages land in `held`, to be released)."""
+        t = self.prefetch
+        if t is None:
+            return
+        if not t.done():
+            await asyncio.wait([t], timeout=self.cfg.waha_timeout + self.env.delivery.call_timeout + 5)
+        self.prefetch = None
+        if not t.done():
+            t.cancel()  # its lease, if any, expires: nothing is lost
+            log.warning("%s prefetch did not end in time; cancelled", self.ctx)
+        elif not t.cancelled() and t.exception() is not None:
+            log.info("%s prefetch ended with %s", self.ctx, t.exception())
 
     async def _loop(self) -> tuple[str, float]:
         for _ in range(100_000):
             if time.monotonic() >= self.deadline:
                 return "slice", 0.0
             try:
-                if not await self.env.fences.is_current(self.c, self.epoch):
-                    return "stopped", 0.0
-                n, lease_s = self._batch()
-                resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id)
-                for m in resp.messages:
-                    self.held[m.message_id] = m
-                if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
-                    raise CampaignNotRunning(resp.campaign_state)
+                pre = self.prefetch
+                if pre is not None:
+                    if not pre.done():
+                        await self.release_now()
+                    p = await asyncio.shield(pre)  # on an error it stays set: settled by the release
+                    self.prefetch = None
+                else:
+                    if not await self.env.fences.is_current(self.c, self.epoch):
+                        return "stopped", 0.0
+                    p = await self._prepare(*self._batch(most=ID_CHUNK if self.fold_release else MAX_BATCH))
+                resp = p.resp
                 if not resp.messages:
                     if resp.remaining > 0:
                         await self.sleep(min(2.0, max(0.0, self.deadline - time.monotonic())))
                         continue
                     return "finished", 0.0
-                log.info("%s leased %d (remaining %d, lease %ds)", self.ctx, len(resp.messages), resp.remaining,
-                         lease_s)
-                await self._batch_send(list(resp.messages))
-                await self.flush()
+                log.info("%s leased %d (remaining %d)%s", self.ctx, len(resp.messages), resp.remaining,
+                         " prepared" if p.todo is not None else "")
+                if p.todo is None:
+                    await self._batch_send(list(resp.messages))
+                    await self.flush()
+                    continue
+                self._start_prefetch(len(p.todo))
+                for m, mid in p.todo:
+                    await self._send_one(m, mid)
+                if self.prefetch is None:
+                    await self.flush()
+                else:
+                    await self.flush_later()
             except fences_mod.Stopped:
                 return "stopped", 0.0
             except CampaignNotRunning as e:
@@ -488,6 +562,7 @@ class Lane:
     async def _release_held(self, reason: str) -> None:
         """Hand back what was not sent. A send that got its 201 after all is SENT; one whose answer
         is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken)."""
+        await self._settle_prefetch()  # a prefetched batch is held too: released with the rest
         await self.release_now()
         for m in list(self.held.values()):
             ok = self.send_ok.get(m.message_id)
@@ -690,7 +765,7 @@ class Lane:
             if self.pretoken is not None:  # taken with the slot but never used: free the chip and the fence
                 tok, self.pretoken = self.pretoken, None
                 await asyncio.shield(self.env.fences.release(self.c, tok, self.chip))
-        if len(self.reports) >= REPORT_BATCH:
+        if len(self.reports) >= self.report_batch:
             await self.flush_later()
 
     async def _camouflage(self, m: dpb.LeasedMessage, res: Reservation, typing_s: float) -> None:
@@ -807,6 +882,7 @@ class Lane:
     # -- end of slice ------------------------------------------------------------------------------
     async def _cleanup(self, outcome: str, defer: float, cancelled: bool, locked: bool) -> None:
         try:
+            await self._settle_prefetch()
             if self.inflight:  # let requests that left finish (bounded by the WAHA timeout)
                 await asyncio.wait(list(self.inflight), timeout=self.cfg.waha_timeout + 2)
             await self.release_now()
