@@ -138,8 +138,9 @@ def test_chip_state_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: Data
     out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(1), state=res.CHIP_STATE_UNAVAILABLE,
                                                           reason="422"), metadata=SERVICE)
     assert not out.paused_campaign_ids and not out.redistributed_campaign_ids
-    lease = stub.LeaseMessages(lease_req(w, w.chip(1)), metadata=SERVICE)
-    assert lease.campaign_state == res.CAMPAIGN_STATE_RUNNING and lease.epoch == 1 and len(lease.messages) == 4
+    assert campaign_row(delivery_db, w.campaign_id).state == res.CAMPAIGN_STATE_RUNNING
+    rows = message_rows(delivery_db, w.campaign_id)
+    assert {(m.state, str(m.chip_id)) for m in rows} == {(res.MESSAGE_STATE_PENDING, w.chip(1))} and len(rows) == 4
     # 463 on it too: nothing can send any more, so the campaign pauses.
     out = stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=w.chip(1), state=res.CHIP_STATE_RESTRICTED,
                                                           reason="463"), metadata=SERVICE)
