@@ -92,21 +92,21 @@ def fig_import(ctx: Ctx) -> None:
     r = ctx.row("", f"ImportContacts {n} rows, streamed (batches of 1000)", "s", "time ratio <= 3")
     st = ctx.stack
     rows = phone_rows(n)
-    # Baseline: COPY of the same (already normalized) rows into a table shaped like campaign_contacts.
-    with st.db(autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS bench_copy_contacts")
-        cur.execute("CREATE TABLE bench_copy_contacts (LIKE campaign_contacts INCLUDING ALL)")
+    # Baseline: COPY of the same (already normalized) rows into the table ImportContacts writes,
+    # campaign_contacts itself (for a scratch campaign), so both pay the same indexes and the same
+    # foreign-key check per row; the difference is our work (streaming, normalization, dedup).
+    api = ctx.api()
+    scratch = api.campaign([], name="bench import baseline")
     checkpoint(st)
-    cid0 = str(uuid.uuid4())
     try:
         with st.db() as conn, conn.cursor() as cur:
             t0 = time.perf_counter()
-            copy_rows(cur, "bench_copy_contacts", CONTACT_COLUMNS,
-                      ((cid0, d, c, f"Contact {i}", "{}", i + 1) for i, (_, d, c) in enumerate(rows)))
+            copy_rows(cur, "campaign_contacts", CONTACT_COLUMNS,
+                      ((scratch.id, d, c, f"Contact {i}", "{}", i + 1) for i, (_, d, c) in enumerate(rows)))
             conn.commit()
             base = time.perf_counter() - t0
     finally:
-        st.sql("DROP TABLE IF EXISTS bench_copy_contacts")
+        st.sql("DELETE FROM campaign_contacts WHERE campaign_id = %s", (scratch.id,))
     r.baseline = base
     r.details["baseline_rows_per_s"] = n / base
 
@@ -121,7 +121,6 @@ def fig_import(ctx: Ctx) -> None:
     except Exception as e:
         r.details["phonenumbers_probe_error"] = repr(e)
 
-    api = ctx.api()
     camp = api.campaign([], name="bench import")
     typed = [p for p, _, _ in rows]
     checkpoint(st)
