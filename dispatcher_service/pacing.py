@@ -110,6 +110,10 @@ if ARGV[10] ~= '' then
   if redis.call('HGET', KEYS[1], 'busy_token') == ARGV[10] then
     redis.call('HDEL', KEYS[1], 'busy_until', 'busy_token')
   end
+  -- tostring keeps 14 digits and may round the stored end up (< 0.1 ms): reserve from there, or
+  -- the slot (>= last_actual) would look "not due yet" and the send would take the slow path.
+  local stored = tonumber(tostring(now))
+  if stored > now then now = stored end
 end
 if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
 local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
