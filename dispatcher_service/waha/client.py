@@ -95,8 +95,9 @@ def new_http_session(timeout: float, limit: int = 1200) -> aiohttp.ClientSession
     """One pooled session per worker process, sized for ~1000 concurrent lanes."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300,
                                      enable_cleanup_closed=True)
+    # WAHA sets no cookies: a dummy jar spares every request the cookie filtering.
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
-                                 raise_for_status=False)
+                                 raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar())
 
 
 class WahaClient:
@@ -107,24 +108,24 @@ class WahaClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.headers = {"X-Api-Key": api_key, "Accept": "application/json"}
 
     # -- transport ---------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                        params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201)) -> Any:
-        headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
         url = self.base_url + path
         try:
-            async with self.http.request(method, url, json=json_body, params=params, headers=headers,
+            async with self.http.request(method, url, json=json_body, params=params, headers=self.headers,
                                          timeout=self.timeout) as resp:
-                text = await resp.text()
+                raw = await resp.read()  # WAHA answers UTF-8 JSON: no charset sniffing of the body
                 if resp.status in ok:
-                    if not text:
+                    if not raw:
                         return {}
                     try:
-                        return json.loads(text)
+                        return json.loads(raw)
                     except ValueError:
-                        return {"raw": text}
-                raise classify(resp.status, text)
+                        return {"raw": raw.decode("utf-8", "replace")}
+                raise classify(resp.status, raw.decode("utf-8", "replace"))
         except WahaError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
