@@ -40,6 +40,7 @@ from campaign_service.db.engine import Database
 from campaign_service.db.models import Campaign, Chip, Contact, Media
 from campaign_service.dispatch import DispatcherClient, Lane
 from campaign_service.events import Events
+from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import MessageState, Op, State
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import chips as chips_repo
@@ -175,14 +176,6 @@ class Page:
 # Small helpers
 
 
-def parse_uuid(value: str, field_name: str) -> uuid.UUID:
-    """Ids that are not UUIDs are INVALID_ARGUMENT on the field that carried them."""
-    if not value:
-        raise errors.InvalidArgument([(field_name, "required")])
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise errors.InvalidArgument([(field_name, f"not a valid id: {value!r}")]) from None
 
 
 def _utcnow() -> datetime:
@@ -429,9 +422,7 @@ class CampaignOps:
             if (r := self._replay(s, user_id, idem)) is not None:
                 return r
             c = self._campaign(s, user_id, cid, lock=True)
-            if etag and etag != convert.etag(c.version):
-                raise errors.Aborted("ETAG_MISMATCH", f"etag {etag!r} is stale; the campaign is now "
-                                     f"{convert.etag(c.version)!r}: get it again and retry")
+            _check_etag(c, etag)
             lifecycle.check(Op.UPDATE, c.state)
             chip_ids = self._validate_refs(s, user_id, cid, patch, paths)
             for p in paths:
@@ -471,9 +462,7 @@ class CampaignOps:
             if (r := self._replay(s, user_id, idem)) is not None:
                 return r
             c = self._campaign(s, user_id, cid, lock=True)
-            if etag and etag != convert.etag(c.version):
-                raise errors.Aborted("ETAG_MISMATCH", f"etag {etag!r} is stale; the campaign is now "
-                                     f"{convert.etag(c.version)!r}")
+            _check_etag(c, etag)
             lifecycle.check(Op.DELETE, c.state)
             state_name = State(c.state).name
             log.info("deleting campaign %s (name: %s)", cid, c.name)
@@ -1005,3 +994,10 @@ class _Snapshot:
         c.pending_count = self.pending_count
         c.version = self.version
         c.updated_at = self.updated_at
+
+
+def _check_etag(c: Campaign, etag: str) -> None:
+    """AIP-154: a stale etag is ABORTED; an empty one means "whatever the current version is"."""
+    if etag and etag != convert.etag(c.version):
+        raise errors.Aborted("ETAG_MISMATCH", f"etag {etag!r} is stale; the campaign is now "
+                             f"{convert.etag(c.version)!r}: get it again and retry")

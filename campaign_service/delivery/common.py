@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from campaign_service import errors
+from campaign_service.ids import parse_uuid  # noqa: F401 - re-exported for the delivery modules
 
 # CampaignState (resources.proto); the columns hold the enum numbers.
 DRAFT, SCHEDULED, RUNNING, PAUSED, CANCELLED, COMPLETED = 1, 2, 3, 4, 5, 6
@@ -55,14 +56,6 @@ def counter_deltas(transitions: list[tuple[int, int]]) -> dict[str, int]:
     return out
 
 
-def parse_uuid(value: str, field_name: str) -> uuid.UUID:
-    """A request id as UUID, or INVALID_ARGUMENT naming the field."""
-    if not value:
-        raise errors.InvalidArgument([(field_name, "required")])
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise errors.InvalidArgument([(field_name, "not a valid id")]) from None
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
