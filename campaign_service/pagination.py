@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
+from datetime import datetime
 from typing import Any
 
 from campaign_service import errors
@@ -42,3 +44,14 @@ def decode(token: str, kind: str, filter_: str, field: str = "page_token") -> li
     if data.get("f") != filter_:
         raise errors.InvalidArgument([(field, "page token was issued for a different filter")])
     return data["c"]  # type: ignore[no-any-return]
+
+
+def decode_created_keyset(token: str, kind: str, filter_: str) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) cursor of a newest-first list (campaigns, chips); None for the first page."""
+    cursor = decode(token, kind, filter_)
+    if cursor is None:
+        return None
+    try:
+        return datetime.fromisoformat(cursor[0]), uuid.UUID(cursor[1])
+    except (ValueError, IndexError, TypeError):
+        raise errors.InvalidArgument([("page_token", "malformed page token")]) from None

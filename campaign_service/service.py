@@ -397,13 +397,7 @@ class CampaignOps:
         size = pagination.page_size(page_size)
         if state and state not in State._value2member_map_:
             raise errors.InvalidArgument([("state", f"unknown state {state}")])
-        cursor = pagination.decode(page_token, "campaigns", str(state))
-        after = None
-        if cursor is not None:
-            try:
-                after = (datetime.fromisoformat(cursor[0]), uuid.UUID(cursor[1]))
-            except (ValueError, IndexError, TypeError):
-                raise errors.InvalidArgument([("page_token", "malformed page token")]) from None
+        after = pagination.decode_created_keyset(page_token, "campaigns", str(state))
         with self.db.read() as conn:
             rows = campaigns_repo.page(conn, user_id, state, size + 1, after)
         token = ""
@@ -937,13 +931,7 @@ class CampaignOps:
 
     def list_chips(self, user_id: uuid.UUID, page_size: int, page_token: str) -> Page:
         size = pagination.page_size(page_size)
-        cursor = pagination.decode(page_token, "chips", "")
-        after = None
-        if cursor is not None:
-            try:
-                after = (datetime.fromisoformat(cursor[0]), uuid.UUID(cursor[1]))
-            except (ValueError, IndexError, TypeError):
-                raise errors.InvalidArgument([("page_token", "malformed page token")]) from None
+        after = pagination.decode_created_keyset(page_token, "chips", "")
         with self.db.session() as s:
             rows = chips_repo.page(s, user_id, size + 1, after)
         token = ""
