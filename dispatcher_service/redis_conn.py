@@ -5,7 +5,6 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from arq.connections import ArqRedis, RedisSettings
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,15 +17,6 @@ RETRY_ERRORS: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError, 
 
 def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES)
-
-
-def client(url: str, retries: bool = True) -> Redis:
-    """A redis.asyncio client; `retries=False` for request paths that must fail fast (UNAVAILABLE)."""
-    if retries:
-        return Redis.from_url(url, retry=_retry(), retry_on_error=RETRY_ERRORS, socket_connect_timeout=2,
-                              health_check_interval=10)
-    return Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-                          retry_on_error=RETRY_ERRORS, socket_connect_timeout=1, socket_timeout=5)
 
 
 def arq_settings(url: str, retries: bool = True) -> RedisSettings:
