@@ -791,6 +791,16 @@ class Lane:
         return (meta.filename or m.media.filename or "file", meta.mime_type or m.media.mime_type
                 or "application/octet-stream", base64.b64encode(got.content).decode())
 
+    async def _settled_by_lookup(self, m: dpb.LeasedMessage, mid: str, last: str) -> bool:
+        """Before resending after an uncertain answer, ask WAHA: found → SENT; cannot tell → UNKNOWN
+        (never resend blindly). True when the message got its final outcome."""
+        found = await self._lookup(m, mid)
+        if found is True:
+            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=mid)
+        elif found is None:
+            self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
+        return found is not False
+
     async def _send_with_retries(self, m: dpb.LeasedMessage, mid: str) -> None:
         media = m.HasField("media") and bool(m.media.id)
         payload = await self._media_payload(m) if media else None
@@ -807,14 +817,8 @@ class Lane:
                     self._leave_leased(m)
                     return
                 await self.sleep(backoff)
-                if not media:
-                    found = await self._lookup(m, mid)
-                    if found is True:
-                        self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=mid)
-                        return
-                    if found is None:
-                        self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
-                        return
+                if not media and await self._settled_by_lookup(m, mid, last):
+                    return
             try:
                 if payload is not None:
                     fname, mt, data = payload
@@ -850,14 +854,8 @@ class Lane:
                 return
             self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(resp) or mid)
             return
-        if uncertain and not media:
-            found = await self._lookup(m, mid)
-            if found is True:
-                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=mid)
-                return
-            if found is None:
-                self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
-                return
+        if uncertain and not media and await self._settled_by_lookup(m, mid, last):
+            return
         self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA failed after {self.cfg.send_retries + 1} "
                    f"attempts: {last}"[:500])
 
