@@ -18,6 +18,7 @@ import pytest
 
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
+from dispatcher_service.waha.sandbox_control import SandboxControl
 
 SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
 SANDBOX_API_KEY = "sandbox-key"
@@ -89,6 +90,12 @@ def sandbox(ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
 @pytest.fixture(scope="session")
 def sandbox_url(sandbox: ServiceProcess, ports: dict[str, int]) -> str:
     return f"http://127.0.0.1:{ports['sandbox']}"
+
+
+@pytest.fixture()
+def control(sandbox_url: str) -> SandboxControl:
+    """Inspect and steer the WAHA sandbox (request log, fault injection)."""
+    return SandboxControl(sandbox_url)
 
 
 @pytest.fixture(scope="session")

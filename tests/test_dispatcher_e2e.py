@@ -23,11 +23,6 @@ def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_ke
     return Api(campaign_channel, api_key)
 
 
-@pytest.fixture()
-def control(sandbox_url: str) -> SandboxControl:
-    return SandboxControl(sandbox_url)
-
-
 def test_cancel_mid_run_at_full_speed_on_five_chips_no_request_after_cancel_returned(
         api: Api, sandbox_url: str, control: SandboxControl) -> None:
     chips = [api.chip(sandbox_url, SANDBOX_API_KEY) for _ in range(5)]

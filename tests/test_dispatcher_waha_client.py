@@ -38,11 +38,6 @@ def run(url: str, fn: Callable[[WahaClient], Awaitable[T]], key: str = SANDBOX_A
 
 
 @pytest.fixture()
-def control(sandbox_url: str) -> SandboxControl:
-    return SandboxControl(sandbox_url)
-
-
-@pytest.fixture()
 def session(control: SandboxControl) -> str:
     name = "disp-" + uuid.uuid4().hex[:8]
     control.set_session(name, status="WORKING")

@@ -23,11 +23,6 @@ def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_ke
     return Api(campaign_channel, api_key)
 
 
-@pytest.fixture()
-def control(sandbox_url: str) -> SandboxControl:
-    return SandboxControl(sandbox_url)
-
-
 def test_200_contacts_over_3_chips_complete_each_contact_once_split_round_robin(
         api: Api, sandbox_url: str, control: SandboxControl) -> None:
     chips = [api.chip(sandbox_url, SANDBOX_API_KEY) for _ in range(3)]

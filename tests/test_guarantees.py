@@ -40,11 +40,6 @@ def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_ke
     return Ops(campaign_channel, api_key)
 
 
-@pytest.fixture()
-def control(sandbox_url: str) -> SandboxControl:
-    return SandboxControl(sandbox_url)
-
-
 @pytest.fixture(scope="module")
 def iso_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
     return isolated_stack("guarantees")
