@@ -39,6 +39,7 @@ from bench.core import (
 from bench.stack import SANDBOX_API_KEY, Stack, read_status_kb, reset_hwm
 from devstack.procs import REPO, service_env
 from devstack.servers import free_port, wait_port
+from dispatcher_service import eventloop
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import resources_pb2 as res
@@ -247,7 +248,8 @@ def fig_dispatch(ctx: Ctx) -> None:
     st = ctx.stack
     sb = st.sandbox
     sb.reset()
-    secs, sent = asyncio.run(_sendtext_loop(st.sandbox_url, n, 10, 120.0))
+    # Same event loop implementation as the worker (uvloop unless WHAGO_EVENT_LOOP=asyncio).
+    secs, sent = eventloop.run(_sendtext_loop(st.sandbox_url, n, 10, 120.0))
     r.baseline = sent / secs
     r.details.update(baseline_seconds=secs, baseline_sent=sent)
     sb.reset()

@@ -65,9 +65,10 @@ class DeliveryClient:
         raise DeliveryUnavailable(f"{name}: retries exhausted")
 
     async def lease(self, campaign_id: str, chip_id: str, epoch: int, max_messages: int, lease_seconds: int,
-                    owner: str) -> dpb.LeaseMessagesResponse:
+                    owner: str, waha_message_ids: Sequence[str] = ()) -> dpb.LeaseMessagesResponse:
         req = dpb.LeaseMessagesRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch,
-                                       max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner)
+                                       max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner,
+                                       waha_message_ids=waha_message_ids)
         return await self._call("LeaseMessages", lambda: self.stub.LeaseMessages(
             req, metadata=self.metadata, timeout=self.call_timeout))
 

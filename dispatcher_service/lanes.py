@@ -56,11 +56,15 @@ T = TypeVar("T")
 UNVERIFIABLE_PREFIX = "unverifiable:"
 OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 MAX_BATCH = 50
+# Bursting lanes lease (and report) in larger batches: at full speed each lease and report costs the
+# campaign service and PostgreSQL more per call than per message.
+MAX_BATCH_BURST = 200
 LOCK_RENEW_SECONDS = 5.0
 FENCE_POLL_SECONDS = 1.0
 # new-message-id requests of a batch run concurrently, this many under one fence token: all of a
 # chunk start together, so the token's TTL (one WAHA timeout + margin) covers every one of them.
 ID_CHUNK = 10
+ID_CHUNK_BURST = 25  # bursting lanes take ids for larger batches: fewer fence round trips
 # An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
 # (one Redis call per message instead of two). Before any wait (sleep, report, lease) the lane
 # releases it at once, and a timer this soon covers every other path, so a stop waiting for
@@ -73,6 +77,11 @@ REPORT_BATCH = 10
 # At full speed (no minimum gap) outcomes go in fewer, larger reports: each costs the campaign
 # service a transaction on the campaign row.
 REPORT_BATCH_FAST = 50
+# Full speed (gap always 0, no camouflage): one fence token covers a burst of up to BURST sequential
+# sends (one Redis step per burst instead of one per message), for at most BURST_SECONDS, so a stop
+# waiting for in-flight requests waits for at most that (the lane is aborted by then anyway).
+BURST = 25
+BURST_SECONDS = 0.25
 # Prefetch: while a batch is sent, the next one is leased, given its WAHA ids and recorded as
 # ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is
 # expected to take at most this long (its lease must outlast that wait plus its own sends).
@@ -125,7 +134,7 @@ class CampaignNotRunning(Exception):
 
 def _now_ts() -> dpb.DeliveryReport:
     r = dpb.DeliveryReport()
-    r.time.GetCurrentTime()
+    r.time.seconds, r.time.nanos = divmod(time.time_ns(), 1_000_000_000)  # GetCurrentTime, cheaper
     return r
 
 
@@ -202,9 +211,15 @@ class Lane:
         # Full speed (no minimum gap): an ended send's token waits for the next reservation to
         # release it (the release marks the chip's last send END; later is only more conservative).
         self.fold_release = self.limits.interval_min <= 0
-        self.report_batch = REPORT_BATCH_FAST if self.fold_release else REPORT_BATCH
+        # Bursts: every gap is 0 and nothing happens before a send (no seen/typing).
+        self.burst = self.limits.interval_max <= 0 and not self.seen and not self.typing
+        self.report_batch = (MAX_BATCH_BURST if self.burst else REPORT_BATCH_FAST) if self.fold_release \
+            else REPORT_BATCH
+        self.burst_stop = False
         self.unreleased: str | None = None
         self.release_timer: asyncio.TimerHandle | None = None
+        # PENDING messages of the lane after the last lease: no more ids are taken than can be used.
+        self.remaining_hint: int | None = None
         # The next batch, being prepared while the current one is sent (its messages are in `held`).
         self.prefetch: asyncio.Task[Prepared] | None = None
 
@@ -449,29 +464,30 @@ class Lane:
         seconds before the batch starts sending (a prefetched batch waits for the current one)."""
         per_msg = self._per_msg()
         remaining = max(1.0, self.deadline - time.monotonic() - ahead)
-        n = max(1, min(most, MAX_BATCH, int(remaining / per_msg) if per_msg > 0 else MAX_BATCH))
+        top = MAX_BATCH_BURST if self.burst else MAX_BATCH
+        n = max(1, min(most, top, int(remaining / per_msg) if per_msg > 0 else top))
         cap = self.started_wall + self.cfg.job_timeout + 5 - time.time()
         need = ahead + min(remaining, n * per_msg) + 2 * self.cfg.waha_timeout + 15
         lease = int(max(10, min(need, cap, 3600)))
         return n, lease
 
     async def _prepare(self, n: int, lease_s: int) -> Prepared:
-        """Lease a batch; when it needs no lookup, existence check or media, also take its WAHA ids
-        and record them as ATTEMPTING (durable before any of them is sent)."""
-        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id)
+        """Take WAHA ids first, then lease a batch recording them in the same step (what ATTEMPTING
+        does: durable before any send). Ready to send (`todo`) when every message got its id; a
+        message with an earlier attempt's id (to look up), media or an existence check goes the
+        careful way (_batch_send)."""
+        k = 0 if self.cfg.check_exists else n if self.remaining_hint is None else min(n, self.remaining_hint)
+        ids = await self._new_ids(k) if k > 0 else []
+        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
         for m in resp.messages:
             self.held[m.message_id] = m
         if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
             raise CampaignNotRunning(resp.campaign_state)
+        self.remaining_hint = resp.remaining
         msgs = list(resp.messages)
-        if not msgs or self.cfg.check_exists or any(
-                m.waha_message_id or (m.HasField("media") and m.media.id) for m in msgs):
-            return Prepared(resp)
-        todo = list(zip(msgs, await self._new_ids(len(msgs)), strict=True))
-        ar = await self.env.reports.report(self.c, [self.attempting(m, mid) for m, mid in todo])
-        if ar.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or ar.epoch != self.epoch:
-            raise CampaignNotRunning(ar.campaign_state)
-        return Prepared(resp, todo)
+        if msgs and all(m.attempt_waha_message_id for m in msgs):
+            return Prepared(resp, [(m, m.attempt_waha_message_id) for m in msgs])
+        return Prepared(resp)
 
     def _start_prefetch(self, sending: int) -> None:
         """Prepare the next batch while `sending` messages go out, when they go out soon enough."""
@@ -523,8 +539,11 @@ class Lane:
                     await self.flush()
                     continue
                 self._start_prefetch(len(p.todo))
-                for m, mid in p.todo:
-                    await self._send_one(m, mid)
+                if self.burst:
+                    await self._send_bursts(p.todo)
+                else:
+                    for m, mid in p.todo:
+                        await self._send_one(m, mid)
                 if self.prefetch is None:
                     await self.flush()
                 else:
@@ -648,19 +667,17 @@ class Lane:
         return None
 
     async def _new_ids(self, n: int) -> list[str]:
-        """n WAHA message ids (new-message-id), fetched concurrently in fenced chunks of ID_CHUNK."""
+        """n WAHA message ids (new-message-id), fetched in fenced chunks of concurrent requests."""
         out: list[str] = []
 
         async def chunk(size: int) -> list[str | BaseException]:
             return await asyncio.gather(*(self.waha.new_message_id(self.session) for _ in range(size)),
                                         return_exceptions=True)
 
-        # The chunks too run concurrently, each under its own fence token taken before it starts.
-        chunks = await asyncio.gather(*(self.call(functools.partial(chunk, min(ID_CHUNK, n - k)))
-                                        for k in range(0, n, ID_CHUNK)), return_exceptions=True)
-        for got in chunks:
-            if isinstance(got, BaseException):
-                raise got
+        # Chunk after chunk, each under its own fence token taken before it starts.
+        size = ID_CHUNK_BURST if self.burst else ID_CHUNK
+        for k in range(0, n, size):
+            got = await self.call(functools.partial(chunk, min(size, n - k)))
             errs = [e for e in got if isinstance(e, BaseException)]
             for cls, wrap in ((ChipRestricted, ChipBanned), (SessionNotWorking, ChipDown)):
                 e = next((e for e in errs if isinstance(e, cls)), None)
@@ -701,7 +718,7 @@ class Lane:
             if m.HasField("media") and m.media.id:
                 todo.append((m, UNVERIFIABLE_PREFIX + uuid.uuid4().hex))
                 continue
-            todo.append((m, ""))  # id taken below, for the whole batch at once
+            todo.append((m, m.attempt_waha_message_id))  # or, if none, taken below for the whole batch
         if not todo:
             return
         need = [i for i, (_, mid) in enumerate(todo) if not mid]
@@ -769,6 +786,109 @@ class Lane:
         if len(self.reports) >= self.report_batch:
             await self.flush_later()
 
+    # -- full-speed bursts -------------------------------------------------------------------------
+    async def _send_bursts(self, todo: list[tuple[dpb.LeasedMessage, str]]) -> None:
+        """Send prepared text messages in bursts, each under one fence token (see BURST)."""
+        i = 0
+        for _ in range(10_000):
+            if i >= len(todo):
+                break
+            if self.lock_lost:
+                raise fences_mod.Stopped(self.c)
+            now = time.time()
+            if time.monotonic() >= self.deadline:
+                raise SliceOver(0.0, "slice over")
+            prev = self._take_unreleased()
+            try:
+                got = await self.env.pacer.reserve_burst(
+                    self.chip, self.limits, self.lane_key, self.fence_key, self.inflight_key, self.run_value,
+                    self.cfg.waha_timeout + BURST_SECONDS + 2, min(BURST, len(todo) - i), prev_token=prev)
+            except fences_mod.Stopped:
+                raise  # the script ran: `prev` is released
+            except BaseException:
+                if prev is not None:  # the script may not have run (a release twice is harmless)
+                    self._spawn_release(prev)
+                raise
+            if got is None:
+                raise SliceOver(3600.0, "no sending window within the horizon")
+            if isinstance(got, float):  # window closed or cap reached until then
+                if got > now + (self.deadline - time.monotonic()):
+                    raise SliceOver(max(0.0, got - now - 2.0), "next slot is beyond this slice")
+                await self.flush()
+                await self.sleep(got - time.time())
+                continue
+            token, n = got
+            task = asyncio.ensure_future(self._burst(todo[i:i + n], token))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+            try:
+                done, failure = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self.burst_stop = True  # the burst ends after its current request
+                raise
+            i += done
+            if len(self.reports) >= self.report_batch:
+                await self.flush_later()
+            if failure is not None:
+                m, mid = todo[i]
+                i += 1
+                await self._burst_failure(m, mid, failure)
+
+    async def _burst(self, items: list[tuple[dpb.LeasedMessage, str]],
+                     token: str) -> tuple[int, BaseException | None]:
+        """Sequential sends under one token: (messages finished, the error that ended the burst on
+        the next one). Runs shielded: a cancelled lane stops it between requests, never inside one."""
+        until = time.monotonic() + BURST_SECONDS
+        hard = self.hard_deadline - self.cfg.waha_timeout - 1  # nothing in the air at arq's job timeout
+        done = 0
+        try:
+            for m, mid in items:
+                if self.burst_stop or self.lock_lost or (done and time.monotonic() > until):
+                    break
+                if time.monotonic() > hard:
+                    return done, SliceOver(0.0, "job time nearly over")
+                lease_end = _ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else time.time() + 60
+                if time.time() + self.cfg.waha_timeout + 2 > lease_end:
+                    return done, SliceOver(0.0, "lease too close to expiry to send")
+                self.maybe_sent.add(m.message_id)
+                try:
+                    r = await self.waha.send_text(self.session, m.chat_id, m.text, mid)
+                except WahaError as e:
+                    if isinstance(e, SessionNotWorking | ChipRestricted | MessageRejected):
+                        self.maybe_sent.discard(m.message_id)  # WAHA answered: definitely not sent
+                    return done, e
+                self.send_ok[m.message_id] = r
+                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(r) or mid)
+                done += 1
+            return done, None
+        finally:
+            if self.unreleased is None:
+                self._defer_release(token)  # released by the next burst, or very soon
+            else:
+                self._spawn_release(token)
+
+    async def _burst_failure(self, m: dpb.LeasedMessage, mid: str, e: BaseException) -> None:
+        """The message a burst stopped at: classify like a single send, retry the uncertain ones."""
+        if isinstance(e, SliceOver):
+            raise e
+        if isinstance(e, SessionNotWorking):
+            raise ChipDown(str(e)) from e
+        if isinstance(e, ChipRestricted):
+            raise ChipBanned(str(e)) from e
+        if isinstance(e, MessageRejected):
+            self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA rejected the message (HTTP {e.status}): "
+                       f"{e.body[:300]}")
+            return
+        if isinstance(e, WahaTimeout | WahaServerError):
+            self.last_error = str(e)[:500]
+            log.warning("%s message=%s send failed in a burst (%s); retrying", self.ctx, m.message_id, e)
+            await self._send_with_retries(m, mid, failed=e)
+            return
+        if isinstance(e, WahaError):
+            self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA error: {e}"[:500])
+            return
+        raise e
+
     async def _camouflage(self, m: dpb.LeasedMessage, res: Reservation, typing_s: float) -> None:
         """sendSeen -> startTyping -> wait (grows with the text) -> stopTyping; each step switchable."""
         try:
@@ -801,12 +921,13 @@ class Lane:
             self.final(m, dpb.DELIVERY_OUTCOME_UNKNOWN, reason=f"{OUTCOME_UNKNOWN}: {last}")
         return found is not False
 
-    async def _send_with_retries(self, m: dpb.LeasedMessage, mid: str) -> None:
+    async def _send_with_retries(self, m: dpb.LeasedMessage, mid: str, failed: WahaError | None = None) -> None:
+        """Send with retries. `failed`: a first attempt (of a burst) already ended with this error."""
         media = m.HasField("media") and bool(m.media.id)
         payload = await self._media_payload(m) if media else None
-        uncertain = False
-        last = ""
-        for attempt in range(self.cfg.send_retries + 1):
+        uncertain = isinstance(failed, WahaTimeout)
+        last = str(failed) if failed is not None else ""
+        for attempt in range(1 if failed is not None else 0, self.cfg.send_retries + 1):
             if attempt > 0:
                 backoff = min(30.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 if time.monotonic() + backoff + self.cfg.waha_timeout + 1 > self.hard_deadline:

@@ -134,6 +134,74 @@ redis.call('EXPIRE', KEYS[5], 3600)
 return 'go:' .. tostring(slot)
 """
 
+# Full speed (the lane's gap is always 0): pass the fence and take up to k sends in ONE step, under
+# one in-flight token that the lane holds for a short burst of sequential sends. Caps and the window
+# are checked for the burst as a whole; each send of it is logged for the caps (score now).
+# KEYS: pace, pacelog, lane, fence, inflight
+# ARGV: mph, mpd, run_value, token, request_ttl, k, prev_token, nwin, windows...
+# `prev_token`: the lane's previous burst (ended, not yet released): released first, as in
+# _RESERVE_SEND. Returns 'stop', '-1' (no window within the horizon), 'slot:<t>' (nothing may leave
+# before t: window closed or a cap reached) or 'go:<n>' (n >= 1 sends registered under token).
+_RESERVE_BURST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if ARGV[7] ~= '' then
+  redis.call('ZREM', KEYS[5], ARGV[7])
+  local la0 = tonumber(redis.call('HGET', KEYS[1], 'last_actual') or '0')
+  if now > la0 then redis.call('HSET', KEYS[1], 'last_actual', tostring(now)) end
+  if redis.call('HGET', KEYS[1], 'busy_token') == ARGV[7] then
+    redis.call('HDEL', KEYS[1], 'busy_until', 'busy_token')
+  end
+end
+if redis.call('GET', KEYS[4]) ~= ARGV[3] then return 'stop' end
+local nwin = tonumber(ARGV[8])
+if nwin >= 0 then
+  local inside, nxt = false, -1
+  for w = 0, nwin - 1 do
+    local s, e = tonumber(ARGV[9 + 2 * w]), tonumber(ARGV[10 + 2 * w])
+    if now < e then
+      if now >= s then inside = true else nxt = s end
+      break
+    end
+  end
+  if not inside then
+    if nxt < 0 then return '-1' end
+    redis.call('HSET', KEYS[3], 'next_send_time', tostring(nxt))
+    return 'slot:' .. tostring(nxt)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86401)
+local n = tonumber(ARGV[6])
+for _, cap in ipairs({{tonumber(ARGV[1]), 3600}, {tonumber(ARGV[2]), 86400}}) do
+  local limit, span = cap[1], cap[2]
+  if limit > 0 then
+    local c = redis.call('ZCOUNT', KEYS[2], '(' .. (now - span), '+inf')
+    if c >= limit then
+      local r = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (now - span), '+inf', 'WITHSCORES', 'LIMIT', c - limit, 1)
+      local ns = tonumber(r[2]) + span + 0.001
+      redis.call('HSET', KEYS[3], 'next_send_time', tostring(ns))
+      return 'slot:' .. tostring(ns)
+    end
+    n = math.min(n, limit - c)
+  end
+end
+local members = {}
+for i = 1, n do
+  members[#members + 1] = now
+  members[#members + 1] = ARGV[4] .. ':' .. i
+end
+redis.call('ZADD', KEYS[2], unpack(members))
+local ttl = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'last', tostring(now), 'last_actual', tostring(now), 'busy_until', tostring(now + ttl),
+           'busy_token', ARGV[4])
+redis.call('HSET', KEYS[3], 'next_send_time', tostring(now))
+redis.call('ZADD', KEYS[5], now + ttl, ARGV[4])
+redis.call('EXPIRE', KEYS[5], 3600)
+redis.call('EXPIRE', KEYS[1], 172800)
+redis.call('EXPIRE', KEYS[2], 172800)
+return 'go:' .. tostring(n)
+"""
+
 # Give back a slot: forget it for the caps; if nobody reserved after it, roll `last` back so the
 # next reservation draws a fresh random gap from the previous send instead of drifting.
 _RELEASE = """
@@ -235,6 +303,7 @@ class Pacer:
         self._reserve = redis.register_script(_RESERVE)
         self._reserve_send = redis.register_script(_RESERVE_SEND)
         self._release = redis.register_script(_RELEASE)
+        self._reserve_burst = redis.register_script(_RESERVE_BURST)
 
     async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
                       gap: float | None = None, lane_key: str | None = None) -> Reservation | None:
@@ -274,6 +343,33 @@ class Pacer:
             return None, None
         kind, _, slot = r.partition(":")
         return Reservation(chip_id, float(slot), token), (send_token if kind == "go" else None)
+
+    async def reserve_burst(self, chip_id: str, limits: Limits, lane_key: str, fence_key: str, inflight_key: str,
+                            run_value: str, request_ttl: float, k: int,
+                            prev_token: str | None = None) -> tuple[str, int] | float | None:
+        """For a lane whose gap is always 0: pass the fence and register up to k sends at once.
+
+        Returns (token, n) to send n messages now under the in-flight `token` (release it with
+        fences.release(..., pace_chip=chip) when the burst ends), the unix time before which nothing
+        may leave (window closed, cap reached), or None when no window opens within the horizon.
+        `prev_token` is released first, even when the fence moved. Raises fences.Stopped when the
+        fence moved."""
+        from dispatcher_service.fences import Stopped
+
+        token = uuid.uuid4().hex
+        args = [limits.max_per_hour, limits.max_per_day, run_value, token, request_ttl, max(1, k), prev_token or "",
+                *self._windows(limits, None)]
+        raw = await self._reserve_burst(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
+                                              inflight_key], args=args)
+        r = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if r == "stop":
+            raise Stopped(fence_key)
+        if r == "-1":
+            return None
+        kind, _, v = r.partition(":")
+        if kind == "go":
+            return token, int(v)
+        return float(v)
 
     @staticmethod
     def _args(limits: Limits, token: str, gap: float | None) -> list[str | float | int]:

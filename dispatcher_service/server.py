@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import logs
+from dispatcher_service import eventloop, logs
 from dispatcher_service.redis_conn import arq_client
 from dispatcher_service.servicer import DispatcherServicer
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -61,7 +61,7 @@ async def serve(cfg: config_mod.Config) -> None:
 def main() -> None:
     cfg = config_mod.load()
     logs.setup(cfg.log_level)
-    asyncio.run(serve(cfg))
+    eventloop.run(serve(cfg))
 
 
 if __name__ == "__main__":

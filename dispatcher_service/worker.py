@@ -19,7 +19,7 @@ from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import logs
+from dispatcher_service import eventloop, logs
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lanes import WorkerEnv, run_lane
 from dispatcher_service.redis_conn import arq_settings
@@ -34,8 +34,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     http = new_http_session(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
     delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
     ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)
-    log.info("worker %s@%s started: queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",
-             os.getpid(), socket.gethostname(), CFG.queue_name, CFG.campaign_target, CFG.max_jobs,
+    log.info("worker %s@%s started: loop=%s queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",
+             os.getpid(), socket.gethostname(), eventloop.name(), CFG.queue_name, CFG.campaign_target, CFG.max_jobs,
              CFG.slice_seconds, CFG.job_timeout)
 
 
@@ -88,6 +88,7 @@ class WorkerSettings:
 def main() -> None:
     logs.setup(CFG.log_level)
     logging.getLogger("arq.worker").setLevel(logging.WARNING if CFG.log_level.upper() != "DEBUG" else logging.DEBUG)
+    eventloop.install()  # arq takes the current loop
     kwargs = {k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")}
     worker = ResilientWorker(**kwargs)
     worker.run()

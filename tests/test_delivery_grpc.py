@@ -167,6 +167,39 @@ def test_media_content_over_grpc(stub: dgrpc.DeliveryServiceStub, delivery_db: D
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_lease_records_the_waha_ids_taken_up_front(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    """LeaseMessages with waha_message_ids records them as ATTEMPTING would, in the same step: on the
+    i-th message in send order, never on media nor over an earlier attempt's id; spare ids are dropped."""
+    mid = uuid.uuid4()
+    w = make_world(delivery_db, contacts=5, chips=1,
+                   templates=[{"text": "Hi {{name}}"}, {"text": "see", "mediaId": str(mid)}])
+    with delivery_db.transaction() as s:
+        s.add(Media(id=mid, campaign_id=w.campaign_id, filename="a.png", mime_type="image/png", size_bytes=1,
+                    path=f"{w.cid}/a.png"))
+    req = lease_req(w, w.chip(0), n=2, secs=1)
+    req.waha_message_ids.extend(["ID-A", "ID-B", "ID-SPARE"])
+    first = stub.LeaseMessages(req, metadata=SERVICE).messages
+    assert [m.attempt_waha_message_id for m in first] == ["ID-A", ""]  # the second one is media
+    assert first[1].media.id == str(mid) and not first[0].waha_message_id
+    rows = {m.id: m for m in message_rows(delivery_db, w.campaign_id)}
+    assert rows[int(first[0].message_id)].waha_message_id == "ID-A"
+    assert rows[int(first[0].message_id)].state == res.MESSAGE_STATE_SENDING
+    assert rows[int(first[1].message_id)].waha_message_id is None
+    assert "ID-SPARE" not in {m.waha_message_id for m in rows.values()}
+    time.sleep(1.2)  # both leases expire: the text one comes back carrying its earlier attempt's id
+    req = lease_req(w, w.chip(0), n=5)
+    req.waha_message_ids.extend(["ID-C", "ID-D", "ID-E"])  # fewer ids than messages
+    again = stub.LeaseMessages(req, metadata=SERVICE).messages
+    assert [m.message_id for m in again] == [str(i) for i in w.message_ids]
+    assert again[0].waha_message_id == "ID-A" and again[0].attempt_waha_message_id == ""  # look it up first
+    assert [m.attempt_waha_message_id for m in again[1:]] == ["", "ID-E", "", ""]  # by position
+    with pytest.raises(grpc.RpcError) as e:
+        bad = lease_req(w, w.chip(0))
+        bad.waha_message_ids.extend(["ok", ""])
+        stub.LeaseMessages(bad, metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(e.value) == {"waha_message_ids[1]"}
+
+
 def test_lease_and_report_throughput(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
     """Many lanes at once, one message per lease and one report per send (the worst case):
     hundreds of calls per second, and no message leased twice."""

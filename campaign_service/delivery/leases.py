@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,6 +29,7 @@ from campaign_service.delivery.common import (
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
+MAX_WAHA_ID_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class LeasedMessage:
     waha_message_id: str | None
     attempts: int
     lease_expires_at: datetime
+    attempt_waha_message_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,15 +79,22 @@ WITH expired AS (
     WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id FROM (SELECT id, seq FROM expired UNION ALL SELECT id, seq FROM pending) u ORDER BY seq LIMIT :n
+    SELECT id, row_number() OVER (ORDER BY seq) AS rn
+    FROM (SELECT id, seq FROM expired UNION ALL SELECT id, seq FROM pending) u ORDER BY seq LIMIT :n
+), old AS (
+    SELECT m.id, m.waha_message_id AS earlier, m.template_index, picked.rn
+    FROM picked JOIN campaign_messages m ON m.id = picked.id
 )
 UPDATE campaign_messages m
 SET state = 2, lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :secs),
-    attempts = m.attempts + 1, updated_at = now()
-FROM picked, campaign_contacts ct
-WHERE m.id = picked.id AND ct.id = m.contact_id
-RETURNING m.id, m.seq, m.template_index, m.waha_message_id, m.attempts, m.lease_expires_at,
-          ct.phone, ct.chat_id, ct.name, ct.variables
+    attempts = m.attempts + 1, updated_at = now(),
+    waha_message_id = CASE
+        WHEN old.earlier IS NULL AND NOT (old.template_index % :nt = ANY(CAST(:media_idx AS int[])))
+        THEN (CAST(:wids AS text[]))[old.rn] ELSE m.waha_message_id END
+FROM old, campaign_contacts ct
+WHERE m.id = old.id AND ct.id = m.contact_id
+RETURNING m.id, m.seq, m.template_index, old.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
+          m.attempts, m.lease_expires_at, ct.phone, ct.chat_id, ct.name, ct.variables
 """)
 
 _HEARTBEAT_AND_REMAINING = text("""
@@ -128,7 +138,8 @@ def template_parts(templates: list[dict[str, Any]] | None, index: int) -> tuple[
     return str(t.get("text") or ""), media_id
 
 
-def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int) -> tuple[uuid.UUID, uuid.UUID]:
+def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int,
+             waha_message_ids: Sequence[str] = ()) -> tuple[uuid.UUID, uuid.UUID]:
     violations: list[tuple[str, str]] = []
     ids: list[uuid.UUID] = []
     for name, value in (("campaign_id", campaign_id), ("chip_id", chip_id)):
@@ -140,15 +151,23 @@ def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: i
         violations.append(("max_messages", f"must be between 1 and {MAX_MESSAGES}"))
     if not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
         violations.append(("lease_seconds", f"must be between 1 and {MAX_LEASE_SECONDS}"))
+    if len(waha_message_ids) > MAX_MESSAGES:
+        violations.append(("waha_message_ids", f"at most {MAX_MESSAGES} ids"))
+    bad = next((i for i, w in enumerate(waha_message_ids) if not w or len(w) > MAX_WAHA_ID_LENGTH), None)
+    if bad is not None:
+        violations.append((f"waha_message_ids[{bad}]", f"must be 1-{MAX_WAHA_ID_LENGTH} characters"))
     if violations:
         raise errors.InvalidArgument(violations)
     return ids[0], ids[1]
 
 
 def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max_messages: int,
-                   lease_seconds: int, lease_owner: str) -> LeaseResult:
-    """Lease up to max_messages of the lane; nothing unless RUNNING under the current epoch."""
-    cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds)
+                   lease_seconds: int, lease_owner: str, waha_message_ids: Sequence[str] = ()) -> LeaseResult:
+    """Lease up to max_messages of the lane; nothing unless RUNNING under the current epoch.
+
+    `waha_message_ids`: ids taken up front, recorded on the leased messages (in send order) in the
+    same statement, as ATTEMPTING would (not on messages with an earlier attempt's id, nor media)."""
+    cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds, waha_message_ids)
     params = {"cid": str(cid), "chip": str(chip)}
     with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
         camp = s.execute(_CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
@@ -157,8 +176,11 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         if camp.state != RUNNING or camp.dispatch_epoch != epoch:
             remaining = s.execute(_REMAINING, params).scalar_one()
             return LeaseResult([], camp.state, camp.dispatch_epoch, remaining)
+        templates = camp.templates or []
+        media_idx = [i for i in range(len(templates)) if template_parts(templates, i)[1] is not None]
         rows = list(s.execute(_LEASE, {**params, "n": max_messages, "secs": lease_seconds,
-                                  "owner": lease_owner or None}))
+                                       "owner": lease_owner or None, "wids": list(waha_message_ids),
+                                       "nt": max(1, len(templates)), "media_idx": media_idx}))
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds,
                                                          "owner": lease_owner or ""}).scalar_one()
         rows.sort(key=lambda r: r.seq)
@@ -169,7 +191,8 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                           text=render(txt, r.name, r.phone, r.variables),
                           media=media.get(mid) if mid is not None else None,
                           waha_message_id=r.waha_message_id, attempts=r.attempts,
-                          lease_expires_at=r.lease_expires_at)
+                          lease_expires_at=r.lease_expires_at,
+                          attempt_waha_message_id=None if r.waha_message_id else r.attempt_id)
             for r, (txt, mid) in zip(rows, parts, strict=True)
         ]
         return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)

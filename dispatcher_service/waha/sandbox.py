@@ -33,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
+from dispatcher_service import eventloop
+
 log = logging.getLogger("waha.sandbox")
 
 WAHA_VERSION = "2026.7.1"
@@ -835,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
     # run_app stops gracefully on SIGINT/SIGTERM; requests hanging on an injected timeout are
     # cancelled after shutdown_timeout so a stop never waits for them.
     web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0, backlog=4096,
-                access_log=None, print=None, handle_signals=True)
+                access_log=None, print=None, handle_signals=True, loop=eventloop.new_loop())
     log.info("event=stopped")
     sys.stdout.flush()
 

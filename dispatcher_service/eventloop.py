@@ -1,0 +1,45 @@
+"""The event loop of the dispatcher's processes (worker, DispatcherService, WAHA sandbox).
+
+uvloop by default: the worker's hot path is small HTTP and Redis round trips, where the stock
+selector loop's transports cost more CPU than the requests themselves. WHAGO_EVENT_LOOP=asyncio
+selects the stock loop (to compare, or where uvloop is unavailable)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def name() -> str:
+    """"uvloop" or "asyncio", as configured and available."""
+    if os.environ.get("WHAGO_EVENT_LOOP", "uvloop").strip().lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    if name() == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on the configured loop."""
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main)
+
+
+def install() -> asyncio.AbstractEventLoop:
+    """Make a new configured loop the current one (for code that calls get_event_loop, like arq)."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    return loop
