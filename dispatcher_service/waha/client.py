@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 log = logging.getLogger("dispatcher.waha")
 
@@ -109,20 +110,23 @@ class WahaClient:
         self.api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.headers = {"X-Api-Key": api_key, "Accept": "application/json"}
+        self.json_headers = {**self.headers, "Content-Type": "application/json"}
 
     # -- transport ---------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                        params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201)) -> Any:
         url = self.base_url + path
+        data = orjson.dumps(json_body) if json_body is not None else None
         try:
-            async with self.http.request(method, url, json=json_body, params=params, headers=self.headers,
+            async with self.http.request(method, url, data=data, params=params,
+                                         headers=self.headers if data is None else self.json_headers,
                                          timeout=self.timeout) as resp:
                 raw = await resp.read()  # WAHA answers UTF-8 JSON: no charset sniffing of the body
                 if resp.status in ok:
                     if not raw:
                         return {}
                     try:
-                        return json.loads(raw)
+                        return orjson.loads(raw)
                     except ValueError:
                         return {"raw": raw.decode("utf-8", "replace")}
                 raise classify(resp.status, raw.decode("utf-8", "replace"))

@@ -31,6 +31,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from dispatcher_service import eventloop
@@ -424,7 +425,8 @@ def _now_iso() -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _json(status: int, body: Any) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+    # orjson: encoding the WAMessage was a tenth of the sandbox's CPU per send with the stdlib json.
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def http_error(status: int, message: Any) -> web.Response:
@@ -566,7 +568,7 @@ class App:
         if request.method == "POST":
             raw = await request.read()
             try:
-                body = json.loads(raw) if raw else {}
+                body = orjson.loads(raw) if raw else {}
             except ValueError as exc:
                 bad_json = str(exc)
             record["body"] = body
