@@ -6,6 +6,7 @@ needs PostgreSQL still runs when a service is broken."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import secrets
 import subprocess
 import sys
@@ -35,6 +36,29 @@ def read_status_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
 
 
 def reset_hwm(pid: int) -> bool:
@@ -173,6 +197,23 @@ class Stack:
             raise RuntimeError(f"worker exited at start:\n{p.tail()}")
         self.procs["worker"] = p
         return p
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of every process of the stack (PostgreSQL: postmaster + backends,
+        which come and go, so compare two snapshots only over a short span)."""
+        out = {name: cpu_seconds(self.pid(name)) for name in ("campaign", "dispatcher", "worker", "sandbox")
+               if name in self.procs}
+        pg = 0.0
+        if self.pg.proc is not None:
+            todo = [self.pg.proc.pid]
+            while todo:  # runuser -> postgres -> backends
+                pid = todo.pop()
+                pg += cpu_seconds(pid)
+                todo += _children(pid)
+        out["postgres"] = pg
+        if self.redis.proc is not None:
+            out["redis"] = cpu_seconds(self.redis.proc.pid)
+        return out
 
     def pid(self, name: str) -> int:
         p = self.procs[name].proc
