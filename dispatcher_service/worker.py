@@ -88,6 +88,7 @@ class WorkerSettings:
 def main() -> None:
     logs.setup(CFG.log_level)
     logging.getLogger("arq.worker").setLevel(logging.WARNING if CFG.log_level.upper() != "DEBUG" else logging.DEBUG)
+    eventloop.tune_gc()
     eventloop.install()  # arq takes the current loop
     kwargs = {k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")}
     worker = ResilientWorker(**kwargs)

@@ -834,6 +834,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     app = make_app(args.api_key, args.latency_ms, args.timeout_seconds)
+    eventloop.tune_gc()
     log.info("event=listening url=http://%s:%d auth=%s", args.host, args.port,
              "on" if args.api_key else "off")
     # run_app stops gracefully on SIGINT/SIGTERM; requests hanging on an injected timeout are
