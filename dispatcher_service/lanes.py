@@ -2,10 +2,13 @@
 
 A slice leases small batches from DeliveryService and sends them through WAHA:
 
-  lease -> (messages carrying a waha_message_id: ask WAHA first; found -> SENT)
-        -> take a WAHA message id per message (new-message-id) and report ATTEMPTING for the batch
-           BEFORE anything leaves, so an uncertain outcome can always be looked up later
+  take WAHA message ids (new-message-id) -> lease, which records them on the messages in the same
+        statement (what an ATTEMPTING report does) BEFORE anything leaves, so an uncertain outcome
+        can always be looked up later
+        -> (messages carrying an earlier attempt's id: ask WAHA first; found -> SENT; media and
+           messages left without an id take the careful way, ids + ATTEMPTING per batch)
         -> per message: pacing slot -> sleep -> seen -> typing -> send -> report
+        -> or, at full speed (gap always 0, no camouflage): bursts of sends under one fence token
 
 Every WAHA request is fenced (fences.py): atomic "epoch still current + register in flight".
 Stopped by a fence, by a non-RUNNING campaign, by the slice clock or a cancellation, the lane
