@@ -71,29 +71,26 @@ _CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates F
 # Two locking CTEs because FOR UPDATE is not allowed directly under UNION.
 _LEASE = text("""
 WITH expired AS (
-    SELECT id, seq FROM campaign_messages
+    SELECT id, seq, waha_message_id, template_index FROM campaign_messages
     WHERE campaign_id = :cid AND chip_id = :chip AND state = 2 AND lease_expires_at < now()
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), pending AS (
-    SELECT id, seq FROM campaign_messages
+    SELECT id, seq, waha_message_id, template_index FROM campaign_messages
     WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id, row_number() OVER (ORDER BY seq) AS rn
-    FROM (SELECT id, seq FROM expired UNION ALL SELECT id, seq FROM pending) u ORDER BY seq LIMIT :n
-), old AS (
-    SELECT m.id, m.waha_message_id AS earlier, m.template_index, picked.rn
-    FROM picked JOIN campaign_messages m ON m.id = picked.id
+    SELECT id, seq, waha_message_id AS earlier, template_index, row_number() OVER (ORDER BY seq) AS rn
+    FROM (SELECT * FROM expired UNION ALL SELECT * FROM pending) u ORDER BY seq LIMIT :n
 )
 UPDATE campaign_messages m
 SET state = 2, lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :secs),
     attempts = m.attempts + 1, updated_at = now(),
     waha_message_id = CASE
-        WHEN old.earlier IS NULL AND NOT (old.template_index % :nt = ANY(CAST(:media_idx AS int[])))
-        THEN (CAST(:wids AS text[]))[old.rn] ELSE m.waha_message_id END
-FROM old, campaign_contacts ct
-WHERE m.id = old.id AND ct.id = m.contact_id
-RETURNING m.id, m.seq, m.template_index, old.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
+        WHEN picked.earlier IS NULL AND NOT (picked.template_index % :nt = ANY(CAST(:media_idx AS int[])))
+        THEN (CAST(:wids AS text[]))[picked.rn] ELSE m.waha_message_id END
+FROM picked, campaign_contacts ct
+WHERE m.id = picked.id AND ct.id = m.contact_id
+RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
           m.attempts, m.lease_expires_at, ct.phone, ct.chat_id, ct.name, ct.variables
 """)
 
