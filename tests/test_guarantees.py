@@ -30,6 +30,9 @@ SENT, FAILED, PENDING, SENDING = (res.MESSAGE_STATE_SENT, res.MESSAGE_STATE_FAIL
                                   res.MESSAGE_STATE_SENDING)
 COMPLETED, PAUSED, CANCELLED = res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_PAUSED, res.CAMPAIGN_STATE_CANCELLED
 KEY = SANDBOX_API_KEY
+# Chip pacing for the failure tests: paced (one fenced send at a time) and full speed, where a lane
+# sends in bursts under one fence token and a failure ends the burst at that message.
+PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -246,9 +249,10 @@ def test_two_workers_two_campaigns_sharing_a_chip_every_chip_keeps_its_gap_nobod
 
 # -- 5./6. chips leaving rotation -------------------------------------------------------------------
 
+@pytest.mark.parametrize("interval", PACED_AND_BURST, ids=["paced", "full-speed-bursts"])
 def test_restricted_chip_463_is_restricted_and_its_messages_go_round_robin_to_healthy_chips(
-        api: Ops, sandbox_url: str, control: SandboxControl) -> None:
-    chips = [api.chip(sandbox_url, KEY, interval=(0.02, 0.04)) for _ in range(3)]
+        api: Ops, sandbox_url: str, control: SandboxControl, interval: tuple[float, float]) -> None:
+    chips = [api.chip(sandbox_url, KEY, interval=interval) for _ in range(3)]
     control.set_session(chips[0].waha_session, restricted=True)  # every send answers 500 + error 463
     camp = api.campaign(chips)
     numbers = phones(30)
@@ -341,9 +345,11 @@ def test_single_chip_session_stops_mid_run_lane_backs_off_and_completes_when_wor
 
 # -- 7./8./9. failure handling ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("interval", PACED_AND_BURST, ids=["paced", "full-speed-bursts"])
 def test_send_timing_out_after_reaching_waha_is_found_by_its_id_and_not_resent(
-        iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
-    chip = iso_api.chip(sandbox_url, KEY, interval=(0.02, 0.04))
+        iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl,
+        interval: tuple[float, float]) -> None:
+    chip = iso_api.chip(sandbox_url, KEY, interval=interval)
     # The first send is delivered, then hangs past WAHA_TIMEOUT_SECONDS=2 of this stack.
     control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
     camp = iso_api.campaign([chip])
@@ -369,9 +375,10 @@ def test_send_timing_out_after_reaching_waha_is_found_by_its_id_and_not_resent(
     assert max(delivered_by_chat(control, [chip]).values()) == 1
 
 
+@pytest.mark.parametrize("interval", PACED_AND_BURST, ids=["paced", "full-speed-bursts"])
 def test_400_fails_that_message_with_the_reason_and_503_twice_is_retried_then_sent(
-        api: Ops, sandbox_url: str, control: SandboxControl) -> None:
-    chip = api.chip(sandbox_url, KEY, interval=(0.02, 0.04))
+        api: Ops, sandbox_url: str, control: SandboxControl, interval: tuple[float, float]) -> None:
+    chip = api.chip(sandbox_url, KEY, interval=interval)
     control.set_session(chip.waha_session, fail_next=[{"status": 400, "count": 1}, {"status": 503, "count": 2}])
     camp = api.campaign([chip])
     numbers = phones(3)
