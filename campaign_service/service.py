@@ -488,6 +488,8 @@ class CampaignOps:
             result = DeleteResult(str(cid), n_contacts, n_messages, len(paths), revoked)
             self._remember(s, user_id, idem, result)
         log.info("campaign %s deleted", cid)
+        self.db.stats.changed("campaign_messages", n_messages)
+        self.db.stats.changed("campaign_contacts", n_contacts)
         self._remove_files(cid, paths)
         self._publish(user_id, str(cid), "DELETED", webhook, extra={
             "deleted_contacts": n_contacts, "deleted_messages": n_messages, "deleted_media": len(paths)})
@@ -565,6 +567,7 @@ class CampaignOps:
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s start: %d messages over %d chips, epoch %d", cid, created, len(chips),
                  c.dispatch_epoch)
+        self.db.stats.changed("campaign_messages", created)
         try:
             self.dispatcher.start(str(cid), c.dispatch_epoch, lanes, pacing.effective_camouflage(settings.camouflage))
         except errors.Unavailable:
@@ -787,6 +790,7 @@ class CampaignOps:
             campaigns_repo.touch(s, c)
         log.info("campaign=%s import: %d rows, %d new, %d duplicates, %d rejected, %d contacts", cid, row,
                  out.imported, out.duplicates, out.rejected_count, out.total_contacts)
+        self.db.stats.changed("campaign_contacts", out.imported)
         return out
 
     @staticmethod

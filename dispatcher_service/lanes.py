@@ -84,7 +84,7 @@ REPORT_BATCH_FAST = 50
 # sends (one Redis step per burst instead of one per message), for at most BURST_SECONDS, so a stop
 # waiting for in-flight requests waits for at most that (the lane is aborted by then anyway).
 BURST = 25
-BURST_SECONDS = 0.25
+BURST_SECONDS = 0.1
 # Prefetch: while a batch is sent, the next one is leased, given its WAHA ids and recorded as
 # ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is
 # expected to take at most this long (its lease must outlast that wait plus its own sends).

@@ -26,6 +26,8 @@ from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from campaign_service.db.stats import StatsKeeper
+
 
 def _server_closed(dbapi_connection: Any) -> bool:
     """True when psycopg2 knows the connection is closed, or the server has sent something on an
@@ -76,6 +78,7 @@ class Database:
     def __init__(self, url: str, pool_size: int = 20) -> None:
         self.engine = make_engine(url, pool_size)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.stats = StatsKeeper(self.engine)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -139,4 +142,5 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        self.stats.stop()
         self.engine.dispose()

@@ -76,7 +76,7 @@ WITH r AS (
            AS r(id, outcome, waha, reason, ts)
 ), old AS (
     SELECT m.id, m.state, m.lease_expires_at FROM campaign_messages m
-    WHERE m.campaign_id = :cid AND m.id IN (SELECT id FROM r)
+    WHERE m.campaign_id = :cid AND m.id = ANY(CAST(:ids AS bigint[]))
     ORDER BY m.id FOR UPDATE
 ), t AS (
     SELECT r.id, r.outcome, r.waha, r.reason, r.ts, old.state AS old_state,
@@ -108,7 +108,7 @@ UPDATE campaign_messages m SET
     lease_expires_at = CASE WHEN t.new_state = 2 THEN m.lease_expires_at END,
     updated_at = now()
 FROM t
-WHERE m.id = t.id AND t.new_state IS NOT NULL
+WHERE m.id = ANY(CAST(:ids AS bigint[])) AND m.id = t.id AND t.new_state IS NOT NULL
 RETURNING m.id, t.old_state, m.state AS new_state
 """)
 

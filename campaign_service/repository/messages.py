@@ -33,17 +33,20 @@ class CancelResult:
 
 
 def fail_open(session: Session, campaign_id: uuid.UUID, reason: str) -> CancelResult:
-    """PENDING, SENDING and FAILED -> FAILED with `reason`, leases dropped, in one statement."""
-    row = session.execute(text(
-        "WITH upd AS ("
-        " UPDATE campaign_messages m SET state = 6, failure_reason = :r, lease_owner = NULL,"
-        "   lease_expires_at = NULL, updated_at = now()"
-        " FROM (SELECT id, state FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2, 6)"
-        "       FOR UPDATE) old"
-        " WHERE m.id = old.id RETURNING old.state AS old_state)"
-        " SELECT count(*) AS failed, count(*) FILTER (WHERE old_state IN (1, 2)) AS were_open FROM upd"),
-        {"c": campaign_id, "r": reason}).one()
-    return CancelResult(int(row.failed), int(row.were_open))
+    """PENDING, SENDING and FAILED -> FAILED with `reason`, leases dropped.
+
+    The caller holds the campaign row FOR UPDATE, so leases and outcome reports (all but ATTEMPTING,
+    which moves no state) wait: the count and the update see the same rows. Two single-table
+    statements rather than an UPDATE joined to a locking subquery of the same table, which the
+    planner turned into a rescan per row (minutes) when the table's statistics were stale."""
+    were_open = session.execute(text(
+        "SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2)"),
+        {"c": campaign_id}).scalar_one()
+    failed = session.execute(text(
+        "UPDATE campaign_messages SET state = 6, failure_reason = :r, lease_owner = NULL,"
+        " lease_expires_at = NULL, updated_at = now() WHERE campaign_id = :c AND state IN (1, 2, 6)"),
+        {"c": campaign_id, "r": reason}).rowcount  # type: ignore[attr-defined]
+    return CancelResult(int(failed), int(were_open))
 
 
 def delete_all(session: Session, campaign_id: uuid.UUID) -> int:
