@@ -216,25 +216,24 @@ def fig_delete(ctx: Ctx) -> None:
 
 # -- 4. Dispatch throughput -------------------------------------------------------------------------
 
-async def _sendtext_loop(url: str, n: int, senders: int, max_seconds: float) -> tuple[float, int]:
-    """Baseline: `senders` coroutines posting sendText (the dispatcher's body shape, with a
-    pre-chosen id) to the sandbox, n messages in all. Returns (seconds, messages sent)."""
+Sender = Callable[[aiohttp.ClientSession, str, str, int, int], Coroutine[Any, Any, bool]]
+
+
+async def _drive(url: str, n: int, senders: int, max_seconds: float, prefix: str,
+                 send: Sender) -> tuple[float, int]:
+    """`senders` coroutines, each with its own sandbox session, calling send() for n messages in all
+    (bounded by max_seconds). Returns (seconds, messages sent)."""
     sent = 0
     deadline = time.monotonic() + max_seconds
 
     async def sender(http: aiohttp.ClientSession, k: int, count: int) -> None:
         nonlocal sent
-        session = f"base-{k}-{secrets.token_hex(3)}"
+        session = f"{prefix}-{k}-{secrets.token_hex(3)}"
         for i in range(count):
             if time.monotonic() > deadline:
                 return
-            body = {"session": session, "chatId": f"55119{k:02d}{i:06d}@c.us", "text": f"Olá Contact {i}",
-                    "id": "3EB0" + secrets.token_hex(9).upper()}
-            async with http.post(url + "/api/sendText", json=body,
-                                 headers={"X-Api-Key": SANDBOX_API_KEY, "Accept": "application/json"}) as resp:
-                await resp.read()
-                if resp.status in (200, 201):
-                    sent += 1
+            ok = await send(http, url, session, k, i)  # not `sent += await ...`: that reads `sent` before the await
+            sent += ok
 
     conn = aiohttp.TCPConnector(limit=senders * 2)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -242,35 +241,36 @@ async def _sendtext_loop(url: str, n: int, senders: int, max_seconds: float) -> 
         t0 = time.perf_counter()
         await asyncio.gather(*(sender(http, k, c) for k, c in enumerate(per)))
         return time.perf_counter() - t0, sent
+
+
+_HEADERS = {"X-Api-Key": SANDBOX_API_KEY, "Accept": "application/json"}
+
+
+async def _send_text(http: aiohttp.ClientSession, url: str, session: str, k: int, i: int, mid: str) -> bool:
+    body = {"session": session, "chatId": f"55119{k:02d}{i:06d}@c.us", "text": f"Olá Contact {i}", "id": mid}
+    async with http.post(url + "/api/sendText", json=body, headers=_HEADERS) as resp:
+        await resp.read()
+        return resp.status in (200, 201)
+
+
+async def _sendtext_loop(url: str, n: int, senders: int, max_seconds: float) -> tuple[float, int]:
+    """Baseline: `senders` coroutines posting sendText (the dispatcher's body shape, with a
+    pre-chosen id) to the sandbox, n messages in all. Returns (seconds, messages sent)."""
+    async def send(http: aiohttp.ClientSession, url: str, session: str, k: int, i: int) -> bool:
+        return await _send_text(http, url, session, k, i, "3EB0" + secrets.token_hex(9).upper())
+
+    return await _drive(url, n, senders, max_seconds, "base", send)
 
 
 async def _two_request_loop(url: str, n: int, senders: int, max_seconds: float) -> tuple[float, int]:
     """The floor of our design, for reference: the baseline loop, but each message also takes its
     id first (GET new-message-id, then sendText with it), as at-most-once requires (issue 3)."""
-    sent = 0
-    deadline = time.monotonic() + max_seconds
-    headers = {"X-Api-Key": SANDBOX_API_KEY, "Accept": "application/json"}
+    async def send(http: aiohttp.ClientSession, url: str, session: str, k: int, i: int) -> bool:
+        async with http.get(f"{url}/api/{session}/new-message-id", headers=_HEADERS) as resp:
+            mid = str((await resp.json())["id"])
+        return await _send_text(http, url, session, k, i, mid)
 
-    async def sender(http: aiohttp.ClientSession, k: int, count: int) -> None:
-        nonlocal sent
-        session = f"floor-{k}-{secrets.token_hex(3)}"
-        for i in range(count):
-            if time.monotonic() > deadline:
-                return
-            async with http.get(f"{url}/api/{session}/new-message-id", headers=headers) as resp:
-                mid = (await resp.json())["id"]
-            body = {"session": session, "chatId": f"55119{k:02d}{i:06d}@c.us", "text": f"Olá Contact {i}", "id": mid}
-            async with http.post(url + "/api/sendText", json=body, headers=headers) as resp:
-                await resp.read()
-                if resp.status in (200, 201):
-                    sent += 1
-
-    conn = aiohttp.TCPConnector(limit=senders * 2)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as http:
-        per = [n // senders + (1 if k < n % senders else 0) for k in range(senders)]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(sender(http, k, c) for k, c in enumerate(per)))
-        return time.perf_counter() - t0, sent
+    return await _drive(url, n, senders, max_seconds, "floor", send)
 
 
 def _baseline(loop: Callable[[str, int, int, float], Coroutine[Any, Any, tuple[float, int]]], url: str,

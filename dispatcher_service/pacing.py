@@ -90,6 +90,20 @@ if #KEYS >= 3 then redis.call('HSET', KEYS[3], 'next_send_time', tostring(slot))
 return tostring(slot)
 """
 
+# A lane's previous send (or burst), ended but not yet released: no longer in flight, and the chip's
+# pace is measured from now (what fences' _RELEASE_SEND does; `now` is never earlier than the real
+# end, so the pace only gets more conservative).
+_RELEASE_PREV_FN = """
+local function release_prev(pace, inflight, token, now)
+  redis.call('ZREM', inflight, token)
+  local la0 = tonumber(redis.call('HGET', pace, 'last_actual') or '0')
+  if now > la0 then redis.call('HSET', pace, 'last_actual', tostring(now)) end
+  if redis.call('HGET', pace, 'busy_token') == token then
+    redis.call('HDEL', pace, 'busy_until', 'busy_token')
+  end
+end
+"""
+
 # Reserve a slot and, when it is due now, also pass the stop fence and take the send in one step
 # (what fences.acquire does with a pace chip), saving two round trips per message at full speed.
 # KEYS: pace, pacelog, lane, fence, inflight
@@ -100,16 +114,11 @@ return tostring(slot)
 # is never earlier than the real end: the pace only gets more conservative).
 # Returns 'stop' (fence moved: nothing reserved), '-1' (no window), 'go:<slot>' (reserved AND the
 # send is registered under send_token) or 'slot:<slot>' (reserved for later: sleep, then acquire).
-_RESERVE_SEND = _SLOT_FN + """
+_RESERVE_SEND = _SLOT_FN + _RELEASE_PREV_FN + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[10] ~= '' then
-  redis.call('ZREM', KEYS[5], ARGV[10])
-  local la0 = tonumber(redis.call('HGET', KEYS[1], 'last_actual') or '0')
-  if now > la0 then redis.call('HSET', KEYS[1], 'last_actual', tostring(now)) end
-  if redis.call('HGET', KEYS[1], 'busy_token') == ARGV[10] then
-    redis.call('HDEL', KEYS[1], 'busy_until', 'busy_token')
-  end
+  release_prev(KEYS[1], KEYS[5], ARGV[10], now)
   -- tostring keeps 14 digits and may round the stored end up (< 0.1 ms): reserve from there, or
   -- the slot (>= last_actual) would look "not due yet" and the send would take the slow path.
   local stored = tonumber(tostring(now))
@@ -142,17 +151,10 @@ return 'go:' .. tostring(slot)
 # `prev_token`: the lane's previous burst (ended, not yet released): released first, as in
 # _RESERVE_SEND. Returns 'stop', '-1' (no window within the horizon), 'slot:<t>' (nothing may leave
 # before t: window closed or a cap reached) or 'go:<n>' (n >= 1 sends registered under token).
-_RESERVE_BURST = """
+_RESERVE_BURST = _RELEASE_PREV_FN + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if ARGV[7] ~= '' then
-  redis.call('ZREM', KEYS[5], ARGV[7])
-  local la0 = tonumber(redis.call('HGET', KEYS[1], 'last_actual') or '0')
-  if now > la0 then redis.call('HSET', KEYS[1], 'last_actual', tostring(now)) end
-  if redis.call('HGET', KEYS[1], 'busy_token') == ARGV[7] then
-    redis.call('HDEL', KEYS[1], 'busy_until', 'busy_token')
-  end
-end
+if ARGV[7] ~= '' then release_prev(KEYS[1], KEYS[5], ARGV[7], now) end
 if redis.call('GET', KEYS[4]) ~= ARGV[3] then return 'stop' end
 local nwin = tonumber(ARGV[8])
 if nwin >= 0 then
