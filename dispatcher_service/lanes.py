@@ -197,6 +197,8 @@ class Lane:
         # Sends that left for WAHA without a known answer yet: never RELEASED (the campaign service
         # clears the WAHA id on RELEASED); their lease expires and the next lease looks them up.
         self.maybe_sent: set[str] = set()
+        # WAHA's 201 answers not yet turned into a SENT report (a send that finished after its lane
+        # was cancelled); final() drops them, so this stays small however long the slice.
         self.send_ok: dict[str, dict[str, Any]] = {}
         # Latest lease end of messages left leased on purpose: the lane must come back after it.
         self.revisit_at = 0.0
@@ -330,6 +332,7 @@ class Lane:
         self.reports.append(r)
         self.held.pop(m.message_id, None)
         self.maybe_sent.discard(m.message_id)
+        self.send_ok.pop(m.message_id, None)  # an answer is kept only until its outcome is reported
         if outcome == dpb.DELIVERY_OUTCOME_SENT:
             self.sent += 1
         elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):
@@ -860,7 +863,6 @@ class Lane:
                     if isinstance(e, SessionNotWorking | ChipRestricted | MessageRejected):
                         self.maybe_sent.discard(m.message_id)  # WAHA answered: definitely not sent
                     return done, e
-                self.send_ok[m.message_id] = r
                 self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(r) or mid)
                 done += 1
             return done, None
