@@ -234,3 +234,12 @@ def test_lease_and_report_throughput(stub: dgrpc.DeliveryServiceStub, delivery_d
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == 6 and row.sent_count == lanes * 60
     assert rate > 200
+
+
+def test_remaining_is_counted_up_to_1000(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    """A lane only sizes its next batch with it: a big lane is not counted whole on every lease."""
+    w = make_world(delivery_db, contacts=1003, chips=1)
+    first = stub.LeaseMessages(lease_req(w, w.chip(0), n=1), metadata=SERVICE)
+    assert len(first.messages) == 1 and first.remaining == 1000  # 1002 left: capped
+    rest = stub.LeaseMessages(lease_req(w, w.chip(0), n=1000), metadata=SERVICE)
+    assert len(rest.messages) == 1000 and rest.remaining == 2  # under the cap: exact

@@ -105,10 +105,17 @@ WITH hb AS (
     SET last_seen_at = now(), lease_seconds = EXCLUDED.lease_seconds, lease_owner = EXCLUDED.lease_owner
     RETURNING 1
 )
-SELECT count(*) FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+SELECT count(*) FROM (
+    SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+    LIMIT :count_cap) p
 """)
 
-_REMAINING = text("SELECT count(*) FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1")
+# `remaining` is counted up to REMAINING_CAP: a lane only needs to size its next batch and to know
+# whether work is left. Counting a big campaign's whole lane on every lease cost ~40 ms per lease
+# (200k PENDING per lane), more than the lease itself.
+REMAINING_CAP = MAX_MESSAGES
+_REMAINING = text("SELECT count(*) FROM (SELECT 1 FROM campaign_messages WHERE campaign_id = :cid"
+                  " AND chip_id = :chip AND state = 1 LIMIT :count_cap) p")
 
 _MEDIA = text("""
 SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path FROM campaign_media
@@ -174,15 +181,15 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         if camp is None:
             raise errors.NotFound("campaign", campaign_id)
         if camp.state != RUNNING or camp.dispatch_epoch != epoch:
-            remaining = s.execute(_REMAINING, params).scalar_one()
+            remaining = s.execute(_REMAINING, {**params, "count_cap": REMAINING_CAP}).scalar_one()
             return LeaseResult([], camp.state, camp.dispatch_epoch, remaining)
         templates = camp.templates or []
         media_idx = [i for i in range(len(templates)) if template_parts(templates, i)[1] is not None]
         rows = list(s.execute(_LEASE, {**params, "n": max_messages, "secs": lease_seconds,
                                        "owner": lease_owner or None, "wids": list(waha_message_ids),
                                        "nt": max(1, len(templates)), "media_idx": media_idx}))
-        remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds,
-                                                         "owner": lease_owner or ""}).scalar_one()
+        remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
+                                                         "count_cap": REMAINING_CAP}).scalar_one()
         rows.sort(key=lambda r: r.seq)
         parts = [template_parts(camp.templates, r.template_index) for r in rows]
         media = _media(s, cid, {m for _, m in parts if m is not None})
