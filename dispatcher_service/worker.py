@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 from arq import Worker
@@ -27,6 +29,7 @@ from dispatcher_service.waha.client import new_http_session
 
 log = logging.getLogger("dispatcher.worker")
 CFG = config_mod.load()
+SHUTDOWN_REDIS_SECONDS = 3.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -65,6 +68,29 @@ class ResilientWorker(Worker):
         except (RedisError, OSError) as e:
             log.warning("redis unavailable in poll loop (%s: %s); retrying", type(e).__name__, e)
             await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """arq's close() (arq 0.28), bounded: with Redis gone, its health-key delete retried for ~50 s
+        and then exited with a traceback. Lanes get the time to let in-flight requests end and report;
+        the Redis steps get a few seconds each (the health key expires by itself); on_shutdown always runs."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=CFG.waha_timeout + 10)
+        await _bounded("delete the health-check key", self.pool.delete(self.health_check_key))
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await _bounded("close the Redis pool", self.pool.aclose(close_connection_pool=True))
+        self._pool = None
+
+
+async def _bounded(what: str, step: Awaitable[Any], seconds: float = SHUTDOWN_REDIS_SECONDS) -> None:
+    try:
+        await asyncio.wait_for(step, seconds)
+    except (RedisError, OSError, TimeoutError) as e:
+        log.warning("shutdown: could not %s (%s: %s); going on", what, type(e).__name__, e)
 
 
 class WorkerSettings:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import signal
 import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
 from redis.asyncio import Redis
 
+from devstack.procs import ServiceProcess
 from devstack.servers import Redis as RedisServer
+from devstack.servers import free_port
 from dispatcher_service.fences import Fences, Stopped
 from dispatcher_service.pacing import Limits, Pacer, window_intervals
 from whago.campaign.v1 import resources_pb2 as rpb
@@ -258,3 +262,30 @@ def test_send_acquire_enforces_the_chip_minimum_gap(redis_server: RedisServer) -
         assert isinstance(other, str)
 
     run(redis_server, go)
+
+
+def test_worker_stops_on_sigterm_within_seconds_even_with_redis_gone(tmp_path: Path) -> None:
+    """SIGTERM must stop a worker promptly and cleanly even when Redis is down for good (arq's own
+    close() retried the health-key delete for ~50 s, then exited with a traceback)."""
+    server = RedisServer(tmp_path / "redis", free_port())
+    server.start()
+    env = {"REDIS_URL": server.url, "CAMPAIGN_TARGET": "127.0.0.1:1", "WHAGO_SERVICE_TOKEN": "t",
+           "WHAGO_LOG_LEVEL": "INFO"}
+    worker = ServiceProcess("sigterm-worker", "dispatcher_service.worker", [], env, tmp_path / "logs").start()
+    try:
+        deadline = time.monotonic() + 30
+        while " started: " not in worker.tail(50):
+            assert worker.alive() and time.monotonic() < deadline, worker.tail()
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(1.0)  # the poll loop meets the dead Redis
+        assert worker.proc is not None
+        t0 = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        rc = worker.proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if worker.alive():
+            worker.proc.kill()  # type: ignore[union-attr]
+    assert rc == 0 and took < 10, (rc, took, worker.tail())
+    assert "stopped" in worker.tail(20) and "Traceback" not in worker.tail(50)
