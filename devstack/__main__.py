@@ -171,6 +171,9 @@ Logs: .run/logs/. Ctrl-C stops everything.""", flush=True)
             time.sleep(1)
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as e:  # a server that could not start: say why, no traceback
+        say(str(e))
+        return 1
     finally:
         shutdown()
 

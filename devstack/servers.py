@@ -101,11 +101,21 @@ class Postgres:
         )
         self._wait_ready()
 
+    def _last_fatal(self) -> str:
+        """The last FATAL line of the server log (e.g. the port is taken), for the error message."""
+        try:
+            lines = (self.root / "postgres.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        fatal = [ln.split("FATAL:", 1)[1].strip() for ln in lines[-50:] if "FATAL:" in ln]
+        return fatal[-1] if fatal else "see its log"
+
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited; see {self.root / 'postgres.log'}")
+                raise RuntimeError(f"postgres on port {self.port} exited: {self._last_fatal()} "
+                                   f"(see {self.root / 'postgres.log'})")
             r = subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                                capture_output=True)
             if r.returncode == 0:
