@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 from arq.connections import ArqRedis
 
 from dispatcher_service import fences as fences_mod
@@ -47,6 +46,7 @@ from dispatcher_service.waha.client import (
     WahaServerError,
     WahaTimeout,
 )
+from dispatcher_service.waha.transport import HttpClient
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -97,7 +97,7 @@ class WorkerEnv:
 
     cfg: Config
     redis: ArqRedis
-    http: aiohttp.ClientSession
+    http: HttpClient
     delivery: DeliveryClient
     store: Store = field(init=False)
     fences: fences_mod.Fences = field(init=False)

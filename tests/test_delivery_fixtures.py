@@ -95,7 +95,8 @@ def make_world(db: Database, *, contacts: int = 10, chips: int = 3, state: int =
     uid = make_user(db)
     chip_ids = make_chips(db, uid, chips)
     camp = uuid.uuid4()
-    phones = [f"5511{secrets.randbelow(10**9):09d}" for _ in range(contacts)]
+    # Distinct numbers: independent draws collided about once in 2000 worlds of 960 contacts.
+    phones = [f"5511{n:09d}" for n in secrets.SystemRandom().sample(range(10**9), contacts)]
     with db.transaction() as s:
         s.add(Campaign(id=camp, user_id=uid, name="t", state=state, templates=list(templates),
                        settings=settings or {}, chip_ids=chip_ids if name_chip_ids else [],

@@ -1,4 +1,4 @@
-"""aiohttp client for the WAHA endpoints the dispatcher uses, per /work/shared/waha/openapi.json.
+"""Client for the WAHA endpoints the dispatcher uses, per /work/shared/waha/openapi.json.
 
 Errors are typed so a lane can classify outcomes (issue 3): 422 session not WORKING, HTTP 500 with
 WhatsApp error 463 (restricted number), 400/404 rejected message, other 5xx, and timeouts whose
@@ -11,10 +11,11 @@ import json
 import logging
 import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-import aiohttp
 import orjson
+
+from dispatcher_service.waha.transport import HttpClient, HttpConnectionError, HttpTimeout, Origin
 
 log = logging.getLogger("dispatcher.waha")
 
@@ -92,48 +93,44 @@ def media_endpoint(mimetype: str) -> str:
     return "sendFile"
 
 
-def new_http_session(timeout: float, limit: int = 1200) -> aiohttp.ClientSession:
-    """One pooled session per worker process, sized for ~1000 concurrent lanes."""
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300,
-                                     enable_cleanup_closed=True)
-    # WAHA sets no cookies: a dummy jar spares every request the cookie filtering.
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
-                                 raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar())
+def new_http_session(timeout: float, limit: int = 1200) -> HttpClient:
+    """One pooled HTTP client per worker process, sized for ~1000 concurrent lanes."""
+    return HttpClient(timeout, limit=limit)
 
 
 class WahaClient:
-    """One WAHA server + API key; cheap to create per lane, shares the process-wide HTTP session."""
+    """One WAHA server + API key; cheap to create per lane, shares the process-wide HTTP client."""
 
-    def __init__(self, http: aiohttp.ClientSession, base_url: str, api_key: str, timeout: float = 15.0) -> None:
+    def __init__(self, http: HttpClient, base_url: str, api_key: str, timeout: float = 15.0) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
+        self.origin = Origin.parse(self.base_url)
+        if any(c in api_key for c in "\r\n\0"):
+            raise ValueError("WAHA API key contains a line break")
         self.api_key = api_key
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.headers = {"X-Api-Key": api_key, "Accept": "application/json"}
-        self.json_headers = {**self.headers, "Content-Type": "application/json"}
+        self.timeout = timeout
+        self.headers = f"X-Api-Key: {api_key}\r\nAccept: application/json\r\n".encode("latin-1")
+        self.json_headers = self.headers + b"Content-Type: application/json\r\n"
 
     # -- transport ---------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                        params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201)) -> Any:
-        url = self.base_url + path
         data = orjson.dumps(json_body) if json_body is not None else None
+        target = f"{path}?{urlencode(params)}" if params else path
         try:
-            async with self.http.request(method, url, data=data, params=params,
-                                         headers=self.headers if data is None else self.json_headers,
-                                         timeout=self.timeout) as resp:
-                raw = await resp.read()  # WAHA answers UTF-8 JSON: no charset sniffing of the body
-                if resp.status in ok:
-                    if not raw:
-                        return {}
-                    try:
-                        return orjson.loads(raw)
-                    except ValueError:
-                        return {"raw": raw.decode("utf-8", "replace")}
-                raise classify(resp.status, raw.decode("utf-8", "replace"))
-        except WahaError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            resp = await self.http.request(self.origin, method, target, self.headers if data is None
+                                           else self.json_headers, data, timeout=self.timeout)
+        except (HttpTimeout, HttpConnectionError) as e:
             raise WahaTimeout(0, "", f"WAHA {method} {path}: {type(e).__name__}: {e}") from e
+        raw = resp.body  # WAHA answers UTF-8 JSON: no charset sniffing of the body
+        if resp.status in ok:
+            if not raw:
+                return {}
+            try:
+                return orjson.loads(raw)
+            except ValueError:
+                return {"raw": raw.decode("utf-8", "replace")}
+        raise classify(resp.status, raw.decode("utf-8", "replace"))
 
     # -- sessions ----------------------------------------------------------------------------------
     async def get_session(self, session: str) -> dict[str, Any]:
