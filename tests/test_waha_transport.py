@@ -4,7 +4,10 @@ loopback: answer framings, keep-alive reuse, servers that close, timeouts and ca
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -20,15 +23,16 @@ class ScriptedServer:
     """Reads one request at a time per connection (head + Content-Length body) and writes what
     `answer` returns; None closes the connection without an answer."""
 
-    def __init__(self, answer: Answer, close_after: bool = False) -> None:
+    def __init__(self, answer: Answer, close_after: bool = False, ssl_context: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.ssl_context = ssl_context
         self.close_after = close_after
         self.connections = 0
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
         port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
@@ -56,7 +60,7 @@ class ScriptedServer:
                 await writer.drain()
                 if self.close_after:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -216,3 +220,54 @@ def test_origin_parsing() -> None:
                                                                   "waha.example.com")
     with pytest.raises(ValueError):
         Origin.parse("ftp://x")
+
+
+def test_https_origin_round_trip(tmp_path: Path) -> None:
+    """WAHA behind TLS: the request goes through asyncio's TLS with the given trust (a self-signed
+    certificate for 127.0.0.1 here), and an untrusted certificate is refused."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = ScriptedServer(lambda head, k: ok(b'{"tls":true}'), ssl_context=server_ctx)
+
+    async def go() -> tuple[transport.Response, str]:
+        async with srv as url:
+            origin = Origin.parse(url.replace("http://", "https://"))
+            http = HttpClient(5.0, ssl_context=ssl.create_default_context(cafile=str(cert)))
+            r = await http.request(origin, "GET", "/", b"")
+            await http.close()
+            untrusting = HttpClient(5.0)  # the system's trust store does not know this certificate
+            with pytest.raises(HttpConnectionError) as e:
+                await untrusting.request(origin, "GET", "/", b"")
+            await untrusting.close()
+            return r, str(e.value)
+
+    r, err = run(go)
+    assert (r.status, r.body) == (200, b'{"tls":true}')
+    assert "CERTIFICATE_VERIFY_FAILED" in err
+
+
+def test_connections_idle_too_long_are_closed_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "IDLE_SECONDS", 0.3)
+    srv = ScriptedServer(lambda head, k: ok())
+
+    async def go() -> None:
+        async with srv as url:
+            http = HttpClient(5.0)
+            o = Origin.parse(url)
+            await asyncio.gather(*(http.request(o, "GET", "/", b"") for _ in range(3)))
+            assert http.open_connections == 3
+            await asyncio.sleep(0.2)
+            await http.request(o, "GET", "/", b"")  # reuses the newest; the other two keep ageing
+            await asyncio.sleep(0.15)
+            await http.request(o, "GET", "/", b"")  # the newest again; the two past 0.3 s are closed
+            assert http.open_connections == 1
+            await asyncio.sleep(0.35)
+            await http.request(o, "GET", "/", b"")  # past 0.3 s itself: a new connection
+            await http.close()
+
+    run(go)
+    assert srv.connections == 4

@@ -148,12 +148,12 @@ class HttpClient:
 
     `limit` bounds the connections open at once (each request holds one for its whole exchange)."""
 
-    def __init__(self, timeout: float, limit: int = 1200) -> None:
+    def __init__(self, timeout: float, limit: int = 1200, ssl_context: ssl.SSLContext | None = None) -> None:
         self.timeout = timeout
         self._idle: dict[Origin, deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._slots = asyncio.Semaphore(limit)
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # https origins: the system's trust store unless given
         self._closed = False
 
     async def request(self, origin: Origin, method: str, target: str, headers: bytes, body: bytes | None = None,
@@ -233,8 +233,12 @@ class HttpClient:
         if conn.closed or self._closed:
             conn.abort()
             return
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(origin, deque()).append(conn)
+        now = conn.idle_since = time.monotonic()
+        idle = self._idle.setdefault(origin, deque())
+        idle.append(conn)
+        # Reuse takes the most recent; the oldest, closed by the server or past IDLE_SECONDS, go here.
+        while idle and (idle[0].closed or now - idle[0].idle_since >= IDLE_SECONDS):
+            idle.popleft().abort()
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
