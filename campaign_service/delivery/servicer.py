@@ -57,12 +57,14 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
         r = leases.lease_messages(self.db, request.campaign_id, request.chip_id, request.epoch,
                                   request.max_messages, request.lease_seconds, request.lease_owner,
                                   request.waha_message_ids)
+        # One lease statement: every message shares its expiry (converted once, not per message).
+        expiries = {dt: _ts(dt) for dt in {m.lease_expires_at for m in r.messages}}
         return dpb.LeaseMessagesResponse(
             messages=[dpb.LeasedMessage(
                 message_id=str(m.message_id), chat_id=m.chat_id, phone=m.phone, text=m.text,
                 media=media_pb(m.media) if m.media is not None else None,
                 waha_message_id=m.waha_message_id or "", attempts=m.attempts,
-                lease_expire_time=_ts(m.lease_expires_at),
+                lease_expire_time=expiries[m.lease_expires_at],
                 attempt_waha_message_id=m.attempt_waha_message_id or "") for m in r.messages],
             campaign_state=r.campaign_state,  # type: ignore[arg-type]
             epoch=r.epoch, remaining=r.remaining)
