@@ -38,6 +38,14 @@ def phone_rows(n: int) -> list[tuple[str, str, str]]:
     return list(iter_phone_rows(n))
 
 
+# Distinct per process (a user's chips must be distinct numbers): a random start, then consecutive.
+_PHONES = itertools.count(secrets.randbelow(10**9))
+
+
+def _next_phone() -> str:
+    return f"5511{next(_PHONES) % 10**9:09d}"
+
+
 class Api:
     """Stubs bound to one user's key."""
 
@@ -49,7 +57,7 @@ class Api:
 
     def chip(self, waha_url: str, session: str | None = None, interval: tuple[float, float] = (0.0, 0.0)) -> res.Chip:
         return self.chips.RegisterChip(chs.RegisterChipRequest(chip=res.Chip(
-            display_name="bench chip", phone="5511" + str(secrets.randbelow(10**9)).zfill(9),
+            display_name="bench chip", phone=_next_phone(),
             waha_base_url=waha_url, waha_session=session or f"b-{secrets.token_hex(5)}",
             waha_api_key=SANDBOX_API_KEY,
             pacing=res.Pacing(interval_min_seconds=interval[0], interval_max_seconds=interval[1]))),

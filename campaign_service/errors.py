@@ -76,6 +76,9 @@ class Aborted(ServiceError):
 class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
+    def __init__(self, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, [error_info(reason, metadata)])
+
 
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED

@@ -910,6 +910,8 @@ class CampaignOps:
             v.append(("chip.waha_session", "letters, digits, '_', '-' and '.' only"))
         if len(spec.display_name) > MAX_NAME:
             v.append(("chip.display_name", f"at most {MAX_NAME} characters"))
+        if any(ord(c) < 32 or ord(c) == 127 for c in spec.waha_api_key):
+            v.append(("chip.waha_api_key", "no control characters (it is sent as an HTTP header)"))
         v.extend(pacing.validate_pacing(spec.pacing, "chip.pacing"))
         if v:
             raise errors.InvalidArgument(v)
@@ -917,6 +919,13 @@ class CampaignOps:
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
                 return r
+            dup = chips_repo.same_number(s, user_id, phone, url, spec.waha_session.strip())
+            if dup is not None:
+                # Pacing is per chip: two chips for one number would send at twice its pace.
+                raise errors.AlreadyExists(
+                    "CHIP_ALREADY_REGISTERED", f"this WhatsApp number is already registered as chip {dup[0].id} "
+                    f"({'same phone' if dup[1] == 'chip.phone' else 'same WAHA server and session'})",
+                    {"field": dup[1], "chip_id": str(dup[0].id)})
             chip = chips_repo.insert(s, user_id=user_id, display_name=spec.display_name.strip(), phone=phone,
                                      waha_base_url=url, waha_session=spec.waha_session.strip(),
                                      waha_api_key=spec.waha_api_key, proxy_label=spec.proxy_label.strip(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +20,14 @@ from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 FINAL = (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED)
 
 
+# Distinct per process (a user's chips must be distinct numbers): a random start, then consecutive.
+_PHONES = itertools.count(secrets.randbelow(10**9))
+
+
+def _next_phone() -> str:
+    return f"5511{next(_PHONES) % 10**9:09d}"
+
+
 class Api:
     """CampaignService + ChipService stubs bound to one user's key."""
 
@@ -30,7 +39,7 @@ class Api:
     def chip(self, waha_url: str, api_key: str, session: str | None = None,
              interval: tuple[float, float] = (0.0, 0.0), **pacing: int) -> res.Chip:
         return self.chips.RegisterChip(chs.RegisterChipRequest(chip=res.Chip(
-            display_name="test chip", phone="5511" + str(secrets.randbelow(10**9)).zfill(9),
+            display_name="test chip", phone=_next_phone(),
             waha_base_url=waha_url, waha_session=session or f"s-{secrets.token_hex(4)}", waha_api_key=api_key,
             pacing=res.Pacing(interval_min_seconds=interval[0], interval_max_seconds=interval[1], **pacing))),
             metadata=self.md)

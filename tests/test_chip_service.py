@@ -13,9 +13,9 @@ from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import resources_pb2 as res
 
 
-def register(api: Api, phone: str = "+55 (11) 91234-5678", **fields: object) -> res.Chip:
+def register(api: Api, phone: str = "+55 (11) 91234-5678", session: str = "default", **fields: object) -> res.Chip:
     return api.chips.RegisterChip(chs.RegisterChipRequest(chip=res.Chip(
-        phone=phone, waha_base_url="http://127.0.0.1:3000/", waha_session="default", waha_api_key="secret-key",
+        phone=phone, waha_base_url="http://127.0.0.1:3000/", waha_session=session, waha_api_key="secret-key",
         **fields)), metadata=api.md)  # type: ignore[arg-type]
 
 
@@ -33,7 +33,7 @@ def test_register_normalizes_and_never_returns_the_key(api: Api, engine: sa.Engi
 
 
 def test_list_chips_paginates_newest_first(api: Api) -> None:
-    made = [register(api).id for _ in range(5)]
+    made = [register(api, phone=f"+55 11 91234-567{i}", session=f"s{i}").id for i in range(5)]
     seen: list[str] = []
     token = ""
     while True:
@@ -75,3 +75,28 @@ def test_register_chip_request_id_replays(api: Api) -> None:
     b = api.chips.RegisterChip(req, metadata=api.md)
     assert a == b
     assert len(api.chips.ListChips(chs.ListChipsRequest(), metadata=api.md).chips) == 1
+
+
+def test_one_whatsapp_number_is_one_chip(api: Api, other_api: Api) -> None:
+    """Pacing is per chip: a second chip for the same number (same phone, or the same WAHA server
+    and session) would let campaigns send through it at twice its pace. Refused, naming the chip."""
+    first = register(api)
+    f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
+        phone="5511912345678", waha_base_url="http://other:3000", waha_session="other")), metadata=api.md)
+    assert f.code == grpc.StatusCode.ALREADY_EXISTS and f.reason == "CHIP_ALREADY_REGISTERED"
+    assert first.id in f.message
+    f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
+        phone="+55 11 99999-0000", waha_base_url="http://127.0.0.1:3000//", waha_session="default")), metadata=api.md)
+    assert f.code == grpc.StatusCode.ALREADY_EXISTS and f.reason == "CHIP_ALREADY_REGISTERED"
+    assert len(api.chips.ListChips(chs.ListChipsRequest(), metadata=api.md).chips) == 1
+    register(api, phone="+55 11 99999-0000", session="second")  # another number on the same server: fine
+    register(other_api)  # another account's chips are its own business
+    api.chips.DeleteChip(chs.DeleteChipRequest(chip_id=first.id), metadata=api.md)
+    register(api)  # deleted: the number can be registered again
+
+
+def test_waha_api_key_with_a_line_break_is_invalid(api: Api) -> None:
+    f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
+        phone="+5511912345678", waha_base_url="http://h:1", waha_session="s", waha_api_key="k\r\nX-Evil: 1")),
+        metadata=api.md)
+    assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "chip.waha_api_key" in f.fields

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import literal, select, text, tuple_
+from sqlalchemy import func, literal, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from campaign_service.db.models import Chip
@@ -22,6 +22,22 @@ def insert(session: Session, *, user_id: uuid.UUID, display_name: str, phone: st
     session.flush()
     session.refresh(chip)
     return chip
+
+
+def same_number(session: Session, user_id: uuid.UUID, phone: str, waha_base_url: str,
+                waha_session: str) -> tuple[Chip, str] | None:
+    """A chip of the user that is the same WhatsApp number: same phone, or same WAHA server and
+    session; with the field that matched. Serialized per user (transaction-scoped advisory lock),
+    so two concurrent registrations of one number cannot both pass."""
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                    {"k": f"chips:{user_id}"})
+    rows = session.execute(select(Chip).where(
+        Chip.user_id == user_id,
+        (Chip.phone == phone) | ((func.lower(Chip.waha_base_url) == waha_base_url.lower())
+                                 & (Chip.waha_session == waha_session))).limit(1)).scalars().all()
+    if not rows:
+        return None
+    return rows[0], "chip.phone" if rows[0].phone == phone else "chip.waha_session"
 
 
 def get(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> Chip | None:
