@@ -16,17 +16,29 @@ Round trips are the cost of the hot read RPCs (a Get is ~0.1 ms of SQL), so:
 
 from __future__ import annotations
 
+import json
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from campaign_service.db.stats import StatsKeeper
+
+
+def _json_loads(doc: str | bytes) -> Any:
+    """JSONB columns decoded with orjson (every leased message carries its contact's variables: the
+    stdlib decoder was ~10% of a lease's Python time); what orjson refuses (integers beyond 64 bits)
+    falls back to the stdlib."""
+    try:
+        return orjson.loads(doc)
+    except orjson.JSONDecodeError:
+        return json.loads(doc)
 
 
 def _server_closed(dbapi_connection: Any) -> bool:
@@ -66,7 +78,8 @@ class Prepared:
 
 
 def make_engine(url: str, pool_size: int = 20) -> Engine:
-    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
+                           json_deserializer=_json_loads)
     event.listen(engine, "checkout", _on_checkout)
     return engine
 
