@@ -23,7 +23,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -49,8 +49,9 @@ OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 MAX_REPORTS = 5000
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
+    """One outcome (a NamedTuple: a report of hundreds is built per call, see leases.LeasedMessage)."""
+
     message_id: int
     outcome: int
     waha_message_id: str = ""
