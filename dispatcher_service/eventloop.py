@@ -27,7 +27,7 @@ def name() -> str:
 
 
 def tune_gc() -> None:
-    """Fewer cyclic-GC passes: the hot path allocates many short-lived objects per request (aiohttp,
+    """Fewer cyclic-GC passes: the hot path allocates many short-lived objects per request (HTTP,
     protobuf), almost none of them in cycles, and the default gen-0 threshold (700) ran a collection
     every few messages. Objects alive at startup (modules, settings) are frozen out of the scans."""
     gc.collect()

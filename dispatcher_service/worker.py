@@ -33,7 +33,7 @@ SHUTDOWN_REDIS_SECONDS = 3.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """One aiohttp session and one gRPC channel per worker process."""
+    """One pooled WAHA HTTP client and one gRPC channel per worker process."""
     http = new_http_session(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
     delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
     ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)

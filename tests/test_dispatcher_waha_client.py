@@ -1,4 +1,4 @@
-"""The dispatcher's aiohttp WAHA client against the WAHA sandbox (which follows WAHA's OpenAPI spec)."""
+"""The dispatcher's WAHA client against the WAHA sandbox (which follows WAHA's OpenAPI spec)."""
 
 from __future__ import annotations
 
