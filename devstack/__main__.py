@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,17 +17,39 @@ from collections.abc import Iterator
 import grpc
 
 from devstack.procs import REPO, ServiceProcess, service_env
-from devstack.servers import Postgres, Redis
+from devstack.servers import Postgres, Redis, free_port, port_in_use
 
 RUN = REPO / ".run"
-PG_PORT = int(os.environ.get("WHAGO_PG_PORT", "55432"))
-REDIS_PORT = int(os.environ.get("WHAGO_REDIS_PORT", "56379"))
+PG_PORT, REDIS_PORT = 55432, 56379  # defaults; WHAGO_PG_PORT / WHAGO_REDIS_PORT choose others
 SANDBOX_KEY = os.environ.get("WAHA_SANDBOX_KEY", "sandbox-key")
 DEMO_CONTACTS = int(os.environ.get("WHAGO_DEMO_CONTACTS", "50"))
 
 
 def say(msg: str) -> None:
     print(f"[make run] {msg}", flush=True)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def private_port(name: str, env_var: str, default: int) -> int:
+    """The port of a private server: `env_var` if set (used as is), else `default`, or a free one
+    when a socket that is not a server holds it (a client connection that got it as its ephemeral
+    source port made `make run` fail right after a test run)."""
+    if os.environ.get(env_var):
+        return int(os.environ[env_var])
+    if _bindable(default) or port_in_use(default):
+        return default  # free, or a server listens there: starting refuses that with its own message
+    port = free_port()
+    say(f"port {default} for {name} is in use; using {port} (set {env_var} to choose)")
+    return port
 
 
 def main() -> int:
@@ -66,16 +89,18 @@ def main() -> int:
     try:
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
-            pg = Postgres(RUN / "pg", PG_PORT)
-            say(f"starting private PostgreSQL on 127.0.0.1:{PG_PORT} (data in {pg.root})")
+            pg_port = private_port("PostgreSQL", "WHAGO_PG_PORT", PG_PORT)
+            pg = Postgres(RUN / "pg", pg_port)
+            say(f"starting private PostgreSQL on 127.0.0.1:{pg_port} (data in {pg.root})")
             pg.start()
             infra.append(pg)
             pg.create_database("whago")
             database_url = pg.url("whago")
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            rd = Redis(RUN / "redis", REDIS_PORT)
-            say(f"starting private redis-server on 127.0.0.1:{REDIS_PORT}")
+            redis_port = private_port("redis-server", "WHAGO_REDIS_PORT", REDIS_PORT)
+            rd = Redis(RUN / "redis", redis_port)
+            say(f"starting private redis-server on 127.0.0.1:{redis_port}")
             rd.start()
             infra.append(rd)
             redis_url = rd.url
