@@ -25,7 +25,7 @@ from dispatcher_service import eventloop, logs
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lanes import WorkerEnv, run_lane
 from dispatcher_service.redis_conn import arq_settings
-from dispatcher_service.waha.client import new_http_session
+from dispatcher_service.waha.transport import HttpClient
 
 log = logging.getLogger("dispatcher.worker")
 CFG = config_mod.load()
@@ -34,7 +34,7 @@ SHUTDOWN_REDIS_SECONDS = 3.0
 
 async def startup(ctx: dict[str, Any]) -> None:
     """One pooled WAHA HTTP client and one gRPC channel per worker process."""
-    http = new_http_session(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
+    http = HttpClient(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
     delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
     ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)
     log.info("worker %s@%s started: loop=%s queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",

@@ -18,9 +18,9 @@ from dispatcher_service.waha.client import (
     WahaError,
     WahaServerError,
     WahaTimeout,
-    new_http_session,
 )
 from dispatcher_service.waha.sandbox_control import SandboxControl
+from dispatcher_service.waha.transport import HttpClient
 from tests.conftest import SANDBOX_API_KEY
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ CHAT = "5511987654321@c.us"
 
 def run(url: str, fn: Callable[[WahaClient], Awaitable[T]], key: str = SANDBOX_API_KEY, timeout: float = 5.0) -> T:
     async def main() -> T:
-        http = new_http_session(timeout, limit=10)
+        http = HttpClient(timeout, limit=10)
         try:
             return await fn(WahaClient(http, url, key, timeout))
         finally:

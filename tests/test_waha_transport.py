@@ -218,6 +218,8 @@ def test_origin_parsing() -> None:
     assert Origin.parse("http://waha:3000/") == Origin("http", "waha", 3000, "", "waha:3000")
     assert Origin.parse("https://waha.example.com/base") == Origin("https", "waha.example.com", 443, "/base",
                                                                   "waha.example.com")
+    assert Origin.parse("http://bücher.example:3000").host_header == "xn--bcher-kva.example:3000"  # IDNA
+    assert Origin.parse("http://[::1]:3000").host_header == "[::1]:3000"
     with pytest.raises(ValueError):
         Origin.parse("ftp://x")
 

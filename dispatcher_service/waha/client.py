@@ -93,11 +93,6 @@ def media_endpoint(mimetype: str) -> str:
     return "sendFile"
 
 
-def new_http_session(timeout: float, limit: int = 1200) -> HttpClient:
-    """One pooled HTTP client per worker process, sized for ~1000 concurrent lanes."""
-    return HttpClient(timeout, limit=limit)
-
-
 class WahaClient:
     """One WAHA server + API key; cheap to create per lane, shares the process-wide HTTP client."""
 
@@ -105,11 +100,11 @@ class WahaClient:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.origin = Origin.parse(self.base_url)
-        if any(c in api_key for c in "\r\n\0"):
-            raise ValueError("WAHA API key contains a line break")
+        if any(ord(c) < 32 or ord(c) == 127 for c in api_key):  # RegisterChip refuses these too
+            raise ValueError("WAHA API key contains a control character")
         self.api_key = api_key
         self.timeout = timeout
-        self.headers = f"X-Api-Key: {api_key}\r\nAccept: application/json\r\n".encode("latin-1")
+        self.headers = f"X-Api-Key: {api_key}\r\nAccept: application/json\r\n".encode()
         self.json_headers = self.headers + b"Content-Type: application/json\r\n"
 
     # -- transport ---------------------------------------------------------------------------------

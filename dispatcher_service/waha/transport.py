@@ -51,7 +51,8 @@ class Origin:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
         port = u.port or (443 if u.scheme == "https" else 80)
         default = (u.scheme == "http" and port == 80) or (u.scheme == "https" and port == 443)
-        host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+        host = u.hostname.encode("idna").decode("ascii") if not u.hostname.isascii() else u.hostname
+        host = f"[{host}]" if ":" in host else host
         return cls(u.scheme, u.hostname, port, u.path, host if default else f"{host}:{port}")
 
 
@@ -168,7 +169,7 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
         head = (f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"
-                f"Content-Length: {len(body) if body is not None else 0}\r\n").encode("latin-1") + headers + b"\r\n"
+                f"Content-Length: {len(body) if body is not None else 0}\r\n").encode() + headers + b"\r\n"
         async with self._slots:
             for attempt in (0, 1):
                 conn, reused = await self._acquire(origin, deadline)
