@@ -40,6 +40,7 @@ from bench.core import (
     timed,
 )
 from bench.stack import SANDBOX_API_KEY, Stack, read_status_kb, reset_hwm
+from campaign_service import config as campaign_config
 from devstack.procs import REPO, service_env
 from devstack.servers import free_port, wait_port
 from dispatcher_service import eventloop
@@ -435,10 +436,13 @@ def fig_get(ctx: Ctx) -> None:
     seconds = 5.0 if ctx.scale >= 0.5 else 2.0
     r = ctx.row("", f"GetCampaign QPS, {threads} client threads, {seconds:.0f} s x2", "QPS", "rate ratio >= 0.5")
     st = ctx.stack
-    workers = int(st.env.get("CAMPAIGN_MAX_WORKERS", "32"))
+    defaults = campaign_config.load()
+    workers = int(st.env.get("CAMPAIGN_MAX_WORKERS", str(defaults.max_workers)))
+    core = int(st.env.get("CAMPAIGN_CORE_WORKERS", str(defaults.core_workers)))
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.trivial_server", "--port", str(port),
-                             "--max-workers", str(workers)], env=service_env({}), cwd=REPO,
+                             "--max-workers", str(workers),
+                             "--core-workers", str(core)], env=service_env({}), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_port(port, 30)
@@ -462,7 +466,8 @@ def fig_get(ctx: Ctx) -> None:
             if k == 0:
                 base_q.append(_qps(base_target, probe, None, threads, seconds / 2)[0])
         rate_ratio(r, sum(ours_q) / len(ours_q), sum(base_q) / len(base_q), 0.5)
-        r.details.update(ours_runs=ours_q, baseline_runs=base_q, errors=errs, server_max_workers=workers)
+        r.details.update(ours_runs=ours_q, baseline_runs=base_q, errors=errs, server_max_workers=workers,
+                         server_core_workers=core)
         if errs:
             r.error = f"{errs} RPC errors"
     finally:

@@ -1,20 +1,21 @@
 """Baseline of figure 5: a trivial grpcio unary servicer with campaign_service's server model
-(grpc.server + ThreadPoolExecutor(max_workers=CAMPAIGN_MAX_WORKERS, default 32)). GetCampaign
-answers a constant Campaign of the same shape, without auth, database or logging.
+(grpc.server on campaign_service's ElasticThreadPool, with the same CAMPAIGN_CORE_WORKERS and
+CAMPAIGN_MAX_WORKERS). GetCampaign answers a constant Campaign of the same shape, without auth,
+database or logging.
 
-    python -m bench.trivial_server --port P [--max-workers N]
+    python -m bench.trivial_server --port P [--core-workers N] [--max-workers N]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
-from concurrent import futures
 
 import grpc
 
+from campaign_service import config
+from campaign_service.rpc_pool import ElasticThreadPool
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -39,9 +40,11 @@ class Trivial:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--max-workers", type=int, default=int(os.environ.get("CAMPAIGN_MAX_WORKERS", "32")))
+    settings = config.load()
+    ap.add_argument("--max-workers", type=int, default=settings.max_workers)
+    ap.add_argument("--core-workers", type=int, default=settings.core_workers)
     a = ap.parse_args()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.max_workers))
+    server = grpc.server(ElasticThreadPool(a.core_workers, a.max_workers))
     servicer = Trivial()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("whago.campaign.v1.CampaignService", {
         "GetCampaign": grpc.unary_unary_rpc_method_handler(

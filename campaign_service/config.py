@@ -21,6 +21,8 @@ class Settings:
         default_factory=lambda: Path(os.environ.get("WHAGO_MEDIA_DIR", str(REPO / ".run" / "media"))))
     default_region: str = field(default_factory=lambda: os.environ.get("WHAGO_DEFAULT_REGION", "BR"))
     max_workers: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_MAX_WORKERS", "32")))
+    # RPC threads kept hot; more (up to max_workers) only while these are all stuck (see rpc_pool).
+    core_workers: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_CORE_WORKERS", "4")))
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))

@@ -9,7 +9,6 @@ import importlib
 import logging
 import signal
 import threading
-from concurrent import futures
 from types import FrameType
 from typing import Any
 
@@ -23,6 +22,7 @@ from campaign_service.dispatch import DispatcherClient
 from campaign_service.events import Events
 from campaign_service.interceptors import KeyCache, ServerInterceptor
 from campaign_service.repository import users as users_repo
+from campaign_service.rpc_pool import ElasticThreadPool
 from campaign_service.service import CampaignOps
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
@@ -62,8 +62,8 @@ class App:
                                            settings.dispatcher_timeout)
         self.ops = CampaignOps(self.db, settings, self.dispatcher, self.events)
         self.keys = KeyCache(self._lookup_key)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                                             thread_name_prefix="rpc"),
+        self.pool = ElasticThreadPool(settings.core_workers, settings.max_workers, thread_name_prefix="rpc")
+        self.server = grpc.server(self.pool,
                                   interceptors=[ServerInterceptor(self.keys, settings.service_token)],
                                   options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 8)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -124,6 +124,7 @@ class App:
             except Exception as exc:
                 log.warning("scheduler stop failed: %s", exc)
         self.server.stop(grace=grace).wait()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.dispatcher.close()
         self.events.close()
         self.db.dispose()
