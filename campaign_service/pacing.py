@@ -7,6 +7,7 @@ the smaller caps win (min of non-zero caps), and the sending windows intersect."
 from __future__ import annotations
 
 import zoneinfo
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 from campaign_service import errors
@@ -124,6 +125,30 @@ def effective(chip: res.Pacing, campaign: res.Pacing) -> res.Pacing:
     elif campaign.HasField("window"):
         out.window.CopyFrom(campaign.window)
     return out
+
+
+def _in_window(w: res.SendingWindow, local: datetime) -> bool:
+    end = w.end_hour or 24
+    return (not w.weekdays or local.isoweekday() in w.weekdays) and w.start_hour <= local.hour < end
+
+
+def window_open_since(w: res.SendingWindow, now: float, horizon_hours: int = 8 * 24) -> float | None:
+    """When the sending window's current open period began (unix seconds; at most `horizon_hours`
+    back), or None when it is closed at `now`. The watchdog uses it: a lane cannot be expected to
+    have leased while its window was closed."""
+    try:
+        tz = zoneinfo.ZoneInfo(w.timezone or "UTC")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        tz = zoneinfo.ZoneInfo("UTC")
+    hour = datetime.fromtimestamp(now, tz).replace(minute=0, second=0, microsecond=0)
+    if not _in_window(w, hour):
+        return None
+    for _ in range(horizon_hours):
+        before = hour - timedelta(hours=1)  # wall-clock hours, as the window is written
+        if not _in_window(w, before):
+            break
+        hour = before
+    return hour.timestamp()
 
 
 def effective_camouflage(c: res.Camouflage) -> res.Camouflage:

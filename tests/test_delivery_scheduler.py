@@ -160,6 +160,53 @@ def test_watchdog_leaves_live_lanes_alone(delivery_db: Database) -> None:
     assert w2.cid in sch.kick_stalled()
 
 
+def _window_settings(start: int, end: int) -> dict[str, Any]:
+    return {"pacing": {"intervalMinSeconds": 0, "intervalMaxSeconds": 0,
+                       "window": {"timezone": "UTC", "startHour": start, "endHour": end}}}
+
+
+def test_watchdog_leaves_lanes_waiting_for_their_sending_window(delivery_db: Database) -> None:
+    """Lanes silent because their window is closed, or opened less than stall_seconds ago, are not
+    restarted (no new epoch, no audit event); a window open for longer does not excuse silence."""
+    hour = datetime.now(UTC).hour
+    closed_start = (hour + 2) % 24
+    closed = make_world(delivery_db, contacts=2, chips=2,
+                        settings=_window_settings(closed_start, closed_start + 1))
+    just_opened = make_world(delivery_db, contacts=2, chips=1, settings=_window_settings(hour, hour + 1))
+    always = make_world(delivery_db, contacts=2, chips=1, settings=_window_settings(0, 24))
+    for w in (closed, just_opened, always):
+        age(delivery_db, w.campaign_id, 4 * 3600)
+    d = RecordingDispatcher()
+    kicked = scheduler(delivery_db, dispatcher=d, stall=3 * 3600).kick_stalled()
+    assert always.cid in kicked
+    assert closed.cid not in kicked and just_opened.cid not in kicked
+    assert {x[0] for x in d.starts} == {always.cid}
+    for w in (closed, just_opened):
+        assert epoch_of(delivery_db, w.campaign_id) == 1
+        with delivery_db.session() as s:
+            assert s.query(AuditEvent).filter_by(entity_id=w.cid, action="campaign.dispatch_restart").count() == 0
+
+
+def test_window_open_since() -> None:
+    from campaign_service.pacing import window_open_since
+
+    sp = "America/Sao_Paulo"  # UTC-3, no DST since 2019
+    business = res.SendingWindow(timezone=sp, start_hour=9, end_hour=18, weekdays=[1, 2, 3, 4, 5])
+
+    def at(y: int, mo: int, d: int, h: int, mi: int = 0) -> float:
+        return datetime(y, mo, d, h + 3, mi, tzinfo=UTC).timestamp()  # local time in Sao Paulo
+
+    assert window_open_since(business, at(2026, 11, 25, 10, 30)) == at(2026, 11, 25, 9)  # Wednesday
+    assert window_open_since(business, at(2026, 11, 25, 18, 0)) is None
+    assert window_open_since(business, at(2026, 11, 25, 8, 59)) is None
+    assert window_open_since(business, at(2026, 11, 28, 10, 0)) is None  # Saturday
+    weekdays = res.SendingWindow(timezone=sp, start_hour=0, end_hour=24, weekdays=[1, 2, 3, 4, 5])
+    assert window_open_since(weekdays, at(2026, 11, 24, 5, 10)) == at(2026, 11, 23, 0)  # Tuesday -> Monday 00:00
+    always = res.SendingWindow(timezone="UTC", start_hour=0, end_hour=0)  # end 0 means 24
+    now = datetime(2026, 11, 25, 12, 40, tzinfo=UTC).timestamp()
+    assert window_open_since(always, now) == datetime(2026, 11, 17, 12, tzinfo=UTC).timestamp()  # the horizon
+
+
 def test_watchdog_a_released_long_lease_does_not_delay_the_restart(delivery_db: Database) -> None:
     """A lane leased a long batch and released it when it stopped: once the lease is gone, silence
     for stall_seconds is enough (the lease length does not count)."""

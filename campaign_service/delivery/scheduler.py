@@ -18,7 +18,9 @@ Each tick, in order:
    no lane that leased within `stall_seconds` (WHAGO_WATCHDOG_STALL_SECONDS, default 120), and no
    (re)start within that time either, gets a new dispatch epoch and StartDispatch again. Old lanes
    are fenced by the epoch. A lane that deliberately waits longer than that without a lease (closed
-   sending window, hourly cap) is restarted too; harmless, since pacing state lives in Redis.
+   sending window) is left alone while its window is closed and for `stall_seconds` after it
+   opens; one held back by an hourly cap (known only to Redis) is restarted, which is harmless:
+   pacing state lives in Redis.
 """
 
 from __future__ import annotations
@@ -334,6 +336,10 @@ class Scheduler:
                     return False
                 settings = convert.settings_from_json(c.settings)
                 lanes = [self._lane(ch, settings, pacing, convert) for ch in usable]
+                recheck = _window_recheck([ln.pacing for ln in lanes], stall, time.time(), pacing)
+                if recheck is not None:
+                    self._later(cid, recheck)  # closed (or just opened) windows: silence is expected
+                    return False
                 floor = self._kicked_epoch.get(cid, 0) + 1
                 epoch = s.execute(text(
                     "UPDATE campaigns SET dispatch_epoch = greatest(dispatch_epoch + 1, :floor) WHERE id = :cid "
@@ -366,6 +372,27 @@ class Scheduler:
         return Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
                     waha_api_key=ch.waha_api_key,
                     pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
+
+
+WINDOW_RECHECK_SECONDS = 60.0
+
+
+def _window_recheck(lane_pacing: list[Any], stall: float, now: float, pacing: Any) -> float | None:
+    """None when some lane could have sent for the whole stall period (no sending window, or one
+    open for at least `stall` seconds): its silence means the dispatch stalled. Otherwise every lane
+    waits on a closed or just-opened window, which is silence by design (a lane defers its job to
+    the window's opening); the seconds after which to look again are returned."""
+    wait = WINDOW_RECHECK_SECONDS
+    for p in lane_pacing:
+        if not p.HasField("window"):
+            return None
+        since = pacing.window_open_since(p.window, now)
+        if since is None:
+            continue
+        if now - since >= stall:
+            return None
+        wait = min(wait, since + stall - now)
+    return max(1.0, wait)
 
 
 def _is_db_down(exc: BaseException) -> bool:
