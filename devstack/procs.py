@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class ServiceProcess:
     log_dir: Path
     port: int | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log_start: int = field(default=0, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -43,6 +45,7 @@ class ServiceProcess:
             raise RuntimeError(f"cannot start {self.name}: 127.0.0.1:{self.port} is already in use")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self._log_start = log.tell()  # this run's first byte (the file is appended to across runs)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
             env=service_env(self.env), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -60,6 +63,29 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+    def wait_logged(self, needle: str, timeout: float = 30.0) -> None:
+        """Wait until this run of the process has logged `needle` (reading the log on from where this
+        run began, so a chatty process cannot scroll the line out of view, as a tail could).
+        RuntimeError when the process exits or `timeout` passes first."""
+        pos = self._log_start
+        seen = b""
+        want = needle.encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            pos += len(chunk)
+            seen = seen[-len(want):] + chunk
+            if want in seen:
+                return
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not log {needle!r}:\n{self.tail()}")
+            time.sleep(0.05)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

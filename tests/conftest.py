@@ -8,7 +8,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,11 +222,7 @@ class IsolatedStack:
         p = ServiceProcess(name or f"{self.name}-worker-{self._count}", "dispatcher_service.worker", [],
                            {**self.env, **extra_env}, self.log_dir).start()
         self.workers.append(p)
-        deadline = time.monotonic() + 30
-        while " started: " not in p.tail(200):
-            if not p.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{p.name} did not start:\n{p.tail()}")
-            time.sleep(0.05)
+        p.wait_logged(" started: ", timeout=30)
         return p
 
     def kill_workers(self) -> None:

@@ -273,10 +273,7 @@ def test_worker_stops_on_sigterm_within_seconds_even_with_redis_gone(tmp_path: P
            "WHAGO_LOG_LEVEL": "INFO"}
     worker = ServiceProcess("sigterm-worker", "dispatcher_service.worker", [], env, tmp_path / "logs").start()
     try:
-        deadline = time.monotonic() + 30
-        while " started: " not in worker.tail(50):
-            assert worker.alive() and time.monotonic() < deadline, worker.tail()
-            time.sleep(0.05)
+        worker.wait_logged(" started: ", timeout=30)
         server.stop()
         time.sleep(1.0)  # the poll loop meets the dead Redis
         assert worker.proc is not None
