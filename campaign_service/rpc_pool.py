@@ -51,7 +51,6 @@ class ElasticThreadPool(futures.ThreadPoolExecutor):
         super().__init__(max_workers=1, thread_name_prefix=thread_name_prefix)  # its own queue stays unused
         self._max_workers = max_workers
         self._core = max(1, min(core_workers, max_workers))
-        self._max = max_workers
         self._stall = stall_seconds
         self._idle_seconds = idle_seconds
         self._prefix = thread_name_prefix
@@ -179,5 +178,5 @@ class ElasticThreadPool(futures.ThreadPoolExecutor):
                     return
                 if not self._backlog:
                     self._watch.clear()
-                elif self._taken == seen and len(self._threads) < self._max:
+                elif self._taken == seen and len(self._threads) < self._max_workers:
                     self._spawn()
