@@ -53,9 +53,7 @@ def test_two_workers_two_campaigns_sharing_a_chip_respect_its_minimum_gap(
         api: Api, sandbox_url: str, control: SandboxControl,
         start_worker: Callable[..., ServiceProcess]) -> None:
     w = start_worker("worker-shared-chip")
-    deadline = time.monotonic() + 20
-    while "started" not in w.tail() and time.monotonic() < deadline:  # both workers polling first
-        time.sleep(0.1)
+    w.wait_logged(" started: ", timeout=30)  # both workers polling first
     shared = api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.4, 0.6))
     own = [api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.4, 0.6)) for _ in range(2)]
     camps = [api.campaign([shared, own[i]], interval=(0.0, 0.0)) for i in range(2)]
