@@ -236,10 +236,21 @@ def test_lease_and_report_throughput(stub: dgrpc.DeliveryServiceStub, delivery_d
     assert rate > 200
 
 
-def test_remaining_is_counted_up_to_1000(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+def test_remaining_is_counted_up_to_the_larger_of_the_batch_and_200(stub: dgrpc.DeliveryServiceStub,
+                                                                     delivery_db: Database) -> None:
     """A lane only sizes its next batch with it: a big lane is not counted whole on every lease."""
-    w = make_world(delivery_db, contacts=1003, chips=1)
+    w = make_world(delivery_db, contacts=1403, chips=1)
     first = stub.LeaseMessages(lease_req(w, w.chip(0), n=1), metadata=SERVICE)
-    assert len(first.messages) == 1 and first.remaining == 1000  # 1002 left: capped
+    assert len(first.messages) == 1 and first.remaining == 200  # 1402 left: capped at 200
+    big = stub.LeaseMessages(lease_req(w, w.chip(0), n=400), metadata=SERVICE)
+    assert len(big.messages) == 400 and big.remaining == 400  # 1002 left: capped at the batch size
     rest = stub.LeaseMessages(lease_req(w, w.chip(0), n=1000), metadata=SERVICE)
     assert len(rest.messages) == 1000 and rest.remaining == 2  # under the cap: exact
+    # A message handed back is leased again first; the count still sees the two left after it.
+    released = [dpb.DeliveryReport(message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_RELEASED)
+                for m in first.messages]
+    stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=released),
+                          metadata=SERVICE)
+    last = stub.LeaseMessages(lease_req(w, w.chip(0), n=1), metadata=SERVICE)
+    assert [m.message_id for m in last.messages] == [m.message_id for m in first.messages]
+    assert last.remaining == 2

@@ -29,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from campaign_service import errors
+from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery import transitions
 from campaign_service.delivery.common import (
@@ -195,11 +196,11 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
     for batch in _rounds(reports):
         rows = s.execute(_APPLY, {
             **params,
-            "ids": [r.message_id for r in batch],
-            "outcomes": [r.outcome for r in batch],
-            "wahas": [r.waha_message_id for r in batch],
-            "reasons": [r.failure_reason for r in batch],
-            "times": [r.time for r in batch],
+            "ids": arrays.int_literal([r.message_id for r in batch]),
+            "outcomes": arrays.int_literal([r.outcome for r in batch]),
+            "wahas": arrays.literal([r.waha_message_id for r in batch]),
+            "reasons": arrays.literal([r.failure_reason for r in batch]),
+            "times": arrays.literal([r.time for r in batch]),
         }).all()
         changed += [(row.old_state, row.new_state) for row in rows]
     deltas = counter_deltas(changed)
