@@ -11,6 +11,7 @@ whago:jobseq:{c}:{chip}     int   INCR source of the slice number n in job ids
 whago:pace:{chip}           hash  last (last reserved slot), last_actual (end of the last send), busy_until/
                                   busy_token (a send of the chip in flight)
 whago:pacelog:{chip}        zset  reservation token -> slot time (rolling hour/day caps)
+whago:wake:{queue}          channel  published when a job is enqueued to start now: workers poll at once
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def pace(chip: str) -> str:
 
 def pace_log(chip: str) -> str:
     return f"{PREFIX}:pacelog:{chip}"
+
+
+def wake(queue: str) -> str:
+    return f"{PREFIX}:wake:{queue}"
 
 
 def job_id(c: str, chip: str, epoch: int, n: int) -> str:

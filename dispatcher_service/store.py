@@ -296,6 +296,8 @@ class Store:
                 k = keys.lane(campaign_id, chip)
                 p.hset(k, mapping={**lane_fields, "queued": jid})
                 p.expire(k, STATE_TTL_SECONDS)
+            if not defer_ms:
+                p.publish(keys.wake(self.queue), "1")  # idle workers poll now, not at their next tick
             await p.execute()
         return jids
 

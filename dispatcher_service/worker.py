@@ -21,7 +21,7 @@ from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, logs
+from dispatcher_service import eventloop, keys, logs
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lanes import WorkerEnv, run_lane
 from dispatcher_service.redis_conn import arq_settings
@@ -52,8 +52,46 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class ResilientWorker(Worker):
-    """arq Worker whose poll loop survives a Redis restart instead of exiting, and does not re-check
-    the jobs it is running itself on every poll."""
+    """arq Worker whose poll loop survives a Redis restart instead of exiting, does not re-check
+    the jobs it is running itself on every poll, and polls at once when woken.
+
+    Wake-up: whoever enqueues a job due now publishes on `keys.wake(queue)` (Store.enqueue_lanes);
+    the worker listens and cuts its wait between polls short. Without it a new lane waited up to
+    `poll_delay` (on average half of it) before its first request. arq's own loop sleeps
+    `poll_delay` minus the iteration's time, so it is given 0 and the wait happens in
+    `_poll_iteration`, where a wake can end it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.poll_wait = self.poll_delay_s
+        self.poll_delay_s = 0.0
+        self._wake = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def main(self) -> None:
+        self._listener = asyncio.ensure_future(self._listen_wake())
+        try:
+            await super().main()
+        finally:
+            self._listener.cancel()
+
+    async def _listen_wake(self) -> None:
+        """Subscribe to the wake channel for the worker's life; resubscribe after a Redis outage."""
+        channel = keys.wake(self.queue_name)
+        for _ in range(10_000_000):
+            try:
+                if self._pool is None:
+                    await asyncio.sleep(0.1)
+                    continue
+                async with self._pool.pubsub() as ps:
+                    await ps.subscribe(channel)
+                    async for msg in ps.listen():
+                        if msg.get("type") == "message":
+                            self._wake.set()
+            except (RedisError, OSError) as e:
+                log.debug("wake listener: %s: %s; resubscribing", type(e).__name__, e)
+                self._wake.set()  # poll once in case a wake was missed
+                await asyncio.sleep(1.0)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # A running job stays in the queue zset until it ends, so every poll hands arq all of them
@@ -63,11 +101,18 @@ class ResilientWorker(Worker):
         await super().start_jobs([j for j in job_ids if j.decode() not in self.tasks])
 
     async def _poll_iteration(self) -> None:
+        self._wake.clear()  # a wake from here on is seen by the wait below
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as e:
             log.warning("redis unavailable in poll loop (%s: %s); retrying", type(e).__name__, e)
             await asyncio.sleep(1.0)
+        if self.burst or self._wake.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.poll_wait)
+        except TimeoutError:
+            pass
 
     async def close(self) -> None:
         """arq's close() (arq 0.28), bounded: with Redis gone, its health-key delete retried for ~50 s
@@ -104,7 +149,7 @@ class WorkerSettings:
     max_jobs = CFG.max_jobs
     max_tries = 50
     keep_result = 60
-    poll_delay = 0.05  # a lane (or a chained slice) starts within ~50 ms of being due
+    poll_delay = 0.05  # a lane due later starts within ~50 ms of being due; one due now at once (wake)
     on_startup = startup
     on_shutdown = shutdown
     health_check_interval = 30

@@ -286,3 +286,56 @@ def test_worker_stops_on_sigterm_within_seconds_even_with_redis_gone(tmp_path: P
             worker.proc.kill()  # type: ignore[union-attr]
     assert rc == 0 and took < 10, (rc, took, worker.tail())
     assert "stopped" in worker.tail(20) and "Traceback" not in worker.tail(50)
+
+
+# -- worker wake-up -----------------------------------------------------------------------------
+
+def test_a_job_enqueued_to_start_now_wakes_an_idle_worker_before_its_next_poll(redis_server: RedisServer) -> None:
+    """A real arq worker between polls (30 s apart here) starts a lane enqueued for now within
+    moments: Store.enqueue_lanes publishes on the wake channel. A deferred job wakes nobody."""
+    from arq import func
+
+    from dispatcher_service.redis_conn import arq_client, arq_settings
+    from dispatcher_service.store import LANE_FUNCTION, Store
+    from dispatcher_service.worker import ResilientWorker
+
+    queue = "test:wake:" + uid()
+    started: dict[str, float] = {}
+
+    async def lane(ctx: dict[str, object], campaign_id: str, chip: str, epoch: int, n: int) -> None:
+        started[chip] = time.monotonic()
+
+    async def main() -> tuple[float, float, bool]:
+        worker = ResilientWorker(functions=[func(lane, name=LANE_FUNCTION)], queue_name=queue,
+                                 redis_settings=arq_settings(redis_server.url), poll_delay=30.0,
+                                 handle_signals=False, keep_result=0)
+        assert worker.poll_wait == 30.0
+        runner = asyncio.ensure_future(worker.main())
+        r = arq_client(redis_server.url)
+        try:
+            # Wait until the worker listens (its first poll is done by then, the next is 30 s away).
+            for _ in range(200):
+                if (await r.pubsub_numsub(f"whago:wake:{queue}"))[0][1] >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            store = Store(r, queue)
+            await store.enqueue_lanes("c-" + uid(), ["later"], 1, defer=1.0)
+            t0 = time.monotonic()
+            await store.enqueue_lanes("c-" + uid(), ["now"], 1)
+            for _ in range(100):
+                if "now" in started:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(max(0.0, t0 + 2.0 - time.monotonic()))  # "later" is due, but no poll was woken for it
+            return started.get("now", float("inf")) - t0, time.monotonic() - t0, "later" in started
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await worker.close()
+            await r.aclose()
+
+    took, waited, later_started = asyncio.run(main())
+    assert took < 1.0, f"the job started {took:.2f}s after it was enqueued (no wake-up?)"
+    # It was due 1 s after its enqueue; the poll that found "now" had run long before that.
+    assert not later_started and waited >= 2.0
