@@ -140,6 +140,9 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_lane", "campaign_id", "chip_id", "state", "seq"),
         Index("ix_messages_campaign_state", "campaign_id", "state", "id"),
+        # SENDING only: how a lease finds the lane's expired leases (migration 0003).
+        Index("ix_messages_lease_expiry", "campaign_id", "chip_id", "lease_expires_at",
+              postgresql_where=text("state = 2")),
     )
 
 
