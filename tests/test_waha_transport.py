@@ -96,6 +96,7 @@ def test_keep_alive_reuses_one_connection_and_sends_a_well_formed_request() -> N
     first = srv.requests[0].split(b"\r\n")
     assert first[0] == b"GET /prefix/a?i=0 HTTP/1.1"
     assert b"X-Api-Key: k" in first and any(h.startswith(b"Host: 127.0.0.1:") for h in first)
+    assert not any(h.lower().startswith(b"content-length") for h in first)  # a GET has no content to frame
     assert srv.requests[3].endswith(b'\r\n\r\n{"a":1}') and b"Content-Length: 7" in srv.requests[3]
 
 

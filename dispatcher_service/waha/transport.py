@@ -168,8 +168,12 @@ class HttpClient:
             raise HttpConnectionError("HTTP client closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        # No Content-Length on a GET/HEAD without a body (RFC 9110 8.6: nothing to frame); one header
+        # less for WAHA to parse on every new-message-id. Other methods say 0 (some servers want it).
+        length = (f"Content-Length: {len(body)}\r\n" if body is not None
+                  else "" if method in ("GET", "HEAD") else "Content-Length: 0\r\n")
         head = (f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"
-                f"Content-Length: {len(body) if body is not None else 0}\r\n").encode() + headers + b"\r\n"
+                f"{length}").encode() + headers + b"\r\n"
         async with self._slots:
             for attempt in (0, 1):
                 conn, reused = await self._acquire(origin, deadline)
