@@ -74,6 +74,7 @@ class ResilientWorker(Worker):
             await super().main()
         finally:
             self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)  # ended before close() shuts the pool
 
     async def _listen_wake(self) -> None:
         """Subscribe to the wake channel for the worker's life; resubscribe after a Redis outage."""
@@ -88,8 +89,9 @@ class ResilientWorker(Worker):
                     async for msg in ps.listen():
                         if msg.get("type") == "message":
                             self._wake.set()
-            except (RedisError, OSError) as e:
-                log.debug("wake listener: %s: %s; resubscribing", type(e).__name__, e)
+            except Exception as e:  # Redis down or restarting: polls go on every poll_delay meanwhile
+                level = logging.DEBUG if isinstance(e, RedisError | OSError) else logging.WARNING
+                log.log(level, "wake listener: %s: %s; resubscribing", type(e).__name__, e)
                 self._wake.set()  # poll once in case a wake was missed
                 await asyncio.sleep(1.0)
 
