@@ -295,6 +295,7 @@ def test_a_job_enqueued_to_start_now_wakes_an_idle_worker_before_its_next_poll(r
     moments: Store.enqueue_lanes publishes on the wake channel. A deferred job wakes nobody."""
     from arq import func
 
+    from dispatcher_service import keys
     from dispatcher_service.redis_conn import arq_client, arq_settings
     from dispatcher_service.store import LANE_FUNCTION, Store
     from dispatcher_service.worker import ResilientWorker
@@ -315,7 +316,7 @@ def test_a_job_enqueued_to_start_now_wakes_an_idle_worker_before_its_next_poll(r
         try:
             # Wait until the worker listens (its first poll is done by then, the next is 30 s away).
             for _ in range(200):
-                if (await r.pubsub_numsub(f"whago:wake:{queue}"))[0][1] >= 1:
+                if (await r.pubsub_numsub(keys.wake(queue)))[0][1] >= 1:
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
