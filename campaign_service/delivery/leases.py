@@ -125,6 +125,8 @@ REMAINING_CAP_MIN = 200
 
 def remaining_cap(max_messages: int) -> int:
     return max(max_messages, REMAINING_CAP_MIN)
+
+
 _REMAINING = text("SELECT count(*) FROM (SELECT 1 FROM campaign_messages WHERE campaign_id = :cid"
                   " AND chip_id = :chip AND state = 1 LIMIT :count_cap) p")
 
@@ -216,11 +218,10 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         rows = list(s.execute(_LEASE, {**params, "n": max_messages, "secs": lease_seconds,
                                        "owner": lease_owner or None, "wids": arrays.literal(waha_message_ids),
                                        "nt": max(1, len(templates)), "media_idx": arrays.int_literal(media_idx)}))
-        after = max((r.seq for r in rows), default=0)
+        rows.sort(key=lambda r: r.seq)
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
                                                          "count_cap": remaining_cap(max_messages),
-                                                         "after": after}).scalar_one()
-        rows.sort(key=lambda r: r.seq)
+                                                         "after": rows[-1].seq if rows else 0}).scalar_one()
         parts = [template_parts(camp.templates, r.template_index) for r in rows]
         media = _media(s, cid, {m for _, m in parts if m is not None})
         leased = [
