@@ -24,6 +24,9 @@ def _int(name: str, default: int) -> int:
         return default
 
 
+MESSAGE_ID_SOURCES = ("local", "waha")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the dispatcher server and workers need; no database settings on purpose."""
@@ -43,6 +46,16 @@ class Config:
     # Retries of a timed-out / 5xx send before the message is FAILED.
     send_retries: int = field(default_factory=lambda: _int("DISPATCH_SEND_RETRIES", 3))
     grace_seconds: float = field(default_factory=lambda: _float("DISPATCHER_GRACE_SECONDS", 10.0))
+    # Where a message's WAHA id comes from (chosen before the send either way, for at-most-once):
+    # "local" makes it here in the shape GOWS and NOWEB give (waha/message_ids.py), one WAHA request
+    # per message; "waha" asks GET /api/{session}/new-message-id for each, for an engine whose ids
+    # look different.
+    message_ids: str = field(default_factory=lambda: _env("DISPATCH_MESSAGE_IDS", "local"))
+
+    def __post_init__(self) -> None:
+        if self.message_ids not in MESSAGE_ID_SOURCES:
+            raise ValueError(f"DISPATCH_MESSAGE_IDS must be one of {', '.join(MESSAGE_ID_SOURCES)}, "
+                             f"not {self.message_ids!r}")
 
     @property
     def stop_wait_seconds(self) -> float:

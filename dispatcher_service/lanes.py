@@ -2,9 +2,9 @@
 
 A slice leases small batches from DeliveryService and sends them through WAHA:
 
-  take WAHA message ids (new-message-id) -> lease, which records them on the messages in the same
-        statement (what an ATTEMPTING report does) BEFORE anything leaves, so an uncertain outcome
-        can always be looked up later
+  choose the message ids (waha/message_ids.py, or WAHA's new-message-id) -> lease, which records
+        them on the messages in the same statement (what an ATTEMPTING report does) BEFORE anything
+        leaves, so an uncertain outcome can always be looked up later
         -> (messages carrying an earlier attempt's id: ask WAHA first; found -> SENT; media and
            messages left without an id take the careful way, ids + ATTEMPTING per batch)
         -> per message: pacing slot -> sleep -> seen -> typing -> send -> report
@@ -37,6 +37,7 @@ from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable, Rep
 from dispatcher_service.logs import lane_ctx
 from dispatcher_service.pacing import Limits, Pacer, Reservation
 from dispatcher_service.store import LaneLock, Store
+from dispatcher_service.waha import message_ids
 from dispatcher_service.waha.client import (
     ChipRestricted,
     MessageRejected,
@@ -64,8 +65,9 @@ MAX_BATCH = 50
 MAX_BATCH_BURST = 200
 LOCK_RENEW_SECONDS = 5.0
 FENCE_POLL_SECONDS = 1.0
-# new-message-id requests of a batch run concurrently, this many under one fence token: all of a
-# chunk start together, so the token's TTL (one WAHA timeout + margin) covers every one of them.
+# Batches grow from this size. With DISPATCH_MESSAGE_IDS=waha, a batch's new-message-id requests run
+# concurrently, this many under one fence token: all of a chunk start together, so the token's TTL
+# (one WAHA timeout + margin) covers every one of them.
 ID_CHUNK = 10
 ID_CHUNK_BURST = 25  # bursting lanes take ids for larger batches: fewer fence round trips
 # An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
@@ -478,10 +480,10 @@ class Lane:
         return n, lease
 
     async def _prepare(self, n: int, lease_s: int) -> Prepared:
-        """Take WAHA ids first, then lease a batch recording them in the same step (what ATTEMPTING
-        does: durable before any send). Ready to send (`todo`) when every message got its id; a
-        message with an earlier attempt's id (to look up), media or an existence check goes the
-        careful way (_batch_send)."""
+        """Choose the message ids first, then lease a batch recording them in the same step (what
+        ATTEMPTING does: durable before any send). Ready to send (`todo`) when every message got its
+        id; a message with an earlier attempt's id (to look up), media or an existence check goes
+        the careful way (_batch_send)."""
         k = 0 if self.cfg.check_exists else n if self.remaining_hint is None else min(n, self.remaining_hint)
         ids = await self._new_ids(k) if k > 0 else []
         resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
@@ -673,7 +675,10 @@ class Lane:
         return None
 
     async def _new_ids(self, n: int) -> list[str]:
-        """n WAHA message ids (new-message-id), fetched in fenced chunks of concurrent requests."""
+        """n message ids for sends about to be leased: made here (DISPATCH_MESSAGE_IDS=local, no WAHA
+        request), or asked of WAHA (new-message-id) in fenced chunks of concurrent requests."""
+        if self.cfg.message_ids == "local":
+            return [message_ids.new_message_id() for _ in range(n)]
         out: list[str] = []
 
         async def chunk(size: int) -> list[str | BaseException]:

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from devstack.procs import ServiceProcess
+from dispatcher_service.waha import message_ids
 from dispatcher_service.waha.sandbox_control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
 from tests.helpers import Ops, chat_id, get_dispatch, phones, wait_for
@@ -61,6 +62,17 @@ def iso(iso_stack: IsolatedStack) -> Iterator[IsolatedStack]:
 def iso_api(iso: IsolatedStack, api_key: str) -> Ops:
     """A fresh user on the dedicated stack (its campaign server talks to its dispatcher)."""
     return Ops(iso.campaign_channel, api_key)
+
+
+@pytest.fixture(scope="module")
+def waha_ids_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
+    """A dedicated stack whose worker asks WAHA for every message id (DISPATCH_MESSAGE_IDS=waha)."""
+    return isolated_stack("guarantees-waha-ids", DISPATCH_MESSAGE_IDS="waha")
+
+
+@pytest.fixture()
+def waha_ids_api(waha_ids_stack: IsolatedStack, api_key: str) -> Ops:
+    return Ops(waha_ids_stack.campaign_channel, api_key)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -373,6 +385,59 @@ def test_send_timing_out_after_reaching_waha_is_found_by_its_id_and_not_resent(
     assert row.state == SENT and row.waha_message_id in (delivered[0]["id"], delivered[0]["short_id"])
     assert set(delivered_by_chat(control, [chip])) == {chat_id(p) for p in numbers}
     assert max(delivered_by_chat(control, [chip]).values()) == 1
+
+
+def assert_sent_with_recorded_ids(ops: Ops, campaign_id: str, control: SandboxControl, chips: Iterable[res.Chip],
+                                  ) -> list[str]:
+    """Every sendText carried an id (unique), and each message row holds the id of its own send.
+    Returns the ids sent."""
+    texts = [r for c in chips for r in control.requests(session=c.waha_session, path="/api/sendText")]
+    ids = [r["body"].get("id") for r in texts]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    sent = {r["chat_id"]: r["body"]["id"] for r in texts}
+    for m in ops.messages(campaign_id):
+        assert m.state == SENT and m.waha_message_id in (sent[m.chat_id], f"true_{m.chat_id}_{sent[m.chat_id]}"), m
+    return ids
+
+
+@pytest.mark.parametrize("interval", PACED_AND_BURST, ids=["paced", "full-speed-bursts"])
+def test_message_ids_are_made_by_the_worker_in_the_engines_shape_no_new_message_id_request(
+        api: Ops, sandbox_url: str, control: SandboxControl, interval: tuple[float, float]) -> None:
+    chips = [api.chip(sandbox_url, KEY, interval=interval) for _ in range(2)]
+    camp = api.campaign(chips)
+    api.import_phones(camp.id, phones(30))
+    api.start(camp.id)
+
+    assert api.wait_final(camp.id, timeout=60).sent_count == 30
+
+    ids = assert_sent_with_recorded_ids(api, camp.id, control, chips)
+    assert len(ids) == 30 and all(message_ids.PATTERN.fullmatch(i) for i in ids), ids
+    asked = [r for c in chips for r in control.requests(session=c.waha_session, path="/new-message-id")]
+    assert asked == []
+
+
+def test_with_waha_ids_each_send_carries_an_id_waha_issued_and_an_uncertain_one_is_looked_up(
+        waha_ids_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
+    chip = waha_ids_api.chip(sandbox_url, KEY)
+    # The first send is delivered, then hangs past WAHA_TIMEOUT_SECONDS=2 of the dedicated stack.
+    control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
+    camp = waha_ids_api.campaign([chip])
+    numbers = phones(12)
+    waha_ids_api.import_phones(camp.id, numbers)
+    waha_ids_api.start(camp.id)
+
+    done = waha_ids_api.wait_final(camp.id, timeout=60)
+
+    assert done.state == COMPLETED and done.sent_count == 12 and done.failed_count == 0
+    ids = assert_sent_with_recorded_ids(waha_ids_api, camp.id, control, [chip])
+    issued = {r["message_id"] for r in control.requests(session=chip.waha_session, path="/new-message-id")
+              if r["status"] == 200}
+    assert len(ids) == 12 and set(ids) <= issued, "every send used an id WAHA issued"
+    hung = [r for r in control.requests(session=chip.waha_session, path="/api/sendText") if r.get("fault")]
+    assert len(hung) == 1
+    assert control.requests(session=chip.waha_session, path=f"/chats/{hung[0]['chat_id']}/messages/")
+    delivered = delivered_by_chat(control, [chip])
+    assert set(delivered) == {chat_id(p) for p in numbers} and max(delivered.values()) == 1
 
 
 @pytest.mark.parametrize("interval", PACED_AND_BURST, ids=["paced", "full-speed-bursts"])

@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import sys
 import time
 import zlib
@@ -35,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher_service import eventloop
+from dispatcher_service.waha import message_ids
 
 log = logging.getLogger("waha.sandbox")
 
@@ -411,11 +411,6 @@ def _digits(value: str) -> str:
     return re.sub(r"\D", "", value.split("@", 1)[0])
 
 
-def _new_message_id() -> str:
-    """An id shaped like the ones WhatsApp clients generate (3EB0 + upper-case hex)."""
-    return "3EB0" + secrets.token_hex(9).upper()
-
-
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -656,7 +651,7 @@ class App:
         })
 
     async def new_message_id(self, request: web.Request, call: Call) -> web.Response:
-        message_id = _new_message_id()
+        message_id = message_ids.new_message_id()
         call.record["message_id"] = message_id
         return _json(200, {"id": message_id})
 
@@ -682,7 +677,7 @@ class App:
         assert sess is not None and isinstance(body, dict)
         chat_id: str = body["chatId"]
         given = body.get("id") if kind == "text" else None
-        short_id = _short_id(given) if isinstance(given, str) and given else _new_message_id()
+        short_id = _short_id(given) if isinstance(given, str) and given else message_ids.new_message_id()
         key = (sess.name, short_id)
         existing = sb.messages_by_key.get(key)
         if existing is not None:

@@ -1,0 +1,22 @@
+"""WhatsApp message ids chosen by the sender, in the shape WAHA's engines give them.
+
+On WhatsApp the sending client picks a message's id. WAHA's GET /api/{session}/new-message-id only
+runs its engine's generator and keeps no record of what it handed out: GOWS (whatsmeow) and NOWEB
+(Baileys) both answer "3EB0" followed by 18 upper-case hex digits (9 bytes of a hash over random
+bytes). An id made here has the same shape and the same 72 bits of randomness, costs no WAHA
+request, and serves at-most-once exactly as WAHA's would: chosen and recorded before the send, sent
+in sendText's `id`, looked up by it when the outcome is uncertain.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+PREFIX = "3EB0"
+PATTERN = re.compile(r"3EB0[0-9A-F]{18}")
+
+
+def new_message_id() -> str:
+    """A fresh id: "3EB0" + 9 random bytes in upper-case hex (22 characters)."""
+    return PREFIX + secrets.token_hex(9).upper()
