@@ -84,6 +84,14 @@ class DeliveryClient:
         return await self._call("ReportChipState", lambda: self.stub.ReportChipState(
             req, metadata=self.metadata, timeout=self.call_timeout))
 
+    async def lane_wait(self, campaign_id: str, chip_id: str, epoch: int, resume_at: float,
+                        reason: str) -> dpb.ReportLaneWaitResponse:
+        """ReportLaneWait: this lane sends again at `resume_at` (epoch seconds), on purpose."""
+        req = dpb.ReportLaneWaitRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch, reason=reason[:500])
+        req.resume_time.FromNanoseconds(int(resume_at * 1e9))
+        return await self._call("ReportLaneWait", lambda: self.stub.ReportLaneWait(
+            req, metadata=self.metadata, timeout=self.call_timeout), budget=10.0)
+
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
         req = dpb.GetMediaContentRequest(media_id=media_id)
         return await self._call("GetMediaContent", lambda: self.stub.GetMediaContent(

@@ -91,6 +91,9 @@ BURST_SECONDS = 0.1
 # ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is
 # expected to take at most this long (its lease must outlast that wait plus its own sends).
 PREFETCH_AHEAD_SECONDS = 10.0
+# A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
+# service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
+LANE_WAIT_REPORT_SECONDS = 10.0
 
 
 @dataclass
@@ -207,6 +210,7 @@ class Lane:
         self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)
         self.lock_lost = False
         self.last_error = ""
+        self.wait_reason = ""  # why the slice ended early (SliceOver), for ReportLaneWait
         # A send token taken together with the pacing slot (reserve_send); the next send call uses it.
         self.pretoken: str | None = None
         # Outcome report running in the background while the lane goes on sending (flush_later).
@@ -561,6 +565,7 @@ class Lane:
             except CampaignNotRunning as e:
                 return ("finished" if e.state == rpb.CAMPAIGN_STATE_COMPLETED else "stopped"), 0.0
             except SliceOver as e:
+                self.wait_reason = str(e)
                 return "slice", e.defer
             except ChipBanned as e:
                 await self._release_held(f"chip restricted: {e}")
@@ -1010,6 +1015,17 @@ class Lane:
             raise
 
     # -- end of slice ------------------------------------------------------------------------------
+    async def _report_wait(self, resume_at: float) -> None:
+        """Tell the campaign service this lane holds off on purpose until `resume_at` (a cap or a
+        closed window), so its watchdog does not take the silence for a stall."""
+        try:
+            resp = await self.env.delivery.lane_wait(self.c, self.chip, self.epoch, resume_at, self.wait_reason)
+        except Exception as e:  # best effort: at worst the watchdog restarts the lane, which is harmless
+            log.warning("%s ReportLaneWait failed: %s", self.ctx, e)
+            return
+        log.info("%s waits until %.0f (%s)%s", self.ctx, resume_at, self.wait_reason,
+                 "" if resp.recorded else ": not recorded, the campaign moved on")
+
     async def _cleanup(self, outcome: str, defer: float, cancelled: bool, locked: bool) -> None:
         try:
             await self._settle_prefetch()
@@ -1063,6 +1079,8 @@ class Lane:
                 jid = await store.enqueue_lane(self.c, self.chip, self.epoch, defer=defer)
                 log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,
                          ", wanted" if wanted else "")
+                if outcome == "slice" and defer >= LANE_WAIT_REPORT_SECONDS:
+                    await self._report_wait(time.time() + defer)
             elif outcome == "finished" and not wanted:
                 await store.maybe_finish_dispatch(self.c, self.epoch, self.chip)
             log.info("%s slice end job=%s outcome=%s", self.ctx, self.job_id, outcome)

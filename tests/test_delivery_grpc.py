@@ -9,16 +9,19 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy import text
 
 from campaign_service.db.engine import Database
 from campaign_service.db.models import Media
 from tests.conftest import SERVICE_TOKEN, auth
 from tests.test_delivery_fixtures import (
+    PAUSED,
     campaign_row,
     check_counters,
     delivery_db,
@@ -64,6 +67,7 @@ def test_user_key_is_permission_denied_on_every_rpc(stub: dgrpc.DeliveryServiceS
         lambda: stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=str(uuid.uuid4())), metadata=md),
         lambda: stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=str(uuid.uuid4())), metadata=md),
         lambda: stub.GetMediaContent(dpb.GetMediaContentRequest(media_id=str(uuid.uuid4())), metadata=md),
+        lambda: stub.ReportLaneWait(dpb.ReportLaneWaitRequest(campaign_id=str(uuid.uuid4())), metadata=md),
     ]
     for call in calls:
         with pytest.raises(grpc.RpcError) as e:
@@ -254,3 +258,63 @@ def test_remaining_is_counted_up_to_the_larger_of_the_batch_and_200(stub: dgrpc.
     last = stub.LeaseMessages(lease_req(w, w.chip(0), n=1), metadata=SERVICE)
     assert [m.message_id for m in last.messages] == [m.message_id for m in first.messages]
     assert last.remaining == 2
+
+
+def _lane_row(db: Database, w: object, chip: str) -> Any:
+    with db.session() as s:
+        return s.execute(text("SELECT resume_at, resume_epoch, last_seen_at FROM delivery_lanes"
+                              " WHERE campaign_id = :c AND chip_id = :chip"),
+                         {"c": w.cid, "chip": chip}).one_or_none()  # type: ignore[attr-defined]
+
+
+def wait_req(w: object, chip: str, resume: float | None, epoch: int = 1, reason: str = "hourly cap"
+             ) -> dpb.ReportLaneWaitRequest:
+    r = dpb.ReportLaneWaitRequest(campaign_id=w.cid, chip_id=chip, epoch=epoch, reason=reason)  # type: ignore[attr-defined]
+    if resume is not None:
+        r.resume_time.FromNanoseconds(int(resume * 1e9))
+    return r
+
+
+def test_lane_wait_is_recorded_for_the_current_epoch_only_and_the_next_lease_clears_it(
+        stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=4, chips=2)
+    resume = time.time() + 1800
+    out = stub.ReportLaneWait(wait_req(w, w.chip(0), resume), metadata=SERVICE)
+    assert out.recorded and out.campaign_state == res.CAMPAIGN_STATE_RUNNING and out.epoch == 1
+    row = _lane_row(delivery_db, w, w.chip(0))
+    assert row.resume_epoch == 1 and abs(row.resume_at.timestamp() - resume) < 0.01
+
+    # Another epoch (a stale lane, or one from the future) records nothing and changes nothing.
+    for epoch in (0, 2):
+        assert not stub.ReportLaneWait(wait_req(w, w.chip(0), resume + 60, epoch=epoch), metadata=SERVICE).recorded
+    assert _lane_row(delivery_db, w, w.chip(0)).resume_at == row.resume_at
+    # The lane leasing again is alive by itself: the wait is cleared.
+    assert stub.LeaseMessages(lease_req(w, w.chip(0), n=1), metadata=SERVICE).messages
+    after = _lane_row(delivery_db, w, w.chip(0))
+    assert after.resume_at is None and after.resume_epoch is None
+
+    paused = make_world(delivery_db, contacts=2, chips=1, state=PAUSED)
+    got = stub.ReportLaneWait(wait_req(paused, paused.chip(0), resume), metadata=SERVICE)
+    assert not got.recorded and got.campaign_state == res.CAMPAIGN_STATE_PAUSED
+    assert _lane_row(delivery_db, paused, paused.chip(0)) is None
+
+
+def test_lane_wait_bad_input_and_unknown_lanes(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    w = make_world(delivery_db, contacts=2, chips=1)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportLaneWait(dpb.ReportLaneWaitRequest(campaign_id="nope", chip_id="", reason="x" * 501),
+                            metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(e.value) == {"campaign_id", "chip_id", "resume_time", "reason"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportLaneWait(wait_req(w, w.chip(0), time.time() + 8 * 86400), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(e.value) == {"resume_time"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportLaneWait(dpb.ReportLaneWaitRequest(campaign_id=str(uuid.uuid4()), chip_id=w.chip(0),
+                                                      resume_time=wait_req(w, w.chip(0), time.time()).resume_time),
+                            metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:  # a chip that is not one of the campaign's lanes
+        stub.ReportLaneWait(wait_req(w, str(uuid.uuid4()), time.time() + 60), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _lane_row(delivery_db, w, w.chip(0)) is None

@@ -23,7 +23,7 @@ from campaign_service import errors
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.db.models import AuditEvent
-from campaign_service.delivery import leases
+from campaign_service.delivery import lane_waits, leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
@@ -158,6 +158,32 @@ def test_watchdog_leaves_live_lanes_alone(delivery_db: Database) -> None:
     # Expired lease + silent lanes: that one is stalled.
     set_messages(delivery_db, w2.message_ids[:1], lease_expires_at=text("now() - interval '1 second'"))
     assert w2.cid in sch.kick_stalled()
+
+
+def _lanes_silent_since(db: Database, campaign_id: uuid.UUID, seconds: int = 3600) -> None:
+    with db.transaction() as s:
+        s.execute(text("UPDATE delivery_lanes SET last_seen_at = now() - make_interval(secs => :s)"
+                       " WHERE campaign_id = :c"), {"s": seconds, "c": str(campaign_id)})
+
+
+def test_watchdog_leaves_a_lane_alone_until_the_end_of_the_wait_it_reported(delivery_db: Database) -> None:
+    """A lane held back by a cap reports until when (ReportLaneWait): no restart before that time
+    plus stall_seconds; a wait reported under an older epoch, or one long over, excuses nothing."""
+    sch = scheduler(delivery_db, stall=30)
+    waiting, stale, over = (make_world(delivery_db, contacts=4, chips=1) for _ in range(3))
+    for w, resume in ((waiting, 1800), (stale, 1800), (over, -60)):
+        age(delivery_db, w.campaign_id)
+        out = lane_waits.report_lane_wait(delivery_db, w.cid, w.chip(0), 1,
+                                          datetime.now(UTC) + timedelta(seconds=resume), "hourly cap")
+        assert out.recorded
+        _lanes_silent_since(delivery_db, w.campaign_id)  # only the reported wait speaks for the lane
+    with delivery_db.transaction() as s:  # a restart since: the wait was the old epoch's
+        s.execute(text("UPDATE campaigns SET dispatch_epoch = 2 WHERE id = :c"), {"c": stale.cid})
+    kicked = sch.kick_stalled()
+    assert waiting.cid not in kicked and {stale.cid, over.cid} <= set(kicked)
+    assert epoch_of(delivery_db, waiting.campaign_id) == 1
+    with delivery_db.session() as s:
+        assert s.query(AuditEvent).filter_by(entity_id=waiting.cid, action="campaign.dispatch_restart").count() == 0
 
 
 def _window_settings(start: int, end: int) -> dict[str, Any]:
@@ -394,3 +420,39 @@ def test_watchdog_finishes_a_campaign_whose_lanes_vanished(watchdog_replica: Ser
 
 def started_epoch(db: Database, campaign_id: str) -> int:
     return epoch_of(db, uuid.UUID(campaign_id))
+
+
+@pytest.mark.slow
+def test_a_lane_held_by_its_hourly_cap_is_not_restarted_by_the_watchdog(watchdog_replica: ServiceProcess,
+                                                                       campaign_channel: grpc.Channel,
+                                                                       api_key: str, sandbox_url: str,
+                                                                       delivery_db: Database) -> None:
+    """The whole stack, with a replica whose watchdog gives up on silent lanes after 2 s: a chip
+    capped at 2 sends an hour sends 2, then its lane defers for the rest of the hour and says so;
+    the campaign stays RUNNING under the same epoch, with no restart, however long it waits."""
+    api = Api(campaign_channel, api_key)
+    chip = api.chip(sandbox_url, SANDBOX_API_KEY, max_per_hour=2)
+    camp = api.campaign([chip])
+    api.import_phones(camp.id, phones(4))
+    api.start(camp.id)
+    api.wait(camp.id, lambda c: c.sent_count >= 2, timeout=30)
+    epoch = started_epoch(delivery_db, camp.id)
+    with delivery_db.session() as s:
+        def lane() -> Any:
+            return s.execute(text("SELECT resume_at, resume_epoch FROM delivery_lanes WHERE campaign_id = :c"),
+                             {"c": camp.id}).one_or_none()
+        deadline = time.time() + 15
+        while (row := lane()) is None or row.resume_at is None:
+            assert time.time() < deadline, "the capped lane never reported its wait"
+            time.sleep(0.2)
+            s.rollback()
+    assert row.resume_epoch == epoch and row.resume_at.timestamp() > time.time() + 3000
+
+    time.sleep(7)  # over three stall periods of the impatient watchdog
+
+    mid = api.get(camp.id)
+    assert mid.state == res.CAMPAIGN_STATE_RUNNING and mid.sent_count == 2
+    assert started_epoch(delivery_db, camp.id) == epoch
+    with delivery_db.session() as s:
+        assert s.query(AuditEvent).filter_by(entity_id=camp.id, action="campaign.dispatch_restart").count() == 0
+    api.cancel(camp.id)

@@ -157,6 +157,10 @@ class DeliveryLane(Base):
     last_seen_at: Mapped[datetime] = _now()
     lease_seconds: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     lease_owner: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    # A lane holding off on purpose (cap, closed window) said it sends again at resume_at, under
+    # dispatch epoch resume_epoch (ReportLaneWait): the watchdog leaves it alone until then (0004).
+    resume_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resume_epoch: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Media(Base):

@@ -106,7 +106,8 @@ WITH hb AS (
     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
     VALUES (:cid, :chip, now(), :secs, :owner)
     ON CONFLICT (campaign_id, chip_id) DO UPDATE
-    SET last_seen_at = now(), lease_seconds = EXCLUDED.lease_seconds, lease_owner = EXCLUDED.lease_owner
+    SET last_seen_at = now(), lease_seconds = EXCLUDED.lease_seconds, lease_owner = EXCLUDED.lease_owner,
+        resume_at = NULL, resume_epoch = NULL
     RETURNING 1
 )
 SELECT count(*) FROM (

@@ -17,10 +17,10 @@ Each tick, in order:
    expired lease), no live lease (a working lane always holds one: it leases a batch and sends it),
    no lane that leased within `stall_seconds` (WHAGO_WATCHDOG_STALL_SECONDS, default 120), and no
    (re)start within that time either, gets a new dispatch epoch and StartDispatch again. Old lanes
-   are fenced by the epoch. A lane that deliberately waits longer than that without a lease (closed
-   sending window) is left alone while its window is closed and for `stall_seconds` after it
-   opens; one held back by an hourly cap (known only to Redis) is restarted, which is harmless:
-   pacing state lives in Redis.
+   are fenced by the epoch. A lane that deliberately waits longer than that without a lease is left
+   alone: one held back by a cap or a closed window reports until when (ReportLaneWait,
+   `lane_waits.py`), and is silent by design until then plus `stall_seconds`; lanes whose sending
+   window is closed (or opened less than `stall_seconds` ago) are also recognised from their pacing.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ _STALL_PREDICATE = """
 c.state = 3
 AND c.updated_at < now() - make_interval(secs => :stall)
 AND NOT EXISTS (SELECT 1 FROM delivery_lanes l WHERE l.campaign_id = c.id
-                AND l.last_seen_at > now() - make_interval(secs => :stall))
+                AND greatest(l.last_seen_at, CASE WHEN l.resume_epoch = c.dispatch_epoch THEN l.resume_at END)
+                    > now() - make_interval(secs => :stall))
 AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = 2
                 AND m.lease_expires_at >= now())
 AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
@@ -348,7 +349,8 @@ class Scheduler:
                     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
                     SELECT :cid, chip, now(), 0, 'watchdog' FROM unnest(CAST(:chips AS uuid[])) AS chip
                     ON CONFLICT (campaign_id, chip_id) DO UPDATE
-                    SET last_seen_at = now(), lease_seconds = 0, lease_owner = 'watchdog'"""),
+                    SET last_seen_at = now(), lease_seconds = 0, lease_owner = 'watchdog', resume_at = NULL,
+                        resume_epoch = NULL"""),
                     {"cid": str(cid), "chips": [str(ch.id) for ch in usable]})
                 audit.record(s, user_id=c.user_id, action="campaign.dispatch_restart", entity_type="campaign",
                              entity_id=str(cid), description="watchdog: lanes silent with work left, dispatch "

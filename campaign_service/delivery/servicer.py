@@ -12,7 +12,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
-from campaign_service.delivery import chips, leases, media, reports
+from campaign_service.delivery import chips, lane_waits, leases, media, reports
 from campaign_service.events import Events
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
@@ -91,6 +91,14 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
                         ) -> dpb.GetMediaContentResponse:
         info, content = media.get_media_content(self.db, self.settings.media_dir, request.media_id)
         return dpb.GetMediaContentResponse(media=media_pb(info), content=content)
+
+    def ReportLaneWait(self, request: dpb.ReportLaneWaitRequest, context: grpc.ServicerContext
+                       ) -> dpb.ReportLaneWaitResponse:
+        out = lane_waits.report_lane_wait(
+            self.db, request.campaign_id, request.chip_id, request.epoch,
+            request.resume_time.ToDatetime(tzinfo=UTC) if request.HasField("resume_time") else None, request.reason)
+        return dpb.ReportLaneWaitResponse(campaign_state=out.campaign_state,  # type: ignore[arg-type]
+                                          epoch=out.epoch, recorded=out.recorded)
 
 
 def add_to_server(server: grpc.Server, db: Database, settings: Settings, events: Events) -> None:
