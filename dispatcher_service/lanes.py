@@ -94,6 +94,7 @@ PREFETCH_AHEAD_SECONDS = 10.0
 # A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
 # service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
 LANE_WAIT_REPORT_SECONDS = 10.0
+LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
 
 
 @dataclass
@@ -1080,7 +1081,7 @@ class Lane:
                 log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,
                          ", wanted" if wanted else "")
                 if outcome == "slice" and defer >= LANE_WAIT_REPORT_SECONDS:
-                    await self._report_wait(time.time() + defer)
+                    await self._report_wait(time.time() + min(defer, LANE_WAIT_MAX_SECONDS))
             elif outcome == "finished" and not wanted:
                 await store.maybe_finish_dispatch(self.c, self.epoch, self.chip)
             log.info("%s slice end job=%s outcome=%s", self.ctx, self.job_id, outcome)

@@ -22,7 +22,8 @@ from campaign_service.delivery.common import parse_uuid
 
 log = logging.getLogger("campaign_service.delivery")
 
-# A lane never defers further than the dispatcher's horizon (an hour); a week is a sane outer bound.
+# Outer bound of a reported wait (the dispatcher reports at most this much of a longer one: the
+# watchdog then restarts the lane after a week of silence, which is harmless).
 MAX_AHEAD = timedelta(days=7)
 MAX_REASON = 500
 
