@@ -103,6 +103,22 @@ def assert_each_once(control: SandboxControl, chips: Iterable[res.Chip], numbers
         assert not twice, f"contacts messaged more than once: {twice}"
 
 
+def run_with_a_hung_first_send(ops: Ops, sandbox_url: str, control: SandboxControl, n: int,
+                               interval: tuple[float, float] = (0.0, 0.0)) -> tuple[res.Chip, res.Campaign, list[str]]:
+    """A one-chip campaign of n contacts whose first send is delivered, then hangs past the WAHA
+    timeout (2 s on the dedicated stacks). Returns (chip, campaign, numbers) once it completed with
+    all n sent and none failed."""
+    chip = ops.chip(sandbox_url, KEY, interval=interval)
+    control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
+    camp = ops.campaign([chip])
+    numbers = phones(n)
+    ops.import_phones(camp.id, numbers)
+    ops.start(camp.id)
+    done = ops.wait_final(camp.id, timeout=60)
+    assert done.state == COMPLETED and done.sent_count == n and done.failed_count == 0
+    return chip, camp, numbers
+
+
 def worker_logs(stack: IsolatedStack) -> str:
     return "\n".join(f"--- {w.name}\n{w.tail(25)}" for w in stack.workers)
 
@@ -361,17 +377,8 @@ def test_single_chip_session_stops_mid_run_lane_backs_off_and_completes_when_wor
 def test_send_timing_out_after_reaching_waha_is_found_by_its_id_and_not_resent(
         iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl,
         interval: tuple[float, float]) -> None:
-    chip = iso_api.chip(sandbox_url, KEY, interval=interval)
-    # The first send is delivered, then hangs past WAHA_TIMEOUT_SECONDS=2 of this stack.
-    control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
-    camp = iso_api.campaign([chip])
-    numbers = phones(5)
-    iso_api.import_phones(camp.id, numbers)
-    iso_api.start(camp.id)
+    chip, camp, numbers = run_with_a_hung_first_send(iso_api, sandbox_url, control, 5, interval)
 
-    done = iso_api.wait_final(camp.id, timeout=60)
-
-    assert done.state == COMPLETED and done.sent_count == 5 and done.failed_count == 0
     texts = control.requests(session=chip.waha_session, path="/api/sendText")
     hung = [r for r in texts if r.get("fault")]
     assert len(hung) == 1
@@ -418,17 +425,8 @@ def test_message_ids_are_made_by_the_worker_in_the_engines_shape_no_new_message_
 
 def test_with_waha_ids_each_send_carries_an_id_waha_issued_and_an_uncertain_one_is_looked_up(
         waha_ids_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
-    chip = waha_ids_api.chip(sandbox_url, KEY)
-    # The first send is delivered, then hangs past WAHA_TIMEOUT_SECONDS=2 of the dedicated stack.
-    control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
-    camp = waha_ids_api.campaign([chip])
-    numbers = phones(12)
-    waha_ids_api.import_phones(camp.id, numbers)
-    waha_ids_api.start(camp.id)
+    chip, camp, numbers = run_with_a_hung_first_send(waha_ids_api, sandbox_url, control, 12)
 
-    done = waha_ids_api.wait_final(camp.id, timeout=60)
-
-    assert done.state == COMPLETED and done.sent_count == 12 and done.failed_count == 0
     ids = assert_sent_with_recorded_ids(waha_ids_api, camp.id, control, [chip])
     issued = {r["message_id"] for r in control.requests(session=chip.waha_session, path="/new-message-id")
               if r["status"] == 200}
