@@ -212,6 +212,9 @@ class Lane:
         self.lock_lost = False
         self.last_error = ""
         self.wait_reason = ""  # why the slice ended early (SliceOver), for ReportLaneWait
+        # Whether WAHA's engine sends under the id we give it, so that a lookup by that id settles an
+        # uncertain outcome (None: not asked yet; see _ids_kept).
+        self.ids_kept: bool | None = None
         # A send token taken together with the pacing slot (reserve_send); the next send call uses it.
         self.pretoken: str | None = None
         # Outcome report running in the background while the lane goes on sending (flush_later).
@@ -659,6 +662,8 @@ class Lane:
             ids.append(f"true_{m.chat_id}_{waha_id}")
         for attempt in range(3):
             try:
+                if not await self._ids_kept():
+                    return None
                 for i, mid in enumerate(ids):
                     try:
                         found = await self.call(functools.partial(self.waha.get_message, self.session, m.chat_id,
@@ -679,6 +684,29 @@ class Lane:
                          e, attempt + 1)
                 await self.sleep(min(4.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5))
         return None
+
+    async def _ids_kept(self) -> bool:
+        """Does this WAHA's engine send under the id we chose (GET /api/server/version, asked once
+        per slice, only when a lookup is needed)? If not, a lookup cannot tell and the message's
+        outcome stays unknown rather than risking a second send."""
+        if self.ids_kept is None:
+            env = await self.call(self.waha.server_version)
+            engine = str(env.get("engine") or "").upper()
+            self.ids_kept = engine in message_ids.ENGINES_KEEPING_IDS
+            if not self.ids_kept:
+                log.warning("%s WAHA engine %r does not send under a chosen id: uncertain sends become %s",
+                            self.ctx, engine, OUTCOME_UNKNOWN)
+        return self.ids_kept
+
+    def _sent_id(self, resp: Any, mid: str) -> str:
+        """The id WAHA sent a message under. One that does not carry the id we chose means the
+        engine ignores chosen ids: lookups by them are then not trusted (see _ids_kept)."""
+        got = _waha_id(resp)
+        if got and mid not in got and not mid.startswith(UNVERIFIABLE_PREFIX) and self.ids_kept is not False:
+            self.ids_kept = False
+            log.warning("%s WAHA sent under id %s, not the chosen %s: uncertain sends become %s", self.ctx, got,
+                        mid, OUTCOME_UNKNOWN)
+        return got or mid
 
     async def _new_ids(self, n: int) -> list[str]:
         """n message ids for sends about to be leased: made here (DISPATCH_MESSAGE_IDS=local, no WAHA
@@ -874,7 +902,7 @@ class Lane:
                     if isinstance(e, SessionNotWorking | ChipRestricted | MessageRejected):
                         self.maybe_sent.discard(m.message_id)  # WAHA answered: definitely not sent
                     return done, e
-                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(r) or mid)
+                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=self._sent_id(r, mid))
                 done += 1
             return done, None
         finally:
@@ -989,7 +1017,7 @@ class Lane:
             except WahaError as e:
                 self.final(m, dpb.DELIVERY_OUTCOME_FAILED, reason=f"WAHA error: {e}"[:500])
                 return
-            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=_waha_id(resp) or mid)
+            self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=self._sent_id(resp, mid))
             return
         if uncertain and not media and await self._settled_by_lookup(m, mid, last):
             return

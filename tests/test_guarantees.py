@@ -423,6 +423,33 @@ def test_message_ids_are_made_by_the_worker_in_the_engines_shape_no_new_message_
     assert asked == []
 
 
+def test_engine_not_keeping_chosen_ids_an_uncertain_send_is_unknown_never_resent(
+        iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
+    """WEBJS sends under an id of its own, so a lookup by the chosen id would find nothing and a
+    resend could double the message: the lane asks WAHA's engine first and marks it UNKNOWN."""
+    control.configure(engine="WEBJS")
+    try:
+        chip = iso_api.chip(sandbox_url, KEY)
+        control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
+        camp = iso_api.campaign([chip])
+        numbers = phones(4)
+        iso_api.import_phones(camp.id, numbers)
+        iso_api.start(camp.id)
+        done = iso_api.wait_final(camp.id, timeout=60)
+    finally:
+        control.configure(engine="GOWS")
+
+    assert done.state == COMPLETED and (done.sent_count, done.failed_count) == (3, 1)
+    texts = control.requests(session=chip.waha_session, path="/api/sendText")
+    hung = [r for r in texts if r.get("fault")]
+    assert len(hung) == 1 and [r for r in texts if r["chat_id"] == hung[0]["chat_id"]] == hung, "not resent"
+    assert control.requests(since=hung[0]["ts"], path="/api/server/version"), "the engine was asked"
+    row = next(m for m in iso_api.messages(camp.id) if m.chat_id == hung[0]["chat_id"])
+    assert row.state == FAILED and "OUTCOME_UNKNOWN" in row.failure_reason, row
+    delivered = delivered_by_chat(control, [chip])
+    assert set(delivered) == {chat_id(p) for p in numbers} and max(delivered.values()) == 1
+
+
 def test_with_waha_ids_each_send_carries_an_id_waha_issued_and_an_uncertain_one_is_looked_up(
         waha_ids_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
     chip, camp, numbers = run_with_a_hung_first_send(waha_ids_api, sandbox_url, control, 12)

@@ -167,6 +167,25 @@ def test_chosen_id_is_honoured_and_duplicates_detected(sandbox_url: str, ctl: Sa
     assert len(ctl.messages()) == 2
 
 
+def test_server_version_names_the_engine_and_one_not_keeping_chosen_ids_ignores_them(
+        sandbox_url: str, ctl: SandboxControl) -> None:
+    from dispatcher_service.waha.sandbox_control import SandboxError
+
+    status, env = call(sandbox_url, "GET", "/api/server/version")
+    assert status == 200 and env["engine"] == "GOWS"
+    assert load_validator().validate("WAHAEnvironment", env, allow_null=True) == []
+    chosen = "3EB0" + "A1" * 9
+    ctl.configure(engine="WEBJS")  # whatsapp-web.js: sendText takes no pre-chosen id
+    assert call(sandbox_url, "GET", "/api/server/version")[1]["engine"] == "WEBJS"
+    status, sent = call(sandbox_url, "POST", "/api/sendText", text("s-webjs", id=chosen))
+    assert status == 201 and chosen not in sent["id"]
+    assert call(sandbox_url, "GET", f"/api/s-webjs/chats/{CHAT}/messages/true_{CHAT}_{chosen}")[0] == 404
+    with pytest.raises(SandboxError):
+        ctl.configure(engine="TELEGRAM")
+    ctl.reset()
+    assert call(sandbox_url, "GET", "/api/server/version")[1]["engine"] == "GOWS"
+
+
 def test_get_message_by_id(sandbox_url: str, ctl: SandboxControl) -> None:
     _, sent = call(sandbox_url, "POST", "/api/sendText", text("s-get", id="3EB0AAAABBBBCCCCDDDD"))
     status, got = call(sandbox_url, "GET", f"/api/s-get/chats/{CHAT}/messages/{sent['id']}")

@@ -133,6 +133,11 @@ class WahaClient:
         r: dict[str, Any] = await self._request("GET", f"/api/sessions/{quote(session, safe='')}")
         return r
 
+    async def server_version(self) -> dict[str, Any]:
+        """GET /api/server/version -> WAHAEnvironment (version, engine, tier, ...)."""
+        r: dict[str, Any] = await self._request("GET", "/api/server/version")
+        return r
+
     # -- messages ----------------------------------------------------------------------------------
     async def new_message_id(self, session: str) -> str:
         """GET /api/{session}/new-message-id: the id is chosen before the send, so it can be looked up later."""

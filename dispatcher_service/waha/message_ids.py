@@ -15,6 +15,9 @@ import secrets
 
 PREFIX = "3EB0"
 PATTERN = re.compile(r"3EB0[0-9A-F]{18}")
+# Engines whose sendText takes the `id` it is given (GOWS, NOWEB). Others (WEBJS) send under an id
+# of their own: a lookup by the id we chose then finds nothing, so it proves nothing.
+ENGINES_KEEPING_IDS = frozenset({"GOWS", "NOWEB"})
 
 
 def new_message_id() -> str:

@@ -40,6 +40,7 @@ log = logging.getLogger("waha.sandbox")
 
 WAHA_VERSION = "2026.7.1"
 SCHEMAS_PATH = Path(__file__).with_name("sandbox_schemas.json")
+ENGINES = ("WEBJS", "WPP", "NOWEB", "GOWS")
 SESSION_STATUSES = (
     "STOPPED", "STARTING", "SCAN_QR_CODE", "PASSKEY_REQUIRED", "PASSKEY_CONFIRMATION_REQUIRED",
     "WORKING", "FAILED",
@@ -55,6 +56,7 @@ SEND_ENDPOINTS: dict[str, tuple[str, str]] = {
 # The operations the sandbox serves: (method, spec path) -> request body schema, if any.
 OPERATIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/sessions/{session}"): None,
+    ("GET", "/api/server/version"): None,
     ("GET", "/api/{session}/new-message-id"): None,
     **{("POST", p): schema for p, (schema, _) in SEND_ENDPOINTS.items()},
     ("POST", "/api/sendSeen"): "SendSeenRequest",
@@ -333,6 +335,7 @@ class Sandbox:
         self.timeout_next = 0
         self.timeout_deliver = True
         self.auto_create_sessions = True
+        self.engine = "GOWS"  # what /api/server/version says; engines not keeping chosen ids ignore them
         self.nonexistent_numbers: set[str] = set()
         self.sessions: dict[str, Session] = {}
         self.requests: list[Json] = []
@@ -355,6 +358,10 @@ class Sandbox:
                 self.timeout_deliver = bool(value)
             elif key == "auto_create_sessions":
                 self.auto_create_sessions = bool(value)
+            elif key == "engine":
+                if value not in ENGINES:
+                    raise ValueError(f"unknown engine {value!r}")
+                self.engine = value
             elif key == "nonexistent_numbers":
                 self.nonexistent_numbers = {_digits(str(n)) for n in value}
             elif key == "seed":
@@ -369,7 +376,7 @@ class Sandbox:
         return {
             "latency_ms": self.latency_ms, "timeout_seconds": self.timeout_seconds,
             "timeout_next": self.timeout_next, "timeout_deliver": self.timeout_deliver,
-            "auto_create_sessions": self.auto_create_sessions,
+            "auto_create_sessions": self.auto_create_sessions, "engine": self.engine,
             "nonexistent_numbers": sorted(self.nonexistent_numbers),
             "sessions": {name: s.as_json() for name, s in self.sessions.items()},
         }
@@ -513,6 +520,7 @@ class App:
         r = app.router
         r.add_get("/api/sessions/{session}", self._api(self.get_session, session_from="path",
                                                        needs_working=False))
+        r.add_get("/api/server/version", self._api(self.server_version, session_from=None, needs_working=False))
         r.add_get("/api/contacts/check-exists", self._api(self.check_exists, session_from="query"))
         r.add_get("/api/{session}/new-message-id", self._api(self.new_message_id, session_from="path"))
         for path, (schema, kind) in SEND_ENDPOINTS.items():
@@ -647,8 +655,12 @@ class App:
             "presence": None,
             "timestamps": {"activity": int(activity * 1000) if activity else None},
             "apps": None,
-            "engine": {"engine": "GOWS"},
+            "engine": {"engine": self.sb.engine},
         })
+
+    async def server_version(self, request: web.Request, call: Call) -> web.Response:
+        return _json(200, {"version": WAHA_VERSION, "engine": self.sb.engine, "tier": "CORE", "browser": "",
+                           "platform": f"{sys.platform}/{os.uname().machine}", "worker": {"id": None}})
 
     async def new_message_id(self, request: web.Request, call: Call) -> web.Response:
         message_id = message_ids.new_message_id()
@@ -676,7 +688,7 @@ class App:
         sb, body, sess = self.sb, call.body, call.session
         assert sess is not None and isinstance(body, dict)
         chat_id: str = body["chatId"]
-        given = body.get("id") if kind == "text" else None
+        given = body.get("id") if kind == "text" and sb.engine in message_ids.ENGINES_KEEPING_IDS else None
         short_id = _short_id(given) if isinstance(given, str) and given else message_ids.new_message_id()
         key = (sess.name, short_id)
         existing = sb.messages_by_key.get(key)

@@ -48,8 +48,8 @@ class SandboxControl:
 
     def configure(self, **cfg: Any) -> dict[str, Any]:
         """Merge settings (``latency_ms``, ``sessions``, ``nonexistent_numbers``, ``timeout_next``,
-        ``timeout_seconds``, ``timeout_deliver``, ``auto_create_sessions``, ``seed``); returns the
-        resulting configuration."""
+        ``timeout_seconds``, ``timeout_deliver``, ``auto_create_sessions``, ``engine``, ``seed``);
+        returns the resulting configuration."""
         result: dict[str, Any] = self._call("POST", "config", cfg)
         return result
 
