@@ -448,6 +448,7 @@ def fig_get(ctx: Ctx) -> None:
     seconds = 5.0 if ctx.scale >= 0.5 else 2.0
     r = ctx.row("", f"GetCampaign QPS, {threads} client threads, {seconds:.0f} s x2", "QPS", "rate ratio >= 0.5")
     st = ctx.stack
+    settle(st)  # the dispatch runs just before leave ~40k dead message rows for autovacuum
     defaults = campaign_config.load()
     workers = int(st.env.get("CAMPAIGN_MAX_WORKERS", str(defaults.max_workers)))
     core = int(st.env.get("CAMPAIGN_CORE_WORKERS", str(defaults.core_workers)))
