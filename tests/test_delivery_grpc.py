@@ -68,6 +68,7 @@ def test_user_key_is_permission_denied_on_every_rpc(stub: dgrpc.DeliveryServiceS
         lambda: stub.ReportChipState(dpb.ReportChipStateRequest(chip_id=str(uuid.uuid4())), metadata=md),
         lambda: stub.GetMediaContent(dpb.GetMediaContentRequest(media_id=str(uuid.uuid4())), metadata=md),
         lambda: stub.ReportLaneWait(dpb.ReportLaneWaitRequest(campaign_id=str(uuid.uuid4())), metadata=md),
+        lambda: stub.ReportAcks(dpb.ReportAcksRequest(), metadata=md),
     ]
     for call in calls:
         with pytest.raises(grpc.RpcError) as e:
@@ -318,3 +319,51 @@ def test_lane_wait_bad_input_and_unknown_lanes(stub: dgrpc.DeliveryServiceStub, 
         stub.ReportLaneWait(wait_req(w, str(uuid.uuid4()), time.time() + 60), metadata=SERVICE)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert _lane_row(delivery_db, w, w.chip(0)) is None
+
+
+def _ack(waha_id: str, outcome: int) -> dpb.MessageAck:
+    return dpb.MessageAck(waha_message_id=waha_id, outcome=outcome)  # type: ignore[arg-type]
+
+
+def test_acks_move_messages_to_delivered_then_read_never_backwards(stub: dgrpc.DeliveryServiceStub,
+                                                                   delivery_db: Database) -> None:
+    """Receipts find messages by either id form: the serialized one WAHA answered with, or the bare
+    one chosen before the send (a receipt may beat the SENT report)."""
+    w = make_world(delivery_db, contacts=3, chips=1)
+    tag = uuid.uuid4().hex[:12].upper()
+    req = lease_req(w, w.chip(0), n=3)
+    req.waha_message_ids.extend([f"3EB0A{tag}", f"3EB0B{tag}", f"3EB0C{tag}"])
+    msgs = stub.LeaseMessages(req, metadata=SERVICE).messages
+    chat = msgs[0].chat_id
+    stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[
+        dpb.DeliveryReport(message_id=msgs[0].message_id, outcome=dpb.DELIVERY_OUTCOME_SENT,
+                           waha_message_id=f"true_{chat}_3EB0A{tag}")]), metadata=SERVICE)
+    out = stub.ReportAcks(dpb.ReportAcksRequest(acks=[
+        _ack(f"true_{chat}_3EB0A{tag}", dpb.DELIVERY_OUTCOME_DELIVERED),   # SENT, full id stored
+        _ack(f"true_{msgs[1].chat_id}_3EB0B{tag}", dpb.DELIVERY_OUTCOME_READ),  # still SENDING, bare id stored
+        _ack(f"true_{chat}_3EB0A{tag}", dpb.DELIVERY_OUTCOME_DELIVERED),   # a duplicate webhook
+        _ack(f"true_{chat}_3EB0NOBODY{tag}", dpb.DELIVERY_OUTCOME_READ),   # another sender's message
+    ]), metadata=SERVICE)
+    assert (out.matched, out.unmatched) == (3, 1)
+    states = {m.id: m.state for m in message_rows(delivery_db, w.campaign_id)}
+    ids = [int(m.message_id) for m in msgs]
+    assert [states[i] for i in ids] == [4, 5, 2]  # DELIVERED, READ, still SENDING
+    # Never backwards: DELIVERED after READ, and the lane's late SENT report, change nothing.
+    stub.ReportAcks(dpb.ReportAcksRequest(acks=[_ack(f"3EB0B{tag}", dpb.DELIVERY_OUTCOME_DELIVERED)]),
+                    metadata=SERVICE)
+    stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[
+        dpb.DeliveryReport(message_id=msgs[1].message_id, outcome=dpb.DELIVERY_OUTCOME_SENT,
+                           waha_message_id=f"true_{msgs[1].chat_id}_3EB0B{tag}")]), metadata=SERVICE)
+    assert {m.id: m.state for m in message_rows(delivery_db, w.campaign_id)}[ids[1]] == 5
+    row = campaign_row(delivery_db, w.campaign_id)
+    assert (row.sent_count, row.delivered_count, row.read_count, row.pending_count) == (2, 2, 1, 1)
+    check_counters(delivery_db, w.campaign_id)
+
+
+def test_acks_bad_input_is_invalid_argument_with_the_fields(stub: dgrpc.DeliveryServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportAcks(dpb.ReportAcksRequest(acks=[_ack("3EB0X", dpb.DELIVERY_OUTCOME_SENT),
+                                                    _ack("", dpb.DELIVERY_OUTCOME_READ)]), metadata=SERVICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(e.value) == {"acks[0].outcome", "acks[1].waha_message_id"}
+    assert stub.ReportAcks(dpb.ReportAcksRequest(), metadata=SERVICE).matched == 0

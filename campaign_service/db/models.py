@@ -143,6 +143,8 @@ class Message(Base):
         # SENDING only: how a lease finds the lane's expired leases (migration 0003).
         Index("ix_messages_lease_expiry", "campaign_id", "chip_id", "lease_expires_at",
               postgresql_where=text("state = 2")),
+        # Messages carrying a WAHA id: how a WhatsApp receipt finds its message (migration 0005).
+        Index("ix_messages_waha_id", "waha_message_id", postgresql_where=text("waha_message_id IS NOT NULL")),
     )
 
 

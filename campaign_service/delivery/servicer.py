@@ -12,7 +12,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
-from campaign_service.delivery import chips, lane_waits, leases, media, reports
+from campaign_service.delivery import acks, chips, lane_waits, leases, media, reports
 from campaign_service.events import Events
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
@@ -99,6 +99,12 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
             request.resume_time.ToDatetime(tzinfo=UTC) if request.HasField("resume_time") else None, request.reason)
         return dpb.ReportLaneWaitResponse(campaign_state=out.campaign_state,  # type: ignore[arg-type]
                                           epoch=out.epoch, recorded=out.recorded)
+
+    def ReportAcks(self, request: dpb.ReportAcksRequest, context: grpc.ServicerContext) -> dpb.ReportAcksResponse:
+        out = acks.report_acks(self.db, self.events, [
+            acks.Ack(a.waha_message_id, int(a.outcome), a.time.ToDatetime(tzinfo=UTC) if a.HasField("time") else None)
+            for a in request.acks])
+        return dpb.ReportAcksResponse(matched=out.matched, unmatched=out.unmatched)
 
 
 def add_to_server(server: grpc.Server, db: Database, settings: Settings, events: Events) -> None:
