@@ -186,6 +186,75 @@ def test_server_version_names_the_engine_and_one_not_keeping_chosen_ids_ignores_
     assert call(sandbox_url, "GET", "/api/server/version")[1]["engine"] == "GOWS"
 
 
+class _Receiver:
+    """A loopback HTTP endpoint recording what is POSTed to it (the webhook consumer)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_sent_messages_get_signed_message_ack_webhooks_delivered_then_read(
+        sandbox_url: str, ctl: SandboxControl) -> None:
+    import hashlib
+    import hmac
+    import re
+
+    rx = _Receiver()
+    try:
+        ctl.configure(webhooks=[{"url": rx.url, "events": ["message.ack"], "hmac": {"key": "s3cret"}}],
+                      acks={"delivered_after_ms": 50, "read_after_ms": 150, "read_rate": 1.0})
+        sent = [call(sandbox_url, "POST", "/api/sendText", text("s-acks", chat=f"55119000000{i}@c.us"))[1]["id"]
+                for i in range(2)]
+        deadline = time.monotonic() + 10
+        while len(rx.posts) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = [(h, json.loads(b)) for h, b in rx.posts]
+        assert len(events) == 4
+        for headers, body in zip((h for h, _ in rx.posts), (b for _, b in rx.posts), strict=True):
+            assert headers["x-webhook-hmac-algorithm"] == "sha512"
+            assert hmac.compare_digest(headers["x-webhook-hmac"],
+                                       hmac.new(b"s3cret", body, hashlib.sha512).hexdigest())
+        for _, e in events:
+            assert e["event"] == "message.ack" and e["session"] == "s-acks"
+            assert re.fullmatch(r"evt_[0-9a-z]{26}", e["id"])
+            p = e["payload"]
+            assert p["fromMe"] is True and p["ackName"] == {2: "DEVICE", 3: "READ"}[p["ack"]] and p["to"] in p["id"]
+        by_message = {mid: [e["payload"]["ack"] for _, e in events if e["payload"]["id"] == mid] for mid in sent}
+        assert by_message == {sent[0]: [2, 3], sent[1]: [2, 3]}
+        assert {w["status"] for w in ctl.webhooks()} == {200}
+        # A reset drops the webhooks and the receipts still scheduled.
+        ctl.configure(acks={"delivered_after_ms": 300})
+        call(sandbox_url, "POST", "/api/sendText", text("s-acks"))
+        ctl.reset()
+        time.sleep(0.6)
+        assert len(rx.posts) == 4 and ctl.config()["webhooks"] == []
+    finally:
+        rx.close()
+
+
 def test_get_message_by_id(sandbox_url: str, ctl: SandboxControl) -> None:
     _, sent = call(sandbox_url, "POST", "/api/sendText", text("s-get", id="3EB0AAAABBBBCCCCDDDD"))
     status, got = call(sandbox_url, "GET", f"/api/s-get/chats/{CHAT}/messages/{sent['id']}")
@@ -295,6 +364,10 @@ def test_bad_control_config_is_refused(sandbox_url: str, ctl: SandboxControl) ->
         ctl.configure(no_such_key=1)
     with pytest.raises(SandboxError):
         ctl.set_session("x", fail_next=[{"status": 500, "cnt": 2}])
+    with pytest.raises(SandboxError):
+        ctl.configure(webhooks=[{"url": "ftp://x", "events": ["message.ack"]}])
+    with pytest.raises(SandboxError):
+        ctl.configure(acks={"read_rate": 2})
 
 
 def test_reset_clears_everything(sandbox_url: str, ctl: SandboxControl) -> None:

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from dispatcher_service import eventloop
 from dispatcher_service.waha import message_ids
+from dispatcher_service.waha.sandbox_webhooks import AckWebhooks
 
 log = logging.getLogger("waha.sandbox")
 
@@ -316,6 +317,8 @@ class Defaults:
 
     latency_ms: float = 0.0
     timeout_seconds: float = 30.0
+    # Global webhooks (WAHA's WHATSAPP_HOOK_URL / _EVENTS / _HMAC_KEY): WebhookConfig objects.
+    webhooks: list[Json] = field(default_factory=list)
 
 
 class Sandbox:
@@ -327,6 +330,7 @@ class Sandbox:
         self.defaults = defaults
         self.validator = validator
         self.rng = random.Random()
+        self.webhooks = AckWebhooks()
         self.reset()
 
     def reset(self) -> None:
@@ -336,6 +340,7 @@ class Sandbox:
         self.timeout_deliver = True
         self.auto_create_sessions = True
         self.engine = "GOWS"  # what /api/server/version says; engines not keeping chosen ids ignore them
+        self.webhooks.reset(self.defaults.webhooks)
         self.nonexistent_numbers: set[str] = set()
         self.sessions: dict[str, Session] = {}
         self.requests: list[Json] = []
@@ -362,6 +367,10 @@ class Sandbox:
                 if value not in ENGINES:
                     raise ValueError(f"unknown engine {value!r}")
                 self.engine = value
+            elif key == "webhooks":
+                self.webhooks.set_hooks(value)
+            elif key == "acks":
+                self.webhooks.set_plan(value)
             elif key == "nonexistent_numbers":
                 self.nonexistent_numbers = {_digits(str(n)) for n in value}
             elif key == "seed":
@@ -379,6 +388,7 @@ class Sandbox:
             "auto_create_sessions": self.auto_create_sessions, "engine": self.engine,
             "nonexistent_numbers": sorted(self.nonexistent_numbers),
             "sessions": {name: s.as_json() for name, s in self.sessions.items()},
+            **self.webhooks.config_json(),
         }
 
     def session(self, name: str) -> Session | None:
@@ -513,6 +523,7 @@ class App:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.stopping.set()
+        await self.sb.webhooks.close()
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -536,6 +547,7 @@ class App:
         r.add_post("/_sandbox/config", self.ctl_config)
         r.add_get("/_sandbox/requests", self.ctl_requests)
         r.add_get("/_sandbox/messages", self.ctl_messages)
+        r.add_get("/_sandbox/webhooks", self.ctl_webhooks)
         return app
 
     # -- the request pipeline -------------------------------------------------------------------
@@ -734,6 +746,7 @@ class App:
         }
         sb.messages_by_key[key] = message
         sb.messages.append(message)
+        sb.webhooks.on_sent(message, sess.me_info(), sb.engine, sb.rng)
         call.record["message_id"] = full_id
         return _json(201, wa)
 
@@ -784,6 +797,10 @@ class App:
             return _json(400, {"error": "since must be a number"})
         return _json(200, self.sb.find_requests(since, q.get("session"), q.get("path")))
 
+    async def ctl_webhooks(self, request: web.Request) -> web.Response:
+        """Webhook deliveries so far: url, event, message_id, ack, status, attempts, ts."""
+        return _json(200, self.sb.webhooks.log)
+
     async def ctl_messages(self, request: web.Request) -> web.Response:
         q = request.query
         try:
@@ -811,10 +828,11 @@ def load_validator(path: Path = SCHEMAS_PATH) -> SchemaValidator:
     return SchemaValidator(doc["components"]["schemas"])
 
 
-def make_app(api_key: str | None, latency_ms: float = 0.0, timeout_seconds: float = 30.0) -> web.Application:
+def make_app(api_key: str | None, latency_ms: float = 0.0, timeout_seconds: float = 30.0,
+             webhooks: list[Json] | None = None) -> web.Application:
     """The sandbox application (also usable in-process with aiohttp's test utilities)."""
-    sandbox = Sandbox(api_key, Defaults(latency_ms=latency_ms, timeout_seconds=timeout_seconds),
-                      load_validator())
+    sandbox = Sandbox(api_key, Defaults(latency_ms=latency_ms, timeout_seconds=timeout_seconds,
+                                        webhooks=webhooks or []), load_validator())
     app = App(sandbox).build()
     app["sandbox"] = sandbox
     return app
@@ -828,6 +846,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="required X-Api-Key value (default $WAHA_API_KEY; none = no auth)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API request")
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="how long injected timeouts hang")
+    parser.add_argument("--webhook-url", default=os.environ.get("WHATSAPP_HOOK_URL"),
+                        help="post message.ack receipts here, as WAHA's global webhook (default $WHATSAPP_HOOK_URL)")
+    parser.add_argument("--webhook-hmac-key", default=os.environ.get("WHATSAPP_HOOK_HMAC_KEY"),
+                        help="sign them (X-Webhook-Hmac, SHA-512; default $WHATSAPP_HOOK_HMAC_KEY)")
     parser.add_argument("--write-schemas", metavar="OPENAPI_JSON",
                         help="regenerate sandbox_schemas.json from WAHA's openapi.json and exit")
     args = parser.parse_args(argv)
@@ -840,7 +862,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {SCHEMAS_PATH}")
         return
 
-    app = make_app(args.api_key, args.latency_ms, args.timeout_seconds)
+    hooks: list[Json] = []
+    if args.webhook_url:
+        hooks.append({"url": args.webhook_url, "events": ["message.ack"]})
+        if args.webhook_hmac_key:
+            hooks[0]["hmac"] = {"key": args.webhook_hmac_key}
+    app = make_app(args.api_key, args.latency_ms, args.timeout_seconds, hooks)
     eventloop.tune_gc()
     log.info("event=listening url=http://%s:%d auth=%s", args.host, args.port,
              "on" if args.api_key else "off")

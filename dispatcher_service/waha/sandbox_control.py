@@ -48,8 +48,8 @@ class SandboxControl:
 
     def configure(self, **cfg: Any) -> dict[str, Any]:
         """Merge settings (``latency_ms``, ``sessions``, ``nonexistent_numbers``, ``timeout_next``,
-        ``timeout_seconds``, ``timeout_deliver``, ``auto_create_sessions``, ``engine``, ``seed``);
-        returns the resulting configuration."""
+        ``timeout_seconds``, ``timeout_deliver``, ``auto_create_sessions``, ``engine``, ``webhooks``,
+        ``acks``, ``seed``); returns the resulting configuration."""
         result: dict[str, Any] = self._call("POST", "config", cfg)
         return result
 
@@ -76,6 +76,11 @@ class SandboxControl:
         """Requests to the send endpoints that created a message: answered 201, not duplicates."""
         return [r for r in self.requests(since=since, session=session, path="/api/send")
                 if r["path"] in SEND_PATHS and r["status"] == 201 and not r["duplicate"]]
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Webhook deliveries (receipts): url, event, message_id, ack, status, attempts, ts."""
+        result: list[dict[str, Any]] = self._call("GET", "webhooks")
+        return result
 
     def messages(self, session: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         """Messages delivered (unique by id): id, short_id, session, chatId, type, text, file, ts."""
