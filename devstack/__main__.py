@@ -1,8 +1,9 @@
 """`make run`: the whole stack on local defaults, a demo campaign, then stay up until Ctrl-C.
 
 PostgreSQL and Redis are private servers under .run/ unless DATABASE_URL / REDIS_URL point at
-real ones. Services listen on campaign 127.0.0.1:50051, dispatcher 127.0.0.1:50052 and the WAHA
-sandbox 127.0.0.1:3000 (WAHA's own default port)."""
+real ones. Services listen on campaign 127.0.0.1:50051, dispatcher 127.0.0.1:50052 (its WAHA
+webhook receiver on 127.0.0.1:50053) and the WAHA sandbox 127.0.0.1:3000 (WAHA's own default port),
+which posts WhatsApp receipts to that receiver."""
 
 from __future__ import annotations
 
@@ -113,6 +114,9 @@ def main() -> int:
             "CAMPAIGN_TARGET": os.environ.get("CAMPAIGN_TARGET", "127.0.0.1:50051"),
             "DISPATCHER_TARGET": os.environ.get("DISPATCHER_TARGET", "127.0.0.1:50052"),
             "WHAGO_MEDIA_DIR": os.environ.get("WHAGO_MEDIA_DIR", str(RUN / "media")),
+            # WhatsApp receipts: the sandbox posts message.ack webhooks to the dispatcher's receiver.
+            "DISPATCHER_WEBHOOK_LISTEN": os.environ.get("DISPATCHER_WEBHOOK_LISTEN", "127.0.0.1:50053"),
+            "WAHA_WEBHOOK_HMAC_KEY": os.environ.get("WAHA_WEBHOOK_HMAC_KEY", "dev-webhook-key"),
         }
         say("applying migrations (alembic upgrade head)")
         subprocess.run([sys.executable, "-m", "campaign_service.admin", "migrate"],
@@ -122,7 +126,9 @@ def main() -> int:
         dispatcher_port = int(env["DISPATCHER_LISTEN"].rsplit(":", 1)[1])
         for p in (
             ServiceProcess("waha-sandbox", "dispatcher_service.waha.sandbox",
-                           ["--host", "127.0.0.1", "--port", "3000", "--api-key", SANDBOX_KEY], env, logs, port=3000),
+                           ["--host", "127.0.0.1", "--port", "3000", "--api-key", SANDBOX_KEY,
+                            "--webhook-url", f"http://{env['DISPATCHER_WEBHOOK_LISTEN']}/waha/webhook",
+                            "--webhook-hmac-key", env["WAHA_WEBHOOK_HMAC_KEY"]], env, logs, port=3000),
             ServiceProcess("campaign-service", "campaign_service.server", [], env, logs, port=campaign_port),
             ServiceProcess("dispatcher-service", "dispatcher_service.server", [], env, logs, port=dispatcher_port),
             ServiceProcess("worker", "dispatcher_service.worker", [], env, logs),
@@ -168,14 +174,18 @@ def main() -> int:
         imported = campaigns.ImportContacts(rows(), metadata=md)
         say(f"campaign {camp.id}: imported {imported.imported_count} contacts")
         campaigns.StartCampaign(cs.StartCampaignRequest(campaign_id=camp.id), metadata=md)
-        say("started; progress (pending / sent / failed):")
+        say("started; progress (pending / sent / delivered / read / failed):")
         deadline = time.monotonic() + 600
+        receipts_until = None  # once the campaign is final, a few seconds more for WhatsApp's receipts
         state_name = res.CampaignState.Name
         while time.monotonic() < deadline:
             c = campaigns.GetCampaign(cs.GetCampaignRequest(campaign_id=camp.id), metadata=md)
-            say(f"  {state_name(c.state):26} {c.pending_count:4} / {c.sent_count:4} / {c.failed_count:4}")
+            say(f"  {state_name(c.state):26} {c.pending_count:4} / {c.sent_count:4} / {c.delivered_count:4} / "
+                f"{c.read_count:4} / {c.failed_count:4}")
             if c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED, res.CAMPAIGN_STATE_PAUSED):
-                break
+                receipts_until = receipts_until or time.monotonic() + 5
+                if c.delivered_count >= c.sent_count or time.monotonic() > receipts_until:
+                    break
             time.sleep(1)
         channel.close()
         target = env["CAMPAIGN_LISTEN"]

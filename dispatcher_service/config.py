@@ -51,6 +51,10 @@ class Config:
     # per message; "waha" asks GET /api/{session}/new-message-id for each, for an engine whose ids
     # look different.
     message_ids: str = field(default_factory=lambda: _env("DISPATCH_MESSAGE_IDS", "local"))
+    # The WAHA webhook receiver (receipts -> DELIVERED/READ) in the dispatcher server: host:port,
+    # empty = off. With a key, requests must carry WAHA's HMAC signature (webhooks.py).
+    webhook_listen: str = field(default_factory=lambda: _env("DISPATCHER_WEBHOOK_LISTEN", ""))
+    webhook_hmac_key: str = field(default_factory=lambda: _env("WAHA_WEBHOOK_HMAC_KEY", ""))
 
     def __post_init__(self) -> None:
         if self.message_ids not in MESSAGE_ID_SOURCES:

@@ -92,6 +92,12 @@ class DeliveryClient:
         return await self._call("ReportLaneWait", lambda: self.stub.ReportLaneWait(
             req, metadata=self.metadata, timeout=self.call_timeout), budget=10.0)
 
+    async def acks(self, acks: Sequence[dpb.MessageAck]) -> dpb.ReportAcksResponse:
+        """ReportAcks: WhatsApp receipts by WAHA message id."""
+        req = dpb.ReportAcksRequest(acks=list(acks))
+        return await self._call("ReportAcks", lambda: self.stub.ReportAcks(
+            req, metadata=self.metadata, timeout=self.call_timeout), budget=10.0)
+
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
         req = dpb.GetMediaContentRequest(media_id=media_id)
         return await self._call("GetMediaContent", lambda: self.stub.GetMediaContent(

@@ -1,5 +1,6 @@
 """`python -m dispatcher_service.server`: DispatcherService over grpc.aio, with reflection, health,
-keepalive and a graceful drain on SIGTERM."""
+keepalive and a graceful drain on SIGTERM; and, when DISPATCHER_WEBHOOK_LISTEN is set, the WAHA
+webhook receiver (webhooks.py) on the same event loop."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import logging
 import signal
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, logs
+from dispatcher_service import eventloop, logs, webhooks
+from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.redis_conn import arq_client
 from dispatcher_service.servicer import DispatcherServicer
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -45,6 +48,11 @@ async def serve(cfg: config_mod.Config) -> None:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("DispatcherService listening on %s (redis %s, queue %s)", cfg.listen, cfg.redis_url, cfg.queue_name)
+    receiver: web.AppRunner | None = None
+    delivery: DeliveryClient | None = None
+    if cfg.webhook_listen:
+        delivery = DeliveryClient(cfg.campaign_target, cfg.service_token)
+        receiver = await webhooks.start(cfg.webhook_listen, delivery, cfg.webhook_hmac_key)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,6 +62,10 @@ async def serve(cfg: config_mod.Config) -> None:
     log.info("shutting down: draining for up to %.0fs", cfg.grace_seconds)
     await health.enter_graceful_shutdown()
     await server.stop(cfg.grace_seconds)
+    if receiver is not None:
+        await receiver.cleanup()
+    if delivery is not None:
+        await delivery.close()
     await redis.aclose()
     log.info("stopped")
 

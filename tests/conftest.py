@@ -20,6 +20,7 @@ from devstack.servers import Postgres, Redis, free_port
 from dispatcher_service.waha.sandbox_control import SandboxControl
 
 SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
+WEBHOOK_HMAC_KEY = "test-webhook-hmac-key"
 SANDBOX_API_KEY = "sandbox-key"
 
 
@@ -57,7 +58,7 @@ def database_url(postgres: Postgres) -> str:
 
 @pytest.fixture(scope="session")
 def ports() -> dict[str, int]:
-    return {"campaign": free_port(), "dispatcher": free_port(), "sandbox": free_port()}
+    return {"campaign": free_port(), "dispatcher": free_port(), "sandbox": free_port(), "webhooks": free_port()}
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +108,10 @@ def campaign_server(stack_env: dict[str, str], ports: dict[str, int], workdir: P
 
 @pytest.fixture(scope="session")
 def dispatcher_server(stack_env: dict[str, str], ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
-    p = ServiceProcess("dispatcher-service", "dispatcher_service.server", [], stack_env, workdir / "logs",
+    """The dispatcher server, with its WAHA webhook receiver on ports["webhooks"] (HMAC-checked)."""
+    env = {**stack_env, "DISPATCHER_WEBHOOK_LISTEN": f"127.0.0.1:{ports['webhooks']}",
+           "WAHA_WEBHOOK_HMAC_KEY": WEBHOOK_HMAC_KEY}
+    p = ServiceProcess("dispatcher-service", "dispatcher_service.server", [], env, workdir / "logs",
                        port=ports["dispatcher"]).start()
     yield p
     p.stop()

@@ -1,0 +1,131 @@
+"""WAHA webhook receiver: WhatsApp receipts (`message.ack`) become DELIVERED / READ messages.
+
+Point WAHA's webhooks at `POST http://<DISPATCHER_WEBHOOK_LISTEN>/waha/webhook` with the
+`message.ack` event (its global WHATSAPP_HOOK_URL / WHATSAPP_HOOK_EVENTS, or a session's config).
+With WAHA_WEBHOOK_HMAC_KEY set, a request must carry WAHA's signature (`X-Webhook-Hmac`: hex
+SHA-512 of the body with that key), else 401. Receipts for our own sends (fromMe) with ack DEVICE
+(2) become DELIVERED, READ (3) or PLAYED (4) become READ; every other event is answered 200 and
+ignored. Receipts are gathered for a few milliseconds into one ReportAcks call; a request is
+answered once its receipt is applied, 503 when the campaign service cannot be reached, so WAHA's
+retries bring it again (applying one twice is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+
+log = logging.getLogger("dispatcher.webhooks")
+
+PATH = "/waha/webhook"
+OUTCOMES = {2: dpb.DELIVERY_OUTCOME_DELIVERED, 3: dpb.DELIVERY_OUTCOME_READ, 4: dpb.DELIVERY_OUTCOME_READ}
+LINGER_SECONDS = 0.02
+MAX_BATCH = 1000  # ReportAcks' limit
+MAX_BODY = 1024 * 1024
+
+
+def _message_id(payload: dict[str, Any]) -> str:
+    v = payload.get("id")
+    if isinstance(v, dict):  # some engines nest it as {_serialized: ...}
+        v = v.get("_serialized") or v.get("id")
+    return v if isinstance(v, str) else ""
+
+
+class AckReceiver:
+    """The aiohttp handler and the batching of receipts into ReportAcks calls."""
+
+    def __init__(self, delivery: DeliveryClient, hmac_key: str = "") -> None:
+        self.delivery = delivery
+        self.hmac_key = hmac_key.encode()
+        self._pending: list[tuple[dpb.MessageAck, asyncio.Future[None]]] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post(PATH, self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if self.hmac_key:
+            given = request.headers.get("X-Webhook-Hmac", "")
+            if not hmac.compare_digest(given, hmac.new(self.hmac_key, raw, hashlib.sha512).hexdigest()):
+                return web.json_response({"error": "bad or missing X-Webhook-Hmac"}, status=401)
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(event, dict) or event.get("event") != "message.ack":
+            return web.json_response({"ignored": "not a message.ack event"})
+        raw_payload = event.get("payload")
+        payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
+        ack_level = payload.get("ack")
+        outcome = OUTCOMES.get(ack_level) if isinstance(ack_level, int) else None
+        waha_id = _message_id(payload)
+        if payload.get("fromMe") is not True or outcome is None or not waha_id or len(waha_id) > 200:
+            return web.json_response({"ignored": "not a delivery or read receipt of a message we sent"})
+        ack = dpb.MessageAck(waha_message_id=waha_id, outcome=outcome)
+        ts = event.get("timestamp")
+        if isinstance(ts, int | float) and ts > 0:
+            ack.time.FromMilliseconds(int(ts))
+        try:
+            await self._submit(ack)
+        except DeliveryUnavailable as e:
+            log.warning("receipt for %s not applied (WAHA will retry): %s", waha_id, e)
+            return web.json_response({"error": "campaign service unavailable"}, status=503)
+        return web.json_response({"ok": True})
+
+    def _submit(self, ack: dpb.MessageAck) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((ack, fut))
+        if len(self._pending) >= MAX_BATCH:
+            self._start_flush()
+        elif self._flush is None:
+            self._flush = loop.call_later(LINGER_SECONDS, self._start_flush)
+        return fut
+
+    def _start_flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        if self._pending:
+            self._flush = asyncio.get_running_loop().call_later(0, self._start_flush)
+        task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[dpb.MessageAck, asyncio.Future[None]]]) -> None:
+        try:
+            out = await self.delivery.acks([a for a, _ in batch])
+        except Exception as e:  # every waiting request learns it, and answers 503
+            err = e if isinstance(e, DeliveryUnavailable) else DeliveryUnavailable(f"ReportAcks: {e}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        log.debug("receipts: %d matched, %d unmatched", out.matched, out.unmatched)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+
+async def start(listen: str, delivery: DeliveryClient, hmac_key: str) -> web.AppRunner:
+    """Serve the receiver on `listen` (host:port) on the running loop; stop with `runner.cleanup()`."""
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(AckReceiver(delivery, hmac_key).app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    log.info("WAHA webhook receiver on http://%s%s (hmac %s)", listen, PATH, "on" if hmac_key else "off")
+    return runner
