@@ -90,13 +90,13 @@ class DeliveryClient:
         req = dpb.ReportLaneWaitRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch, reason=reason[:500])
         req.resume_time.FromNanoseconds(int(resume_at * 1e9))
         return await self._call("ReportLaneWait", lambda: self.stub.ReportLaneWait(
-            req, metadata=self.metadata, timeout=self.call_timeout), budget=10.0)
+            req, metadata=self.metadata, timeout=self.call_timeout), budget=min(10.0, self.retry_budget))
 
     async def acks(self, acks: Sequence[dpb.MessageAck]) -> dpb.ReportAcksResponse:
         """ReportAcks: WhatsApp receipts by WAHA message id."""
         req = dpb.ReportAcksRequest(acks=list(acks))
         return await self._call("ReportAcks", lambda: self.stub.ReportAcks(
-            req, metadata=self.metadata, timeout=self.call_timeout), budget=10.0)
+            req, metadata=self.metadata, timeout=self.call_timeout), budget=min(10.0, self.retry_budget))
 
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
         req = dpb.GetMediaContentRequest(media_id=media_id)

@@ -31,6 +31,7 @@ OUTCOMES = {2: dpb.DELIVERY_OUTCOME_DELIVERED, 3: dpb.DELIVERY_OUTCOME_READ, 4: 
 LINGER_SECONDS = 0.02
 MAX_BATCH = 1000  # ReportAcks' limit
 MAX_BODY = 1024 * 1024
+MAX_WAHA_ID_LENGTH = 200  # what DeliveryService takes
 
 
 def _message_id(payload: dict[str, Any]) -> str:
@@ -72,7 +73,7 @@ class AckReceiver:
         ack_level = payload.get("ack")
         outcome = OUTCOMES.get(ack_level) if isinstance(ack_level, int) else None
         waha_id = _message_id(payload)
-        if payload.get("fromMe") is not True or outcome is None or not waha_id or len(waha_id) > 200:
+        if payload.get("fromMe") is not True or outcome is None or not waha_id or len(waha_id) > MAX_WAHA_ID_LENGTH:
             return web.json_response({"ignored": "not a delivery or read receipt of a message we sent"})
         ack = dpb.MessageAck(waha_message_id=waha_id, outcome=outcome)
         ts = event.get("timestamp")

@@ -3,16 +3,21 @@ receiver, which applies them through DeliveryService.ReportAcks: DELIVERED, then
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import urllib.error
 import urllib.request
 
+import aiohttp
 import grpc
 import pytest
 
 from devstack.procs import ServiceProcess
+from devstack.servers import free_port
+from dispatcher_service import webhooks
+from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.waha.sandbox_control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, WEBHOOK_HMAC_KEY
 from tests.helpers import Ops, phones
@@ -78,3 +83,22 @@ def test_receiver_checks_the_signature_and_ignores_what_is_not_a_receipt_of_ours
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 400
+
+
+def test_receiver_answers_503_when_the_campaign_service_is_down_so_waha_retries() -> None:
+    """A receipt is answered only once applied: with DeliveryService unreachable, 503 (WAHA retries)."""
+    async def run() -> int:
+        delivery = DeliveryClient(f"127.0.0.1:{free_port()}", "token", call_timeout=1.0, retry_budget=0.5)
+        port = free_port()
+        runner = await webhooks.start(f"127.0.0.1:{port}", delivery, "")
+        try:
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"http://127.0.0.1:{port}{webhooks.PATH}", json={
+                        "event": "message.ack", "payload": {"id": "true_1@c.us_3EB0AA", "fromMe": True, "ack": 2}},
+                    timeout=aiohttp.ClientTimeout(total=15)) as resp:
+                return resp.status
+        finally:
+            await runner.cleanup()
+            await delivery.close()
+
+    assert asyncio.run(run()) == 503

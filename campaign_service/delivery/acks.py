@@ -22,10 +22,10 @@ from campaign_service import errors
 from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery import reports
+from campaign_service.delivery.leases import MAX_WAHA_ID_LENGTH
 from campaign_service.events import Events
 
 MAX_ACKS = 1000
-MAX_WAHA_ID_LENGTH = 200
 _SERIALIZED = re.compile(r"^(?:true|false)_[^_]+_(?P<id>[^_]+)")
 
 _FIND = text("SELECT id, campaign_id, waha_message_id FROM campaign_messages"
