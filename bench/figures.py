@@ -469,15 +469,25 @@ def fig_get(ctx: Ctx) -> None:
         req = cs.GetCampaignRequest(campaign_id=camp.id)
         ours_q: list[float] = []
         errs = 0
+        cpu: dict[str, float] = {}
+        calls = 0
         for k in range(2):  # alternate with the baseline to share the machine's noise
+            cpu0, client0 = st.cpu(), time.process_time()
             with PySpy(st.pid("campaign"), seconds / 2, str(st.workdir / f"pyspy-get-{k}.txt")) as spy:
-                q, _, e = _qps(f"127.0.0.1:{st.ports['campaign']}", req, api.md, threads, seconds / 2)
+                q, n, e = _qps(f"127.0.0.1:{st.ports['campaign']}", req, api.md, threads, seconds / 2)
+            cpu1, client1 = st.cpu(), time.process_time()
+            for name, v in cpu1.items():
+                cpu[name] = cpu.get(name, 0.0) + v - cpu0.get(name, 0.0)
+            cpu["client (bench)"] = cpu.get("client (bench)", 0.0) + client1 - client0
+            calls += n
             if k == 0 and spy.summary():
                 r.details["pyspy_campaign_service"] = spy.summary()
             ours_q.append(q)
             errs += e
             if k == 0:
                 base_q.append(_qps(base_target, probe, None, threads, seconds / 2)[0])
+        # Where the CPU went per call during our runs (ms): tells the server's cost from the rest.
+        r.details["cpu_ms_per_call"] = {k: round(v * 1000 / max(1, calls), 4) for k, v in cpu.items()}
         rate_ratio(r, sum(ours_q) / len(ours_q), sum(base_q) / len(base_q), 0.5)
         r.details.update(ours_runs=ours_q, baseline_runs=base_q, errors=errs, server_max_workers=workers,
                          server_core_workers=core)
