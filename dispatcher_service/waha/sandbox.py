@@ -746,7 +746,7 @@ class App:
         }
         sb.messages_by_key[key] = message
         sb.messages.append(message)
-        sb.webhooks.on_sent(message, sess.me_info(), sb.engine, sb.rng)
+        sb.webhooks.on_sent(message, sess.me_info, sb.engine, sb.rng)
         call.record["message_id"] = full_id
         return _json(201, wa)
 

@@ -18,6 +18,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,11 +96,13 @@ class AckWebhooks:
         return {"webhooks": self.hooks, "acks": vars(self.plan).copy()}
 
     # -- receipts -------------------------------------------------------------------------------
-    def on_sent(self, message: Json, me: Json, engine: str, rng: random.Random) -> None:
-        """Schedule the receipts of a message just created (called on the event loop)."""
+    def on_sent(self, message: Json, me_info: Callable[[], Json], engine: str, rng: random.Random) -> None:
+        """Schedule the receipts of a message just created (called on the event loop for every send:
+        nothing else is done, not even the sender's identity, while no webhook wants receipts)."""
         targets = [h for h in self.hooks if "message.ack" in h["events"] or "*" in h["events"]]
         if not targets:
             return
+        me = me_info()
         loop = asyncio.get_running_loop()
         gen = self.generation
         acks = [(2, self.plan.delivered_after_ms)]
