@@ -24,7 +24,7 @@ import psycopg2.extensions
 
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.control import SandboxControl
 
 SANDBOX_API_KEY = "bench-sandbox-key"
 
@@ -96,7 +96,7 @@ class Stack:
         self.database_url = self.pg.url("whago")
         self.redis.start()
         self.procs["sandbox"] = ServiceProcess(
-            "waha-sandbox", "dispatcher_service.waha.sandbox",
+            "waha-sandbox", "waha_sandbox",
             ["--host", "127.0.0.1", "--port", str(self.ports["sandbox"]), "--api-key", SANDBOX_API_KEY],
             {}, self.logs, port=self.ports["sandbox"]).start()
 

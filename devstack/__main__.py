@@ -125,7 +125,7 @@ def main() -> int:
         campaign_port = int(env["CAMPAIGN_LISTEN"].rsplit(":", 1)[1])
         dispatcher_port = int(env["DISPATCHER_LISTEN"].rsplit(":", 1)[1])
         for p in (
-            ServiceProcess("waha-sandbox", "dispatcher_service.waha.sandbox",
+            ServiceProcess("waha-sandbox", "waha_sandbox",
                            ["--host", "127.0.0.1", "--port", "3000", "--api-key", SANDBOX_KEY,
                             "--webhook-url", f"http://{env['DISPATCHER_WEBHOOK_LISTEN']}/waha/webhook",
                             "--webhook-hmac-key", env["WAHA_WEBHOOK_HMAC_KEY"]], env, logs, port=3000),

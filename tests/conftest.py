@@ -17,7 +17,7 @@ import pytest
 
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.control import SandboxControl
 
 SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
 WEBHOOK_HMAC_KEY = "test-webhook-hmac-key"
@@ -80,7 +80,7 @@ def stack_env(database_url: str, redis_server: Redis, ports: dict[str, int], wor
 @pytest.fixture(scope="session")
 def sandbox(ports: dict[str, int], workdir: Path) -> Iterator[ServiceProcess]:
     """The WAHA sandbox (HTTP, follows WAHA's OpenAPI spec). Control it with SandboxControl."""
-    p = ServiceProcess("waha-sandbox", "dispatcher_service.waha.sandbox",
+    p = ServiceProcess("waha-sandbox", "waha_sandbox",
                        ["--host", "127.0.0.1", "--port", str(ports["sandbox"]), "--api-key", SANDBOX_API_KEY],
                        {}, workdir / "logs", port=ports["sandbox"]).start()
     yield p

@@ -27,7 +27,7 @@ from campaign_service.delivery import lane_waits, leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, auth
 from tests.helpers import Api, phones
 from tests.test_delivery_fixtures import (

@@ -19,7 +19,7 @@ from dispatcher_service.waha.client import (
     WahaServerError,
     WahaTimeout,
 )
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.control import SandboxControl
 from dispatcher_service.waha.transport import HttpClient
 from tests.conftest import SANDBOX_API_KEY
 

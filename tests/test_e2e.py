@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from devstack.procs import ServiceProcess
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import Api, phones
 from whago.campaign.v1 import campaign_service_pb2 as cs

@@ -23,8 +23,8 @@ import pytest
 
 from devstack.procs import REPO
 from devstack.servers import free_port, wait_port
-from dispatcher_service.waha.sandbox import SCHEMAS_PATH, extract_subset, load_validator
-from dispatcher_service.waha.sandbox_control import SandboxControl
+from waha_sandbox.app import SCHEMAS_PATH, extract_subset, load_validator
+from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY
 
 SPEC_PATH = REPO.parent / "shared" / "waha" / "openapi.json"
@@ -169,7 +169,7 @@ def test_chosen_id_is_honoured_and_duplicates_detected(sandbox_url: str, ctl: Sa
 
 def test_server_version_names_the_engine_and_one_not_keeping_chosen_ids_ignores_them(
         sandbox_url: str, ctl: SandboxControl) -> None:
-    from dispatcher_service.waha.sandbox_control import SandboxError
+    from waha_sandbox.control import SandboxError
 
     status, env = call(sandbox_url, "GET", "/api/server/version")
     assert status == 200 and env["engine"] == "GOWS"
@@ -356,7 +356,7 @@ def test_unknown_session_when_auto_create_off(sandbox_url: str, ctl: SandboxCont
 
 
 def test_bad_control_config_is_refused(sandbox_url: str, ctl: SandboxControl) -> None:
-    from dispatcher_service.waha.sandbox_control import SandboxError
+    from waha_sandbox.control import SandboxError
 
     with pytest.raises(SandboxError):
         ctl.set_session("x", status="SLEEPING")
@@ -405,7 +405,7 @@ def test_bundled_schemas_are_the_spec(tmp_path: Path) -> None:
 
 def test_sigterm_stops_gracefully_even_while_hanging(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dispatcher_service.waha.sandbox", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "waha_sandbox", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, 15)

@@ -1,0 +1,3 @@
+from waha_sandbox.app import main
+
+main()
