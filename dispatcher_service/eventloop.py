@@ -1,8 +1,8 @@
-"""The event loop of the dispatcher's processes (worker, DispatcherService, WAHA sandbox).
+"""The event loop of the dispatcher's processes (worker, DispatcherService).
 
 uvloop by default: the worker's hot path is small HTTP and Redis round trips, where the stock
 selector loop's transports cost more CPU than the requests themselves. WHAGO_EVENT_LOOP=asyncio
-selects the stock loop (to compare, or where uvloop is unavailable)."""
+selects the stock loop (to compare)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import uvloop
+
 T = TypeVar("T")
 
 
 def name() -> str:
     """"uvloop" or "asyncio", as configured and available."""
     if os.environ.get("WHAGO_EVENT_LOOP", "uvloop").strip().lower() == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
         return "asyncio"
     return "uvloop"
 
@@ -37,7 +35,6 @@ def tune_gc() -> None:
 
 def new_loop() -> asyncio.AbstractEventLoop:
     if name() == "uvloop":
-        import uvloop
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 

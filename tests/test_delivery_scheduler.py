@@ -27,7 +27,6 @@ from campaign_service.delivery import lane_waits, leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
-from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, auth
 from tests.helpers import Api, phones
 from tests.test_delivery_fixtures import (
@@ -42,6 +41,7 @@ from tests.test_delivery_fixtures import (
     message_rows,
     set_messages,
 )
+from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb2

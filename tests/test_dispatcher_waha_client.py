@@ -19,9 +19,9 @@ from dispatcher_service.waha.client import (
     WahaServerError,
     WahaTimeout,
 )
-from waha_sandbox.control import SandboxControl
 from dispatcher_service.waha.transport import HttpClient
 from tests.conftest import SANDBOX_API_KEY
+from waha_sandbox.control import SandboxControl
 
 T = TypeVar("T")
 CHAT = "5511987654321@c.us"

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from devstack.procs import ServiceProcess
-from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import Api, phones
+from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
 

@@ -21,9 +21,9 @@ import pytest
 
 from devstack.procs import ServiceProcess
 from dispatcher_service.waha import message_ids
-from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
 from tests.helpers import Ops, chat_id, get_dispatch, phones, wait_for
+from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dpb
 

@@ -18,9 +18,9 @@ from devstack.procs import ServiceProcess
 from devstack.servers import free_port
 from dispatcher_service import webhooks
 from dispatcher_service.delivery import DeliveryClient
-from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY, WEBHOOK_HMAC_KEY
 from tests.helpers import Ops, phones
+from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
 
 

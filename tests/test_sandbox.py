@@ -23,9 +23,9 @@ import pytest
 
 from devstack.procs import REPO
 from devstack.servers import free_port, wait_port
-from waha_sandbox.app import SCHEMAS_PATH, extract_subset, load_validator
-from waha_sandbox.control import SandboxControl
 from tests.conftest import SANDBOX_API_KEY
+from waha_sandbox.control import SandboxControl
+from waha_sandbox.spec import SCHEMAS_PATH, extract_subset, load_validator
 
 SPEC_PATH = REPO.parent / "shared" / "waha" / "openapi.json"
 CHAT = "5511999990001@c.us"
@@ -398,7 +398,7 @@ def test_thousand_concurrent_sends(sandbox_url: str, ctl: SandboxControl) -> Non
 @pytest.mark.skipif(not SPEC_PATH.exists(), reason="the shared WAHA spec is not beside this checkout "
                     "(CI has it at ../shared/waha/openapi.json)")
 def test_bundled_schemas_are_the_spec(tmp_path: Path) -> None:
-    """sandbox_schemas.json is WAHA's spec, not a hand-edited copy."""
+    """waha_sandbox/schemas.json is WAHA's spec, not a hand-edited copy."""
     raw = SPEC_PATH.read_bytes()
     assert json.loads(SCHEMAS_PATH.read_text()) == extract_subset(json.loads(raw), raw)
 

@@ -1,505 +1,38 @@
-"""WAHA sandbox: an in-memory aiohttp server that answers like WAHA (WhatsApp HTTP API).
+"""The sandbox's HTTP application: WAHA's endpoints (validated against the spec, fault-injectable)
+and the ``/_sandbox/`` control API (see README.md beside this file).
 
-Why: the dispatcher's guarantees (stop fence, at most once, pacing, failure handling) can only be
-proven against something that behaves like WAHA, records every request with its arrival time and
-can be told to fail. Paths, bodies, status codes and error shapes follow WAHA 2026.7.1's OpenAPI
-spec (the subset we use is bundled in ``sandbox_schemas.json``) and what real WAHA answers.
-
-Run: ``python -m waha_sandbox --host 127.0.0.1 --port 3000 --api-key KEY``.
-Tests drive it through the control API under ``/_sandbox/`` (see ``sandbox_control.py``).
-"""
+Why it exists: the dispatcher's guarantees (stop fence, at most once, pacing, failure handling) can
+only be proven against something that behaves like WAHA, records every request with its arrival
+time and can be told to fail."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import bisect
-import hashlib
-import json
-import logging
 import os
-import random
 import re
 import sys
 import time
-import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http import HTTPStatus
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from dispatcher_service import eventloop
-from dispatcher_service.waha import message_ids
-from waha_sandbox.webhooks import AckWebhooks
-
-log = logging.getLogger("waha.sandbox")
-
-WAHA_VERSION = "2026.7.1"
-SCHEMAS_PATH = Path(__file__).with_name("schemas.json")
-ENGINES = ("WEBJS", "WPP", "NOWEB", "GOWS")
-SESSION_STATUSES = (
-    "STOPPED", "STARTING", "SCAN_QR_CODE", "PASSKEY_REQUIRED", "PASSKEY_CONFIRMATION_REQUIRED",
-    "WORKING", "FAILED",
+from waha_sandbox import ids
+from waha_sandbox.responses import (
+    fault_response,
+    http_error,
+    json_response,
+    restricted_error,
+    session_not_found,
+    session_status_error,
 )
-# The endpoints that create a WhatsApp message, with their request schema and message type.
-SEND_ENDPOINTS: dict[str, tuple[str, str]] = {
-    "/api/sendText": ("MessageTextRequest", "text"),
-    "/api/sendImage": ("MessageImageRequest", "image"),
-    "/api/sendFile": ("MessageFileRequest", "file"),
-    "/api/sendVoice": ("MessageVoiceRequest", "voice"),
-    "/api/sendVideo": ("MessageVideoRequest", "video"),
-}
-# The operations the sandbox serves: (method, spec path) -> request body schema, if any.
-OPERATIONS: dict[tuple[str, str], str | None] = {
-    ("GET", "/api/sessions/{session}"): None,
-    ("GET", "/api/server/version"): None,
-    ("GET", "/api/{session}/new-message-id"): None,
-    **{("POST", p): schema for p, (schema, _) in SEND_ENDPOINTS.items()},
-    ("POST", "/api/sendSeen"): "SendSeenRequest",
-    ("POST", "/api/startTyping"): "ChatRequest",
-    ("POST", "/api/stopTyping"): "ChatRequest",
-    ("GET", "/api/contacts/check-exists"): None,
-    ("GET", "/api/{session}/chats/{chatId}/messages/{messageId}"): None,
-}
+from waha_sandbox.spec import SEND_ENDPOINTS, WAHA_VERSION, load_validator
+from waha_sandbox.state import Defaults, Fault, Sandbox, Session, phone_digits
+from waha_sandbox.validator import Json
+
 MESSAGE_ID_RE = re.compile(r"^(?:true|false)_(?P<chat>[^_]+)_(?P<id>[^_]+)(?:_.*)?$")
-
-Json = dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------
-# Spec subset and validation
-# ---------------------------------------------------------------------------------------------
-
-def _schema_refs(obj: Any) -> set[str]:
-    return set(re.findall(r"#/components/schemas/(\w+)", json.dumps(obj)))
-
-
-def _strip_examples(obj: Any) -> Any:
-    """Examples (some are 50 kB of base64) play no part in validation; keep the bundle small."""
-    if isinstance(obj, dict):
-        return {k: _strip_examples(v) for k, v in obj.items() if k not in ("example", "examples")}
-    if isinstance(obj, list):
-        return [_strip_examples(v) for v in obj]
-    return obj
-
-
-def extract_subset(spec: Json, spec_bytes: bytes) -> Json:
-    """The operations we serve and every component schema they reach, taken from WAHA's spec.
-
-    Why bundled: the sandbox must run from a fresh clone, and a test re-derives this subset from
-    the full spec to prove the bundle was not edited by hand.
-    """
-    schemas = spec["components"]["schemas"]
-    operations: Json = {}
-    needed: set[str] = set()
-    for method, path in OPERATIONS:
-        op = spec["paths"][path][method.lower()]
-        entry: Json = {"operationId": op["operationId"], "parameters": op.get("parameters", [])}
-        if "requestBody" in op:
-            entry["requestBody"] = op["requestBody"]["content"]["application/json"]["schema"]
-        entry["responses"] = {
-            code: resp.get("content", {}).get("application/json", {}).get("schema")
-            for code, resp in op["responses"].items()
-        }
-        operations[f"{method} {path}"] = entry
-        needed |= _schema_refs(entry)
-    todo = list(needed)
-    while todo:
-        for ref in _schema_refs(schemas[todo.pop()]):
-            if ref not in needed:
-                needed.add(ref)
-                todo.append(ref)
-    return _strip_examples({
-        "_source": {
-            "file": f"waha/openapi.json (WAHA {spec['info']['version']}, OpenAPI {spec['openapi']})",
-            "sha256": hashlib.sha256(spec_bytes).hexdigest(),
-            "note": "Generated by `python -m waha_sandbox --write-schemas SPEC`.",
-        },
-        "operations": operations,
-        "components": {"schemas": {name: schemas[name] for name in sorted(needed)}},
-    })
-
-
-class SchemaValidator:
-    """A small validator for the OpenAPI 3.1 schema subset WAHA's spec uses.
-
-    Why not jsonschema: it is not a dependency, and WAHA's spec has quirks a strict validator gets
-    wrong (``type: object`` with a string default for mimetype, ``required: true`` on a property,
-    ``nullable``). Messages mimic class-validator, which WAHA's NestJS ValidationPipe uses.
-    """
-
-    def __init__(self, schemas: dict[str, Json]) -> None:
-        self.schemas = schemas
-
-    def validate(self, name: str, value: Any, *, allow_null: bool = False) -> list[str]:
-        """Problems found in ``value`` against component ``name``; empty when valid.
-
-        ``allow_null`` accepts null anywhere (for checking responses, where WAHA itself sends null
-        for absent fields the spec marks required)."""
-        errors: list[str] = []
-        self._check({"$ref": f"#/components/schemas/{name}"}, value, "", errors, allow_null)
-        return errors
-
-    def _resolve(self, schema: Json) -> Json:
-        while "$ref" in schema:
-            schema = self.schemas[schema["$ref"].rsplit("/", 1)[-1]]
-        return schema
-
-    @staticmethod
-    def _is_type(value: Any, t: str) -> bool:
-        if t == "string":
-            return isinstance(value, str)
-        if t == "boolean":
-            return isinstance(value, bool)
-        if t == "integer":
-            return isinstance(value, int) and not isinstance(value, bool)
-        if t == "number":
-            return isinstance(value, int | float) and not isinstance(value, bool)
-        if t == "object":
-            return isinstance(value, dict)
-        if t == "array":
-            return isinstance(value, list)
-        if t == "null":
-            return value is None
-        return True
-
-    def _check(self, schema: Json, value: Any, path: str, errors: list[str], allow_null: bool) -> None:
-        schema = self._resolve(schema)
-        label = path or "body"
-        for sub in schema.get("allOf", []):
-            self._check(sub, value, path, errors, allow_null)
-        for key in ("oneOf", "anyOf"):
-            if key not in schema:
-                continue
-            results: list[list[str]] = []
-            for sub in schema[key]:
-                sub_errors: list[str] = []
-                self._check(sub, value, path, sub_errors, allow_null)
-                results.append(sub_errors)
-            matches = sum(1 for r in results if not r)
-            if (key == "anyOf" and matches == 0) or (key == "oneOf" and matches != 1):
-                if matches == 0:
-                    closest: list[str] = min(results, key=len)
-                    errors.extend(closest)
-                else:
-                    errors.append(f"{label} must match exactly one schema in oneOf")
-        if value is None and (allow_null or schema.get("nullable")):
-            return
-        declared = schema.get("type")
-        if declared is not None:
-            types = list(declared) if isinstance(declared, list) else [declared]
-            default = schema.get("default")
-            if "object" in types and default is not None and not isinstance(default, dict):
-                # Spec quirk: NestJS swagger emits `type: object` for string fields with a default
-                # (e.g. voice/video mimetype); WAHA itself accepts the default's type.
-                types.append({str: "string", bool: "boolean"}.get(type(default), "number"))
-            if not any(self._is_type(value, t) for t in types):
-                article = "an" if types[0][0] in "aeiou" else "a"
-                errors.append(f"{label} must be {article} {types[0]}")
-                return
-        if "enum" in schema and value not in schema["enum"]:
-            allowed = ", ".join(str(v) for v in schema["enum"])
-            errors.append(f"{label} must be one of the following values: {allowed}")
-        if isinstance(value, dict):
-            required = schema.get("required")
-            required = required if isinstance(required, list) else []
-            for name in required:
-                if name not in value or (value[name] is None and not allow_null):
-                    errors.append(f"{self._join(path, name)} should not be empty")
-            for name, sub in schema.get("properties", {}).items():
-                if name not in value:
-                    continue
-                if value[name] is None and name not in required:
-                    continue  # class-validator's @IsOptional() skips null as well as undefined
-                if value[name] is None and not allow_null:
-                    continue  # already reported as "should not be empty"
-                self._check(sub, value[name], self._join(path, name), errors, allow_null)
-        if isinstance(value, list) and "items" in schema:
-            for i, item in enumerate(value):
-                self._check(schema["items"], item, f"{label}.{i}", errors, allow_null)
-
-    @staticmethod
-    def _join(path: str, name: str) -> str:
-        return f"{path}.{name}" if path else name
-
-
-# ---------------------------------------------------------------------------------------------
-# State
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Fault:
-    """One injected failure rule, consumed ``count`` times by matching requests."""
-
-    status: int = 500
-    count: int = 1
-    path: str | None = None  # substring of the request path; None = the send endpoints
-    error: int | None = None  # 463 -> WhatsApp "restricted" error body
-    body: Json | None = None  # a custom response body
-    timeout: bool = False  # hang instead of answering
-    deliver: bool = True  # for timeouts: the message is delivered before the hang
-
-    @classmethod
-    def parse(cls, raw: Json) -> Fault:
-        fields = ("status", "count", "path", "error", "body", "timeout", "deliver")
-        unknown = set(raw) - set(fields)
-        if unknown:
-            raise ValueError(f"unknown fault option(s) {sorted(unknown)}")
-        fault = cls(**{k: raw[k] for k in fields if k in raw})
-        if fault.count < 1 or not 100 <= fault.status <= 599:
-            raise ValueError(f"bad fault {raw!r}")
-        return fault
-
-    def matches(self, path: str) -> bool:
-        return path in SEND_ENDPOINTS if self.path is None else self.path in path
-
-    def as_json(self) -> Json:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass
-class Session:
-    """A WAHA session (one chip) and the faults configured for it."""
-
-    name: str
-    status: str = "WORKING"
-    restricted: bool = False
-    latency_ms: float | None = None
-    fail_rate: float = 0.0
-    fail_next: list[Fault] = field(default_factory=list)
-    me: Json | None = None
-    last_activity: float | None = None
-
-    def me_info(self) -> Json:
-        if self.me is not None:
-            return self.me
-        digits = "55119" + f"{zlib.crc32(self.name.encode()) % 10**8:08d}"
-        return {"id": f"{digits}@c.us", "pushName": self.name}
-
-    def update(self, opts: Json) -> None:
-        for key, value in opts.items():
-            if key == "status":
-                if value not in SESSION_STATUSES:
-                    raise ValueError(f"unknown session status {value!r}")
-                self.status = value
-            elif key == "restricted":
-                self.restricted = bool(value)
-            elif key == "latency_ms":
-                self.latency_ms = None if value is None else float(value)
-            elif key == "fail_rate":
-                self.fail_rate = float(value)
-            elif key == "fail_next":
-                self.fail_next = [Fault.parse(f) for f in value]
-            elif key == "me":
-                self.me = value
-            elif key == "timeout_next":
-                if int(value) > 0:
-                    self.fail_next.append(Fault(timeout=True, count=int(value)))
-            else:
-                raise ValueError(f"unknown session option {key!r}")
-
-    def as_json(self) -> Json:
-        return {
-            "status": self.status, "restricted": self.restricted, "latency_ms": self.latency_ms,
-            "fail_rate": self.fail_rate, "fail_next": [f.as_json() for f in self.fail_next],
-            "me": self.me_info(),
-        }
-
-
-@dataclass
-class Defaults:
-    """Startup settings that ``/_sandbox/reset`` returns to."""
-
-    latency_ms: float = 0.0
-    timeout_seconds: float = 30.0
-    # Global webhooks (WAHA's WHATSAPP_HOOK_URL / _EVENTS / _HMAC_KEY): WebhookConfig objects.
-    webhooks: list[Json] = field(default_factory=list)
-
-
-class Sandbox:
-    """All sandbox state, in memory. Single event loop, so no locks: check-and-insert of a
-    message id happens without an await in between, which is what makes duplicates detectable."""
-
-    def __init__(self, api_key: str | None, defaults: Defaults, validator: SchemaValidator) -> None:
-        self.api_key = api_key
-        self.defaults = defaults
-        self.validator = validator
-        self.rng = random.Random()
-        self.webhooks = AckWebhooks()
-        self.reset()
-
-    def reset(self) -> None:
-        self.latency_ms = self.defaults.latency_ms
-        self.timeout_seconds = self.defaults.timeout_seconds
-        self.timeout_next = 0
-        self.timeout_deliver = True
-        self.auto_create_sessions = True
-        self.engine = "GOWS"  # what /api/server/version says; engines not keeping chosen ids ignore them
-        self.webhooks.reset(self.defaults.webhooks)
-        self.nonexistent_numbers: set[str] = set()
-        self.sessions: dict[str, Session] = {}
-        self.requests: list[Json] = []
-        self.request_ts: list[float] = []  # parallel to requests, for bisect on `since`
-        self.messages: list[Json] = []
-        self.messages_by_key: dict[tuple[str, str], Json] = {}
-
-    # -- configuration -------------------------------------------------------------------------
-
-    def configure(self, cfg: Json) -> None:
-        """Merge ``cfg`` into the configuration: keys given replace their value, per session."""
-        for key, value in cfg.items():
-            if key == "latency_ms":
-                self.latency_ms = float(value)
-            elif key == "timeout_seconds":
-                self.timeout_seconds = float(value)
-            elif key == "timeout_next":
-                self.timeout_next = int(value)
-            elif key == "timeout_deliver":
-                self.timeout_deliver = bool(value)
-            elif key == "auto_create_sessions":
-                self.auto_create_sessions = bool(value)
-            elif key == "engine":
-                if value not in ENGINES:
-                    raise ValueError(f"unknown engine {value!r}")
-                self.engine = value
-            elif key == "webhooks":
-                self.webhooks.set_hooks(value)
-            elif key == "acks":
-                self.webhooks.set_plan(value)
-            elif key == "nonexistent_numbers":
-                self.nonexistent_numbers = {_digits(str(n)) for n in value}
-            elif key == "seed":
-                self.rng.seed(value)
-            elif key == "sessions":
-                for name, opts in value.items():
-                    self.sessions.setdefault(name, Session(name)).update(opts or {})
-            else:
-                raise ValueError(f"unknown config key {key!r}")
-
-    def config_json(self) -> Json:
-        return {
-            "latency_ms": self.latency_ms, "timeout_seconds": self.timeout_seconds,
-            "timeout_next": self.timeout_next, "timeout_deliver": self.timeout_deliver,
-            "auto_create_sessions": self.auto_create_sessions, "engine": self.engine,
-            "nonexistent_numbers": sorted(self.nonexistent_numbers),
-            "sessions": {name: s.as_json() for name, s in self.sessions.items()},
-            **self.webhooks.config_json(),
-        }
-
-    def session(self, name: str) -> Session | None:
-        sess = self.sessions.get(name)
-        if sess is None and self.auto_create_sessions:
-            sess = self.sessions[name] = Session(name)
-        return sess
-
-    def take_fault(self, sess: Session | None, path: str) -> Fault | None:
-        """The injected failure this request gets, if any (consumes one use of it)."""
-        if path in SEND_ENDPOINTS and self.timeout_next > 0:
-            self.timeout_next -= 1
-            return Fault(timeout=True, deliver=self.timeout_deliver)
-        if sess is None:
-            return None
-        for fault in sess.fail_next:
-            if fault.matches(path):
-                fault.count -= 1
-                if fault.count <= 0:
-                    sess.fail_next.remove(fault)
-                return fault
-        if path in SEND_ENDPOINTS and sess.fail_rate > 0 and self.rng.random() < sess.fail_rate:
-            return Fault()
-        return None
-
-    # -- inspection -----------------------------------------------------------------------------
-
-    def find_requests(self, since: float | None, session: str | None, path: str | None) -> list[Json]:
-        start = bisect.bisect_left(self.request_ts, since) if since is not None else 0
-        return [
-            r for r in self.requests[start:]
-            if (session is None or r["session"] == session) and (path is None or path in r["path"])
-        ]
-
-
-def _digits(value: str) -> str:
-    return re.sub(r"\D", "", value.split("@", 1)[0])
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------------------------------
-# WAHA-shaped responses
-# ---------------------------------------------------------------------------------------------
-
-def _json(status: int, body: Any) -> web.Response:
-    # orjson: encoding the WAMessage was a tenth of the sandbox's CPU per send with the stdlib json.
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
-def http_error(status: int, message: Any) -> web.Response:
-    """NestJS HttpException body, which is what WAHA sends for 4xx."""
-    return _json(status, {"statusCode": status, "message": message, "error": _reason(status)})
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def server_error(request: web.Request, body: Any, message: str, **exception: Any) -> web.Response:
-    """WAHA's AllExceptionsFilter body for a non-HTTP exception (HTTP 500)."""
-    return _json(500, {
-        "statusCode": 500,
-        "timestamp": _now_iso(),
-        "exception": {"message": message, **exception, "name": "Error",
-                      "stack": f"Error: {message}\n    at WAHASandbox ({request.path})"},
-        "request": {"path": request.path_qs, "method": request.method, "body": body,
-                    "query": dict(request.query)},
-        "version": {"version": WAHA_VERSION, "engine": "GOWS", "tier": "CORE"},
-    })
-
-
-def restricted_error(request: web.Request, body: Any) -> web.Response:
-    """What WAHA returns when WhatsApp refuses a send from a restricted number (error 463)."""
-    return server_error(request, body, "2 UNKNOWN: server returned error 463",
-                        code=2, details="server returned error 463", metadata={})
-
-
-def session_status_error(sess: Session, status: str | None = None) -> web.Response:
-    """WAHA's 422 for a session that is not WORKING."""
-    return _json(422, {
-        "error": "Session status is not as expected. Try again later or restart the session",
-        "session": sess.name, "status": status or sess.status, "expected": ["WORKING"],
-    })
-
-
-def session_not_found(name: str) -> web.Response:
-    return http_error(404, f"We didn't find a session with name '{name}'.\n"
-                           f"Please start it first by using POST /api/sessions/{name}/start request")
-
-
-def fault_response(request: web.Request, body: Any, sess: Session | None, fault: Fault) -> web.Response:
-    if fault.body is not None:
-        return _json(fault.status, fault.body)
-    if fault.error == 463:
-        return restricted_error(request, body)
-    if fault.status == 422 and sess is not None:
-        return session_status_error(sess, "STARTING" if sess.status == "WORKING" else None)
-    if fault.status == 500:
-        return server_error(request, body, "sandbox: injected failure")
-    return http_error(fault.status, "sandbox: injected failure")
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP handlers
-# ---------------------------------------------------------------------------------------------
 
 Handler = Callable[[web.Request, "Call"], Awaitable[web.Response]]
 
@@ -602,7 +135,7 @@ class App:
         record["session"] = session_name
 
         if sb.api_key is not None and request.headers.get("X-Api-Key") != sb.api_key:
-            return _json(401, {"message": "Unauthorized", "statusCode": 401})
+            return json_response(401, {"message": "Unauthorized", "statusCode": 401})
 
         known = sb.sessions.get(session_name) if session_name else None
         latency = known.latency_ms if known is not None and known.latency_ms is not None else sb.latency_ms
@@ -658,7 +191,7 @@ class App:
         sess = call.session
         assert sess is not None
         activity = sess.last_activity
-        return _json(200, {
+        return json_response(200, {
             "name": sess.name,
             "status": sess.status,
             "config": {"metadata": {}, "proxy": None, "debug": False, "webhooks": []},
@@ -671,22 +204,22 @@ class App:
         })
 
     async def server_version(self, request: web.Request, call: Call) -> web.Response:
-        return _json(200, {"version": WAHA_VERSION, "engine": self.sb.engine, "tier": "CORE", "browser": "",
+        return json_response(200, {"version": WAHA_VERSION, "engine": self.sb.engine, "tier": "CORE", "browser": "",
                            "platform": f"{sys.platform}/{os.uname().machine}", "worker": {"id": None}})
 
     async def new_message_id(self, request: web.Request, call: Call) -> web.Response:
-        message_id = message_ids.new_message_id()
+        message_id = ids.new_message_id()
         call.record["message_id"] = message_id
-        return _json(200, {"id": message_id})
+        return json_response(200, {"id": message_id})
 
     async def check_exists(self, request: web.Request, call: Call) -> web.Response:
         phone = request.query.get("phone", "")
-        digits = _digits(phone)
+        digits = phone_digits(phone)
         if not digits:
             return http_error(400, ["phone should not be empty"])
         if digits in self.sb.nonexistent_numbers:
-            return _json(200, {"numberExists": False})
-        return _json(200, {"numberExists": True, "chatId": f"{digits}@c.us"})
+            return json_response(200, {"numberExists": False})
+        return json_response(200, {"numberExists": True, "chatId": f"{digits}@c.us"})
 
     def _sender(self, kind: str) -> Handler:
         async def send(request: web.Request, call: Call) -> web.Response:
@@ -700,14 +233,14 @@ class App:
         sb, body, sess = self.sb, call.body, call.session
         assert sess is not None and isinstance(body, dict)
         chat_id: str = body["chatId"]
-        given = body.get("id") if kind == "text" and sb.engine in message_ids.ENGINES_KEEPING_IDS else None
-        short_id = _short_id(given) if isinstance(given, str) and given else message_ids.new_message_id()
+        given = body.get("id") if kind == "text" and sb.engine in ids.ENGINES_KEEPING_IDS else None
+        short_id = _short_id(given) if isinstance(given, str) and given else ids.new_message_id()
         key = (sess.name, short_id)
         existing = sb.messages_by_key.get(key)
         if existing is not None:
             call.record["duplicate"] = True
             call.record["message_id"] = existing["id"]
-            return _json(201, existing["wa"])
+            return json_response(201, existing["wa"])
         ts = time.time()
         full_id = f"true_{chat_id}_{short_id}"
         file = body.get("file") if isinstance(body.get("file"), dict) else None
@@ -748,13 +281,13 @@ class App:
         sb.messages.append(message)
         sb.webhooks.on_sent(message, sess.me_info, sb.engine, sb.rng)
         call.record["message_id"] = full_id
-        return _json(201, wa)
+        return json_response(201, wa)
 
     async def send_seen(self, request: web.Request, call: Call) -> web.Response:
-        return _json(201, {})
+        return json_response(201, {})
 
     async def typing(self, request: web.Request, call: Call) -> web.Response:
-        return _json(201, {"result": True})
+        return json_response(201, {"result": True})
 
     async def get_message(self, request: web.Request, call: Call) -> web.Response:
         sess = call.session
@@ -765,7 +298,7 @@ class App:
         found = self.sb.messages_by_key.get((sess.name, _short_id(message_id)))
         if found is None or found["chatId"] != chat_id:
             return http_error(404, "Message not found")
-        return _json(200, found["wa"])
+        return json_response(200, found["wa"])
 
     async def not_found(self, request: web.Request, call: Call) -> web.Response:
         return http_error(404, f"Cannot {request.method} {request.path}")
@@ -774,10 +307,10 @@ class App:
 
     async def ctl_reset(self, request: web.Request) -> web.Response:
         self.sb.reset()
-        return _json(200, {"ok": True})
+        return json_response(200, {"ok": True})
 
     async def ctl_get_config(self, request: web.Request) -> web.Response:
-        return _json(200, self.sb.config_json())
+        return json_response(200, self.sb.config_json())
 
     async def ctl_config(self, request: web.Request) -> web.Response:
         try:
@@ -786,28 +319,28 @@ class App:
                 raise ValueError("config must be a JSON object")
             self.sb.configure(cfg)
         except (ValueError, TypeError) as exc:
-            return _json(400, {"error": str(exc)})
-        return _json(200, self.sb.config_json())
+            return json_response(400, {"error": str(exc)})
+        return json_response(200, self.sb.config_json())
 
     async def ctl_requests(self, request: web.Request) -> web.Response:
         q = request.query
         try:
             since = float(q["since"]) if "since" in q else None
         except ValueError:
-            return _json(400, {"error": "since must be a number"})
-        return _json(200, self.sb.find_requests(since, q.get("session"), q.get("path")))
+            return json_response(400, {"error": "since must be a number"})
+        return json_response(200, self.sb.find_requests(since, q.get("session"), q.get("path")))
 
     async def ctl_webhooks(self, request: web.Request) -> web.Response:
         """Webhook deliveries so far: url, event, message_id, ack, status, attempts, ts."""
-        return _json(200, self.sb.webhooks.log)
+        return json_response(200, self.sb.webhooks.log)
 
     async def ctl_messages(self, request: web.Request) -> web.Response:
         q = request.query
         try:
             since = float(q["since"]) if "since" in q else None
         except ValueError:
-            return _json(400, {"error": "since must be a number"})
-        return _json(200, [
+            return json_response(400, {"error": "since must be a number"})
+        return json_response(200, [
             {k: v for k, v in m.items() if k != "wa"} for m in self.sb.messages
             if (q.get("session") is None or m["session"] == q["session"]) and (since is None or m["ts"] >= since)
         ])
@@ -820,12 +353,6 @@ def _short_id(message_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
-
-def load_validator(path: Path = SCHEMAS_PATH) -> SchemaValidator:
-    doc = json.loads(path.read_text())
-    return SchemaValidator(doc["components"]["schemas"])
 
 
 def make_app(api_key: str | None, latency_ms: float = 0.0, timeout_seconds: float = 30.0,
@@ -836,48 +363,3 @@ def make_app(api_key: str | None, latency_ms: float = 0.0, timeout_seconds: floa
     app = App(sandbox).build()
     app["sandbox"] = sandbox
     return app
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=f"WAHA sandbox (answers like WAHA {WAHA_VERSION})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=3000)
-    parser.add_argument("--api-key", default=os.environ.get("WAHA_API_KEY"),
-                        help="required X-Api-Key value (default $WAHA_API_KEY; none = no auth)")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API request")
-    parser.add_argument("--timeout-seconds", type=float, default=30.0, help="how long injected timeouts hang")
-    parser.add_argument("--webhook-url", default=os.environ.get("WHATSAPP_HOOK_URL"),
-                        help="post message.ack receipts here, as WAHA's global webhook (default $WHATSAPP_HOOK_URL)")
-    parser.add_argument("--webhook-hmac-key", default=os.environ.get("WHATSAPP_HOOK_HMAC_KEY"),
-                        help="sign them (X-Webhook-Hmac, SHA-512; default $WHATSAPP_HOOK_HMAC_KEY)")
-    parser.add_argument("--write-schemas", metavar="OPENAPI_JSON",
-                        help="regenerate sandbox_schemas.json from WAHA's openapi.json and exit")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    if args.write_schemas:
-        raw = Path(args.write_schemas).read_bytes()
-        subset = extract_subset(json.loads(raw), raw)
-        SCHEMAS_PATH.write_text(json.dumps(subset, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {SCHEMAS_PATH}")
-        return
-
-    hooks: list[Json] = []
-    if args.webhook_url:
-        hooks.append({"url": args.webhook_url, "events": ["message.ack"]})
-        if args.webhook_hmac_key:
-            hooks[0]["hmac"] = {"key": args.webhook_hmac_key}
-    app = make_app(args.api_key, args.latency_ms, args.timeout_seconds, hooks)
-    eventloop.tune_gc()
-    log.info("event=listening url=http://%s:%d auth=%s", args.host, args.port,
-             "on" if args.api_key else "off")
-    # run_app stops gracefully on SIGINT/SIGTERM; requests hanging on an injected timeout are
-    # cancelled after shutdown_timeout so a stop never waits for them.
-    web.run_app(app, host=args.host, port=args.port, shutdown_timeout=2.0, backlog=4096,
-                access_log=None, print=None, handle_signals=True, loop=eventloop.new_loop())
-    log.info("event=stopped")
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()
