@@ -7,13 +7,11 @@ count, and the media of the templates used."""
 
 from __future__ import annotations
 
-import functools
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -28,6 +26,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
+from campaign_service.templates import render, template_parts
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -134,47 +133,6 @@ _REMAINING = text("SELECT count(*) FROM (SELECT 1 FROM campaign_messages WHERE c
 _MEDIA = text("""
 SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path FROM campaign_media
 WHERE campaign_id = :cid AND id = ANY(CAST(:ids AS uuid[]))""")
-
-_PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
-
-
-@functools.lru_cache(maxsize=256)
-def _split(template: str) -> tuple[str, ...]:
-    """A template cut at its placeholders: literal, key, literal, ..., literal (a campaign's few
-    templates are cut once, not once per message of every lease)."""
-    return tuple(_PLACEHOLDER.split(template))
-
-
-def render(template: str, name: str, phone: str, variables: dict[str, Any] | None) -> str:
-    """Fill {{name}}, {{phone}} and {{<variable>}}; unknown placeholders become empty."""
-    parts = _split(template)
-    if len(parts) == 1:
-        return template
-    out = list(parts)
-    for i in range(1, len(out), 2):
-        key = out[i]
-        if key == "phone":
-            out[i] = phone
-        elif key == "name" and name:
-            out[i] = name
-        else:
-            v = variables.get(key) if variables else None
-            out[i] = "" if v is None else str(v)
-    return "".join(out)
-
-
-def template_parts(templates: list[dict[str, Any]] | None, index: int) -> tuple[str, uuid.UUID | None]:
-    """(text, media id) of templates[index] as stored (proto JSON; camelCase or field names)."""
-    if not templates:
-        return "", None
-    t = templates[index % len(templates)] or {}
-    media = t.get("mediaId") or t.get("media_id") or ""
-    try:
-        media_id = uuid.UUID(str(media)) if media else None
-    except ValueError:
-        media_id = None
-    return str(t.get("text") or ""), media_id
-
 
 def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int,
              waha_message_ids: Sequence[str] = ()) -> tuple[uuid.UUID, uuid.UUID]:
