@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,10 +324,9 @@ class App:
 
     async def ctl_requests(self, request: web.Request) -> web.Response:
         q = request.query
-        try:
-            since = float(q["since"]) if "since" in q else None
-        except ValueError:
-            return json_response(400, {"error": "since must be a number"})
+        since = _since(q)
+        if isinstance(since, web.Response):
+            return since
         return json_response(200, self.sb.find_requests(since, q.get("session"), q.get("path")))
 
     async def ctl_webhooks(self, request: web.Request) -> web.Response:
@@ -336,14 +335,21 @@ class App:
 
     async def ctl_messages(self, request: web.Request) -> web.Response:
         q = request.query
-        try:
-            since = float(q["since"]) if "since" in q else None
-        except ValueError:
-            return json_response(400, {"error": "since must be a number"})
+        since = _since(q)
+        if isinstance(since, web.Response):
+            return since
         return json_response(200, [
             {k: v for k, v in m.items() if k != "wa"} for m in self.sb.messages
             if (q.get("session") is None or m["session"] == q["session"]) and (since is None or m["ts"] >= since)
         ])
+
+
+def _since(query: Mapping[str, str]) -> float | web.Response | None:
+    """The `since` filter of the inspection calls (epoch seconds), or the 400 for a bad one."""
+    try:
+        return float(query["since"]) if "since" in query else None
+    except ValueError:
+        return json_response(400, {"error": "since must be a number"})
 
 
 def _short_id(message_id: str) -> str:
