@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -98,8 +98,6 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, message: str, retry_after_seconds: int = 1) -> None:
-        from google.protobuf import duration_pb2
-
         super().__init__(message, [error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=retry_after_seconds))])
 

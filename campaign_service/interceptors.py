@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -55,13 +56,8 @@ def to_service_error(exc: BaseException) -> errors.ServiceError:
     if isinstance(exc, (OperationalError, PoolTimeout)) or (
             isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return errors.Unavailable("database unavailable, retry later")
-    try:
-        import redis
-
-        if isinstance(exc, redis.exceptions.ConnectionError):
-            return errors.Unavailable("redis unavailable, retry later")
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        return errors.Unavailable("redis unavailable, retry later")
     return errors.Internal("internal error")
 
 

@@ -6,41 +6,13 @@ Every state change goes through `check`, so a refusal always carries the same Er
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 
 from campaign_service import errors
+from campaign_service.states import CampaignState as State
 
 INVALID_STATE_TRANSITION = "INVALID_STATE_TRANSITION"
 DELETE_REFUSED_MESSAGE = "cancel the campaign before deleting it"
-
-
-class State(IntEnum):
-    """Mirrors whago.campaign.v1.CampaignState (the DB stores these numbers)."""
-
-    UNSPECIFIED = 0
-    DRAFT = 1
-    SCHEDULED = 2
-    RUNNING = 3
-    PAUSED = 4
-    CANCELLED = 5
-    COMPLETED = 6
-
-    @property
-    def proto_name(self) -> str:
-        return f"CAMPAIGN_STATE_{self.name}"
-
-
-class MessageState(IntEnum):
-    """Mirrors whago.campaign.v1.MessageState."""
-
-    UNSPECIFIED = 0
-    PENDING = 1
-    SENDING = 2
-    SENT = 3
-    DELIVERED = 4
-    READ = 5
-    FAILED = 6
-    SKIPPED = 7
 
 
 class Op(StrEnum):

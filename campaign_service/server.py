@@ -1,12 +1,11 @@
-"""`python -m campaign_service.server`: CampaignService, ChipService (and DeliveryService when the
-delivery package is present) on a threaded grpc.server, with reflection and grpc.health.v1.
+"""`python -m campaign_service.server`: CampaignService, ChipService and the internal DeliveryService
+on a threaded grpc.server, with reflection and grpc.health.v1, and the delivery scheduler thread.
 
 SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `grace` seconds, the engine is disposed."""
 
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import signal
 import threading
@@ -19,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from campaign_service import config, logs
 from campaign_service.db.engine import Database
+from campaign_service.delivery import scheduler as delivery_scheduler
+from campaign_service.delivery import servicer as delivery_servicer
 from campaign_service.dispatch import DispatcherClient
 from campaign_service.events import Events
 from campaign_service.interceptors import KeyCache, ServerInterceptor
@@ -68,13 +69,12 @@ class App:
                                   interceptors=[ServerInterceptor(self.keys, settings.service_token)],
                                   options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 8)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.scheduler: Any = None
+        self.scheduler: delivery_scheduler.Scheduler | None = None
         self._stopped = threading.Event()
         campaigns_servicer.add_to_server(self.server, self.ops)
         chips_servicer.add_to_server(self.server, self.ops)
-        names = [*SERVICE_NAMES]
-        if self._add_delivery():
-            names.append(DELIVERY_SERVICE)
+        delivery_servicer.add_to_server(self.server, self.db, self.settings, self.events)
+        names = [*SERVICE_NAMES, DELIVERY_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.service_names = names
@@ -83,31 +83,12 @@ class App:
         with self.db.session() as s:
             return users_repo.by_key_hash(s, key_hash)
 
-    def _add_delivery(self) -> bool:
-        try:
-            add_to_server = importlib.import_module("campaign_service.delivery.servicer").add_to_server
-        except (ImportError, AttributeError) as exc:
-            log.warning("DeliveryService not served: campaign_service.delivery.servicer unavailable (%s)", exc)
-            return False
-        add_to_server(self.server, self.db, self.settings, self.events)
-        return True
-
-    def _start_scheduler(self) -> None:
-        try:
-            scheduler = importlib.import_module("campaign_service.delivery.scheduler")
-        except ImportError as exc:
-            log.warning("scheduler not started: campaign_service.delivery.scheduler unavailable (%s)", exc)
-            return
-        start = getattr(scheduler, "start", None)
-        if start is not None:
-            self.scheduler = start(self.db, self.settings, self.events)
-
     def start(self) -> None:
         port = self.server.add_insecure_port(self.settings.listen)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
         self.server.start()
-        self._start_scheduler()
+        self.scheduler = delivery_scheduler.start(self.db, self.settings, self.events)
         for name in ("", *self.service_names):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("campaign_service listening on %s (dispatcher %s, services: %s)", self.settings.listen,

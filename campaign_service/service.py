@@ -41,7 +41,7 @@ from campaign_service.db.models import Campaign, Chip, Contact, Media
 from campaign_service.dispatch import DispatcherClient, Lane
 from campaign_service.events import Events
 from campaign_service.ids import parse_uuid
-from campaign_service.lifecycle import MessageState, Op, State
+from campaign_service.lifecycle import Op, State
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import contacts as contacts_repo
@@ -50,6 +50,7 @@ from campaign_service.repository import media as media_repo
 from campaign_service.repository import messages as messages_repo
 from campaign_service.repository import users as users_repo
 from campaign_service.repository.messages import MessageRow
+from campaign_service.states import ChipState, MessageState
 from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.campaigns")
@@ -633,7 +634,7 @@ class CampaignOps:
             chip_ids = messages_repo.open_chip_ids(s, cid)
             chips = chips_repo.by_ids(s, user_id, chip_ids)
             settings = convert.settings_from_json(c.settings)
-            lanes = self._lanes([ch for ch in chips if ch.state != 3], settings)
+            lanes = self._lanes([ch for ch in chips if ch.state != ChipState.RESTRICTED], settings)
             c.dispatch_epoch += 1
             c.state_reason = ""
             if not chip_ids:

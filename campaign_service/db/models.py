@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from campaign_service.states import CampaignState, MessageState
+
 
 class Base(DeclarativeBase):
     pass
@@ -99,8 +101,8 @@ class Campaign(Base):
     __table_args__ = (
         Index("ix_campaigns_user_created", "user_id", text("created_at DESC"), text("id DESC")),
         Index("ix_campaigns_user_state_created", "user_id", "state", text("created_at DESC"), text("id DESC")),
-        Index("ix_campaigns_scheduled", "schedule_time", postgresql_where=text("state = 2")),
-        Index("ix_campaigns_running", "id", postgresql_where=text("state = 3")),
+        Index("ix_campaigns_scheduled", "schedule_time", postgresql_where=text(f"state = {CampaignState.SCHEDULED:d}")),
+        Index("ix_campaigns_running", "id", postgresql_where=text(f"state = {CampaignState.RUNNING:d}")),
     )
 
 
@@ -142,7 +144,7 @@ class Message(Base):
         Index("ix_messages_campaign_state", "campaign_id", "state", "id"),
         # SENDING only: how a lease finds the lane's expired leases (migration 0003).
         Index("ix_messages_lease_expiry", "campaign_id", "chip_id", "lease_expires_at",
-              postgresql_where=text("state = 2")),
+              postgresql_where=text(f"state = {MessageState.SENDING:d}")),
         # Messages carrying a WAHA id: how a WhatsApp receipt finds its message (migration 0005).
         Index("ix_messages_waha_id", "waha_message_id", postgresql_where=text("waha_message_id IS NOT NULL")),
     )

@@ -30,6 +30,7 @@ from campaign_service.delivery.common import (
     CHIP_RESTRICTED,
     CHIP_UNAVAILABLE,
     PAUSED,
+    PENDING,
     RUNNING,
     StatusEvent,
     bounded_lock_wait,
@@ -70,10 +71,11 @@ UPDATE chips SET state = :st, state_reason = :reason, updated_at = now() WHERE i
 RETURNING id, user_id, display_name, phone, waha_base_url, waha_session, proxy_label, state, state_reason,
           pacing, created_at, updated_at""")
 
-_CANDIDATES = text("""
+_CANDIDATES = text(f"""
 SELECT c.id, c.state FROM campaigns c
-WHERE c.user_id = :uid AND c.state IN (3, 4)
-  AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = :chip AND m.state = 1)
+WHERE c.user_id = :uid AND c.state IN ({RUNNING:d}, {PAUSED:d})
+  AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = :chip
+              AND m.state = {PENDING:d})
 ORDER BY c.id""")
 
 _TARGETS = text("""
@@ -83,7 +85,7 @@ WHERE ch.user_id = c.user_id AND ch.state = ANY(CAST(:states AS smallint[])) AND
 
 # Targets: the campaign's chips (or every chip of the owner when the campaign names none), ACTIVE,
 # other than the one leaving. Message i (in seq order) goes to target i mod n.
-_REDISTRIBUTE = text("""
+_REDISTRIBUTE = text(f"""
 WITH camp AS (SELECT user_id, chip_ids FROM campaigns WHERE id = :cid),
 targets AS (
     SELECT ch.id, row_number() OVER (ORDER BY ch.id) - 1 AS k, count(*) OVER () AS n
@@ -92,14 +94,14 @@ targets AS (
       AND (cardinality(camp.chip_ids) = 0 OR ch.id = ANY(camp.chip_ids))
 ), moving AS (
     SELECT id, seq FROM campaign_messages
-    WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
     ORDER BY seq FOR UPDATE
 ), numbered AS (
     SELECT id, row_number() OVER (ORDER BY seq) - 1 AS i FROM moving
 )
 UPDATE campaign_messages m SET chip_id = t.id, updated_at = now()
 FROM numbered nb JOIN targets t ON t.k = nb.i % t.n
-WHERE m.id = nb.id AND m.state = 1
+WHERE m.id = nb.id AND m.state = {PENDING:d}
 RETURNING m.id""")
 
 

@@ -13,17 +13,19 @@ from sqlalchemy.orm import Session
 
 from campaign_service import errors
 from campaign_service.ids import parse_uuid  # noqa: F401 - re-exported for the delivery modules
+from campaign_service.states import CampaignState, ChipState, MessageState
 
-# CampaignState (resources.proto); the columns hold the enum numbers.
-DRAFT, SCHEDULED, RUNNING, PAUSED, CANCELLED, COMPLETED = 1, 2, 3, 4, 5, 6
-# MessageState.
-PENDING, SENDING, SENT, DELIVERED, READ, FAILED, SKIPPED = 1, 2, 3, 4, 5, 6, 7
-# ChipState.
-CHIP_ACTIVE, CHIP_UNAVAILABLE, CHIP_RESTRICTED = 1, 2, 3
+# Short names for the generated enums' values (campaign_service.states), as the delivery SQL uses them.
+DRAFT, SCHEDULED, RUNNING, PAUSED, CANCELLED, COMPLETED = (
+    CampaignState.DRAFT, CampaignState.SCHEDULED, CampaignState.RUNNING, CampaignState.PAUSED,
+    CampaignState.CANCELLED, CampaignState.COMPLETED)
+PENDING, SENDING, SENT, DELIVERED, READ, FAILED, SKIPPED = (
+    MessageState.PENDING, MessageState.SENDING, MessageState.SENT, MessageState.DELIVERED, MessageState.READ,
+    MessageState.FAILED, MessageState.SKIPPED)
+CHIP_ACTIVE, CHIP_UNAVAILABLE, CHIP_RESTRICTED = ChipState.ACTIVE, ChipState.UNAVAILABLE, ChipState.RESTRICTED
 
-# Names used in status events (same as the rest of campaign_service: lifecycle.State names).
-CAMPAIGN_STATE_NAMES = {0: "UNSPECIFIED", DRAFT: "DRAFT", SCHEDULED: "SCHEDULED", RUNNING: "RUNNING",
-                        PAUSED: "PAUSED", CANCELLED: "CANCELLED", COMPLETED: "COMPLETED"}
+# Names used in status events (the same as lifecycle.State's).
+CAMPAIGN_STATE_NAMES = {int(s): s.name for s in CampaignState}
 
 # Longest wait for a row lock on the campaigns row (Pause/Cancel hold it FOR UPDATE while they
 # call the dispatcher, which may be waiting for the very lane that is calling us).
@@ -54,8 +56,6 @@ def counter_deltas(transitions: list[tuple[int, int]]) -> dict[str, int]:
         for k in COUNTERS:
             out[k] += b[k] - a[k]
     return out
-
-
 
 
 def is_lock_timeout(exc: BaseException) -> bool:

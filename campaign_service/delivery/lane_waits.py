@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from campaign_service import errors
 from campaign_service.db.engine import Database
-from campaign_service.delivery.common import parse_uuid
+from campaign_service.delivery.common import RUNNING, parse_uuid
 
 log = logging.getLogger("campaign_service.delivery")
 
@@ -27,7 +27,7 @@ log = logging.getLogger("campaign_service.delivery")
 MAX_AHEAD = timedelta(days=7)
 MAX_REASON = 500
 
-_WAIT = text("""
+_WAIT = text(f"""
 WITH c AS (
     SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid
 ), lane AS (
@@ -36,7 +36,7 @@ WITH c AS (
     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner, resume_at,
                                 resume_epoch)
     SELECT :cid, :chip, now(), 0, '', :resume, :epoch FROM c, lane
-    WHERE c.state = 3 AND c.dispatch_epoch = :epoch AND lane.known
+    WHERE c.state = {RUNNING:d} AND c.dispatch_epoch = :epoch AND lane.known
     ON CONFLICT (campaign_id, chip_id) DO UPDATE
     SET last_seen_at = now(), resume_at = EXCLUDED.resume_at, resume_epoch = EXCLUDED.resume_epoch
     RETURNING 1

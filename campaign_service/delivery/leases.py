@@ -20,7 +20,9 @@ from campaign_service import errors
 from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery.common import (
+    PENDING,
     RUNNING,
+    SENDING,
     SET_LOCK_TIMEOUT,
     bounded_lock_wait,
     lock_timeout_param,
@@ -75,21 +77,21 @@ _CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates F
 # pins the update to an index scan of the picked ids whatever the statistics say: right after a big
 # campaign lands in a table last analyzed nearly empty, the planner (rows=1) otherwise walked the
 # whole primary key once per lease (20-35 s per lease seen in `make bench`).
-_LEASE = text("""
+_LEASE = text(f"""
 WITH expired AS (
     SELECT id, seq, waha_message_id, template_index FROM campaign_messages
-    WHERE campaign_id = :cid AND chip_id = :chip AND state = 2 AND lease_expires_at < now()
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d} AND lease_expires_at < now()
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), pending AS (
     SELECT id, seq, waha_message_id, template_index FROM campaign_messages
-    WHERE campaign_id = :cid AND chip_id = :chip AND state = 1
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), picked AS (
     SELECT id, seq, waha_message_id AS earlier, template_index, row_number() OVER (ORDER BY seq) AS rn
     FROM (SELECT * FROM expired UNION ALL SELECT * FROM pending) u ORDER BY seq LIMIT :n
 )
 UPDATE campaign_messages m
-SET state = 2, lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :secs),
+SET state = {SENDING:d}, lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :secs),
     attempts = m.attempts + 1, updated_at = now(),
     waha_message_id = CASE
         WHEN picked.earlier IS NULL AND NOT (picked.template_index % :nt = ANY(CAST(:media_idx AS int[])))
@@ -100,7 +102,7 @@ RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.wa
           m.attempts, m.lease_expires_at, ct.phone, ct.chat_id, ct.name, ct.variables
 """)
 
-_HEARTBEAT_AND_REMAINING = text("""
+_HEARTBEAT_AND_REMAINING = text(f"""
 WITH hb AS (
     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
     VALUES (:cid, :chip, now(), :secs, :owner)
@@ -110,7 +112,8 @@ WITH hb AS (
     RETURNING 1
 )
 SELECT count(*) FROM (
-    SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = 1 AND seq > :after
+    SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
+      AND seq > :after
     LIMIT :count_cap) p
 """)
 
@@ -128,7 +131,7 @@ def remaining_cap(max_messages: int) -> int:
 
 
 _REMAINING = text("SELECT count(*) FROM (SELECT 1 FROM campaign_messages WHERE campaign_id = :cid"
-                  " AND chip_id = :chip AND state = 1 LIMIT :count_cap) p")
+                  f" AND chip_id = :chip AND state = {PENDING:d} LIMIT :count_cap) p")
 
 _MEDIA = text("""
 SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path FROM campaign_media

@@ -43,6 +43,8 @@ from campaign_service.delivery.common import (
     parse_uuid,
 )
 from campaign_service.events import Events
+from campaign_service.states import MessageState as M
+from campaign_service.states import Outcome as O
 
 # DeliveryOutcome (delivery_service.proto).
 ATTEMPTING, SENT, FAILED, RELEASED, UNKNOWN, SKIPPED, DELIVERED, READ = 1, 2, 3, 4, 5, 6, 7, 8
@@ -71,7 +73,7 @@ _LOCK_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch FROM ca
                       "FOR NO KEY UPDATE")
 _READ_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid")
 
-_APPLY = text("""
+_APPLY = text(f"""
 WITH r AS (
     SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS int[]), CAST(:wahas AS text[]),
                          CAST(:reasons AS text[]), CAST(:times AS timestamptz[]))
@@ -83,31 +85,40 @@ WITH r AS (
 ), t AS (
     SELECT r.id, r.outcome, r.waha, r.reason, r.ts, old.state AS old_state,
         CASE
-            WHEN r.outcome = 1 AND old.state = 2 THEN 2
-            WHEN r.outcome = 2 AND old.state IN (1, 2, 6, 7) THEN 3
-            WHEN r.outcome = 3 AND old.state IN (1, 2) THEN 6
-            WHEN r.outcome = 4 AND old.state = 2 AND old.lease_expires_at >= now() THEN 1
-            WHEN r.outcome = 5 AND old.state IN (1, 2) THEN 6
-            WHEN r.outcome = 6 AND old.state IN (1, 2) THEN 7
-            WHEN r.outcome = 7 AND old.state IN (1, 2, 3, 6, 7) THEN 4
-            WHEN r.outcome = 8 AND old.state IN (1, 2, 3, 4, 6, 7) THEN 5
+            WHEN r.outcome = {O.ATTEMPTING:d} AND old.state = {M.SENDING:d} THEN {M.SENDING:d}
+            WHEN r.outcome = {O.SENT:d} AND old.state IN ({M.PENDING:d}, {M.SENDING:d}, {M.FAILED:d}, {M.SKIPPED:d})
+                THEN {M.SENT:d}
+            WHEN r.outcome = {O.FAILED:d} AND old.state IN ({M.PENDING:d}, {M.SENDING:d}) THEN {M.FAILED:d}
+            WHEN r.outcome = {O.RELEASED:d} AND old.state = {M.SENDING:d} AND old.lease_expires_at >= now()
+                THEN {M.PENDING:d}
+            WHEN r.outcome = {O.UNKNOWN:d} AND old.state IN ({M.PENDING:d}, {M.SENDING:d}) THEN {M.FAILED:d}
+            WHEN r.outcome = {O.SKIPPED:d} AND old.state IN ({M.PENDING:d}, {M.SENDING:d}) THEN {M.SKIPPED:d}
+            WHEN r.outcome = {O.DELIVERED:d}
+                AND old.state IN ({M.PENDING:d}, {M.SENDING:d}, {M.SENT:d}, {M.FAILED:d}, {M.SKIPPED:d})
+                THEN {M.DELIVERED:d}
+            WHEN r.outcome = {O.READ:d}
+                AND old.state IN ({M.PENDING:d}, {M.SENDING:d}, {M.SENT:d}, {M.DELIVERED:d}, {M.FAILED:d},
+                                  {M.SKIPPED:d})
+                THEN {M.READ:d}
         END AS new_state
     FROM r JOIN old ON old.id = r.id
 )
 UPDATE campaign_messages m SET
     state = t.new_state,
-    waha_message_id = CASE WHEN t.new_state = 1 THEN NULL
+    waha_message_id = CASE WHEN t.new_state = {M.PENDING:d} THEN NULL
                            ELSE COALESCE(NULLIF(t.waha, ''), m.waha_message_id) END,
     failure_reason = CASE
-        WHEN t.outcome = 5 AND starts_with(t.reason, 'OUTCOME_UNKNOWN') THEN t.reason
-        WHEN t.outcome = 5 THEN 'OUTCOME_UNKNOWN' || CASE WHEN t.reason <> '' THEN ': ' || t.reason ELSE '' END
-        WHEN t.new_state = 6 THEN COALESCE(NULLIF(t.reason, ''), 'failed')
-        WHEN t.new_state = 7 THEN COALESCE(NULLIF(t.reason, ''), 'skipped')
-        WHEN t.new_state IN (1, 3, 4, 5) THEN NULL
+        WHEN t.outcome = {O.UNKNOWN:d} AND starts_with(t.reason, 'OUTCOME_UNKNOWN') THEN t.reason
+        WHEN t.outcome = {O.UNKNOWN:d}
+            THEN 'OUTCOME_UNKNOWN' || CASE WHEN t.reason <> '' THEN ': ' || t.reason ELSE '' END
+        WHEN t.new_state = {M.FAILED:d} THEN COALESCE(NULLIF(t.reason, ''), 'failed')
+        WHEN t.new_state = {M.SKIPPED:d} THEN COALESCE(NULLIF(t.reason, ''), 'skipped')
+        WHEN t.new_state IN ({M.PENDING:d}, {M.SENT:d}, {M.DELIVERED:d}, {M.READ:d}) THEN NULL
         ELSE m.failure_reason END,
-    sent_at = CASE WHEN t.new_state IN (3, 4, 5) THEN COALESCE(m.sent_at, t.ts, now()) ELSE m.sent_at END,
-    lease_owner = CASE WHEN t.new_state = 2 THEN m.lease_owner END,
-    lease_expires_at = CASE WHEN t.new_state = 2 THEN m.lease_expires_at END,
+    sent_at = CASE WHEN t.new_state IN ({M.SENT:d}, {M.DELIVERED:d}, {M.READ:d}) THEN COALESCE(m.sent_at, t.ts, now())
+                   ELSE m.sent_at END,
+    lease_owner = CASE WHEN t.new_state = {M.SENDING:d} THEN m.lease_owner END,
+    lease_expires_at = CASE WHEN t.new_state = {M.SENDING:d} THEN m.lease_expires_at END,
     updated_at = now()
 FROM t
 WHERE m.id = ANY(CAST(:ids AS bigint[])) AND m.id = t.id AND t.new_state IS NOT NULL

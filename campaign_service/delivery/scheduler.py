@@ -34,18 +34,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from campaign_service import audit, errors
+from campaign_service import audit, convert, errors, pacing
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.delivery import chips, transitions
 from campaign_service.delivery.common import (
+    CHIP_ACTIVE,
+    CHIP_RESTRICTED,
+    PENDING,
     RUNNING,
+    SCHEDULED,
+    SENDING,
     StatusEvent,
     is_lock_timeout,
     set_lock_timeout,
 )
+from campaign_service.dispatch import DispatcherClient, Lane
 from campaign_service.events import Events
+from campaign_service.repository import chips as chips_repo
+from campaign_service.repository import messages as messages_repo
+from campaign_service.service import CampaignOps
+from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.scheduler")
 
@@ -76,45 +87,47 @@ class TickResult:
     errors: int = 0
 
 
-_DUE = text("""
-SELECT id FROM campaigns WHERE state = 2 AND schedule_time <= now()
+_DUE = text(f"""
+SELECT id FROM campaigns WHERE state = {SCHEDULED:d} AND schedule_time <= now()
 ORDER BY schedule_time LIMIT :n FOR UPDATE SKIP LOCKED""")
 
-_FINISHED = text("""
+_FINISHED = text(f"""
 SELECT c.id FROM campaigns c
-WHERE c.state = 3
-  AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state IN (1, 2))
+WHERE c.state = {RUNNING:d}
+  AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
+                  AND m.state IN ({PENDING:d}, {SENDING:d}))
 LIMIT :n""")
 
-_UNUSABLE = text("""
+_UNUSABLE = text(f"""
 SELECT c.id AS cid, c.state, ch.id AS chip FROM campaigns c
-JOIN chips ch ON ch.user_id = c.user_id AND ch.state <> 1
-WHERE c.state = 3
+JOIN chips ch ON ch.user_id = c.user_id AND ch.state <> {CHIP_ACTIVE:d}
+WHERE c.state = {RUNNING:d}
   AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = ch.id
-              AND (m.state = 1 OR (m.state = 2 AND m.lease_expires_at < now() AND m.waha_message_id IS NULL)))
+              AND (m.state = {PENDING:d}
+                   OR (m.state = {SENDING:d} AND m.lease_expires_at < now() AND m.waha_message_id IS NULL)))
 LIMIT :n""")
 
 # Never attempted (no waha id) and the lease is gone: safe to send from another chip.
-_UNLEASE = text("""
+_UNLEASE = text(f"""
 WITH old AS (
     SELECT id, state FROM campaign_messages
-    WHERE campaign_id = :cid AND chip_id = :chip AND state = 2 AND lease_expires_at < now()
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d} AND lease_expires_at < now()
       AND waha_message_id IS NULL
     FOR UPDATE SKIP LOCKED
 )
-UPDATE campaign_messages m SET state = 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+UPDATE campaign_messages m SET state = {PENDING:d}, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM old WHERE m.id = old.id RETURNING m.id""")
 
-_STALL_PREDICATE = """
-c.state = 3
+_STALL_PREDICATE = f"""
+c.state = {RUNNING:d}
 AND c.updated_at < now() - make_interval(secs => :stall)
 AND NOT EXISTS (SELECT 1 FROM delivery_lanes l WHERE l.campaign_id = c.id
                 AND greatest(l.last_seen_at, CASE WHEN l.resume_epoch = c.dispatch_epoch THEN l.resume_at END)
                     > now() - make_interval(secs => :stall))
-AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = 2
+AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = {SENDING:d}
                 AND m.lease_expires_at >= now())
 AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
-            AND (m.state = 1 OR (m.state = 2 AND m.lease_expires_at < now())))
+            AND (m.state = {PENDING:d} OR (m.state = {SENDING:d} AND m.lease_expires_at < now())))
 """
 
 _STALLED = text(f"SELECT c.id FROM campaigns c WHERE {_STALL_PREDICATE} ORDER BY c.updated_at LIMIT :n")
@@ -146,8 +159,6 @@ class Scheduler:
     @property
     def dispatcher(self) -> Any:
         if self._dispatcher is None:
-            from campaign_service.dispatch import DispatcherClient
-
             self._dispatcher = DispatcherClient(self.settings.dispatcher_target, self.settings.service_token,
                                                 self.settings.dispatcher_timeout)
             self._own_dispatcher = True
@@ -155,10 +166,8 @@ class Scheduler:
 
     @property
     def ops(self) -> Any:
-        """The CampaignService operations (Start), created lazily so the module imports alone."""
+        """The CampaignService operations (Start), created on first use (tests give their own)."""
         if self._ops is None:
-            from campaign_service.service import CampaignOps
-
             self._ops = CampaignOps(self.db, self.settings, self.dispatcher, self.events)
         return self._ops
 
@@ -244,7 +253,7 @@ class Scheduler:
     def _note_refusal(self, cid: uuid.UUID, message: str) -> None:
         reason = f"scheduled start failed: {message}"
         with self.db.transaction() as s:
-            s.execute(text("UPDATE campaigns SET state_reason = :r WHERE id = :cid AND state = 2 "
+            s.execute(text(f"UPDATE campaigns SET state_reason = :r WHERE id = :cid AND state = {SCHEDULED:d} "
                            "AND state_reason <> :r"), {"r": reason, "cid": str(cid)})
 
     # -- 2. chips out of rotation ---------------------------------------------------------------
@@ -318,10 +327,6 @@ class Scheduler:
     def _kick(self, cid: uuid.UUID, stall: float) -> bool:
         """New epoch + StartDispatch, holding the campaign row FOR UPDATE so leases wait for the
         commit and see the new epoch; a dispatcher failure rolls the epoch back."""
-        from campaign_service import convert, pacing
-        from campaign_service.repository import chips as chips_repo
-        from campaign_service.repository import messages as messages_repo
-
         status: list[StatusEvent] = []
         try:
             with self.db.transaction() as s:
@@ -330,14 +335,14 @@ class Scheduler:
                 if c is None:
                     return False
                 chip_ids = messages_repo.open_chip_ids(s, cid)
-                usable = [ch for ch in chips_repo.by_ids(s, c.user_id, chip_ids) if ch.state != 3]
+                usable = [ch for ch in chips_repo.by_ids(s, c.user_id, chip_ids) if ch.state != CHIP_RESTRICTED]
                 if not usable:
                     ev = transitions.auto_pause(s, cid, chips.NO_CHIP_LEFT, "campaign.auto_pause")
                     status += [ev] if ev is not None else []
                     return False
                 settings = convert.settings_from_json(c.settings)
-                lanes = [self._lane(ch, settings, pacing, convert) for ch in usable]
-                recheck = _window_recheck([ln.pacing for ln in lanes], stall, time.time(), pacing)
+                lanes = [self._lane(ch, settings) for ch in usable]
+                recheck = _window_recheck([ln.pacing for ln in lanes], stall, time.time())
                 if recheck is not None:
                     self._later(cid, recheck)  # closed (or just opened) windows: silence is expected
                     return False
@@ -368,9 +373,7 @@ class Scheduler:
             transitions.publish(self.events, status)
 
     @staticmethod
-    def _lane(ch: Any, settings: Any, pacing: Any, convert: Any) -> Any:
-        from campaign_service.dispatch import Lane
-
+    def _lane(ch: Any, settings: Any) -> Lane:
         return Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
                     waha_api_key=ch.waha_api_key,
                     pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
@@ -379,7 +382,7 @@ class Scheduler:
 WINDOW_RECHECK_SECONDS = 60.0
 
 
-def _window_recheck(lane_pacing: list[Any], stall: float, now: float, pacing: Any) -> float | None:
+def _window_recheck(lane_pacing: list[res.Pacing], stall: float, now: float) -> float | None:
     """None when some lane could have sent for the whole stall period (no sending window, or one
     open for at least `stall` seconds): its silence means the dispatch stalled. Otherwise every lane
     waits on a closed or just-opened window, which is silence by design (a lane defers its job to
@@ -398,8 +401,6 @@ def _window_recheck(lane_pacing: list[Any], stall: float, now: float, pacing: An
 
 
 def _is_db_down(exc: BaseException) -> bool:
-    from sqlalchemy.exc import OperationalError
-
     return isinstance(exc, OperationalError)
 
 

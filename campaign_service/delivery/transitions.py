@@ -15,7 +15,15 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from campaign_service import audit
-from campaign_service.delivery.common import CAMPAIGN_STATE_NAMES, COMPLETED, PAUSED, RUNNING, StatusEvent
+from campaign_service.delivery.common import (
+    CAMPAIGN_STATE_NAMES,
+    COMPLETED,
+    PAUSED,
+    PENDING,
+    RUNNING,
+    SENDING,
+    StatusEvent,
+)
 from campaign_service.events import Events
 
 log = logging.getLogger("campaign_service.delivery")
@@ -24,8 +32,8 @@ _LOCK = text("""
     SELECT c.state, c.user_id, u.webhook_url FROM campaigns c JOIN users u ON u.id = c.user_id
     WHERE c.id = :cid FOR UPDATE OF c""")
 
-_OPEN_WORK = text("""
-    SELECT EXISTS (SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND state IN (1, 2))""")
+_OPEN_WORK = text(f"""
+    SELECT EXISTS (SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND state IN ({PENDING:d}, {SENDING:d}))""")
 
 
 def complete_if_done(session: Session, campaign_id: uuid.UUID) -> StatusEvent | None:

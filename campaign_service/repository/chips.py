@@ -11,6 +11,7 @@ from sqlalchemy import func, literal, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from campaign_service.db.models import Chip
+from campaign_service.states import CampaignState, ChipState
 
 
 def insert(session: Session, *, user_id: uuid.UUID, display_name: str, phone: str, waha_base_url: str,
@@ -61,7 +62,7 @@ def owned_ids(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) ->
 def usable(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Chip]:
     """ACTIVE chips of the user among `ids` (in that order), or all ACTIVE ones when `ids` is empty
     (oldest first, so the round-robin order is stable)."""
-    q = select(Chip).where(Chip.user_id == user_id, Chip.state == 1)
+    q = select(Chip).where(Chip.user_id == user_id, Chip.state == ChipState.ACTIVE)
     if ids:
         found = {c.id: c for c in session.execute(q.where(Chip.id.in_(list(ids)))).scalars()}
         return [found[i] for i in dict.fromkeys(ids) if i in found]
@@ -71,7 +72,8 @@ def usable(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> li
 def in_use(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> list[uuid.UUID]:
     """RUNNING/PAUSED campaigns of the user whose messages go through the chip (up to 10)."""
     return list(session.execute(text(
-        "SELECT c.id FROM campaigns c WHERE c.user_id = :u AND c.state IN (3, 4) AND ("
+        "SELECT c.id FROM campaigns c WHERE c.user_id = :u"
+        f" AND c.state IN ({CampaignState.RUNNING:d}, {CampaignState.PAUSED:d}) AND ("
         " :chip = ANY(c.chip_ids) OR (cardinality(c.chip_ids) = 0 AND EXISTS ("
         "  SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = :chip)))"
         " LIMIT 10"), {"u": user_id, "chip": chip_id}).scalars())

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from campaign_service.db.models import Contact
@@ -165,8 +165,6 @@ def count(session: Session, campaign_id: uuid.UUID) -> int:
 
 
 def page(session: Session, campaign_id: uuid.UUID, limit: int, after_id: int) -> list[Contact]:
-    from sqlalchemy import select
-
     return list(session.execute(
         select(Contact).where(Contact.campaign_id == campaign_id, Contact.id > after_id)
         .order_by(Contact.id).limit(limit)).scalars())

@@ -11,6 +11,8 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from campaign_service.states import MessageState as M
+
 
 def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequence[uuid.UUID], n_templates: int,
                      shuffle: bool) -> int:
@@ -40,11 +42,12 @@ def fail_open(session: Session, campaign_id: uuid.UUID, reason: str) -> CancelRe
     statements rather than an UPDATE joined to a locking subquery of the same table, which the
     planner turned into a rescan per row (minutes) when the table's statistics were stale."""
     were_open = session.execute(text(
-        "SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2)"),
+        f"SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
         {"c": campaign_id}).scalar_one()
     failed = session.execute(text(
-        "UPDATE campaign_messages SET state = 6, failure_reason = :r, lease_owner = NULL,"
-        " lease_expires_at = NULL, updated_at = now() WHERE campaign_id = :c AND state IN (1, 2, 6)"),
+        f"UPDATE campaign_messages SET state = {M.FAILED:d}, failure_reason = :r, lease_owner = NULL,"
+        " lease_expires_at = NULL, updated_at = now() WHERE campaign_id = :c"
+        f" AND state IN ({M.PENDING:d}, {M.SENDING:d}, {M.FAILED:d})"),
         {"c": campaign_id, "r": reason}).rowcount  # type: ignore[attr-defined]
     return CancelResult(int(failed), int(were_open))
 
@@ -84,5 +87,6 @@ def page(session: Session, campaign_id: uuid.UUID, state: int, limit: int, after
 def open_chip_ids(session: Session, campaign_id: uuid.UUID) -> list[uuid.UUID]:
     """Chips that still have PENDING or SENDING messages of the campaign (the lanes to resume)."""
     return list(session.execute(text(
-        "SELECT DISTINCT chip_id FROM campaign_messages WHERE campaign_id = :c AND state IN (1, 2)"),
+        f"SELECT DISTINCT chip_id FROM campaign_messages WHERE campaign_id = :c"
+        f" AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
         {"c": campaign_id}).scalars())
