@@ -13,87 +13,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from dispatcher_service import keys
+from dispatcher_service import keys, scripts
 
 FENCE_TTL_SECONDS = 7 * 86400
 
-# KEYS: fence, inflight[, pace]; ARGV: run_value, token, request_ttl, min_gap.
-# With a pace key (a send): no other send of the chip may be in flight (busy_until) and `min_gap`
-# must have passed since the END of the chip's previous send (last_actual, moved to the end by
-# _RELEASE_SEND), so the gap holds as WAHA sees it. While a send is in flight the earliest next
-# send is min_gap after it ends: the answer is 'wait:<min_gap>'.
-_ACQUIRE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'stop' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local ttl = tonumber(ARGV[3])
-if #KEYS >= 3 then
-  local mg = tonumber(ARGV[4])
-  if mg > 0 then
-    local busy = tonumber(redis.call('HGET', KEYS[3], 'busy_until') or '0')
-    if busy > now then return 'wait:' .. tostring(mg) end
-    local la = tonumber(redis.call('HGET', KEYS[3], 'last_actual') or '0')
-    if now < la + mg then return 'wait:' .. tostring(la + mg - now) end
-  end
-  redis.call('HSET', KEYS[3], 'last_actual', tostring(now), 'busy_until', tostring(now + ttl), 'busy_token', ARGV[2])
-  redis.call('EXPIRE', KEYS[3], 172800)
-end
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
-redis.call('EXPIRE', KEYS[2], 3600)
-return 'ok'
-"""
-
-# A send ended (answer, error or timeout): it no longer holds a stop back, and the chip's pace is
-# measured from now on. KEYS: inflight, pace; ARGV: token.
-_RELEASE_SEND = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local la = tonumber(redis.call('HGET', KEYS[2], 'last_actual') or '0')
-if now > la then redis.call('HSET', KEYS[2], 'last_actual', tostring(now)) end
-if redis.call('HGET', KEYS[2], 'busy_token') == ARGV[1] then redis.call('HDEL', KEYS[2], 'busy_until', 'busy_token') end
-redis.call('EXPIRE', KEYS[2], 172800)
-return 1
-"""
-
-_PENDING = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
-"""
-
-# Set the fence according to the epoch rules; returns 'new', 'same' or 'stale:<current>'.
-#   run E : allowed over nothing, run:<E, stop:<E; 'same' for run:E.
-#   stop E: allowed over nothing, run:<=E, stop:<E; 'same' for stop:>=E; stale over run:>E.
-_SET = """
-local cur = redis.call('GET', KEYS[1])
-local mode, e = ARGV[1], tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local function put()
-  if ttl > 0 then redis.call('SET', KEYS[1], mode .. ':' .. ARGV[2], 'EX', ttl)
-  else redis.call('SET', KEYS[1], mode .. ':' .. ARGV[2]) end
-  return 'new'
-end
-if not cur then return put() end
-local cm, ce = string.match(cur, '^(%a+):(%-?%d+)$')
-ce = tonumber(ce)
-if not cm then return put() end
-if mode == 'run' then
-  if cm == 'run' and ce == e then return 'same' end
-  if ce < e then return put() end
-  return 'stale:' .. cur
-else
-  if cm == 'run' and ce <= e then return put() end
-  if cm == 'stop' and ce < e then return put() end
-  if cm == 'stop' then return 'same' end
-  return 'stale:' .. cur
-end
-"""
 
 
 def run_value(epoch: int) -> str:
@@ -121,15 +49,23 @@ class Stopped(Exception):
     """The lane's epoch is no longer current: it must not talk to WAHA again."""
 
 
+class StaleEpoch(Exception):
+    """A newer dispatch epoch owns the campaign's fence: a run or stop of an older one is refused."""
+
+    def __init__(self, campaign_id: str, epoch: int, current: str) -> None:
+        super().__init__(f"{campaign_id}: epoch {epoch} is older than {current}")
+        self.campaign_id, self.epoch, self.current = campaign_id, epoch, current
+
+
 class Fences:
     """Fence checks, in-flight registration and confirmed stops."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._release_send = redis.register_script(_RELEASE_SEND)
-        self._pending = redis.register_script(_PENDING)
-        self._set = redis.register_script(_SET)
+        self._acquire = scripts.register(redis, "fence_acquire")
+        self._release_send = scripts.register(redis, "fence_release_send")
+        self._pending = scripts.register(redis, "fence_pending")
+        self._set = scripts.register(redis, "fence_set")
 
     async def get(self, campaign_id: str) -> FenceState:
         return parse(await self.redis.get(keys.fence(campaign_id)))
@@ -187,8 +123,22 @@ class Fences:
             await asyncio.sleep(poll)
         return await self.pending(campaign_id) == 0
 
-    async def stop(self, campaign_id: str, epoch: int, timeout: float) -> tuple[str, bool]:
-        """Fence to stop:epoch, then await in-flight requests. Returns (set result, drained)."""
+    async def run(self, campaign_id: str, epoch: int) -> str:
+        """Fence to run:epoch (a new dispatch); 'new' or 'same'. Raises StaleEpoch."""
+        res = await self.set(campaign_id, "run", epoch)
+        if res.startswith("stale:"):
+            raise StaleEpoch(campaign_id, epoch, res[6:])
+        return res
+
+    async def stop(self, campaign_id: str, epoch: int, timeout: float,
+                   before_drain: Callable[[], Awaitable[object]] | None = None) -> tuple[str, bool]:
+        """Guarantee 1's stop: fence to stop:epoch (from then on no lane passes `acquire`), run
+        `before_drain` (revoke queued jobs), then await the in-flight requests, at most `timeout`
+        seconds. Returns (set result 'new' or 'same', drained). Raises StaleEpoch."""
         res = await self.set(campaign_id, "stop", epoch)
+        if res.startswith("stale:"):
+            raise StaleEpoch(campaign_id, epoch, res[6:])
+        if before_drain is not None:
+            await before_drain()
         drained = await self.wait_idle(campaign_id, timeout)
         return res, drained

@@ -22,201 +22,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from redis.asyncio import Redis
 
-from dispatcher_service import keys
+from dispatcher_service import keys, scripts
+from dispatcher_service.fences import Stopped
 from whago.campaign.v1 import resources_pb2
 
 DEFAULT_MIN_SECONDS = 30.0  # WAHA's advice: random 30-60 s between messages
 DEFAULT_MAX_SECONDS = 60.0
 HORIZON_DAYS = 8
 NO_SLOT = -1.0
-
-# The slot computation shared by both scripts: a Lua function of (pace, plog, gap, mph, mpd, token,
-# nwin, woff, now) returning the reserved slot or -1; windows are ARGV[woff + 2w], ARGV[woff + 2w + 1].
-#   slot = max(now, last_reserved_slot + gap, last_actual + gap)
-# `last_actual` is when the chip's previous send ENDED (fences.py), so the random gap is measured
-# from the send WAHA really got, not from its plan: a late send pushes the next one back.
-_SLOT_FN = """
-local function reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now)
-  redis.call('ZREMRANGEBYSCORE', plog, '-inf', now - 86401)
-  local last = tonumber(redis.call('HGET', pace, 'last') or '0')
-  local la = tonumber(redis.call('HGET', pace, 'last_actual') or '0')
-  local slot = math.max(now, last + gap, la + gap)
-  for i = 1, 64 do
-    local moved = false
-    if nwin >= 0 then
-      local found = false
-      for w = 0, nwin - 1 do
-        local s, e = tonumber(ARGV[woff + 2 * w]), tonumber(ARGV[woff + 1 + 2 * w])
-        if slot < e then
-          if slot < s then slot = s; moved = true end
-          found = true
-          break
-        end
-      end
-      if not found then return -1 end
-    end
-    for _, cap in ipairs({{mph, 3600}, {mpd, 86400}}) do
-      local limit, span = cap[1], cap[2]
-      if limit > 0 then
-        local n = redis.call('ZCOUNT', plog, '(' .. (slot - span), '+inf')
-        if n >= limit then
-          local r = redis.call('ZRANGEBYSCORE', plog, '(' .. (slot - span), '+inf', 'WITHSCORES', 'LIMIT', n - limit, 1)
-          local ns = tonumber(r[2]) + span + 0.001
-          if ns > slot then slot = ns; moved = true end
-        end
-      end
-    end
-    if not moved then
-      redis.call('HSET', pace, 'last', tostring(slot), 'last_prev', tostring(last), 'last_token', token)
-      redis.call('ZADD', plog, slot, token)
-      redis.call('EXPIRE', pace, 172800)
-      redis.call('EXPIRE', plog, 172800)
-      return slot
-    end
-  end
-  return -1
-end
-"""
-
-# KEYS: pace, pacelog[, lane]; ARGV: gap, mph, mpd, token, nwin, windows...
-# The optional lane hash gets next_send_time (GetDispatch) in the same step.
-_RESERVE = _SLOT_FN + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-                          tonumber(ARGV[5]), 6, now)
-if slot < 0 then return '-1' end
-if #KEYS >= 3 then redis.call('HSET', KEYS[3], 'next_send_time', tostring(slot)) end
-return tostring(slot)
-"""
-
-# A lane's previous send (or burst), ended but not yet released: no longer in flight, and the chip's
-# pace is measured from now (what fences' _RELEASE_SEND does; `now` is never earlier than the real
-# end, so the pace only gets more conservative).
-_RELEASE_PREV_FN = """
-local function release_prev(pace, inflight, token, now)
-  redis.call('ZREM', inflight, token)
-  local la0 = tonumber(redis.call('HGET', pace, 'last_actual') or '0')
-  if now > la0 then redis.call('HSET', pace, 'last_actual', tostring(now)) end
-  if redis.call('HGET', pace, 'busy_token') == token then
-    redis.call('HDEL', pace, 'busy_until', 'busy_token')
-  end
-end
-"""
-
-# Reserve a slot and, when it is due now, also pass the stop fence and take the send in one step
-# (what fences.acquire does with a pace chip), saving two round trips per message at full speed.
-# KEYS: pace, pacelog, lane, fence, inflight
-# ARGV: gap, mph, mpd, res_token, run_value, send_token, request_ttl, min_gap, latest, prev_token, nwin,
-#       windows...
-# `prev_token` (or ''): the lane's previous send of this chip, ended but not yet released; it is
-# released first, whatever the answer (what fences' _RELEASE_SEND does, its end time = now, which
-# is never earlier than the real end: the pace only gets more conservative).
-# Returns 'stop' (fence moved: nothing reserved), '-1' (no window), 'go:<slot>' (reserved AND the
-# send is registered under send_token) or 'slot:<slot>' (reserved for later: sleep, then acquire).
-_RESERVE_SEND = _SLOT_FN + _RELEASE_PREV_FN + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if ARGV[10] ~= '' then
-  release_prev(KEYS[1], KEYS[5], ARGV[10], now)
-  -- tostring keeps 14 digits and may round the stored end up (< 0.1 ms): reserve from there, or
-  -- the slot (>= last_actual) would look "not due yet" and the send would take the slow path.
-  local stored = tonumber(tostring(now))
-  if stored > now then now = stored end
-end
-if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
-local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-                          tonumber(ARGV[11]), 12, now)
-if slot < 0 then return '-1' end
-redis.call('HSET', KEYS[3], 'next_send_time', tostring(slot))
-if slot > now or now > tonumber(ARGV[9]) then return 'slot:' .. tostring(slot) end
-local mg = tonumber(ARGV[8])
-if mg > 0 then
-  local busy = tonumber(redis.call('HGET', KEYS[1], 'busy_until') or '0')
-  local la = tonumber(redis.call('HGET', KEYS[1], 'last_actual') or '0')
-  if busy > now or now < la + mg then return 'slot:' .. tostring(slot) end
-end
-local ttl = tonumber(ARGV[7])
-redis.call('HSET', KEYS[1], 'last_actual', tostring(now), 'busy_until', tostring(now + ttl), 'busy_token', ARGV[6])
-redis.call('ZADD', KEYS[5], now + ttl, ARGV[6])
-redis.call('EXPIRE', KEYS[5], 3600)
-return 'go:' .. tostring(slot)
-"""
-
-# Full speed (the lane's gap is always 0): pass the fence and take up to k sends in ONE step, under
-# one in-flight token that the lane holds for a short burst of sequential sends. Caps and the window
-# are checked for the burst as a whole; each send of it is logged for the caps (score now).
-# KEYS: pace, pacelog, lane, fence, inflight
-# ARGV: mph, mpd, run_value, token, request_ttl, k, prev_token, nwin, windows...
-# `prev_token`: the lane's previous burst (ended, not yet released): released first, as in
-# _RESERVE_SEND. Returns 'stop', '-1' (no window within the horizon), 'slot:<t>' (nothing may leave
-# before t: window closed or a cap reached) or 'go:<n>' (n >= 1 sends registered under token).
-_RESERVE_BURST = _RELEASE_PREV_FN + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if ARGV[7] ~= '' then release_prev(KEYS[1], KEYS[5], ARGV[7], now) end
-if redis.call('GET', KEYS[4]) ~= ARGV[3] then return 'stop' end
-local nwin = tonumber(ARGV[8])
-if nwin >= 0 then
-  local inside, nxt = false, -1
-  for w = 0, nwin - 1 do
-    local s, e = tonumber(ARGV[9 + 2 * w]), tonumber(ARGV[10 + 2 * w])
-    if now < e then
-      if now >= s then inside = true else nxt = s end
-      break
-    end
-  end
-  if not inside then
-    if nxt < 0 then return '-1' end
-    redis.call('HSET', KEYS[3], 'next_send_time', tostring(nxt))
-    return 'slot:' .. tostring(nxt)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86401)
-local n = tonumber(ARGV[6])
-for _, cap in ipairs({{tonumber(ARGV[1]), 3600}, {tonumber(ARGV[2]), 86400}}) do
-  local limit, span = cap[1], cap[2]
-  if limit > 0 then
-    local c = redis.call('ZCOUNT', KEYS[2], '(' .. (now - span), '+inf')
-    if c >= limit then
-      local r = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (now - span), '+inf', 'WITHSCORES', 'LIMIT', c - limit, 1)
-      local ns = tonumber(r[2]) + span + 0.001
-      redis.call('HSET', KEYS[3], 'next_send_time', tostring(ns))
-      return 'slot:' .. tostring(ns)
-    end
-    n = math.min(n, limit - c)
-  end
-end
-local members = {}
-for i = 1, n do
-  members[#members + 1] = now
-  members[#members + 1] = ARGV[4] .. ':' .. i
-end
-redis.call('ZADD', KEYS[2], unpack(members))
-local ttl = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'last', tostring(now), 'last_actual', tostring(now), 'busy_until', tostring(now + ttl),
-           'busy_token', ARGV[4])
-redis.call('HSET', KEYS[3], 'next_send_time', tostring(now))
-redis.call('ZADD', KEYS[5], now + ttl, ARGV[4])
-redis.call('EXPIRE', KEYS[5], 3600)
-redis.call('EXPIRE', KEYS[1], 172800)
-redis.call('EXPIRE', KEYS[2], 172800)
-return 'go:' .. tostring(n)
-"""
-
-# Give back a slot: forget it for the caps; if nobody reserved after it, roll `last` back so the
-# next reservation draws a fresh random gap from the previous send instead of drifting.
-_RELEASE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('HGET', KEYS[1], 'last_token') == ARGV[1] then
-  local prev = redis.call('HGET', KEYS[1], 'last_prev')
-  if prev then redis.call('HSET', KEYS[1], 'last', prev) end
-  redis.call('HDEL', KEYS[1], 'last_token', 'last_prev')
-end
-return 1
-"""
-
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -302,10 +115,10 @@ class Pacer:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._reserve = redis.register_script(_RESERVE)
-        self._reserve_send = redis.register_script(_RESERVE_SEND)
-        self._release = redis.register_script(_RELEASE)
-        self._reserve_burst = redis.register_script(_RESERVE_BURST)
+        self._reserve = scripts.register(redis, "pace_reserve")
+        self._reserve_send = scripts.register(redis, "pace_reserve_send")
+        self._release = scripts.register(redis, "pace_release")
+        self._reserve_burst = scripts.register(redis, "pace_reserve_burst")
 
     async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
                       gap: float | None = None, lane_key: str | None = None) -> Reservation | None:
@@ -331,8 +144,6 @@ class Pacer:
 
         Returns (reservation, send token or None); (None, None) when no window opens.
         Raises fences.Stopped when the fence moved (nothing is reserved then)."""
-        from dispatcher_service.fences import Stopped
-
         token, send_token = uuid.uuid4().hex, uuid.uuid4().hex
         args = [*self._args(limits, token, None), run_value, send_token, request_ttl, limits.interval_min, latest,
                 prev_token or "", *self._windows(limits, None)]
@@ -356,8 +167,6 @@ class Pacer:
         may leave (window closed, cap reached), or None when no window opens within the horizon.
         `prev_token` is released first, even when the fence moved. Raises fences.Stopped when the
         fence moved."""
-        from dispatcher_service.fences import Stopped
-
         token = uuid.uuid4().hex
         args = [limits.max_per_hour, limits.max_per_day, run_value, token, request_ttl, max(1, k), prev_token or "",
                 *self._windows(limits, None)]

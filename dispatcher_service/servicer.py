@@ -17,11 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 from arq.connections import ArqRedis
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-from redis.exceptions import RedisError
 
+from dispatcher_service import errors
 from dispatcher_service.config import Config
 from dispatcher_service.store import Store
 from whago.campaign.v1 import resources_pb2 as rpb
@@ -29,60 +26,28 @@ from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as pbg
 
 log = logging.getLogger("dispatcher.api")
-ERROR_DOMAIN = "dispatcher.whago"
 R = TypeVar("R")
 
 
-class RpcAbort(Exception):
-    """Raised inside handlers; turned into a rich status by the `rpc` wrapper."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, details: list[Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details or []
-
-
-def bad_request(violations: list[tuple[str, str]]) -> RpcAbort:
-    br = error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
-    return RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{f}: {d}" for f, d in violations), [br])
-
-
-def error_info(code: grpc.StatusCode, message: str, reason: str, **meta: str) -> RpcAbort:
-    ei = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=meta)
-    return RpcAbort(code, message, [ei])
-
-
-async def _abort(context: grpc.aio.ServicerContext, e: RpcAbort) -> None:
-    st = status_pb2.Status(code=getattr(code_pb2, e.code.name), message=e.message)
-    for d in e.details:
-        a = any_pb2.Any()
-        a.Pack(d)
-        st.details.append(a)
-    await context.abort_with_status(rpc_status.to_status(st))  # type: ignore[attr-defined]
-
-
 def rpc(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Auth + error mapping for every method."""
+    """Auth + error mapping for every method: whatever escapes becomes errors.to_service_error's status."""
 
     @functools.wraps(fn)
     async def wrapper(self: DispatcherServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             self.authenticate(context)
             return await fn(self, request, context)
-        except RpcAbort as e:
-            if e.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                log.info("%s refused: %s %s", fn.__name__, e.code.name, e.message)
-            await _abort(context, e)
-        except (RedisError, OSError) as e:
-            log.warning("%s: redis unavailable: %s", fn.__name__, e)
-            await _abort(context, RpcAbort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(e).__name__}"))
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
-                raise
-            log.exception("%s failed: %s", fn.__name__, e)
-            await _abort(context, RpcAbort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            err = errors.to_service_error(exc)
+            if isinstance(err, errors.Internal):
+                log.exception("%s failed: %s", fn.__name__, exc)
+            elif isinstance(err, errors.Unavailable):
+                log.warning("%s: redis unavailable: %s", fn.__name__, exc)
+            elif err.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                log.info("%s refused: %s %s", fn.__name__, err.code.name, err.message)
+            await context.abort_with_status(err.to_status())  # type: ignore[attr-defined]
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper
@@ -152,7 +117,7 @@ def validate_start(req: pb.StartDispatchRequest) -> None:
     if c.HasField("typing_max_seconds") and not 0 <= c.typing_max_seconds <= 60:
         v.append(("camouflage.typing_max_seconds", "must be 0-60"))
     if v:
-        raise bad_request(v)
+        raise errors.InvalidArgument(v)
 
 
 def validate_stop(campaign_id: str, epoch: int) -> None:
@@ -162,7 +127,7 @@ def validate_stop(campaign_id: str, epoch: int) -> None:
     if epoch < 0:
         v.append(("epoch", "must be >= 0"))
     if v:
-        raise bad_request(v)
+        raise errors.InvalidArgument(v)
 
 
 class DispatcherServicer(pbg.DispatcherServiceServicer):
@@ -181,26 +146,19 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
             if k == "authorization":
                 auth = val if isinstance(val, str) else val.decode()
         if not auth:
-            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED, "missing authorization: Bearer <service token>")
+            raise errors.Unauthenticated("missing authorization: Bearer <service token>")
         scheme, _, tok = auth.partition(" ")
         if scheme.lower() != "bearer" or not tok.strip():
-            raise RpcAbort(grpc.StatusCode.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
+            raise errors.Unauthenticated("authorization must be 'Bearer <token>'")
         if not hmac.compare_digest(tok.strip().encode(), self._token):
-            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, "DispatcherService accepts only the service token")
-
-    def _stale(self, campaign_id: str, epoch: int, current: str) -> RpcAbort:
-        return error_info(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"epoch {epoch} is older than the campaign's current dispatch ({current})",
-                          "STALE_EPOCH", campaign_id=campaign_id, current=current, epoch=str(epoch))
+            raise errors.PermissionDenied("DispatcherService accepts only the service token")
 
     @rpc
     async def StartDispatch(self, request: pb.StartDispatchRequest,
                             context: grpc.aio.ServicerContext) -> pb.StartDispatchResponse:
         validate_start(request)
         c, e = request.campaign_id, request.epoch
-        res = await self.fences.set(c, "run", e)
-        if res.startswith("stale:"):
-            raise self._stale(c, e, res[6:])
+        res = await self.fences.run(c, e)
         if res == "same":
             stored = await self.store.load_request(c)
             if stored is not None and stored.epoch == e:
@@ -219,11 +177,13 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
         return pb.StartDispatchResponse(dispatch=d)
 
     async def _stop(self, c: str, e: int, what: str) -> tuple[int, int]:
-        res = await self.fences.set(c, "stop", e)
-        if res.startswith("stale:"):
-            raise self._stale(c, e, res[6:])
-        revoked, aborted = await self.store.stop_jobs(c)
-        drained = await self.fences.wait_idle(c, self.cfg.stop_wait_seconds)
+        jobs: list[tuple[int, int]] = []
+
+        async def revoke_jobs() -> None:
+            jobs.append(await self.store.stop_jobs(c))
+
+        res, drained = await self.fences.stop(c, e, self.cfg.stop_wait_seconds, before_drain=revoke_jobs)
+        revoked, aborted = jobs[0]
         log.info("campaign=%s epoch=%d %s: fence set (%s), revoked=%d aborted=%d in-flight drained=%s",
                  c, e, what, res, revoked, aborted, drained)
         return revoked, aborted
@@ -260,9 +220,9 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
     @rpc
     async def GetDispatch(self, request: pb.GetDispatchRequest, context: grpc.aio.ServicerContext) -> pb.Dispatch:
         if not request.campaign_id.strip():
-            raise bad_request([("campaign_id", "required")])
+            raise errors.InvalidArgument([("campaign_id", "required")])
         d = await self.store.get_dispatch(request.campaign_id)
         if d is None:
-            raise error_info(grpc.StatusCode.NOT_FOUND, f"no dispatch for campaign {request.campaign_id}",
-                             "DISPATCH_NOT_FOUND", campaign_id=request.campaign_id)
+            raise errors.NotFound("DISPATCH_NOT_FOUND", f"no dispatch for campaign {request.campaign_id}",
+                                  {"campaign_id": request.campaign_id})
         return d

@@ -15,7 +15,7 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 
 from dispatcher_service import fences as fences_mod
-from dispatcher_service import keys
+from dispatcher_service import keys, scripts
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.store")
@@ -25,56 +25,6 @@ LANE_FUNCTION = "run_lane"
 STATE_TTL_SECONDS = 30 * 86400
 REQUEST_CACHE_SIZE = 64
 DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
-
-# 1 when every lane hash in KEYS has a final state (FINISHED/FAILED), else 0. Starts at ARGV[1]
-# (the caller's successor: lanes finish roughly in start order, so an unfinished one is usually
-# found at once) and stops at the first unfinished lane: O(1) typical, one round trip.
-_ALL_DONE = """
-local n = #KEYS
-local start = tonumber(ARGV[1])
-for i = 0, n - 1 do
-  local k = KEYS[((start + i) % n) + 1]
-  local st = redis.call('HGET', k, 'state')
-  if st ~= ARGV[2] and st ~= ARGV[3] then return 0 end
-end
-return 1
-"""
-
-_LOCK = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-redis.call('SET', KEYS[2], '1', 'EX', 3600)
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# Release the lane lock and, in the same atomic step, collect the "someone wanted this lane" flag:
-# a slice that found the lane busy either set the flag before this runs (we see it and re-enqueue)
-# or runs after it (it gets the lock itself). No work is orphaned between the two.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  local w = redis.call('GET', KEYS[2])
-  redis.call('DEL', KEYS[2])
-  if w then return 1 end
-  return 0
-end
-return -1
-"""
-
 
 async def aw(x: Awaitable[T] | T) -> T:
     """redis-py types its asyncio commands as `Awaitable[X] | X`; this keeps mypy honest."""
@@ -97,20 +47,25 @@ class LaneLock:
     owner: str
     ttl_ms: int = 20_000
 
+    def __post_init__(self) -> None:
+        self._lock = scripts.register(self.redis, "lane_lock")
+        self._renew = scripts.register(self.redis, "lane_lock_renew")
+        self._unlock = scripts.register(self.redis, "lane_unlock")
+
     def _keys(self) -> list[str]:
         return [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
 
     async def acquire(self) -> bool:
-        r = await aw(self.redis.eval(_LOCK, 2, *self._keys(), self.owner, str(self.ttl_ms)))
+        r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms)])
         return int(r) == 1
 
     async def renew(self) -> bool:
-        r = await aw(self.redis.eval(_RENEW, 1, self._keys()[0], self.owner, str(self.ttl_ms)))
+        r = await self._renew(keys=self._keys()[:1], args=[self.owner, str(self.ttl_ms)])
         return int(r) == 1
 
     async def release(self) -> bool:
         """Unlock; True when another slice asked for the lane meanwhile (caller re-enqueues)."""
-        r = await aw(self.redis.eval(_UNLOCK, 2, *self._keys(), self.owner))
+        r = await self._unlock(keys=self._keys(), args=[self.owner])
         return int(r) == 1
 
 
@@ -131,7 +86,7 @@ class Store:
         self.redis = redis
         self.queue = queue_name
         self.fences = fences_mod.Fences(redis)
-        self._all_done = redis.register_script(_ALL_DONE)
+        self._all_done = scripts.register(redis, "lanes_all_done")
         # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
         # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory
         # and CPU). The revision is rewritten by every save_dispatch.
