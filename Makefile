@@ -48,7 +48,7 @@ lint: setup node_modules/.stamp
 	$(BIN)/mypy
 
 test: setup node_modules/.stamp
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 run: setup node_modules/.stamp
 	$(PYTHON) -m devstack

