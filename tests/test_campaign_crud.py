@@ -4,7 +4,6 @@ request ids, media upload."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
@@ -84,12 +83,7 @@ def test_page_size_is_clamped_and_default_50(api: Api, engine: sa.Engine, api_ke
     assert len(rest.campaigns) == 105 and rest.next_page_token == ""
     ids = {c.id for c in big.campaigns} | {c.id for c in rest.campaigns}
     assert len(ids) == 1105
-    # a page of 100 is fast (keyset on the index): generous bound for a loaded CI box
-    t0 = time.perf_counter()
-    for _ in range(20):
-        api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=100, page_token=default.next_page_token),
-                                    metadata=api.md)
-    assert (time.perf_counter() - t0) / 20 < 0.1
+    # How fast a page is: `make bench`'s `list` figure (p99 at 100k campaigns), not a test.
 
 
 def test_bad_page_tokens_are_invalid_argument(api: Api) -> None:

@@ -202,10 +202,8 @@ def test_wait_for_state_times_out_then_stops_at_another_final_state(
     client.import_contacts(camp.id, [p.replace(" ", "") for p in phones(3)])
     client.start_campaign(camp.id)
 
-    t0 = time.monotonic()
     with pytest.raises(errors.WaitTimeout) as exc:
         client.wait_for_state(camp.id, ["COMPLETED"], timeout=1.0, poll=0.1)
-    assert time.monotonic() - t0 < 5
     assert exc.value.last is not None and exc.value.last.state == res.CAMPAIGN_STATE_RUNNING
 
     client.cancel_campaign(camp.id)
@@ -265,15 +263,13 @@ def test_delete_chip_is_never_retried_and_reads_give_up_after_max_attempts() -> 
     sleeps: list[float] = []
     with WhagoClient(f"127.0.0.1:{free_port()}", api_key="k", timeout=10, retry=policy) as nobody:
         nobody._sleep = counting_sleep(sleeps)
-        t0 = time.monotonic()
         with pytest.raises(errors.Unavailable):
             nobody.delete_chip("6f1b1c53-0000-4000-8000-000000000000")
-        assert sleeps == [] and time.monotonic() - t0 < 5  # one attempt only
+        assert sleeps == []  # one attempt only
 
-        t0 = time.monotonic()
         with pytest.raises(errors.Unavailable):
             nobody.get_chip("6f1b1c53-0000-4000-8000-000000000000")
-        assert len(sleeps) == 2 and time.monotonic() - t0 < 9  # three attempts, then the error
+        assert len(sleeps) == 2  # three attempts, then the error
 
 
 # --------------------------------------------------------------------------- CLI end to end

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from sqlalchemy import text
 
 from campaign_service.db.engine import Database
@@ -27,13 +25,11 @@ def test_bulk_changes_are_analyzed_at_once_small_ones_and_other_tables_are_not(d
         keeper.changed("campaign_messages", 99)  # small: left to autovacuum
         keeper.changed("campaigns", 10_000)  # not a bulk table
         assert keeper._thread is None and not keeper._due, "nothing to analyze: no thread, nothing queued"
-        t0 = time.monotonic()
         keeper.changed("campaign_messages", 100)
         keeper.changed("campaign_contacts", 5_000)
         wait_for(lambda: analyze_count(delivery_db, "campaign_messages") > before["campaign_messages"]
                  and analyze_count(delivery_db, "campaign_contacts") > before["campaign_contacts"],
                  timeout=10, what="both tables analyzed")
-        assert time.monotonic() - t0 < 10
     finally:
         keeper.stop()
     keeper.changed("campaign_messages", 10_000)  # after stop: ignored, no thread left behind
