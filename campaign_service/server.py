@@ -23,9 +23,9 @@ from campaign_service.delivery import servicer as delivery_servicer
 from campaign_service.dispatch import DispatcherClient
 from campaign_service.events import Events
 from campaign_service.interceptors import KeyCache, ServerInterceptor
+from campaign_service.ops import Operations
 from campaign_service.repository import users as users_repo
 from campaign_service.rpc_pool import ElasticThreadPool
-from campaign_service.service import CampaignOps
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
 from whago.campaign.v1 import campaign_service_pb2, chip_service_pb2, delivery_service_pb2
@@ -62,7 +62,7 @@ class App:
         self.events = Events(settings.redis_url)
         self.dispatcher = DispatcherClient(settings.dispatcher_target, settings.service_token,
                                            settings.dispatcher_timeout)
-        self.ops = CampaignOps(self.db, settings, self.dispatcher, self.events)
+        self.ops = Operations.create(self.db, settings, self.dispatcher, self.events)
         self.keys = KeyCache(self._lookup_key)
         self.pool = ElasticThreadPool(settings.core_workers, settings.max_workers, thread_name_prefix="rpc")
         self.server = grpc.server(self.pool,

@@ -23,7 +23,8 @@ from redis.exceptions import RedisError
 from dispatcher_service import config as config_mod
 from dispatcher_service import eventloop, keys, logs
 from dispatcher_service.delivery import DeliveryClient
-from dispatcher_service.lanes import WorkerEnv, run_lane
+from dispatcher_service.lane.common import WorkerEnv
+from dispatcher_service.lane.loop import run_lane
 from dispatcher_service.redis_conn import arq_settings
 from dispatcher_service.waha.transport import HttpClient
 

@@ -67,7 +67,7 @@ class RecordingDispatcher:
 
 
 class RecordingOps:
-    """Stands in for CampaignOps: records start_scheduled calls, optionally refusing."""
+    """Stands in for CampaignLifecycle: records start_scheduled calls, optionally refusing."""
 
     def __init__(self, refuse: bool = False) -> None:
         self.calls: list[uuid.UUID] = []

@@ -3,7 +3,7 @@ work per tick, safe with several replicas on one PostgreSQL and tolerant to data
 
 Each tick, in order:
 1. `start_due`: SCHEDULED campaigns whose schedule_time has passed are started through the same
-   operation as StartCampaign (`CampaignOps.start_scheduled`). Candidates are picked
+   operation as StartCampaign (`CampaignLifecycle.start_scheduled`). Candidates are picked
    `FOR UPDATE SKIP LOCKED` so replicas spread them; Start itself re-checks under its row lock. A
    refused start (no contacts, no chip, credits) stays SCHEDULED with the error in state_reason and
    is retried after `RETRY_REFUSED_SECONDS`.
@@ -53,9 +53,9 @@ from campaign_service.delivery.common import (
 )
 from campaign_service.dispatch import DispatcherClient, Lane
 from campaign_service.events import Events
+from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import messages as messages_repo
-from campaign_service.service import CampaignOps
 from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.scheduler")
@@ -168,7 +168,7 @@ class Scheduler:
     def ops(self) -> Any:
         """The CampaignService operations (Start), created on first use (tests give their own)."""
         if self._ops is None:
-            self._ops = CampaignOps(self.db, self.settings, self.dispatcher, self.events)
+            self._ops = CampaignLifecycle(self.db, self.settings, self.dispatcher, self.events)
         return self._ops
 
     def start(self) -> Scheduler:
@@ -404,6 +404,6 @@ def _is_db_down(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError)
 
 
-def start(db: Database, settings: Settings, events: Events) -> Scheduler:
+def start(db: Database, settings: Settings, events: Events, ops: CampaignLifecycle | None = None) -> Scheduler:
     """Start the background thread (called by campaign_service.server); `.stop()` ends it."""
-    return Scheduler(db, settings, events).start()
+    return Scheduler(db, settings, events, ops=ops).start()

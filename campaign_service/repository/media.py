@@ -1,4 +1,4 @@
-"""Campaign media rows (files live under settings.media_dir; see service.py)."""
+"""Campaign media rows (files live under settings.media_dir; see ops/media.py)."""
 
 from __future__ import annotations
 

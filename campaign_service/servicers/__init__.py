@@ -1,11 +1,11 @@
-"""gRPC servicers: protobuf <-> service.CampaignOps, nothing else."""
+"""gRPC servicers: protobuf <-> campaign_service.ops, nothing else."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from campaign_service.service import Idem, Replayed
+from campaign_service.ops.inputs import Idem, Replayed
 
 M = TypeVar("M")
 

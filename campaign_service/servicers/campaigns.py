@@ -1,4 +1,4 @@
-"""whago.campaign.v1.CampaignService: protobuf <-> CampaignOps."""
+"""whago.campaign.v1.CampaignService: protobuf <-> campaign_service.ops."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 
 from campaign_service import auth, convert, errors
-from campaign_service.service import CampaignInput, CampaignOps, DeleteResult, ImportChunk, mask_paths
+from campaign_service.ops import Operations
+from campaign_service.ops.inputs import CampaignInput, DeleteResult, ImportChunk, mask_paths
 from campaign_service.servicers import idem, unwrap
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -37,21 +38,22 @@ def delete_response(r: DeleteResult) -> cs.DeleteCampaignResponse:
 
 
 class CampaignServicer(cs_grpc.CampaignServiceServicer):
-    def __init__(self, ops: CampaignOps) -> None:
+    def __init__(self, ops: Operations) -> None:
         self.ops = ops
 
     def CreateCampaign(self, request: cs.CreateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         uid = auth.current_user_id()
-        out = self.ops.create_campaign(uid, campaign_input(request.campaign),
+        out = self.ops.campaigns.create_campaign(uid, campaign_input(request.campaign),
                                        idem(request.request_id, "CreateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        return convert.campaign_view(self.ops.get_campaign(auth.current_user_id(), request.campaign_id))
+        return convert.campaign_view(self.ops.campaigns.get_campaign(auth.current_user_id(), request.campaign_id))
 
     def ListCampaigns(self, request: cs.ListCampaignsRequest,
                       context: grpc.ServicerContext) -> cs.ListCampaignsResponse:
-        page = self.ops.list_campaigns(auth.current_user_id(), request.state, request.page_size, request.page_token)
+        page = self.ops.campaigns.list_campaigns(auth.current_user_id(), request.state, request.page_size,
+                                                 request.page_token)
         return cs.ListCampaignsResponse(campaigns=[convert.campaign_view(c) for c in page.items],
                                         next_page_token=page.next_page_token)
 
@@ -60,33 +62,33 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         patch = campaign_input(request.campaign)
         paths = mask_paths(request.update_mask if request.HasField("update_mask") else None, patch,
                            settings_set=request.campaign.HasField("settings"))
-        out = self.ops.update_campaign(uid, request.campaign.id, patch, paths, request.campaign.etag,
+        out = self.ops.campaigns.update_campaign(uid, request.campaign.id, patch, paths, request.campaign.etag,
                                        idem(request.request_id, "UpdateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def DeleteCampaign(self, request: cs.DeleteCampaignRequest,
                        context: grpc.ServicerContext) -> cs.DeleteCampaignResponse:
-        out = self.ops.delete_campaign(auth.current_user_id(), request.campaign_id, request.etag,
+        out = self.ops.campaigns.delete_campaign(auth.current_user_id(), request.campaign_id, request.etag,
                                        idem(request.request_id, "DeleteCampaign", delete_response))
         return unwrap(out, cs.DeleteCampaignResponse, delete_response)
 
     def StartCampaign(self, request: cs.StartCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.start_campaign(auth.current_user_id(), request.campaign_id,
+        out = self.ops.lifecycle.start_campaign(auth.current_user_id(), request.campaign_id,
                                       idem(request.request_id, "StartCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def PauseCampaign(self, request: cs.PauseCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.pause_campaign(auth.current_user_id(), request.campaign_id,
+        out = self.ops.lifecycle.pause_campaign(auth.current_user_id(), request.campaign_id,
                                       idem(request.request_id, "PauseCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def ResumeCampaign(self, request: cs.ResumeCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.resume_campaign(auth.current_user_id(), request.campaign_id,
+        out = self.ops.lifecycle.resume_campaign(auth.current_user_id(), request.campaign_id,
                                        idem(request.request_id, "ResumeCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def CancelCampaign(self, request: cs.CancelCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.cancel_campaign(auth.current_user_id(), request.campaign_id,
+        out = self.ops.lifecycle.cancel_campaign(auth.current_user_id(), request.campaign_id,
                                        idem(request.request_id, "CancelCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
@@ -107,36 +109,36 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
             if ended.wait(END_OF_STREAM_GRACE) or not context.is_active():
                 raise errors.Cancelled("the client cancelled the upload; nothing was imported")
 
-        r = self.ops.import_contacts(uid, chunks())
+        r = self.ops.contacts.import_contacts(uid, chunks())
         return cs.ImportContactsResponse(
             imported_count=r.imported, duplicate_count=r.duplicates, rejected_count=r.rejected_count,
             total_contacts=r.total_contacts,
             rejected=[cs.RejectedContact(row=x.row, phone=x.phone, reason=x.reason) for x in r.rejected])
 
     def ListContacts(self, request: cs.ListContactsRequest, context: grpc.ServicerContext) -> cs.ListContactsResponse:
-        page = self.ops.list_contacts(auth.current_user_id(), request.campaign_id, request.page_size,
+        page = self.ops.contacts.list_contacts(auth.current_user_id(), request.campaign_id, request.page_size,
                                       request.page_token)
         return cs.ListContactsResponse(contacts=[convert.contact(c) for c in page.items],
                                        next_page_token=page.next_page_token)
 
     def ListCampaignMessages(self, request: cs.ListCampaignMessagesRequest,
                              context: grpc.ServicerContext) -> cs.ListCampaignMessagesResponse:
-        page = self.ops.list_messages(auth.current_user_id(), request.campaign_id, request.state,
+        page = self.ops.contacts.list_messages(auth.current_user_id(), request.campaign_id, request.state,
                                       request.page_size, request.page_token)
         return cs.ListCampaignMessagesResponse(messages=[convert.message(m) for m in page.items],
                                                next_page_token=page.next_page_token)
 
     def UploadMedia(self, request: cs.UploadMediaRequest, context: grpc.ServicerContext) -> res.Media:
-        out = self.ops.upload_media(auth.current_user_id(), request.campaign_id, request.filename,
+        out = self.ops.media.upload_media(auth.current_user_id(), request.campaign_id, request.filename,
                                     request.mime_type, request.content,
                                     idem(request.request_id, "UploadMedia", convert.media))
         return unwrap(out, res.Media, convert.media)
 
     def ListCampaignMedia(self, request: cs.ListCampaignMediaRequest,
                           context: grpc.ServicerContext) -> cs.ListCampaignMediaResponse:
-        items = self.ops.list_media(auth.current_user_id(), request.campaign_id)
+        items = self.ops.media.list_media(auth.current_user_id(), request.campaign_id)
         return cs.ListCampaignMediaResponse(media=[convert.media(m) for m in items])
 
 
-def add_to_server(server: Any, ops: CampaignOps) -> None:
+def add_to_server(server: Any, ops: Operations) -> None:
     cs_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(ops), server)

@@ -1,0 +1,288 @@
+"""The lifecycle moves a user asks for: Start, Pause, Resume, Cancel (and the scheduler's start).
+
+Lifecycle operations lock the campaign row (SELECT ... FOR UPDATE), check the transition
+(lifecycle.py), bump dispatch_epoch and talk to the dispatcher:
+
+- Pause, Cancel and Delete call the dispatcher BEFORE commit: if it fails the transaction rolls
+  back (UNAVAILABLE) and the campaign stays as it was. The dispatcher's stop waits only for WAHA
+  HTTP requests in flight, never for our row lock, so holding it is safe.
+- Start and Resume commit first and then call StartDispatch: lanes lease messages as soon as
+  they exist, and must see the committed RUNNING state and messages (a lane that leased before
+  our commit would see DRAFT and stop). If StartDispatch fails, a compensating transaction puts
+  the campaign back exactly as it was (messages removed, credits refunded, same version), and
+  the bumped epoch fences any lane the dispatcher might still have enqueued.
+
+Mutating operations take an optional Idem (AIP-155): the response bytes are stored in the same
+transaction, and a retry with the same request_id gets them back as Replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from campaign_service import audit, convert, errors, lifecycle, pacing
+from campaign_service.db.models import Campaign, Chip
+from campaign_service.dispatch import Lane
+from campaign_service.ids import parse_uuid
+from campaign_service.lifecycle import Op, State
+from campaign_service.ops.base import OpsBase, utcnow
+from campaign_service.ops.inputs import CANCEL_REASON, Idem, Replayed
+from campaign_service.repository import campaigns as campaigns_repo
+from campaign_service.repository import chips as chips_repo
+from campaign_service.repository import idempotency
+from campaign_service.repository import messages as messages_repo
+from campaign_service.repository import users as users_repo
+from campaign_service.states import ChipState
+from whago.campaign.v1 import resources_pb2 as res
+
+log = logging.getLogger("campaign_service.campaigns")
+
+
+class CampaignLifecycle(OpsBase):
+    """Start/Pause/Resume/CancelCampaign and the scheduler's start of a SCHEDULED campaign."""
+
+    def _lanes(self, chips: list[Chip], settings: res.CampaignSettings) -> list[Lane]:
+        return [Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
+                     waha_api_key=ch.waha_api_key,
+                     pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
+                for ch in chips]
+
+    def start_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
+                       ) -> Campaign | Replayed:
+        """DRAFT/SCHEDULED -> RUNNING: debit credits, create one message per contact (round-robin over
+        the usable chips, one statement), commit, then StartDispatch (compensated if it fails)."""
+        cid = parse_uuid(campaign_id, "campaign_id")
+        with self.db.transaction() as s:
+            if (r := self._replay(s, user_id, idem)) is not None:
+                return r
+            c = self._campaign(s, user_id, cid, lock=True)
+            lifecycle.check(Op.START, c.state)
+            templates = convert.templates_from_json(c.templates)
+            if not templates:
+                raise errors.FailedPrecondition("NO_TEMPLATES", "the campaign needs at least one template to start",
+                                                {"campaign_id": str(cid)})
+            if c.total_contacts <= 0:
+                raise errors.FailedPrecondition("NO_CONTACTS", "the campaign has no contacts: import some first",
+                                                {"campaign_id": str(cid)})
+            chips = chips_repo.usable(s, user_id, c.chip_ids)
+            if not chips:
+                raise errors.FailedPrecondition(
+                    "NO_USABLE_CHIP", "no usable chip: register a chip or choose ACTIVE chips in chip_ids",
+                    {"campaign_id": str(cid)})
+            settings = convert.settings_from_json(c.settings)
+            lanes = self._lanes(chips, settings)
+            need = c.total_contacts
+            if users_repo.debit(s, user_id, need) is None:
+                have = users_repo.balance(s, user_id)
+                raise errors.FailedPrecondition(
+                    "INSUFFICIENT_CREDITS", f"starting needs {need} credits, the account has {have}",
+                    {"required": str(need), "available": str(have)})
+            created = messages_repo.create_for_start(s, cid, [ch.id for ch in chips], len(templates),
+                                                     settings.shuffle_contacts)
+            if created != need:  # counters drifted: trust the rows, charge what was created
+                users_repo.credit(s, user_id, need - created)
+            before = _Snapshot.of(c)
+            c.state = int(State.RUNNING)
+            c.state_reason = ""
+            c.started_at = utcnow()
+            c.pending_count = created
+            c.dispatch_epoch += 1
+            campaigns_repo.touch(s, c)
+            audit.record(s, user_id=user_id, action="campaign.start", entity_type="campaign", entity_id=str(cid),
+                         description=f"Campaign '{c.name}' started.",
+                         extra_data={"campaign_name": c.name, "status": State(before.state).name,
+                                     "messages": created, "chips": [str(ch.id) for ch in chips],
+                                     "epoch": c.dispatch_epoch})
+            webhook = users_repo.webhook_url(s, user_id)
+            self._remember(s, user_id, idem, c)
+        log.info("campaign=%s start: %d messages over %d chips, epoch %d", cid, created, len(chips),
+                 c.dispatch_epoch)
+        self.db.stats.changed("campaign_messages", created)
+        try:
+            self.dispatcher.start(str(cid), c.dispatch_epoch, lanes, pacing.effective_camouflage(settings.camouflage))
+        except errors.Unavailable:
+            self._undo_start(user_id, cid, c.dispatch_epoch, before, created, idem)
+            raise
+        log.info("campaign=%s RUNNING (dispatch epoch %d)", cid, c.dispatch_epoch)
+        self._publish(user_id, str(cid), State.RUNNING.name, webhook, extra={"messages": created})
+        return c
+
+    def _undo_start(self, user_id: uuid.UUID, cid: uuid.UUID, epoch: int, before: _Snapshot, created: int,
+                    idem: Idem | None) -> None:
+        """StartDispatch failed: put the campaign back as it was (unless something moved it meanwhile)."""
+        with self.db.transaction() as s:
+            c = self._campaign(s, user_id, cid, lock=True)
+            if c.state != State.RUNNING or c.dispatch_epoch != epoch:
+                return
+            messages_repo.delete_all(s, cid)
+            users_repo.credit(s, user_id, created)
+            before.restore(c)
+            s.flush()
+            audit.record(s, user_id=user_id, action="campaign.start_reverted", entity_type="campaign",
+                         entity_id=str(cid), description="Start reverted: the dispatcher was unavailable.",
+                         extra_data={"epoch": epoch})
+            if idem is not None and idem.request_id:
+                idempotency.forget(s, user_id, idem.request_id)
+        log.warning("campaign=%s start reverted: dispatcher unavailable", cid)
+
+    def pause_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
+                       ) -> Campaign | Replayed:
+        """RUNNING -> PAUSED. Returns once the dispatcher guarantees no further send; PENDING messages
+        stay PENDING, leased ones return to PENDING through lease expiry or the lanes' release."""
+        cid = parse_uuid(campaign_id, "campaign_id")
+        with self.db.transaction() as s:
+            if (r := self._replay(s, user_id, idem)) is not None:
+                return r
+            c = self._campaign(s, user_id, cid, lock=True)
+            lifecycle.check(Op.PAUSE, c.state)
+            c.dispatch_epoch += 1
+            c.state = int(State.PAUSED)
+            c.state_reason = "paused by user"
+            campaigns_repo.touch(s, c)
+            self.dispatcher.pause(str(cid), c.dispatch_epoch)
+            audit.record(s, user_id=user_id, action="campaign.pause", entity_type="campaign", entity_id=str(cid),
+                         description=f"Campaign '{c.name}' paused.",
+                         extra_data={"campaign_name": c.name, "status": State.RUNNING.name,
+                                     "pending": c.pending_count, "epoch": c.dispatch_epoch})
+            webhook = users_repo.webhook_url(s, user_id)
+            self._remember(s, user_id, idem, c)
+        log.info("campaign=%s PAUSED (dispatch epoch %d, %d pending)", cid, c.dispatch_epoch, c.pending_count)
+        self._publish(user_id, str(cid), State.PAUSED.name, webhook, reason=c.state_reason)
+        return c
+
+    def resume_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
+                        ) -> Campaign | Replayed:
+        """PAUSED -> RUNNING under a new epoch; lanes lease only PENDING messages, so none is sent twice."""
+        cid = parse_uuid(campaign_id, "campaign_id")
+        with self.db.transaction() as s:
+            if (r := self._replay(s, user_id, idem)) is not None:
+                return r
+            c = self._campaign(s, user_id, cid, lock=True)
+            lifecycle.check(Op.RESUME, c.state)
+            before = _Snapshot.of(c)
+            chip_ids = messages_repo.open_chip_ids(s, cid)
+            chips = chips_repo.by_ids(s, user_id, chip_ids)
+            settings = convert.settings_from_json(c.settings)
+            lanes = self._lanes([ch for ch in chips if ch.state != ChipState.RESTRICTED], settings)
+            c.dispatch_epoch += 1
+            c.state_reason = ""
+            if not chip_ids:
+                # Nothing left to send (paused at the very end): the automatic transition applies.
+                c.state = int(State.COMPLETED)
+                c.completed_at = utcnow()
+                c.pending_count = 0
+            else:
+                if not lanes:
+                    raise errors.FailedPrecondition(
+                        "NO_USABLE_CHIP", "every chip of this campaign is restricted or deleted",
+                        {"campaign_id": str(cid)})
+                c.state = int(State.RUNNING)
+            campaigns_repo.touch(s, c)
+            audit.record(s, user_id=user_id, action="campaign.resume", entity_type="campaign", entity_id=str(cid),
+                         description=f"Campaign '{c.name}' resumed.",
+                         extra_data={"campaign_name": c.name, "status": State.PAUSED.name,
+                                     "epoch": c.dispatch_epoch})
+            webhook = users_repo.webhook_url(s, user_id)
+            self._remember(s, user_id, idem, c)
+        if c.state == State.RUNNING:
+            try:
+                self.dispatcher.start(str(cid), c.dispatch_epoch, lanes,
+                                      pacing.effective_camouflage(settings.camouflage))
+            except errors.Unavailable:
+                self._undo_resume(user_id, cid, c.dispatch_epoch, before, idem)
+                raise
+        log.info("campaign=%s %s (dispatch epoch %d)", cid, State(c.state).name, c.dispatch_epoch)
+        self._publish(user_id, str(cid), State(c.state).name, webhook)
+        return c
+
+    def _undo_resume(self, user_id: uuid.UUID, cid: uuid.UUID, epoch: int, before: _Snapshot,
+                     idem: Idem | None) -> None:
+        with self.db.transaction() as s:
+            c = self._campaign(s, user_id, cid, lock=True)
+            if c.state != State.RUNNING or c.dispatch_epoch != epoch:
+                return
+            before.restore(c)
+            s.flush()
+            if idem is not None and idem.request_id:
+                idempotency.forget(s, user_id, idem.request_id)
+        log.warning("campaign=%s resume reverted: dispatcher unavailable", cid)
+
+    def cancel_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
+                        ) -> Campaign | Replayed:
+        """The seed's Cancel: CancelDispatch (the job-cancel RPC), PENDING/SENDING/FAILED -> FAILED with
+        "cancelled by user" in one statement, refund of unsent messages, completed_at, CANCELLED."""
+        cid = parse_uuid(campaign_id, "campaign_id")
+        with self.db.transaction() as s:
+            if (r := self._replay(s, user_id, idem)) is not None:
+                return r
+            c = self._campaign(s, user_id, cid, lock=True)
+            lifecycle.check(Op.CANCEL, c.state)
+            previous = State(c.state)
+            c.dispatch_epoch += 1
+            s.flush()
+            revoked = aborted = 0
+            if c.started_at is not None:
+                outcome = self.dispatcher.cancel(str(cid), c.dispatch_epoch)
+                revoked, aborted = outcome.revoked_jobs, outcome.aborted_jobs
+                log.info("dispatch jobs revoked for campaign %s (revoked=%d, aborted=%d)", cid, revoked, aborted)
+            failed = messages_repo.fail_open(s, cid, CANCEL_REASON)
+            if failed.were_open:
+                users_repo.credit(s, user_id, failed.were_open)
+            c.failed_count += failed.were_open
+            c.pending_count = 0
+            c.state = int(State.CANCELLED)
+            c.state_reason = CANCEL_REASON
+            c.completed_at = utcnow()
+            campaigns_repo.touch(s, c)
+            audit.record(s, user_id=user_id, action="campaign.cancel", entity_type="campaign", entity_id=str(cid),
+                         description=f"Campaign '{c.name}' cancelled.",
+                         extra_data={"campaign_name": c.name, "status": previous.name,
+                                     "total_contacts": c.total_contacts, "failed_messages": failed.failed,
+                                     "refunded_credits": failed.were_open, "revoked_jobs": revoked,
+                                     "aborted_jobs": aborted})
+            webhook = users_repo.webhook_url(s, user_id)
+            self._remember(s, user_id, idem, c)
+        log.info("campaign=%s CANCELLED (%d messages failed, %d credits refunded)", cid, failed.failed,
+                 failed.were_open)
+        self._publish(user_id, str(cid), State.CANCELLED.name, webhook, reason=CANCEL_REASON,
+                      extra={"failed_count": c.failed_count})
+        return c
+
+    def start_scheduled(self, campaign_id: uuid.UUID) -> Campaign | None:
+        """For the scheduler: start a SCHEDULED campaign on behalf of its owner (None if it is gone or no
+        longer SCHEDULED). Raises like start_campaign otherwise."""
+        with self.db.session() as s:
+            c = campaigns_repo.get_any(s, campaign_id)
+        if c is None or c.state != State.SCHEDULED:
+            return None
+        out = self.start_campaign(c.user_id, str(campaign_id))
+        return out if isinstance(out, Campaign) else None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The fields Start/Resume change, to put them back when the dispatcher cannot be reached."""
+
+    state: int
+    state_reason: str
+    started_at: datetime | None
+    completed_at: datetime | None
+    pending_count: int
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, c: Campaign) -> _Snapshot:
+        return cls(c.state, c.state_reason, c.started_at, c.completed_at, c.pending_count, c.version, c.updated_at)
+
+    def restore(self, c: Campaign) -> None:
+        c.state = self.state
+        c.state_reason = self.state_reason
+        c.started_at = self.started_at
+        c.completed_at = self.completed_at
+        c.pending_count = self.pending_count
+        c.version = self.version
+        c.updated_at = self.updated_at

@@ -1,0 +1,168 @@
+"""Inputs, results and limits of the domain operations (what the servicers build from protobuf
+and get back), and the update-mask rule of UpdateCampaign."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol
+
+from google.protobuf import field_mask_pb2
+
+from campaign_service import errors
+from whago.campaign.v1 import resources_pb2 as res
+
+CANCEL_REASON = "cancelled by user"
+MAX_NAME = 200
+MAX_DESCRIPTION = 2000
+MAX_TEMPLATES = 50
+MAX_TEMPLATE_TEXT = 4096
+MAX_MEDIA_BYTES = 16 * 1024 * 1024
+MAX_REJECTED_REPORTED = 1000
+MAX_CONTACT_NAME = 1000
+MAX_REQUEST_ID = 200
+COPY_BATCH = 5_000  # rows per piece handed to the COPY thread
+
+UPDATABLE_PATHS = ("name", "description", "templates", "settings", "chip_ids", "schedule_time")
+
+
+
+@dataclass(frozen=True)
+class Idem:
+    """An AIP-155 request id and how to serialize the operation's response for replays."""
+
+    request_id: str
+    method: str
+    encode: Callable[[Any], bytes]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The stored response of an earlier request with the same request_id."""
+
+    data: bytes
+
+
+@dataclass
+class CampaignInput:
+    name: str = ""
+    description: str = ""
+    templates: list[res.MessageTemplate] = field(default_factory=list)
+    settings: res.CampaignSettings = field(default_factory=res.CampaignSettings)
+    chip_ids: list[str] = field(default_factory=list)
+    schedule_time: datetime | None = None
+    has_settings: bool = False
+
+
+@dataclass
+class ChipInput:
+    display_name: str = ""
+    phone: str = ""
+    waha_base_url: str = ""
+    waha_session: str = ""
+    waha_api_key: str = ""
+    proxy_label: str = ""
+    pacing: res.Pacing = field(default_factory=res.Pacing)
+
+
+class ContactRow(NamedTuple):
+    """One row to import (a NamedTuple: cheap to build a million of)."""
+
+    phone: str
+    name: str
+    variables: dict[str, str]
+
+
+class ContactLike(Protocol):
+    """What import reads of a row: a ContactRow, or the ContactInput message itself (no copy)."""
+
+    @property
+    def phone(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def variables(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True)
+class ImportChunk:
+    """One message of the ImportContacts stream."""
+
+    campaign_id: str
+    rows: Sequence[ContactLike]
+    default_region: str = ""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    row: int
+    phone: str
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    duplicates: int = 0
+    rejected_count: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    total_contacts: int = 0
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    campaign_id: str
+    deleted_contacts: int
+    deleted_messages: int
+    deleted_media: int
+    revoked_jobs: int
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_page_token: str
+
+
+def mask_paths(mask: field_mask_pb2.FieldMask | None, patch: CampaignInput, *, settings_set: bool) -> list[str]:
+    """The update paths: the mask's, or (AIP-134) every populated updatable field when it is empty.
+    Unknown or output-only paths are INVALID_ARGUMENT on update_mask."""
+    if mask is None or not mask.paths:
+        paths = [p for p, present in (
+            ("name", bool(patch.name)), ("description", bool(patch.description)),
+            ("templates", bool(patch.templates)), ("settings", settings_set),
+            ("chip_ids", bool(patch.chip_ids)), ("schedule_time", patch.schedule_time is not None)) if present]
+        if not paths:
+            raise errors.InvalidArgument([("update_mask", "no field to update")])
+        return paths
+    out: list[str] = []
+    for p in mask.paths:
+        if p == "*":
+            out.extend(UPDATABLE_PATHS)
+            continue
+        if p in UPDATABLE_PATHS:
+            out.append(p)
+            continue
+        if p.startswith("settings.") and _settings_subpath_ok(p[len("settings."):]):
+            out.append(p)
+            continue
+        raise errors.InvalidArgument([("update_mask", f"unknown or read-only path {p!r}; updatable: "
+                                       f"{', '.join(UPDATABLE_PATHS)} and settings.*")])
+    return list(dict.fromkeys(out))
+
+
+def _settings_subpath_ok(sub: str) -> bool:
+    desc = res.CampaignSettings.DESCRIPTOR
+    parts = sub.split(".")
+    for i, part in enumerate(parts):
+        f = desc.fields_by_name.get(part)
+        if f is None:
+            return False
+        if i < len(parts) - 1:
+            if f.message_type is None:
+                return False
+            desc = f.message_type
+    return True

@@ -1,0 +1,135 @@
+"""What every part of a lane shares: the worker's resources, the lane's exceptions, its tuning
+constants and small helpers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from arq.connections import ArqRedis
+
+from dispatcher_service import fences as fences_mod
+from dispatcher_service.config import Config
+from dispatcher_service.delivery import DeliveryClient, ReportBatcher
+from dispatcher_service.pacing import Pacer
+from dispatcher_service.store import Store
+from dispatcher_service.waha.transport import HttpClient
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+
+log = logging.getLogger("dispatcher.lane")
+T = TypeVar("T")
+
+# Media sends cannot carry a pre-chosen id (not in WAHA's spec), so their ATTEMPTING id is a marker:
+# a re-leased message carrying it cannot be looked up and becomes UNKNOWN instead of being resent.
+UNVERIFIABLE_PREFIX = "unverifiable:"
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+MAX_BATCH = 50
+# Bursting lanes lease (and report) in larger batches: at full speed each lease and report costs the
+# campaign service and PostgreSQL more per call than per message.
+MAX_BATCH_BURST = 200
+LOCK_RENEW_SECONDS = 5.0
+FENCE_POLL_SECONDS = 1.0
+# Batches grow from this size. With DISPATCH_MESSAGE_IDS=waha, a batch's new-message-id requests run
+# concurrently, this many under one fence token: all of a chunk start together, so the token's TTL
+# (one WAHA timeout + margin) covers every one of them.
+ID_CHUNK = 10
+ID_CHUNK_BURST = 25  # bursting lanes take ids for larger batches: fewer fence round trips
+# An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
+# (one Redis call per message instead of two). Before any wait (sleep, report, lease) the lane
+# releases it at once, and a timer this soon covers every other path, so a stop waiting for
+# in-flight requests is never held back by a lane that went quiet (50 ms here doubled the Cancel
+# p99 of `make bench`).
+FOLD_RELEASE_SECONDS = 0.005
+# Outcomes reported per ReportDeliveries (ATTEMPTING already recorded each WAHA id: a crash before
+# the report is resolved by a lookup when the lease is retaken).
+REPORT_BATCH = 10
+# At full speed (no minimum gap) outcomes go in fewer, larger reports: each costs the campaign
+# service a transaction on the campaign row.
+REPORT_BATCH_FAST = 50
+# Full speed (gap always 0, no camouflage): one fence token covers a burst of up to BURST sequential
+# sends (one Redis step per burst instead of one per message), for at most BURST_SECONDS, so a stop
+# waiting for in-flight requests waits for at most that (the lane is aborted by then anyway).
+BURST = 25
+BURST_SECONDS = 0.1
+# Prefetch: while a batch is sent, the next one is leased, given its WAHA ids and recorded as
+# ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is
+# expected to take at most this long (its lease must outlast that wait plus its own sends).
+PREFETCH_AHEAD_SECONDS = 10.0
+# A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
+# service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
+LANE_WAIT_REPORT_SECONDS = 10.0
+LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
+
+
+@dataclass
+class WorkerEnv:
+    """Process-wide resources of a worker (created in on_startup)."""
+
+    cfg: Config
+    redis: ArqRedis
+    http: HttpClient
+    delivery: DeliveryClient
+    store: Store = field(init=False)
+    fences: fences_mod.Fences = field(init=False)
+    pacer: Pacer = field(init=False)
+    reports: ReportBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reports = ReportBatcher(self.delivery)
+        self.store = Store(self.redis, self.cfg.queue_name)
+        self.fences = self.store.fences
+        self.pacer = Pacer(self.redis)
+
+
+class ChipDown(Exception):
+    """WAHA said 422: the session is not WORKING."""
+
+
+class ChipBanned(Exception):
+    """WAHA said 500 + error 463: the number is restricted."""
+
+
+class SliceOver(Exception):
+    """Stop this slice and continue in a new one after `defer` seconds."""
+
+    def __init__(self, defer: float = 0.0, why: str = "") -> None:
+        super().__init__(why)
+        self.defer = defer
+
+
+class CampaignNotRunning(Exception):
+    """DeliveryService says the campaign is not RUNNING (or the epoch moved)."""
+
+    def __init__(self, state: int) -> None:
+        super().__init__(str(state))
+        self.state = state
+
+
+def now_report() -> dpb.DeliveryReport:
+    r = dpb.DeliveryReport()
+    r.time.seconds, r.time.nanos = divmod(time.time_ns(), 1_000_000_000)  # GetCurrentTime, cheaper
+    return r
+
+
+def answer_id(resp: Any) -> str:
+    """The message id of a WAHA send answer (some engines nest it as {_serialized: ...})."""
+    if not isinstance(resp, dict):
+        return ""
+    v = resp.get("id")
+    if isinstance(v, dict):
+        return str(v.get("_serialized") or v.get("id") or "")
+    return str(v or "")
+
+
+def ts_seconds(ts: Any) -> float:
+    return float(ts.seconds) + ts.nanos / 1e9
+
+
+@dataclass
+class Prepared:
+    """A leased batch; `todo` when every message got its WAHA id and ATTEMPTING is recorded."""
+
+    resp: dpb.LeaseMessagesResponse
+    todo: list[tuple[dpb.LeasedMessage, str]] | None = None

@@ -1,0 +1,327 @@
+"""One lane = (campaign, chip), run as bounded arq job slices.
+
+A slice leases small batches from DeliveryService and sends them through WAHA:
+
+  choose the message ids (waha/message_ids.py, or WAHA's new-message-id) -> lease, which records
+        them on the messages in the same statement (what an ATTEMPTING report does) BEFORE anything
+        leaves, so an uncertain outcome can always be looked up later
+        -> (messages carrying an earlier attempt's id: ask WAHA first; found -> SENT; media and
+           messages left without an id take the careful way, ids + ATTEMPTING per batch)
+        -> per message: pacing slot -> sleep -> seen -> typing -> send -> report
+        -> or, at full speed (gap always 0, no camouflage): bursts of sends under one fence token
+
+Every WAHA request is fenced (fences.py): atomic "epoch still current + register in flight".
+Stopped by a fence, by a non-RUNNING campaign, by the slice clock or a cancellation, the lane
+RELEASES what it has not finished. Slices chain as new arq jobs while work remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from dispatcher_service import fences as fences_mod
+from dispatcher_service.delivery import DeliveryUnavailable
+from dispatcher_service.lane.bursts import BurstingLane
+from dispatcher_service.lane.common import (
+    ID_CHUNK,
+    LANE_WAIT_MAX_SECONDS,
+    LANE_WAIT_REPORT_SECONDS,
+    LOCK_RENEW_SECONDS,
+    MAX_BATCH,
+    MAX_BATCH_BURST,
+    PREFETCH_AHEAD_SECONDS,
+    CampaignNotRunning,
+    ChipBanned,
+    ChipDown,
+    Prepared,
+    SliceOver,
+    WorkerEnv,
+    answer_id,
+)
+from dispatcher_service.logs import lane_ctx
+from whago.campaign.v1 import delivery_service_pb2 as dpb
+from whago.campaign.v1 import resources_pb2 as rpb
+from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
+
+log = logging.getLogger("dispatcher.lane")
+
+
+class Lane(BurstingLane):
+    """One slice of one lane: lease -> send -> report until the slice, the work or the fence ends."""
+
+    async def run(self) -> str:
+        """Run the slice; always cleans up (releases unsent leases, unlocks, chains the next slice)."""
+        outcome = "error"
+        defer = 5.0
+        cancelled = False
+        renew: asyncio.Task[None] | None = None
+        locked = False
+        try:
+            if not await self.env.fences.is_current(self.c, self.epoch):
+                outcome = "stopped"
+                return outcome
+            if not await self.lock.acquire():
+                log.info("%s lane busy (another slice holds it); asked it to follow up", self.ctx)
+                outcome = "busy"
+                return outcome
+            locked = True
+            renew = asyncio.ensure_future(self._renew_lock())
+            await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
+                                          job=self.job_id, queued="")
+            log.info("%s slice start job=%s", self.ctx, self.job_id)
+            outcome, defer = await self._loop()
+            return outcome
+        except asyncio.CancelledError:
+            cancelled = True
+            outcome = "cancelled"
+            raise
+        except Exception as e:  # never leave leases hanging; next slice retries
+            log.exception("%s slice error: %s", self.ctx, e)
+            self.last_error = f"{type(e).__name__}: {e}"[:500]
+            outcome = "error"
+            return outcome
+        finally:
+            if renew is not None:
+                renew.cancel()
+            await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
+
+    async def _renew_lock(self) -> None:
+        for _ in range(100_000):
+            await asyncio.sleep(LOCK_RENEW_SECONDS)
+            try:
+                if not await self.lock.renew():
+                    log.warning("%s lane lock lost; stopping sends", self.ctx)
+                    self.lock_lost = True
+                    return
+            except Exception as e:  # Redis hiccup: the next renewal tries again
+                log.warning("%s lock renewal failed: %s", self.ctx, e)
+
+    def _per_msg(self) -> float:
+        typing_est = min(self.typing_max, 4.0) if self.typing else 0.0
+        return self.limits.mean_gap + typing_est + (0.2 if self.seen else 0.0) + 0.05
+
+    def _batch(self, ahead: float = 0.0, most: int = MAX_BATCH) -> tuple[int, int]:
+        """Batch size sendable well within the slice, and a lease that expires before arq would
+        re-run this job after a crash (so the re-run finds the messages leasable again). `ahead`:
+        seconds before the batch starts sending (a prefetched batch waits for the current one)."""
+        per_msg = self._per_msg()
+        remaining = max(1.0, self.deadline - time.monotonic() - ahead)
+        top = MAX_BATCH_BURST if self.burst else MAX_BATCH
+        n = max(1, min(most, top, int(remaining / per_msg) if per_msg > 0 else top))
+        cap = self.started_wall + self.cfg.job_timeout + 5 - time.time()
+        need = ahead + min(remaining, n * per_msg) + 2 * self.cfg.waha_timeout + 15
+        lease = int(max(10, min(need, cap, 3600)))
+        return n, lease
+
+    async def _prepare(self, n: int, lease_s: int) -> Prepared:
+        """Choose the message ids first, then lease a batch recording them in the same step (what
+        ATTEMPTING does: durable before any send). Ready to send (`todo`) when every message got its
+        id; a message with an earlier attempt's id (to look up), media or an existence check goes
+        the careful way (_batch_send)."""
+        k = 0 if self.cfg.check_exists else n if self.remaining_hint is None else min(n, self.remaining_hint)
+        ids = await self._new_ids(k) if k > 0 else []
+        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
+        for m in resp.messages:
+            self.held[m.message_id] = m
+        if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
+            raise CampaignNotRunning(resp.campaign_state)
+        self.remaining_hint = resp.remaining
+        msgs = list(resp.messages)
+        if msgs and all(m.attempt_waha_message_id for m in msgs):
+            return Prepared(resp, [(m, m.attempt_waha_message_id) for m in msgs])
+        return Prepared(resp)
+
+    def _start_prefetch(self, sending: int) -> None:
+        """Prepare the next batch while `sending` messages go out, when they go out soon enough."""
+        ahead = sending * self._per_msg()
+        if ahead > PREFETCH_AHEAD_SECONDS or time.monotonic() + ahead + 1.0 >= self.deadline:
+            return
+        # Growing batches: the first ones are small so the first sends leave early.
+        self.prefetch = asyncio.ensure_future(self._prepare(*self._batch(ahead, max(ID_CHUNK, 2 * sending))))
+
+    async def _settle_prefetch(self) -> None:
+        """Wait for a prefetch still running (its messages land in `held`, to be released)."""
+        t = self.prefetch
+        if t is None:
+            return
+        if not t.done():
+            await asyncio.wait([t], timeout=self.cfg.waha_timeout + self.env.delivery.call_timeout + 5)
+        self.prefetch = None
+        if not t.done():
+            t.cancel()  # its lease, if any, expires: nothing is lost
+            log.warning("%s prefetch did not end in time; cancelled", self.ctx)
+        elif not t.cancelled() and t.exception() is not None:
+            log.info("%s prefetch ended with %s", self.ctx, t.exception())
+
+    async def _loop(self) -> tuple[str, float]:
+        for _ in range(100_000):
+            if time.monotonic() >= self.deadline:
+                return "slice", 0.0
+            try:
+                pre = self.prefetch
+                if pre is not None:
+                    if not pre.done():
+                        await self.release_now()
+                    p = await asyncio.shield(pre)  # on an error it stays set: settled by the release
+                    self.prefetch = None
+                else:
+                    if not await self.env.fences.is_current(self.c, self.epoch):
+                        return "stopped", 0.0
+                    p = await self._prepare(*self._batch(most=ID_CHUNK if self.fold_release else MAX_BATCH))
+                resp = p.resp
+                if not resp.messages:
+                    if resp.remaining > 0:
+                        await self.sleep(min(2.0, max(0.0, self.deadline - time.monotonic())))
+                        continue
+                    return "finished", 0.0
+                log.info("%s leased %d (remaining %d)%s", self.ctx, len(resp.messages), resp.remaining,
+                         " prepared" if p.todo is not None else "")
+                if p.todo is None:
+                    await self._batch_send(list(resp.messages))
+                    await self.flush()
+                    continue
+                self._start_prefetch(len(p.todo))
+                if self.burst:
+                    await self._send_bursts(p.todo)
+                else:
+                    for m, mid in p.todo:
+                        await self._send_one(m, mid)
+                if self.prefetch is None:
+                    await self.flush()
+                else:
+                    await self.flush_later()
+            except fences_mod.Stopped:
+                return "stopped", 0.0
+            except CampaignNotRunning as e:
+                return ("finished" if e.state == rpb.CAMPAIGN_STATE_COMPLETED else "stopped"), 0.0
+            except SliceOver as e:
+                self.wait_reason = str(e)
+                return "slice", e.defer
+            except ChipBanned as e:
+                await self._release_held(f"chip restricted: {e}")
+                await self._chip_state(rpb.CHIP_STATE_RESTRICTED, str(e))
+                self.last_error = f"chip restricted (WhatsApp 463): {e}"[:500]
+                return "chip_failed", 0.0
+            except ChipDown as e:
+                await self._release_held(f"chip unavailable: {e}")
+                await self._chip_state(rpb.CHIP_STATE_UNAVAILABLE, str(e))
+                self.last_error = f"session not WORKING (422): {e}"[:500]
+                if not await self._wait_working():
+                    return "backoff", 10.0
+                await self._chip_state(rpb.CHIP_STATE_ACTIVE, "session WORKING again")
+                await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING)
+            except DeliveryUnavailable as e:
+                self.last_error = f"campaign service unavailable: {e}"[:500]
+                log.warning("%s %s", self.ctx, self.last_error)
+                return "slice", 5.0
+        return "slice", 0.0
+
+    async def _release_held(self, reason: str) -> None:
+        """Hand back what was not sent. A send that got its 201 after all is SENT; one whose answer
+        is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken)."""
+        await self._settle_prefetch()  # a prefetched batch is held too: released with the rest
+        await self.release_now()
+        for m in list(self.held.values()):
+            ok = self.send_ok.get(m.message_id)
+            if ok is not None:
+                self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=answer_id(ok) or m.waha_message_id)
+            elif m.message_id in self.maybe_sent:
+                log.info("%s message=%s outcome uncertain: left leased for a lookup on the next lease",
+                         self.ctx, m.message_id)
+                self._leave_leased(m)
+            else:
+                self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)
+        try:
+            await self.flush(check=False)
+        except DeliveryUnavailable as e:
+            log.warning("%s release report failed (leases will expire): %s", self.ctx, e)
+
+    # -- end of slice ------------------------------------------------------------------------------
+    async def _report_wait(self, resume_at: float) -> None:
+        """Tell the campaign service this lane holds off on purpose until `resume_at` (a cap or a
+        closed window), so its watchdog does not take the silence for a stall."""
+        try:
+            resp = await self.env.delivery.lane_wait(self.c, self.chip, self.epoch, resume_at, self.wait_reason)
+        except Exception as e:  # best effort: at worst the watchdog restarts the lane, which is harmless
+            log.warning("%s ReportLaneWait failed: %s", self.ctx, e)
+            return
+        log.info("%s waits until %.0f (%s)%s", self.ctx, resume_at, self.wait_reason,
+                 "" if resp.recorded else ": not recorded, the campaign moved on")
+
+    async def _cleanup(self, outcome: str, defer: float, cancelled: bool, locked: bool) -> None:
+        try:
+            await self._settle_prefetch()
+            if self.inflight:  # let requests that left finish (bounded by the WAHA timeout)
+                await asyncio.wait(list(self.inflight), timeout=self.cfg.waha_timeout + 2)
+            await self.release_now()
+            if self.held:
+                await self._release_held(f"lane {outcome}")
+            elif self.reports or self.pending_flush is not None:
+                try:
+                    await self.flush(check=False, budget=20.0)
+                except Exception as e:
+                    log.warning("%s final report failed: %s", self.ctx, e)
+        except Exception as e:
+            log.warning("%s cleanup reports failed: %s", self.ctx, e)
+        if outcome in ("busy",):
+            return
+        store = self.env.store
+        try:
+            current = await self.env.fences.is_current(self.c, self.epoch)
+            state = {
+                "finished": pb.LANE_STATE_FINISHED, "chip_failed": pb.LANE_STATE_FAILED,
+                "backoff": pb.LANE_STATE_BACKING_OFF, "stopped": pb.LANE_STATE_STOPPED,
+            }.get(outcome, pb.LANE_STATE_QUEUED)
+            if not current:
+                state = pb.LANE_STATE_STOPPED
+            lane = await store.lane_hash(self.c, self.chip)
+            mine = not lane.get("epoch") or int(lane["epoch"]) <= self.epoch
+            if locked and mine:
+                fields: dict[str, str | int | float] = {"state": state}
+                if self.last_error:
+                    fields["last_error"] = self.last_error
+                await store.set_lane(self.c, self.chip, **fields)
+            wanted = await self.lock.release() if locked else False
+            if wanted:  # a slice (maybe of a newer epoch) found us busy: make sure the lane goes on
+                jid = await store.ensure_lane(self.c, self.chip)
+                log.info("%s lane was wanted meanwhile; follow-up job %s", self.ctx, jid)
+            if cancelled:
+                return  # arq re-runs this very job (shutdown) or it was aborted by a stop
+            await store.job_done(self.c, self.job_id)
+            if not current or outcome in ("stopped", "chip_failed"):
+                return
+            # Messages left leased (uncertain outcome) by this or an earlier slice: come back when
+            # their lease expired so they are looked up, or the campaign would never complete.
+            revisit = max(self.revisit_at, float(lane.get("revisit_at") or 0))
+            if revisit > float(lane.get("revisit_at") or 0):
+                await store.set_lane(self.c, self.chip, revisit_at=revisit)
+            if outcome == "finished" and revisit > time.time() - 1.0:
+                outcome, defer = "slice", max(0.0, revisit - time.time() + 1.0)
+            if outcome in ("slice", "backoff", "error") and not wanted:
+                jid = await store.enqueue_lane(self.c, self.chip, self.epoch, defer=defer)
+                log.info("%s next slice %s in %.1fs (%s%s)", self.ctx, jid, defer, outcome,
+                         ", wanted" if wanted else "")
+                if outcome == "slice" and defer >= LANE_WAIT_REPORT_SECONDS:
+                    await self._report_wait(time.time() + min(defer, LANE_WAIT_MAX_SECONDS))
+            elif outcome == "finished" and not wanted:
+                await store.maybe_finish_dispatch(self.c, self.epoch, self.chip)
+            log.info("%s slice end job=%s outcome=%s", self.ctx, self.job_id, outcome)
+        except Exception as e:
+            log.exception("%s cleanup failed: %s", self.ctx, e)
+
+
+async def run_lane(ctx: dict[str, Any], campaign_id: str, chip_id: str, epoch: int, n: int) -> str:
+    """arq job: one slice of lane (campaign, chip) under `epoch`."""
+    env: WorkerEnv = ctx["env"]
+    job_id = str(ctx.get("job_id") or f"lane:{campaign_id}:{chip_id}:{epoch}:{n}")
+    got = await env.store.load_lane_spec(campaign_id, chip_id)  # shared, parsed once per worker
+    if got is None:
+        log.info("%s no dispatch state; nothing to do", lane_ctx(campaign_id, chip_id, epoch))
+        await env.store.job_done(campaign_id, job_id)
+        return "gone"
+    req, spec = got
+    lane = Lane(env, campaign_id, chip_id, epoch, job_id, spec, req.camouflage)
+    return await lane.run()
