@@ -6,6 +6,7 @@ into statuses, so no RPC ever ends as UNKNOWN or leaks a stack trace."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -94,12 +95,31 @@ class PermissionDenied(ServiceError):
         super().__init__(message, [error_info("PERMISSION_DENIED")])
 
 
+class _Status(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 class Unavailable(ServiceError):
+    """Retry later: RetryInfo for clients that read details, and the same delay as gRPC's retry
+    pushback (`grpc-retry-pushback-ms`), which a channel's retry policy honours by itself."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, message: str, retry_after_seconds: int = 1) -> None:
         super().__init__(message, [error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=retry_after_seconds))])
+        self.retry_after_seconds = retry_after_seconds
+
+    def to_status(self) -> grpc.Status:
+        st = super().to_status()
+        pushback = ("grpc-retry-pushback-ms", str(self.retry_after_seconds * 1000))
+        return _PushbackStatus(st.code, st.details, (*st.trailing_metadata, pushback))
+
+
+class _PushbackStatus(_Status, grpc.Status):
+    """A grpc.Status (as grpc_status builds them) with one more trailer."""
 
 
 class ResourceExhausted(ServiceError):

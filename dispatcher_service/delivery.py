@@ -1,11 +1,16 @@
-"""grpc.aio client of whago.campaign.v1.DeliveryService (the campaign service can restart: retry)."""
+"""grpc.aio client of whago.campaign.v1.DeliveryService.
+
+The campaign service can restart or lose its database for a while. gRPC's own mechanisms cover
+both, bounded by each call's budget (its deadline): `wait_for_ready` holds a call while the
+service is unreachable until the channel reconnects, and the channel's retry policy (service
+config) repeats an attempt that the service answered UNAVAILABLE, honouring its pushback. Every
+call is safe to repeat (leases are keyed by owner and epoch, reports and receipts are idempotent)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import random
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -18,8 +23,16 @@ from whago.campaign.v1 import resources_pb2
 log = logging.getLogger("dispatcher.delivery")
 T = TypeVar("T")
 
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+# The statuses after which the service is taken as unreachable within the budget.
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "whago.campaign.v1.DeliveryService"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
 CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -35,7 +48,9 @@ class DeliveryUnavailable(Exception):
 
 
 class DeliveryClient:
-    """Leases and reports with the service token; retries UNAVAILABLE with capped backoff + jitter."""
+    """Leases and reports with the service token. `retry_budget` is each call's deadline (waiting
+    for the service and gRPC's retries included); `call_timeout` bounds how long a caller waits for
+    work that includes a call (e.g. a prefetched lease)."""
 
     def __init__(self, target: str, token: str, call_timeout: float = 30.0, retry_budget: float = 45.0) -> None:
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -47,61 +62,53 @@ class DeliveryClient:
     async def close(self) -> None:
         await self.channel.close(None)
 
-    async def _call(self, name: str, fn: Callable[[], Awaitable[T]], budget: float | None = None) -> T:
-        deadline = time.monotonic() + (self.retry_budget if budget is None else budget)
-        delay = 0.2
-        for attempt in range(1, 60):
-            try:
-                return await fn()
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRY_CODES or time.monotonic() + delay > deadline:
-                    if e.code() in RETRY_CODES:
-                        raise DeliveryUnavailable(f"{name}: {e.code().name} {e.details()}") from e
-                    raise
-                log.warning("DeliveryService.%s %s (attempt %d), retrying in %.1fs", name, e.code().name,
-                            attempt, delay)
-            await asyncio.sleep(delay * random.uniform(0.7, 1.3))
-            delay = min(delay * 2, 3.0)
-        raise DeliveryUnavailable(f"{name}: retries exhausted")
+    async def _call(self, name: str, fn: Callable[[float], Awaitable[T]], budget: float | None = None) -> T:
+        """fn(deadline seconds) makes the call; an unreachable service is DeliveryUnavailable."""
+        try:
+            return await fn(self.retry_budget if budget is None else budget)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in UNREACHABLE:
+                raise DeliveryUnavailable(f"{name}: {e.code().name} {e.details()}") from e
+            raise
 
     async def lease(self, campaign_id: str, chip_id: str, epoch: int, max_messages: int, lease_seconds: int,
                     owner: str, waha_message_ids: Sequence[str] = ()) -> dpb.LeaseMessagesResponse:
         req = dpb.LeaseMessagesRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch,
                                        max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner,
                                        waha_message_ids=waha_message_ids)
-        return await self._call("LeaseMessages", lambda: self.stub.LeaseMessages(
-            req, metadata=self.metadata, timeout=self.call_timeout))
+        return await self._call("LeaseMessages", lambda t: self.stub.LeaseMessages(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True))
 
     async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
                      budget: float | None = None) -> dpb.ReportDeliveriesResponse:
         req = dpb.ReportDeliveriesRequest(campaign_id=campaign_id, reports=list(reports))
-        return await self._call("ReportDeliveries", lambda: self.stub.ReportDeliveries(
-            req, metadata=self.metadata, timeout=self.call_timeout), budget)
+        return await self._call("ReportDeliveries", lambda t: self.stub.ReportDeliveries(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget)
 
     async def chip_state(self, chip_id: str, state: resources_pb2.ChipState.ValueType,
                          reason: str) -> dpb.ReportChipStateResponse:
         req = dpb.ReportChipStateRequest(chip_id=chip_id, state=state, reason=reason)
-        return await self._call("ReportChipState", lambda: self.stub.ReportChipState(
-            req, metadata=self.metadata, timeout=self.call_timeout))
+        return await self._call("ReportChipState", lambda t: self.stub.ReportChipState(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True))
 
     async def lane_wait(self, campaign_id: str, chip_id: str, epoch: int, resume_at: float,
                         reason: str) -> dpb.ReportLaneWaitResponse:
         """ReportLaneWait: this lane sends again at `resume_at` (epoch seconds), on purpose."""
         req = dpb.ReportLaneWaitRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch, reason=reason[:500])
         req.resume_time.FromNanoseconds(int(resume_at * 1e9))
-        return await self._call("ReportLaneWait", lambda: self.stub.ReportLaneWait(
-            req, metadata=self.metadata, timeout=self.call_timeout), budget=min(10.0, self.retry_budget))
+        return await self._call("ReportLaneWait", lambda t: self.stub.ReportLaneWait(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget=min(10.0, self.retry_budget))
 
     async def acks(self, acks: Sequence[dpb.MessageAck]) -> dpb.ReportAcksResponse:
         """ReportAcks: WhatsApp receipts by WAHA message id."""
         req = dpb.ReportAcksRequest(acks=list(acks))
-        return await self._call("ReportAcks", lambda: self.stub.ReportAcks(
-            req, metadata=self.metadata, timeout=self.call_timeout), budget=min(10.0, self.retry_budget))
+        return await self._call("ReportAcks", lambda t: self.stub.ReportAcks(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget=min(10.0, self.retry_budget))
 
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
         req = dpb.GetMediaContentRequest(media_id=media_id)
-        return await self._call("GetMediaContent", lambda: self.stub.GetMediaContent(
-            req, metadata=self.metadata, timeout=self.call_timeout))
+        return await self._call("GetMediaContent", lambda t: self.stub.GetMediaContent(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True))
 
 
 _Pending = tuple[list[dpb.DeliveryReport], float | None, "asyncio.Future[dpb.ReportDeliveriesResponse]"]

@@ -9,7 +9,6 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from whago_client import RetryPolicy, WhagoClient, errors, read_contacts_csv
 
 from devstack.procs import REPO, ServiceProcess, service_env
-from devstack.servers import free_port
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import phones
 from whago.campaign.v1 import resources_pb2 as res
@@ -214,62 +212,7 @@ def test_wait_for_state_times_out_then_stops_at_another_final_state(
 # --------------------------------------------------------------------------- retries
 
 
-def counting_sleep(record: list[float]) -> Callable[[float], None]:
-    """The client's backoff sleep, recorded: each call is one retry. It really sleeps."""
-
-    def sleep(seconds: float) -> None:
-        record.append(seconds)
-        time.sleep(seconds)
-
-    return sleep
-
-
-def test_reads_retry_unavailable_until_a_real_server_comes_up(
-        client: WhagoClient, stack_env: dict[str, str], workdir: Path, api_key: str) -> None:
-    existing = client.create_campaign("seen by the replica", templates=["hi"])
-    port = free_port()
-    replica = ServiceProcess(f"campaign-replica-{port}", "campaign_service.server", [],
-                             {**stack_env, "CAMPAIGN_LISTEN": f"127.0.0.1:{port}"}, workdir / "logs", port=port)
-    start_errors: list[BaseException] = []
-
-    def start_later() -> None:
-        time.sleep(1.0)
-        try:
-            replica.start(timeout=30)
-        except BaseException as e:  # reported by the test, not lost in the thread
-            start_errors.append(e)
-
-    sleeps: list[float] = []
-    late = WhagoClient(f"127.0.0.1:{port}", api_key=api_key, timeout=45,
-                       retry=RetryPolicy(max_attempts=30, initial_backoff=0.1, max_backoff=1.0))
-    late._sleep = counting_sleep(sleeps)
-    starter = threading.Thread(target=start_later, daemon=True)
-    try:
-        starter.start()
-        got = late.get_campaign(existing.id)
-        listed = [c.id for c in late.list_campaigns()]
-    finally:
-        starter.join(timeout=40)
-        late.close()
-        replica.stop()
-    assert not start_errors, start_errors
-    assert got.id == existing.id and got.name == "seen by the replica"
-    assert listed == [existing.id]
-    assert len(sleeps) >= 1, sleeps  # failed first, retried, then succeeded
-
-
-def test_delete_chip_is_never_retried_and_reads_give_up_after_max_attempts() -> None:
-    policy = RetryPolicy(max_attempts=3, initial_backoff=0.3, max_backoff=0.3)
-    sleeps: list[float] = []
-    with WhagoClient(f"127.0.0.1:{free_port()}", api_key="k", timeout=10, retry=policy) as nobody:
-        nobody._sleep = counting_sleep(sleeps)
-        with pytest.raises(errors.Unavailable):
-            nobody.delete_chip("6f1b1c53-0000-4000-8000-000000000000")
-        assert sleeps == []  # one attempt only
-
-        with pytest.raises(errors.Unavailable):
-            nobody.get_chip("6f1b1c53-0000-4000-8000-000000000000")
-        assert len(sleeps) == 2  # three attempts, then the error
+# Retries: tests/test_client_retries.py (gRPC's retry policy against a server that fails on purpose).
 
 
 # --------------------------------------------------------------------------- CLI end to end

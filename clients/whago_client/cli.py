@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, TypeAlias
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -443,33 +443,27 @@ def _add_pacing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-day", type=int, metavar="N", help="cap on sends per day per chip")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m whago_client", description="WHAGO campaigns operator CLI."
-    )
-    _add_common(parser, suppress=False)
-    groups = parser.add_subparsers(dest="group", metavar="{campaigns,chips}", required=True)
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # generic for type checkers only
 
-    def leaf(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler,
-             help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        _add_common(p, suppress=True)
-        p.set_defaults(func=handler)
-        return p
 
-    # campaigns
-    camp = groups.add_parser("campaigns", help="campaigns and their contacts and messages")
-    csub = camp.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _leaf(sub: Subparsers, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+    """One command: its parser, with the connection options and its handler."""
+    p = sub.add_parser(name, help=help_, description=help_)
+    _add_common(p, suppress=True)
+    p.set_defaults(func=handler)
+    return p
 
-    p = leaf(csub, "list", cmd_campaigns_list, "list campaigns, newest first")
+
+def _add_campaign_crud(csub: Subparsers) -> None:
+    p = _leaf(csub, "list", cmd_campaigns_list, "list campaigns, newest first")
     p.add_argument("--state", type=_state_arg(campaign_state), help="only this state, e.g. RUNNING")
     p.add_argument("--limit", type=int, help="stop after N campaigns")
     p.add_argument("--page-size", type=int, default=100, help=argparse.SUPPRESS)
 
-    p = leaf(csub, "get", cmd_campaigns_get, "show one campaign")
+    p = _leaf(csub, "get", cmd_campaigns_get, "show one campaign")
     p.add_argument("id")
 
-    p = leaf(csub, "create", cmd_campaigns_create, "create a DRAFT (or SCHEDULED) campaign")
+    p = _leaf(csub, "create", cmd_campaigns_create, "create a DRAFT (or SCHEDULED) campaign")
     p.add_argument("--name", required=True)
     p.add_argument("--description", default="")
     p.add_argument("--text", action="append", required=True, metavar="T",
@@ -483,52 +477,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", metavar="ISO8601", help="start time with UTC offset, e.g. 2030-01-31T09:00-03:00")
     p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
 
+
+
+def _add_campaign_lifecycle(csub: Subparsers) -> None:
     for name, method, text in (
         ("start", "start_campaign", "DRAFT/SCHEDULED -> RUNNING"),
         ("pause", "pause_campaign", "RUNNING -> PAUSED (returns once sending stopped)"),
         ("resume", "resume_campaign", "PAUSED -> RUNNING"),
         ("cancel", "cancel_campaign", "SCHEDULED/RUNNING/PAUSED -> CANCELLED"),
     ):
-        leaf(csub, name, _lifecycle(method), text).add_argument("id")
+        _leaf(csub, name, _lifecycle(method), text).add_argument("id")
 
-    p = leaf(csub, "delete", cmd_campaigns_delete, "delete a DRAFT, CANCELLED or COMPLETED campaign")
+
+
+def _add_campaign_data(csub: Subparsers) -> None:
+    """delete, and what a campaign holds: contacts (import, list), messages, media; watch."""
+    p = _leaf(csub, "delete", cmd_campaigns_delete, "delete a DRAFT, CANCELLED or COMPLETED campaign")
     p.add_argument("id")
     p.add_argument("--etag", default="", help="refuse (ABORTED) if the campaign changed since")
 
-    p = leaf(csub, "import", cmd_campaigns_import,
+    p = _leaf(csub, "import", cmd_campaigns_import,
              "stream contacts from a CSV (header: phone[,name,other columns as variables])")
     p.add_argument("id")
     p.add_argument("file")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--region", default="", help="region for numbers without country code (default: server's, BR)")
 
-    p = leaf(csub, "contacts", cmd_campaigns_contacts, "list a campaign's contacts")
+    p = _leaf(csub, "contacts", cmd_campaigns_contacts, "list a campaign's contacts")
     p.add_argument("id")
     p.add_argument("--limit", type=int)
     p.add_argument("--page-size", type=int, default=1000, help=argparse.SUPPRESS)
 
-    p = leaf(csub, "messages", cmd_campaigns_messages, "list a campaign's messages")
+    p = _leaf(csub, "messages", cmd_campaigns_messages, "list a campaign's messages")
     p.add_argument("id")
     p.add_argument("--state", type=_state_arg(message_state), help="only this state, e.g. FAILED")
     p.add_argument("--limit", type=int)
     p.add_argument("--page-size", type=int, default=1000, help=argparse.SUPPRESS)
 
-    p = leaf(csub, "watch", cmd_campaigns_watch, "print progress until COMPLETED or CANCELLED")
+    p = _leaf(csub, "watch", cmd_campaigns_watch, "print progress until COMPLETED or CANCELLED")
     p.add_argument("id")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     p.add_argument("--max-wait", type=float, default=None, help="give up after S seconds (default never)")
 
-    p = leaf(csub, "upload", cmd_campaigns_upload, "upload a media file for templates")
+    p = _leaf(csub, "upload", cmd_campaigns_upload, "upload a media file for templates")
     p.add_argument("id")
     p.add_argument("file")
     p.add_argument("--filename")
     p.add_argument("--mime-type")
 
-    # chips
-    chips = groups.add_parser("chips", help="your WhatsApp numbers (WAHA sessions)")
-    hsub = chips.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = leaf(hsub, "register", cmd_chips_register, "register a chip")
+def _add_chips(hsub: Subparsers) -> None:
+    p = _leaf(hsub, "register", cmd_chips_register, "register a chip")
     p.add_argument("--phone", required=True)
     p.add_argument("--waha-url", required=True, help="WAHA base URL, e.g. http://127.0.0.1:3000")
     p.add_argument("--session", required=True, help="WAHA session name")
@@ -538,10 +537,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-label", default="")
     _add_pacing(p)
 
-    leaf(hsub, "list", cmd_chips_list, "list your chips").add_argument(
+    _leaf(hsub, "list", cmd_chips_list, "list your chips").add_argument(
         "--page-size", type=int, default=100, help=argparse.SUPPRESS)
-    leaf(hsub, "get", cmd_chips_get, "show one chip").add_argument("id")
-    leaf(hsub, "delete", cmd_chips_delete, "delete a chip").add_argument("id")
+    _leaf(hsub, "get", cmd_chips_get, "show one chip").add_argument("id")
+    _leaf(hsub, "delete", cmd_chips_delete, "delete a chip").add_argument("id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m whago_client", description="WHAGO campaigns operator CLI."
+    )
+    _add_common(parser, suppress=False)
+    groups = parser.add_subparsers(dest="group", metavar="{campaigns,chips}", required=True)
+    camp = groups.add_parser("campaigns", help="campaigns and their contacts and messages")
+    csub = camp.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_campaign_crud(csub)
+    _add_campaign_lifecycle(csub)
+    _add_campaign_data(csub)
+    chips = groups.add_parser("chips", help="your WhatsApp numbers (WAHA sessions)")
+    _add_chips(chips.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return parser
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import mimetypes
 import os
-import random
 import threading
 import time
 import uuid
@@ -39,7 +39,6 @@ from whago.campaign.v1 import (
     resources_pb2 as res,
 )
 from whago_client.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     WaitTimeout,
@@ -272,12 +271,24 @@ class _RequestGuard(Generic[T]):
             raise StopIteration from None
 
 
+# gRPC's retry policy allows at most this many attempts per call (more are treated as this).
+GRPC_MAX_ATTEMPTS = 5
+# Never retried: DeleteChip carries no request_id, so a retry could report NOT_FOUND for a delete
+# that worked; ImportContacts is a stream of rows with no request_id (never retried before either).
+# Every other method is a read or carries a request_id (AIP-155).
+NOT_RETRIED = (("whago.campaign.v1.ChipService", "DeleteChip"),
+               ("whago.campaign.v1.CampaignService", "ImportContacts"))
+RETRIED_SERVICES = ("whago.campaign.v1.CampaignService", "whago.campaign.v1.ChipService")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for transient failures of idempotent calls.
+    """Exponential backoff with jitter for transient failures of idempotent calls, carried out by
+    gRPC itself (the channel's service config `retryPolicy`; see `service_config`).
 
     Only calls that are safe to repeat are retried: reads, and mutations carrying a
-    request_id (the server returns the first result for a repeated id, AIP-155).
+    request_id (the server returns the first result for a repeated id, AIP-155). gRPC caps
+    `max_attempts` at 5 and honours a server's pushback (`grpc-retry-pushback-ms`).
     """
 
     max_attempts: int = 4
@@ -287,6 +298,23 @@ class RetryPolicy:
     retry_codes: frozenset[grpc.StatusCode] = field(
         default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
     )
+
+    def service_config(self) -> str:
+        """The channel's service config (JSON): this policy for every method but NOT_RETRIED."""
+        configs: list[dict[str, object]] = [{"name": [{"service": s, "method": m} for s, m in NOT_RETRIED]}]
+        attempts = min(self.max_attempts, GRPC_MAX_ATTEMPTS)
+        if attempts >= 2:
+            configs.insert(0, {
+                "name": [{"service": s} for s in RETRIED_SERVICES],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": f"{self.initial_backoff:.3f}s",
+                    "maxBackoff": f"{self.max_backoff:.3f}s",
+                    "backoffMultiplier": self.multiplier,
+                    "retryableStatusCodes": sorted(c.name for c in self.retry_codes),
+                },
+            })
+        return json.dumps({"methodConfig": configs})
 
 
 # --------------------------------------------------------------------------- the client
@@ -302,7 +330,8 @@ class WhagoClient:
 
     `api_key` defaults to $WHAGO_API_KEY. `timeout` is the default deadline of each call in
     seconds (retries included). Pass `channel` to share one; the client then leaves it open
-    on close(), since its owner may still use it. `credentials` makes a TLS channel.
+    on close(), since its owner may still use it (and its own service config decides retries).
+    `credentials` makes a TLS channel.
     """
 
     def __init__(
@@ -327,6 +356,8 @@ class WhagoClient:
         self._owns_channel = channel is None
         if channel is None:
             options = [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", self.retry.service_config()),
                 ("grpc.primary_user_agent", USER_AGENT),
                 ("grpc.max_send_message_length", 32 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 32 * 1024 * 1024),
@@ -339,7 +370,7 @@ class WhagoClient:
         self.channel: grpc.Channel = channel
         self._campaigns = cs_grpc.CampaignServiceStub(channel)
         self._chips = chs_grpc.ChipServiceStub(channel)
-        self._sleep: Callable[[float], None] = time.sleep
+        self._sleep: Callable[[float], None] = time.sleep  # wait_for_state's polls
 
     # -- lifecycle of the client
 
@@ -365,32 +396,13 @@ class WhagoClient:
         request: Req,
         *,
         timeout: float | None,
-        idempotent: bool,
     ) -> Resp:
-        """One unary RPC with auth, an overall deadline, typed errors and, when safe, retries."""
-        budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        attempts = max(1, self.retry.max_attempts) if idempotent else 1
-        backoff = self.retry.initial_backoff
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"deadline of {budget:g}s exceeded after {attempt - 1} attempts")
-            try:
-                return method(request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as e:
-                err = from_rpc_error(e)
-            if attempt >= attempts or err.code not in self.retry.retry_codes:
-                raise err from err.__cause__
-            delay = min(backoff, self.retry.max_backoff) * random.uniform(0.5, 1.0)
-            if err.retry_delay is not None:
-                delay = max(delay, err.retry_delay)
-            if time.monotonic() + delay >= deadline:
-                raise err from err.__cause__
-            self._sleep(delay)
-            backoff *= self.retry.multiplier
+        """One unary RPC with auth and an overall deadline (gRPC's retries included); typed errors."""
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            err = from_rpc_error(e)
+            raise err from err.__cause__
 
     @staticmethod
     def _request_id(request_id: str | None) -> str:
@@ -423,11 +435,11 @@ class WhagoClient:
         if schedule_time is not None:
             campaign.schedule_time.CopyFrom(_timestamp(schedule_time))
         req = cs.CreateCampaignRequest(campaign=campaign, request_id=self._request_id(request_id))
-        return self._call(self._campaigns.CreateCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.CreateCampaign, req, timeout=timeout)
 
     def get_campaign(self, campaign_id: str, *, timeout: float | None = None) -> res.Campaign:
         req = cs.GetCampaignRequest(campaign_id=campaign_id)
-        return self._call(self._campaigns.GetCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.GetCampaign, req, timeout=timeout)
 
     def list_campaigns(
         self,
@@ -441,7 +453,7 @@ class WhagoClient:
 
         def fetch(token: str) -> tuple[Sequence[res.Campaign], str]:
             req = cs.ListCampaignsRequest(page_size=page_size, page_token=token, state=state_value)
-            resp = self._call(self._campaigns.ListCampaigns, req, timeout=timeout, idempotent=True)
+            resp = self._call(self._campaigns.ListCampaigns, req, timeout=timeout)
             return resp.campaigns, resp.next_page_token
 
         return Pager(fetch)
@@ -461,7 +473,7 @@ class WhagoClient:
             update_mask=field_mask_pb2.FieldMask(paths=list(update_mask)),
             request_id=self._request_id(request_id),
         )
-        return self._call(self._campaigns.UpdateCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.UpdateCampaign, req, timeout=timeout)
 
     def delete_campaign(
         self,
@@ -475,33 +487,33 @@ class WhagoClient:
         req = cs.DeleteCampaignRequest(
             campaign_id=campaign_id, etag=etag, request_id=self._request_id(request_id)
         )
-        return self._call(self._campaigns.DeleteCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.DeleteCampaign, req, timeout=timeout)
 
     def start_campaign(
         self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
     ) -> res.Campaign:
         req = cs.StartCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
-        return self._call(self._campaigns.StartCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.StartCampaign, req, timeout=timeout)
 
     def pause_campaign(
         self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
     ) -> res.Campaign:
         """Returns once no further message of the campaign will reach WAHA."""
         req = cs.PauseCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
-        return self._call(self._campaigns.PauseCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.PauseCampaign, req, timeout=timeout)
 
     def resume_campaign(
         self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
     ) -> res.Campaign:
         req = cs.ResumeCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
-        return self._call(self._campaigns.ResumeCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.ResumeCampaign, req, timeout=timeout)
 
     def cancel_campaign(
         self, campaign_id: str, *, request_id: str | None = None, timeout: float | None = None
     ) -> res.Campaign:
         """Returns once no further message of the campaign will reach WAHA."""
         req = cs.CancelCampaignRequest(campaign_id=campaign_id, request_id=self._request_id(request_id))
-        return self._call(self._campaigns.CancelCampaign, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.CancelCampaign, req, timeout=timeout)
 
     def import_contacts(
         self,
@@ -547,7 +559,7 @@ class WhagoClient:
     ) -> Pager[res.Contact]:
         def fetch(token: str) -> tuple[Sequence[res.Contact], str]:
             req = cs.ListContactsRequest(campaign_id=campaign_id, page_size=page_size, page_token=token)
-            resp = self._call(self._campaigns.ListContacts, req, timeout=timeout, idempotent=True)
+            resp = self._call(self._campaigns.ListContacts, req, timeout=timeout)
             return resp.contacts, resp.next_page_token
 
         return Pager(fetch)
@@ -568,7 +580,7 @@ class WhagoClient:
                 campaign_id=campaign_id, page_size=page_size, page_token=token, state=state_value
             )
             resp = self._call(
-                self._campaigns.ListCampaignMessages, req, timeout=timeout, idempotent=True
+                self._campaigns.ListCampaignMessages, req, timeout=timeout
             )
             return resp.messages, resp.next_page_token
 
@@ -609,11 +621,11 @@ class WhagoClient:
             content=content,
             request_id=self._request_id(request_id),
         )
-        return self._call(self._campaigns.UploadMedia, req, timeout=timeout, idempotent=True)
+        return self._call(self._campaigns.UploadMedia, req, timeout=timeout)
 
     def list_media(self, campaign_id: str, *, timeout: float | None = None) -> list[res.Media]:
         req = cs.ListCampaignMediaRequest(campaign_id=campaign_id)
-        resp = self._call(self._campaigns.ListCampaignMedia, req, timeout=timeout, idempotent=True)
+        resp = self._call(self._campaigns.ListCampaignMedia, req, timeout=timeout)
         return list(resp.media)
 
     def wait_for_state(
@@ -691,16 +703,16 @@ class WhagoClient:
         if pacing is not None:
             chip.pacing.CopyFrom(pacing)
         req = chs.RegisterChipRequest(chip=chip, request_id=self._request_id(request_id))
-        return self._call(self._chips.RegisterChip, req, timeout=timeout, idempotent=True)
+        return self._call(self._chips.RegisterChip, req, timeout=timeout)
 
     def get_chip(self, chip_id: str, *, timeout: float | None = None) -> res.Chip:
         req = chs.GetChipRequest(chip_id=chip_id)
-        return self._call(self._chips.GetChip, req, timeout=timeout, idempotent=True)
+        return self._call(self._chips.GetChip, req, timeout=timeout)
 
     def list_chips(self, *, page_size: int = 100, timeout: float | None = None) -> Pager[res.Chip]:
         def fetch(token: str) -> tuple[Sequence[res.Chip], str]:
             req = chs.ListChipsRequest(page_size=page_size, page_token=token)
-            resp = self._call(self._chips.ListChips, req, timeout=timeout, idempotent=True)
+            resp = self._call(self._chips.ListChips, req, timeout=timeout)
             return resp.chips, resp.next_page_token
 
         return Pager(fetch)
@@ -709,4 +721,4 @@ class WhagoClient:
         """Not retried: DeleteChip has no request_id, so a retry could report NOT_FOUND for a
         delete that succeeded."""
         req = chs.DeleteChipRequest(chip_id=chip_id)
-        self._call(self._chips.DeleteChip, req, timeout=timeout, idempotent=False)
+        self._call(self._chips.DeleteChip, req, timeout=timeout)
