@@ -21,7 +21,7 @@ def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequenc
     order = "random()" if shuffle else "row_no, id"
     result = session.execute(text(
         "INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, state, seq, template_index)"
-        " SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], 1, t.rn, (t.rn - 1) % :nt"
+        f" SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], {M.PENDING:d}, t.rn, (t.rn - 1) % :nt"
         f" FROM (SELECT id, row_number() OVER (ORDER BY {order}) AS rn"
         "       FROM campaign_contacts WHERE campaign_id = :c) t"),
         {"c": campaign_id, "chips": [str(c) for c in chip_ids], "n": len(chip_ids), "nt": max(n_templates, 1)})
