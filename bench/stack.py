@@ -201,7 +201,8 @@ class Stack:
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of every process of the stack (PostgreSQL: postmaster + backends,
         which come and go, so compare two snapshots only over a short span)."""
-        out: dict[str, float] = {name: cpu_seconds(self.pid(name)) for name in ("campaign", "dispatcher", "worker", "sandbox")
+        names = ("campaign", "dispatcher", "worker", "sandbox")
+        out: dict[str, float] = {name: cpu_seconds(self.pid(name)) for name in names
                if name in self.procs}
         pg = 0.0
         if self.pg.proc is not None:

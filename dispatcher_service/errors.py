@@ -66,6 +66,7 @@ class FailedPrecondition(ServiceError):
 
     def __init__(self, reason: str, message: str, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message, [error_info(reason, metadata)])
+        self.reason = reason
 
 
 class Unauthenticated(ServiceError):

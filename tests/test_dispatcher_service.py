@@ -15,9 +15,13 @@ import redis as redis_sync
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.procs import ServiceProcess
 from devstack.servers import Redis, free_port
+from dispatcher_service import errors
+from dispatcher_service.errors import to_service_error
+from dispatcher_service.fences import StaleEpoch
 from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as pbg
@@ -237,6 +241,67 @@ def test_redis_down_is_unavailable(workdir: Path) -> None:
             pbg.DispatcherServiceStub(ch).GetDispatch(pb.GetDispatchRequest(campaign_id="x"), metadata=MD,
                                                       timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        _, msg, details = _status(e.value)
+        assert msg.startswith("redis unavailable: ") and details == []
         ch.close()
     finally:
         p.stop()
+
+
+def _status(e: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[object]]:
+    """(code, message, unpacked details) exactly as a client sees them."""
+    st = rpc_status.from_call(e)  # type: ignore[arg-type]
+    details: list[object] = []
+    if st is not None:
+        for d in st.details:
+            for cls in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+                m = cls()
+                if d.Unpack(m):
+                    details.append(m)
+    return e.code(), e.details(), details
+
+
+def test_error_statuses_messages_and_details_are_the_contract(stub: pbg.DispatcherServiceStub) -> None:
+    c = new_campaign()
+    req = pb.GetDispatchRequest(campaign_id=c)
+    cases: list[tuple[object, list[tuple[str, str]], tuple[grpc.StatusCode, str, list[object]]]] = [
+        (req, [], (grpc.StatusCode.UNAUTHENTICATED, "missing authorization: Bearer <service token>", [])),
+        (req, [("authorization", "Basic abc")],
+         (grpc.StatusCode.UNAUTHENTICATED, "authorization must be 'Bearer <token>'", [])),
+        (req, [("authorization", "Bearer nope")],
+         (grpc.StatusCode.PERMISSION_DENIED, "DispatcherService accepts only the service token", [])),
+        (pb.GetDispatchRequest(), MD, (grpc.StatusCode.INVALID_ARGUMENT, "campaign_id: required", [
+            error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field="campaign_id", description="required")])])),
+        (req, MD, (grpc.StatusCode.NOT_FOUND, f"no dispatch for campaign {c}", [error_details_pb2.ErrorInfo(
+            reason="DISPATCH_NOT_FOUND", domain="dispatcher.whago", metadata={"campaign_id": c})])),
+    ]
+    for r, md, want in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetDispatch(r, metadata=md)
+        assert _status(e.value) == want
+
+    stub.StartDispatch(start_req(c, epoch=5), metadata=MD)
+    stale = error_details_pb2.ErrorInfo(reason="STALE_EPOCH", domain="dispatcher.whago",
+                                        metadata={"campaign_id": c, "current": "run:5", "epoch": "4"})
+    msg = "epoch 4 is older than the campaign's current dispatch (run:5)"
+    for call in (lambda: stub.StartDispatch(start_req(c, epoch=4), metadata=MD),
+                 lambda: stub.PauseDispatch(pb.PauseDispatchRequest(campaign_id=c, epoch=4), metadata=MD),
+                 lambda: stub.CancelDispatch(pb.CancelDispatchRequest(campaign_id=c, epoch=4), metadata=MD)):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert _status(e.value) == (grpc.StatusCode.FAILED_PRECONDITION, msg, [stale])
+    assert stub.GetDispatch(req, metadata=MD).state == pb.DISPATCH_STATE_RUNNING  # a refused stop changed nothing
+
+
+def test_one_place_maps_every_exception_to_a_status() -> None:
+    nf = errors.NotFound("X", "gone")
+    assert to_service_error(nf) is nf
+    st = to_service_error(StaleEpoch("c1", 4, "run:5"))
+    assert isinstance(st, errors.FailedPrecondition) and st.reason == "STALE_EPOCH"
+    assert st.message == "epoch 4 is older than the campaign's current dispatch (run:5)"
+    down = to_service_error(RedisConnectionError("boom"))
+    assert (down.code, down.message, down.details) == (grpc.StatusCode.UNAVAILABLE,
+                                                       "redis unavailable: ConnectionError", [])
+    bug = to_service_error(ValueError("secret detail"))
+    assert (bug.code, bug.message) == (grpc.StatusCode.INTERNAL, "internal error: ValueError")

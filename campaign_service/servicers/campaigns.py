@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC
 from typing import Any
 
@@ -44,7 +44,7 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
     def CreateCampaign(self, request: cs.CreateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         uid = auth.current_user_id()
         out = self.ops.campaigns.create_campaign(uid, campaign_input(request.campaign),
-                                       idem(request.request_id, "CreateCampaign", convert.campaign))
+                                                 idem(request.request_id, "CreateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
@@ -63,34 +63,32 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         paths = mask_paths(request.update_mask if request.HasField("update_mask") else None, patch,
                            settings_set=request.campaign.HasField("settings"))
         out = self.ops.campaigns.update_campaign(uid, request.campaign.id, patch, paths, request.campaign.etag,
-                                       idem(request.request_id, "UpdateCampaign", convert.campaign))
+                                                 idem(request.request_id, "UpdateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
     def DeleteCampaign(self, request: cs.DeleteCampaignRequest,
                        context: grpc.ServicerContext) -> cs.DeleteCampaignResponse:
         out = self.ops.campaigns.delete_campaign(auth.current_user_id(), request.campaign_id, request.etag,
-                                       idem(request.request_id, "DeleteCampaign", delete_response))
+                                                 idem(request.request_id, "DeleteCampaign", delete_response))
         return unwrap(out, cs.DeleteCampaignResponse, delete_response)
 
-    def StartCampaign(self, request: cs.StartCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.lifecycle.start_campaign(auth.current_user_id(), request.campaign_id,
-                                      idem(request.request_id, "StartCampaign", convert.campaign))
+    def _move(self, operation: Callable[..., Any], request: Any, method: str) -> res.Campaign:
+        """A lifecycle move (Start/Pause/Resume/Cancel): the caller's campaign, its request id."""
+        out = operation(auth.current_user_id(), request.campaign_id,
+                        idem(request.request_id, method, convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
+
+    def StartCampaign(self, request: cs.StartCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        return self._move(self.ops.lifecycle.start_campaign, request, "StartCampaign")
 
     def PauseCampaign(self, request: cs.PauseCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.lifecycle.pause_campaign(auth.current_user_id(), request.campaign_id,
-                                      idem(request.request_id, "PauseCampaign", convert.campaign))
-        return unwrap(out, res.Campaign, convert.campaign)
+        return self._move(self.ops.lifecycle.pause_campaign, request, "PauseCampaign")
 
     def ResumeCampaign(self, request: cs.ResumeCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.lifecycle.resume_campaign(auth.current_user_id(), request.campaign_id,
-                                       idem(request.request_id, "ResumeCampaign", convert.campaign))
-        return unwrap(out, res.Campaign, convert.campaign)
+        return self._move(self.ops.lifecycle.resume_campaign, request, "ResumeCampaign")
 
     def CancelCampaign(self, request: cs.CancelCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        out = self.ops.lifecycle.cancel_campaign(auth.current_user_id(), request.campaign_id,
-                                       idem(request.request_id, "CancelCampaign", convert.campaign))
-        return unwrap(out, res.Campaign, convert.campaign)
+        return self._move(self.ops.lifecycle.cancel_campaign, request, "CancelCampaign")
 
     def ImportContacts(self, request_iterator: Iterator[cs.ImportContactsRequest],
                        context: grpc.ServicerContext) -> cs.ImportContactsResponse:
@@ -117,21 +115,21 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
 
     def ListContacts(self, request: cs.ListContactsRequest, context: grpc.ServicerContext) -> cs.ListContactsResponse:
         page = self.ops.contacts.list_contacts(auth.current_user_id(), request.campaign_id, request.page_size,
-                                      request.page_token)
+                                               request.page_token)
         return cs.ListContactsResponse(contacts=[convert.contact(c) for c in page.items],
                                        next_page_token=page.next_page_token)
 
     def ListCampaignMessages(self, request: cs.ListCampaignMessagesRequest,
                              context: grpc.ServicerContext) -> cs.ListCampaignMessagesResponse:
         page = self.ops.contacts.list_messages(auth.current_user_id(), request.campaign_id, request.state,
-                                      request.page_size, request.page_token)
+                                               request.page_size, request.page_token)
         return cs.ListCampaignMessagesResponse(messages=[convert.message(m) for m in page.items],
                                                next_page_token=page.next_page_token)
 
     def UploadMedia(self, request: cs.UploadMediaRequest, context: grpc.ServicerContext) -> res.Media:
         out = self.ops.media.upload_media(auth.current_user_id(), request.campaign_id, request.filename,
-                                    request.mime_type, request.content,
-                                    idem(request.request_id, "UploadMedia", convert.media))
+                                          request.mime_type, request.content,
+                                          idem(request.request_id, "UploadMedia", convert.media))
         return unwrap(out, res.Media, convert.media)
 
     def ListCampaignMedia(self, request: cs.ListCampaignMediaRequest,

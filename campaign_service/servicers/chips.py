@@ -26,7 +26,7 @@ class ChipServicer(chs_grpc.ChipServiceServicer):
                          waha_session=c.waha_session, waha_api_key=c.waha_api_key, proxy_label=c.proxy_label,
                          pacing=c.pacing)
         out = self.ops.chips.register_chip(auth.current_user_id(), spec,
-                                     idem(request.request_id, "RegisterChip", convert.chip))
+                                           idem(request.request_id, "RegisterChip", convert.chip))
         return unwrap(out, res.Chip, convert.chip)
 
     def GetChip(self, request: chs.GetChipRequest, context: grpc.ServicerContext) -> res.Chip:
