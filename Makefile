@@ -48,7 +48,7 @@ lint: setup node_modules/.stamp
 	$(BIN)/mypy
 
 test: setup node_modules/.stamp
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=15
 
 run: setup node_modules/.stamp
 	$(PYTHON) -m devstack

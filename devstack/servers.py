@@ -6,8 +6,10 @@ and run as the `postgres` system user (CI runs as root).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,11 +20,40 @@ from pathlib import Path
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
+def _port_range() -> tuple[int, int] | None:
+    """WHAGO_PORT_RANGE=LOW-HIGH: where free_port looks (inclusive), or None for the kernel's pick."""
+    raw = os.environ.get("WHAGO_PORT_RANGE", "").strip()
+    if not raw:
+        return None
+    low, _, high = raw.partition("-")
+    return int(low), int(high)
+
+
+_next_in_range = itertools.count(secrets.randbelow(10_000))
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (racy by nature, good enough for local servers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on 127.0.0.1, bound later by a server (racy by nature).
+
+    The kernel's pick comes from its ephemeral range, where any outgoing connection may take it as
+    its source port before the server binds it. With WHAGO_PORT_RANGE (the test suite sets one per
+    xdist worker, below the ephemeral range) ports come from that span, each once per process."""
+    span = _port_range()
+    if span is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    low, high = span
+    size = high - low + 1
+    for _ in range(size):
+        port = low + next(_next_in_range) % size
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in WHAGO_PORT_RANGE {low}-{high}")
 
 
 def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:

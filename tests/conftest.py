@@ -4,6 +4,9 @@ their own user (tenancy keeps users apart)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import secrets
 import subprocess
 import sys
@@ -11,13 +14,28 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
 
+from campaign_service import admin
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
 from waha_sandbox.control import SandboxControl
+
+
+def _worker_index() -> int:
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+# Ports of the servers under test come from a span of their own per xdist worker, below Linux's
+# ephemeral range (32768-60999, which the kernel hands to outgoing connections): a port picked by the
+# kernel and bound a moment later by a server was now and then taken meanwhile ("already in use").
+_PORT_BASE, _PORT_SPAN = 20_000, 2_000
+_low = _PORT_BASE + (_worker_index() % 6) * _PORT_SPAN
+os.environ["WHAGO_PORT_RANGE"] = f"{_low}-{_low + _PORT_SPAN - 1}"
 
 SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
 WEBHOOK_HMAC_KEY = "test-webhook-hmac-key"
@@ -164,16 +182,27 @@ def dispatcher_channel(dispatcher_server: ServiceProcess, ports: dict[str, int])
 
 @pytest.fixture(scope="session")
 def create_user(database_url: str) -> Callable[..., str]:
-    """Factory: a new user with credits; returns its API key (printed by the admin CLI)."""
+    """Factory: a new user with credits; returns its API key (printed by the admin CLI).
+
+    The session's first user comes from the real `python -m campaign_service.admin create-user`
+    process; the others from the same CLI entry point (admin.main) run in this process: a Python
+    start per user (~0.7 s of CPU) was a large share of the suite's time, spent once per test."""
+    spawned = False
 
     def create(name: str | None = None, credits: int = 1_000_000) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "campaign_service.admin", "create-user",
-             "--name", name or f"user-{secrets.token_hex(4)}", "--credits", str(credits)],
-            env=service_env({"DATABASE_URL": database_url}), cwd=REPO, check=True,
-            capture_output=True, text=True,
-        )
-        return out.stdout.strip().splitlines()[-1]
+        nonlocal spawned
+        argv = ["create-user", "--name", name or f"user-{secrets.token_hex(4)}", "--credits", str(credits)]
+        if not spawned:
+            spawned = True
+            out = subprocess.run([sys.executable, "-m", "campaign_service.admin", *argv],
+                                 env=service_env({"DATABASE_URL": database_url}), cwd=REPO, check=True,
+                                 capture_output=True, text=True)
+            return out.stdout.strip().splitlines()[-1]
+        buf = io.StringIO()
+        with mock.patch.dict(os.environ, {"DATABASE_URL": database_url}), contextlib.redirect_stdout(buf):
+            rc = admin.main(argv)
+        assert rc == 0, f"create-user exited {rc}: {buf.getvalue()}"
+        return buf.getvalue().strip().splitlines()[-1]
 
     return create
 
