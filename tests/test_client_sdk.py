@@ -19,7 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from whago_client import Pager, WhagoClient, errors
 from whago_client.cli import build_parser, parse_args, print_error
-from whago_client.client import (
+from whago_client.inputs import (
     campaign_state,
     import_requests,
     message_state,

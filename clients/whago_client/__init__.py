@@ -1,19 +1,18 @@
 """Python SDK for the WHAGO campaigns API: `WhagoClient`, typed `errors`, and `Pager`."""
 
 from whago_client import errors
-from whago_client.client import (
-    DEFAULT_TARGET,
+from whago_client.client import DEFAULT_TARGET, WhagoClient
+from whago_client.errors import WhagoError, from_rpc_error
+from whago_client.inputs import (
     FINAL_CAMPAIGN_STATES,
-    RetryPolicy,
-    WhagoClient,
     campaign_state,
     import_requests,
     message_state,
     read_contacts_csv,
     to_contact_input,
 )
-from whago_client.errors import WhagoError, from_rpc_error
 from whago_client.pager import Pager
+from whago_client.retry import RetryPolicy
 
 __version__ = "0.1.0"
 

@@ -7,21 +7,16 @@ Methods take plain Python arguments and return the protobuf resources (`Campaign
 
 from __future__ import annotations
 
-import csv
-import itertools
-import json
 import mimetypes
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import IO, Generic, Self, TypeAlias, TypeVar
+from typing import Self, TypeVar
 
 import grpc
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2
 
 from whago.campaign.v1 import (
     campaign_service_pb2 as cs,
@@ -44,20 +39,22 @@ from whago_client.errors import (
     WaitTimeout,
     from_rpc_error,
 )
+from whago_client.inputs import (
+    FINAL_CAMPAIGN_STATES,
+    CampaignStateLike,
+    ContactRow,
+    MessageStateLike,
+    RequestGuard,
+    campaign_state,
+    import_requests,
+    message_state,
+    to_template,
+    to_timestamp,
+)
 from whago_client.pager import Pager
+from whago_client.retry import RetryPolicy
 
-__all__ = [
-    "DEFAULT_TARGET",
-    "FINAL_CAMPAIGN_STATES",
-    "ContactRow",
-    "RetryPolicy",
-    "WhagoClient",
-    "campaign_state",
-    "import_requests",
-    "message_state",
-    "read_contacts_csv",
-    "to_contact_input",
-]
+__all__ = ["DEFAULT_TARGET", "WhagoClient"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 USER_AGENT = "whago-client/0.1"
@@ -66,255 +63,9 @@ MAX_MEDIA_BYTES = 16 * 1024 * 1024
 #: A million-row import legitimately takes minutes; the usual 30 s deadline would cut it.
 IMPORT_TIMEOUT = 3600.0
 
-#: States a campaign never leaves on its own.
-FINAL_CAMPAIGN_STATES: frozenset[res.CampaignState.ValueType] = frozenset(
-    {res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED}
-)
-
-#: What `import_contacts` accepts per row: a ContactInput, a mapping with "phone", optional
-#: "name" and the rest as template variables (like a csv.DictReader row), or a bare phone.
-ContactRow: TypeAlias = cs.ContactInput | Mapping[str, object] | str
-CampaignStateLike: TypeAlias = int | str
-MessageStateLike: TypeAlias = int | str
-
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _enum_value(
-    enum: object, prefix: str, value: int | str, what: str
-) -> int:
-    """Resolve an enum given as value, full name or short name ("RUNNING")."""
-    wrapper = enum  # an EnumTypeWrapper; typed loosely to share the code for both enums
-    names: list[str] = list(wrapper.keys())  # type: ignore[attr-defined]
-    if isinstance(value, str):
-        name = value.strip().upper()
-        if not name.startswith(prefix):
-            name = prefix + name
-        if name in names and not name.endswith("_UNSPECIFIED"):
-            return int(wrapper.Value(name))  # type: ignore[attr-defined]
-    elif value in wrapper.values():  # type: ignore[attr-defined]
-        return int(value)
-    valid = ", ".join(n.removeprefix(prefix) for n in names if not n.endswith("_UNSPECIFIED"))
-    raise ValueError(f"unknown {what} {value!r}; expected one of {valid}")
-
-
-def campaign_state(value: CampaignStateLike) -> res.CampaignState.ValueType:
-    """`CampaignState` from a value or a name such as "RUNNING" or "CAMPAIGN_STATE_RUNNING"."""
-    return res.CampaignState.ValueType(
-        _enum_value(res.CampaignState, "CAMPAIGN_STATE_", value, "campaign state")
-    )
-
-
-def message_state(value: MessageStateLike) -> res.MessageState.ValueType:
-    """`MessageState` from a value or a name such as "FAILED" or "MESSAGE_STATE_FAILED"."""
-    return res.MessageState.ValueType(
-        _enum_value(res.MessageState, "MESSAGE_STATE_", value, "message state")
-    )
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    """A naive datetime is refused: guessing UTC or local time would schedule at the wrong hour."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("schedule_time must be timezone-aware (e.g. datetime.now(timezone.utc))")
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _template(t: str | res.MessageTemplate) -> res.MessageTemplate:
-    return res.MessageTemplate(text=t) if isinstance(t, str) else t
-
-
-def to_contact_input(row: ContactRow) -> cs.ContactInput:
-    """Normalize one import row into a `ContactInput` (see `ContactRow`)."""
-    if isinstance(row, cs.ContactInput):
-        return row
-    if isinstance(row, str):
-        return cs.ContactInput(phone=row.strip())
-    if isinstance(row, Mapping):
-        contact = cs.ContactInput()
-        for key, value in row.items():
-            if value is None:
-                continue
-            k = str(key).strip()
-            if k.lower() == "phone":
-                contact.phone = str(value).strip()
-            elif k.lower() == "name":
-                contact.name = str(value).strip()
-            elif k == "variables" and isinstance(value, Mapping):
-                contact.variables.update({str(a): str(b) for a, b in value.items()})
-            elif k:
-                contact.variables[k] = str(value)
-        return contact
-    raise TypeError(f"cannot import a contact from {type(row).__name__}")
-
-
-def import_requests(
-    campaign_id: str,
-    rows: Iterable[ContactRow],
-    *,
-    batch_size: int = 1000,
-    default_region: str = "",
-) -> Iterator[cs.ImportContactsRequest]:
-    """The ImportContacts request stream: rows chunked lazily into `batch_size` contacts.
-
-    Only one chunk is in memory at a time, so an iterator over a million-line file streams
-    without being materialized. An empty input still yields one request, so the server learns
-    the campaign id and answers with the campaign's totals.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    it = iter(rows)
-    first = True
-    while True:
-        chunk = [to_contact_input(r) for r in itertools.islice(it, batch_size)]
-        if not chunk and not first:
-            return
-        # campaign_id on every message is allowed ("must match") and keeps each self-describing.
-        yield cs.ImportContactsRequest(
-            campaign_id=campaign_id, contacts=chunk, default_region=default_region
-        )
-        first = False
-        if len(chunk) < batch_size:
-            return
-
-
-def read_contacts_csv(
-    source: str | os.PathLike[str] | IO[str],
-) -> Iterator[cs.ContactInput]:
-    """Stream contacts from a CSV with a header: `phone` (required), `name`, and any other
-    columns as template variables. Comma, semicolon (Excel in pt-BR) or tab separated.
-
-    The header is read and checked now, so a wrong file fails before any RPC; rows are read
-    lazily. Blank lines are skipped; the server numbers the remaining data rows from 1.
-    """
-    close = isinstance(source, (str, os.PathLike))
-    # Opened here, closed by _rows (or below if the header is bad).
-    f: IO[str] = open(source, newline="", encoding="utf-8-sig") if isinstance(source, (str, os.PathLike)) else source
-    try:
-        header_line = f.readline()
-        delimiter = max((",", ";", "\t"), key=header_line.count)
-        header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter), [])]
-        lowered = [h.lower() for h in header]
-        if "phone" not in lowered:
-            raise ValueError(f"CSV header has no 'phone' column (got {header!r})")
-    except BaseException:
-        if close:
-            f.close()
-        raise
-    phone_at = lowered.index("phone")
-    name_at = lowered.index("name") if "name" in lowered else -1
-
-    def _rows() -> Iterator[cs.ContactInput]:
-        try:
-            for values in csv.reader(f, delimiter=delimiter):
-                if not values or not any(v.strip() for v in values):
-                    continue
-                contact = cs.ContactInput()
-                for i, value in enumerate(values[: len(header)]):
-                    if i == phone_at:
-                        contact.phone = value.strip()
-                    elif i == name_at:
-                        contact.name = value.strip()
-                    elif header[i]:
-                        contact.variables[header[i]] = value
-                yield contact
-        finally:
-            if close:
-                f.close()
-
-    return _rows()
-
-
-class _RequestGuard(Generic[T]):
-    """Wraps a client-stream request iterator that gRPC consumes on its own thread.
-
-    If the iterator raises (bad CSV row, I/O error), gRPC would log a traceback and report a
-    bare CANCELLED. Instead the error is kept, the call is cancelled before the stream is
-    half-closed (so the server never mistakes a broken upload for a complete one), and the
-    caller re-raises the original exception.
-    """
-
-    def __init__(self, source: Iterator[T]) -> None:
-        self._source = source
-        self._ready = threading.Event()
-        self._call: grpc.Future | None = None
-        self.error: Exception | None = None
-
-    def attach(self, call: grpc.Future) -> None:
-        self._call = call
-        self._ready.set()
-
-    def abandon(self) -> None:
-        """The call could not be made: end the stream without reading the source."""
-        self._source = iter(())
-        self._ready.set()
-
-    def __iter__(self) -> _RequestGuard[T]:
-        return self
-
-    def __next__(self) -> T:
-        self._ready.wait()
-        try:
-            return next(self._source)
-        except StopIteration:
-            raise
-        except Exception as e:  # any failure of the source must stop the upload
-            self.error = e
-            if self._call is not None:
-                self._call.cancel()
-            raise StopIteration from None
-
-
-# gRPC's retry policy allows at most this many attempts per call (more are treated as this).
-GRPC_MAX_ATTEMPTS = 5
-# Never retried: DeleteChip carries no request_id, so a retry could report NOT_FOUND for a delete
-# that worked; ImportContacts is a stream of rows with no request_id (never retried before either).
-# Every other method is a read or carries a request_id (AIP-155).
-NOT_RETRIED = (("whago.campaign.v1.ChipService", "DeleteChip"),
-               ("whago.campaign.v1.CampaignService", "ImportContacts"))
-RETRIED_SERVICES = ("whago.campaign.v1.CampaignService", "whago.campaign.v1.ChipService")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter for transient failures of idempotent calls, carried out by
-    gRPC itself (the channel's service config `retryPolicy`; see `service_config`).
-
-    Only calls that are safe to repeat are retried: reads, and mutations carrying a
-    request_id (the server returns the first result for a repeated id, AIP-155). gRPC caps
-    `max_attempts` at 5 and honours a server's pushback (`grpc-retry-pushback-ms`).
-    """
-
-    max_attempts: int = 4
-    initial_backoff: float = 0.2
-    max_backoff: float = 3.0
-    multiplier: float = 2.0
-    retry_codes: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
-    )
-
-    def service_config(self) -> str:
-        """The channel's service config (JSON): this policy for every method but NOT_RETRIED."""
-        configs: list[dict[str, object]] = [{"name": [{"service": s, "method": m} for s, m in NOT_RETRIED]}]
-        attempts = min(self.max_attempts, GRPC_MAX_ATTEMPTS)
-        if attempts >= 2:
-            configs.insert(0, {
-                "name": [{"service": s} for s in RETRIED_SERVICES],
-                "retryPolicy": {
-                    "maxAttempts": attempts,
-                    "initialBackoff": f"{self.initial_backoff:.3f}s",
-                    "maxBackoff": f"{self.max_backoff:.3f}s",
-                    "backoffMultiplier": self.multiplier,
-                    "retryableStatusCodes": sorted(c.name for c in self.retry_codes),
-                },
-            })
-        return json.dumps({"methodConfig": configs})
 
 
 # --------------------------------------------------------------------------- the client
@@ -427,13 +178,13 @@ class WhagoClient:
         campaign = res.Campaign(
             name=name,
             description=description,
-            templates=[_template(t) for t in templates],
+            templates=[to_template(t) for t in templates],
             chip_ids=list(chip_ids),
         )
         if settings is not None:
             campaign.settings.CopyFrom(settings)
         if schedule_time is not None:
-            campaign.schedule_time.CopyFrom(_timestamp(schedule_time))
+            campaign.schedule_time.CopyFrom(to_timestamp(schedule_time))
         req = cs.CreateCampaignRequest(campaign=campaign, request_id=self._request_id(request_id))
         return self._call(self._campaigns.CreateCampaign, req, timeout=timeout)
 
@@ -531,7 +282,7 @@ class WhagoClient:
         Not retried: the stream cannot be replayed. An exception raised by `rows` cancels the
         call and is re-raised here as is.
         """
-        guard = _RequestGuard(
+        guard = RequestGuard(
             import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)
         )
         try:

@@ -1,0 +1,152 @@
+"""What the CLI prints: human tables by default, JSON (`--json`) for scripts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from whago.campaign.v1 import resources_pb2 as res
+
+#: Rows buffered to size table columns before streaming the rest with the same widths.
+_TABLE_SAMPLE = 200
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def stdout() -> TextIO:
+    return sys.stdout
+
+
+def to_dict(msg: Message) -> dict[str, object]:
+    """JSON with proto field names and zero values shown, so counters of 0 are not missing."""
+    return json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def print_json(msg: Message) -> None:
+    print(json.dumps(to_dict(msg), indent=2, ensure_ascii=False), file=stdout())
+
+
+def print_json_list(items: Iterable[Message]) -> None:
+    """A JSON array written item by item, so a huge listing is never held in memory."""
+    out = stdout()
+    out.write("[")
+    empty = True
+    for item in items:
+        out.write("\n  " if empty else ",\n  ")
+        out.write(json.dumps(to_dict(item), ensure_ascii=False))
+        empty = False
+    out.write("]\n" if empty else "\n]\n")
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Column-aligned table; widths come from the first rows, the rest stream through."""
+    out = stdout()
+    it = iter(rows)
+    sample = [[cell(v) for v in r] for r in itertools.islice(it, _TABLE_SAMPLE)]
+    widths = [max([len(h)] + [len(r[i]) for r in sample]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+    print(line(headers), file=out)
+    for r in sample:
+        print(line(r), file=out)
+    for raw in it:
+        print(line([cell(v) for v in raw]), file=out)
+
+
+def cell(value: object) -> str:
+    return str(value).replace("\n", " ")
+
+
+def state_name(enum: object, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix)  # type: ignore[attr-defined]
+
+
+def campaign_state_name(value: int) -> str:
+    return state_name(res.CampaignState, value, "CAMPAIGN_STATE_")
+
+
+def message_state_name(value: int) -> str:
+    return state_name(res.MessageState, value, "MESSAGE_STATE_")
+
+
+def chip_state_name(value: int) -> str:
+    return state_name(res.ChipState, value, "CHIP_STATE_")
+
+
+def when(msg: Message, field: str) -> str:
+    if not msg.HasField(field):
+        return ""
+    ts = getattr(msg, field)
+    return str(ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%SZ"))
+
+
+def print_campaign(c: res.Campaign) -> None:
+    state = campaign_state_name(c.state) + (f" ({c.state_reason})" if c.state_reason else "")
+    lines: list[tuple[str, str]] = [
+        ("id", c.id),
+        ("name", c.name),
+        ("description", c.description),
+        ("state", state),
+        ("contacts", str(c.total_contacts)),
+        (
+            "messages",
+            f"pending={c.pending_count} sent={c.sent_count} delivered={c.delivered_count} "
+            f"read={c.read_count} failed={c.failed_count} skipped={c.skipped_count}",
+        ),
+        ("chips", ", ".join(c.chip_ids) or "(all of the owner's chips)"),
+    ]
+    for i, t in enumerate(c.templates, 1):
+        lines.append((f"template {i}", t.text + (f" [media {t.media_id}]" if t.media_id else "")))
+    pacing = c.settings.pacing
+    if pacing.HasField("interval_min_seconds") or pacing.HasField("interval_max_seconds"):
+        lines.append(("interval", f"{pacing.interval_min_seconds:g}-{pacing.interval_max_seconds:g}s"))
+    lines += [
+        ("scheduled", when(c, "schedule_time")),
+        ("created", when(c, "create_time")),
+        ("started", when(c, "start_time")),
+        ("completed", when(c, "complete_time")),
+        ("etag", c.etag),
+    ]
+    out = stdout()
+    for key, value in lines:
+        if value:
+            print(f"{key + ':':<13}{value}", file=out)
+
+
+def print_chip(ch: res.Chip) -> None:
+    state = chip_state_name(ch.state) + (f" ({ch.state_reason})" if ch.state_reason else "")
+    out = stdout()
+    for key, value in (
+        ("id", ch.id),
+        ("name", ch.display_name),
+        ("phone", ch.phone),
+        ("waha", f"{ch.waha_base_url} session={ch.waha_session}"),
+        ("proxy", ch.proxy_label),
+        ("state", state),
+        ("created", when(ch, "create_time")),
+    ):
+        if value:
+            print(f"{key + ':':<13}{value}", file=out)
+
+
+def progress_line(c: res.Campaign) -> str:
+    done = c.total_contacts - c.pending_count if c.state != res.CAMPAIGN_STATE_DRAFT else 0
+    pct = f" {100 * done / c.total_contacts:.0f}%" if c.total_contacts else ""
+    now = datetime.now().strftime("%H:%M:%S")
+    return (
+        f"{now} {campaign_state_name(c.state):<9} pending={c.pending_count} sent={c.sent_count} "
+        f"delivered={c.delivered_count} read={c.read_count} failed={c.failed_count} "
+        f"skipped={c.skipped_count} ({done}/{c.total_contacts}{pct})"
+    )
