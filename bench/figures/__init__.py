@@ -1,0 +1,26 @@
+"""The figures of `make bench`. Each is one function taking the run context; it fills its rows and
+may raise (the runner turns an exception into an error on the row). Every loop is bounded in count
+and in time; everything talks to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.core import Ctx
+from bench.figures.data import fig_delete, fig_import, fig_million, fig_start
+from bench.figures.dispatch import fig_dispatch
+from bench.figures.lanes import fig_cancel, fig_lanes, fig_lease
+from bench.figures.reads import fig_get, fig_list
+
+FIGURES: dict[str, Callable[[Ctx], None]] = {
+    "import": fig_import,
+    "start": fig_start,
+    "delete": fig_delete,
+    "dispatch": fig_dispatch,
+    "get": fig_get,
+    "list": fig_list,
+    "cancel": fig_cancel,
+    "lanes": fig_lanes,
+    "million": fig_million,
+    "lease": fig_lease,
+}
