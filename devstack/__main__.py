@@ -55,22 +55,22 @@ def start_infra(infra: list[Postgres | Redis]) -> tuple[str, str]:
     """PostgreSQL and Redis: DATABASE_URL / REDIS_URL when set, else private servers under .run/."""
     database_url = os.environ.get("DATABASE_URL")
     if not database_url:
-        pg_port = private_port("PostgreSQL", "WHAGO_PG_PORT", PG_PORT)
-        pg = Postgres(RUN / "pg", pg_port)
-        say(f"starting private PostgreSQL on 127.0.0.1:{pg_port} (data in {pg.root})")
-        pg.start()
-        infra.append(pg)
+        pg = Postgres(RUN / "pg", private_port("PostgreSQL", "WHAGO_PG_PORT", PG_PORT))
+        start_private(infra, pg, "PostgreSQL")
         pg.create_database("whago")
         database_url = pg.url("whago")
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
-        redis_port = private_port("redis-server", "WHAGO_REDIS_PORT", REDIS_PORT)
-        rd = Redis(RUN / "redis", redis_port)
-        say(f"starting private redis-server on 127.0.0.1:{redis_port}")
-        rd.start()
-        infra.append(rd)
+        rd = Redis(RUN / "redis", private_port("redis-server", "WHAGO_REDIS_PORT", REDIS_PORT))
+        start_private(infra, rd, "redis-server")
         redis_url = rd.url
     return database_url, redis_url
+
+
+def start_private(infra: list[Postgres | Redis], server: Postgres | Redis, what: str) -> None:
+    say(f"starting private {what} on 127.0.0.1:{server.port} (data in {server.root})")
+    server.start()
+    infra.append(server)
 
 
 def stack_env(database_url: str, redis_url: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ import pytest
 from campaign_service import admin
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
+from tests.helpers import Ops
 from waha_sandbox.control import SandboxControl
 
 
@@ -164,20 +165,23 @@ def stack(campaign_server: ServiceProcess, dispatcher_server: ServiceProcess, sa
     return {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
 
 
+def ready_channel(port: int) -> grpc.Channel:
+    """A channel to a server of the stack on 127.0.0.1, once it accepts connections."""
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(ch).result(timeout=15)
+    return ch
+
+
 @pytest.fixture(scope="session")
 def campaign_channel(campaign_server: ServiceProcess, ports: dict[str, int]) -> Iterator[grpc.Channel]:
-    ch = grpc.insecure_channel(f"127.0.0.1:{ports['campaign']}")
-    grpc.channel_ready_future(ch).result(timeout=15)
-    yield ch
-    ch.close()
+    with ready_channel(ports["campaign"]) as ch:
+        yield ch
 
 
 @pytest.fixture(scope="session")
 def dispatcher_channel(dispatcher_server: ServiceProcess, ports: dict[str, int]) -> Iterator[grpc.Channel]:
-    ch = grpc.insecure_channel(f"127.0.0.1:{ports['dispatcher']}")
-    grpc.channel_ready_future(ch).result(timeout=15)
-    yield ch
-    ch.close()
+    with ready_channel(ports["dispatcher"]) as ch:
+        yield ch
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +215,13 @@ def create_user(database_url: str) -> Callable[..., str]:
 def api_key(create_user: Callable[..., str]) -> str:
     """A fresh user's API key, so each test sees only its own campaigns and chips."""
     return create_user()
+
+
+@pytest.fixture()
+def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_key: str) -> Ops:
+    """A fresh user's stubs (and reads) on the session's whole stack: services, sandbox, worker.
+    Modules that need less (test_campaign_support's `api`) define their own."""
+    return Ops(campaign_channel, api_key)
 
 
 def auth(key: str) -> list[tuple[str, str]]:
@@ -300,9 +311,7 @@ def isolated_stack(database_url: str, sandbox: ServiceProcess, workdir: Path
         camp = ServiceProcess(f"{name}-campaign", "campaign_service.server", [], env, log_dir, port=cport).start()
         disp = ServiceProcess(f"{name}-dispatcher", "dispatcher_service.server", [], env, log_dir,
                               port=dport).start()
-        cch, dch = grpc.insecure_channel(f"127.0.0.1:{cport}"), grpc.insecure_channel(f"127.0.0.1:{dport}")
-        grpc.channel_ready_future(cch).result(timeout=15)
-        grpc.channel_ready_future(dch).result(timeout=15)
+        cch, dch = ready_channel(cport), ready_channel(dport)
         st = IsolatedStack(name, redis, env, log_dir, camp, disp, cch, dch)
         started.append(st)
         for _ in range(workers):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
+import sqlalchemy as sa
 
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -65,6 +68,15 @@ class Api:
             yield cs.ImportContactsRequest(campaign_id=campaign_id, contacts=buf)
         return self.campaigns.ImportContacts(reqs(), metadata=self.md)
 
+    def start_sending(self, campaign_id: str, n: int, sent_at_least: int = 0, timeout: float = 60.0) -> list[str]:
+        """Import n fresh numbers and Start; with `sent_at_least`, wait until that many were sent."""
+        numbers = phones(n)
+        self.import_phones(campaign_id, numbers)
+        self.start(campaign_id)
+        if sent_at_least:
+            self.wait(campaign_id, lambda c: c.sent_count >= sent_at_least, timeout)
+        return numbers
+
     def get(self, campaign_id: str) -> res.Campaign:
         return self.campaigns.GetCampaign(cs.GetCampaignRequest(campaign_id=campaign_id), metadata=self.md)
 
@@ -99,6 +111,18 @@ def phones(n: int, start: int = 0) -> list[str]:
     """n distinct valid Brazilian mobile numbers, as users type them."""
     base = secrets.randbelow(10**6) * 100
     return [f"+55 11 9{(base + start + i) % 10**8:08d}" for i in range(n)]
+
+
+def key_hash(api_key: str) -> str:
+    """How users.api_key_hash stores a key (sha256, hex)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def user_id(engine: sa.Engine, api_key: str) -> uuid.UUID:
+    """The users.id behind an API key."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT id FROM users WHERE api_key_hash = :h"),
+                            {"h": key_hash(api_key)}).scalar_one()  # type: ignore[no-any-return]
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str],

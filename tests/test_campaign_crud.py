@@ -10,7 +10,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 
-from tests.helpers import Api
+from tests.helpers import Api, key_hash, user_id
 from tests.test_campaign_support import api, count, engine, fails, live, row, slow_chip  # noqa: F401
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
@@ -66,11 +66,8 @@ def test_list_is_newest_first_paginated_and_filtered(api: Api) -> None:
 
 
 def test_page_size_is_clamped_and_default_50(api: Api, engine: sa.Engine, api_key: str) -> None:
-    import hashlib
-
-    h = hashlib.sha256(api_key.encode()).hexdigest()
+    uid = user_id(engine, api_key)
     with engine.begin() as conn:
-        uid = conn.execute(sa.text("SELECT id FROM users WHERE api_key_hash = :h"), {"h": h}).scalar_one()
         conn.execute(sa.text("INSERT INTO campaigns (id, user_id, name, state, created_at)"
                              " SELECT gen_random_uuid(), :u, 'bulk ' || g, 1, now() - g * interval '1 second'"
                              " FROM generate_series(1, 1105) g"), {"u": uid})
@@ -134,11 +131,8 @@ def test_request_id_retry_returns_first_result(api: Api, engine: sa.Engine, api_
     a = create(api, "once", request_id="req-create-1")
     b = create(api, "twice?", request_id="req-create-1")
     assert a == b
-    import hashlib
-
-    h = hashlib.sha256(api_key.encode()).hexdigest()
     n = count(engine, "SELECT count(*) FROM campaigns c JOIN users u ON u.id = c.user_id WHERE u.api_key_hash = :h",
-              h=h)
+              h=key_hash(api_key))
     assert n == 1
     d1 = api.campaigns.DeleteCampaign(cs.DeleteCampaignRequest(campaign_id=a.id, request_id="req-del"),
                                       metadata=api.md)

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from tests.helpers import Api, phones
+from tests.helpers import Api, key_hash, phones
 from tests.test_campaign_support import (  # noqa: F401 - fixtures
     api,
     cancelled,
@@ -156,9 +156,7 @@ def test_start_creates_one_message_per_contact_round_robin_over_chips(api: Api, 
 
 def test_start_debits_credits_and_cancel_refunds_unsent(api: Api, engine: sa.Engine, live: str,
                                                         api_key: str) -> None:
-    import hashlib
-
-    h = hashlib.sha256(api_key.encode()).hexdigest()
+    h = key_hash(api_key)
     credits = lambda: count(engine, "SELECT credits FROM users WHERE api_key_hash = :h", h=h)  # noqa: E731
     start_balance = credits()
     c = running(api, live, contacts=8)

@@ -8,19 +8,11 @@ import itertools
 import time
 from collections.abc import Callable
 
-import grpc
-import pytest
-
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import Api, phones
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
-
-
-@pytest.fixture()
-def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_key: str) -> Api:
-    return Api(campaign_channel, api_key)
 
 
 def test_cancel_mid_run_at_full_speed_on_five_chips_no_request_after_cancel_returned(

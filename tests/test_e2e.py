@@ -8,19 +8,12 @@ import time
 from collections.abc import Callable
 
 import grpc
-import pytest
 
-from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import Api, phones
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
-
-
-@pytest.fixture()
-def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_key: str) -> Api:
-    return Api(campaign_channel, api_key)
 
 
 def test_200_contacts_over_3_chips_complete_each_contact_once_split_round_robin(
@@ -55,10 +48,7 @@ def test_pause_stops_sending_and_resume_sends_only_the_rest(
         api: Api, sandbox_url: str, control: SandboxControl) -> None:
     chips = [api.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.02, 0.05)) for _ in range(2)]
     camp = api.campaign(chips, interval=(0.02, 0.05))
-    numbers = phones(120)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
-    api.wait(camp.id, lambda c: c.sent_count >= 20, timeout=60)
+    api.start_sending(camp.id, 120, sent_at_least=20, timeout=60)
 
     paused = api.pause(camp.id)
     t_paused = time.time()

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 import pytest
 
-from devstack.procs import ServiceProcess
 from dispatcher_service.waha import message_ids
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
 from tests.helpers import Ops, chat_id, get_dispatch, phones, wait_for
@@ -37,11 +36,6 @@ PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-
-@pytest.fixture()
-def api(stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, api_key: str) -> Ops:
-    """A fresh user on the session's stack."""
-    return Ops(campaign_channel, api_key)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +105,7 @@ def run_with_a_hung_first_send(ops: Ops, sandbox_url: str, control: SandboxContr
     chip = ops.chip(sandbox_url, KEY, interval=interval)
     control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
     camp = ops.campaign([chip])
-    numbers = phones(n)
-    ops.import_phones(camp.id, numbers)
-    ops.start(camp.id)
+    numbers = ops.start_sending(camp.id, n)
     done = ops.wait_final(camp.id, timeout=60)
     assert done.state == COMPLETED and done.sent_count == n and done.failed_count == 0
     return chip, camp, numbers
@@ -135,10 +127,7 @@ def test_cancel_at_full_speed_on_5_chips_fails_open_messages_as_cancelled_and_co
     for s in sessions:
         control.set_session(s, latency_ms=20)
     camp = api.campaign(chips)  # interval 0, camouflage off: full speed
-    numbers = phones(600)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
-    api.wait(camp.id, lambda c: c.sent_count >= 40, timeout=60)
+    api.start_sending(camp.id, 600, sent_at_least=40, timeout=60)
 
     cancelled = api.cancel(camp.id)
     returned = time.time()
@@ -166,10 +155,7 @@ def test_pause_at_full_speed_on_5_chips_then_resume_completes_the_rest_nobody_tw
     for s in sessions:
         control.set_session(s, latency_ms=20)
     camp = api.campaign(chips)
-    numbers = phones(400)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
-    api.wait(camp.id, lambda c: c.sent_count >= 40, timeout=60)
+    numbers = api.start_sending(camp.id, 400, sent_at_least=40, timeout=60)
 
     paused = api.pause(camp.id)
     returned = time.time()
@@ -198,10 +184,7 @@ def test_worker_sigkilled_mid_campaign_a_new_worker_completes_it_each_contact_on
         iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
     chips = [iso_api.chip(sandbox_url, KEY, interval=(0.05, 0.1)) for _ in range(3)]
     camp = iso_api.campaign(chips)
-    numbers = phones(90)
-    iso_api.import_phones(camp.id, numbers)
-    iso_api.start(camp.id)
-    iso_api.wait(camp.id, lambda c: c.sent_count >= 10, timeout=60)
+    numbers = iso_api.start_sending(camp.id, 90, sent_at_least=10, timeout=60)
 
     iso.kill_workers()  # SIGKILL mid-slice: no drain, no release, leases and arq jobs left behind
     at_kill = iso_api.get(camp.id)
@@ -225,10 +208,7 @@ def test_redis_restarted_mid_campaign_worker_reconnects_and_completes_each_conta
         iso: IsolatedStack, iso_api: Ops, sandbox_url: str, control: SandboxControl) -> None:
     chips = [iso_api.chip(sandbox_url, KEY, interval=(0.05, 0.1)) for _ in range(2)]
     camp = iso_api.campaign(chips)
-    numbers = phones(80)
-    iso_api.import_phones(camp.id, numbers)
-    iso_api.start(camp.id)
-    iso_api.wait(camp.id, lambda c: c.sent_count >= 10, timeout=60)
+    numbers = iso_api.start_sending(camp.id, 80, sent_at_least=10, timeout=60)
 
     iso.redis.restart()  # same port, data kept (append-only file)
     try:
@@ -283,9 +263,7 @@ def test_restricted_chip_463_is_restricted_and_its_messages_go_round_robin_to_he
     chips = [api.chip(sandbox_url, KEY, interval=interval) for _ in range(3)]
     control.set_session(chips[0].waha_session, restricted=True)  # every send answers 500 + error 463
     camp = api.campaign(chips)
-    numbers = phones(30)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
+    numbers = api.start_sending(camp.id, 30)
 
     done = api.wait_final(camp.id, timeout=60)
 
@@ -325,9 +303,7 @@ def test_session_not_working_422_chip_unavailable_nothing_failed_and_back_to_act
     b = api.chip(sandbox_url, KEY, interval=(0.3, 0.35))
     control.set_session(a.waha_session, status="STOPPED")
     camp = api.campaign([a, b])
-    numbers = phones(20)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
+    numbers = api.start_sending(camp.id, 20)
 
     wait_for(lambda: api.get_chip(a.id).state == res.CHIP_STATE_UNAVAILABLE, 30, "chip A UNAVAILABLE")
     assert "422" in api.get_chip(a.id).state_reason or "STOPPED" in api.get_chip(a.id).state_reason
@@ -352,10 +328,7 @@ def test_single_chip_session_stops_mid_run_lane_backs_off_and_completes_when_wor
     is WORKING again the same lane sends exactly the rest."""
     chip = api.chip(sandbox_url, KEY, interval=(0.1, 0.15))
     camp = api.campaign([chip])
-    numbers = phones(24)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
-    api.wait(camp.id, lambda c: c.sent_count >= 4, timeout=30)
+    numbers = api.start_sending(camp.id, 24, sent_at_least=4, timeout=30)
 
     control.set_session(chip.waha_session, status="STOPPED")
     wait_for(lambda: api.get_chip(chip.id).state == res.CHIP_STATE_UNAVAILABLE, 30, "chip UNAVAILABLE")
@@ -432,9 +405,7 @@ def test_engine_not_keeping_chosen_ids_an_uncertain_send_is_unknown_never_resent
         chip = iso_api.chip(sandbox_url, KEY)
         control.set_session(chip.waha_session, fail_next=[{"timeout": True, "deliver": True, "count": 1}])
         camp = iso_api.campaign([chip])
-        numbers = phones(4)
-        iso_api.import_phones(camp.id, numbers)
-        iso_api.start(camp.id)
+        numbers = iso_api.start_sending(camp.id, 4)
         done = iso_api.wait_final(camp.id, timeout=60)
     finally:
         control.configure(engine="GOWS")
@@ -471,9 +442,7 @@ def test_400_fails_that_message_with_the_reason_and_503_twice_is_retried_then_se
     chip = api.chip(sandbox_url, KEY, interval=interval)
     control.set_session(chip.waha_session, fail_next=[{"status": 400, "count": 1}, {"status": 503, "count": 2}])
     camp = api.campaign([chip])
-    numbers = phones(3)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
+    api.start_sending(camp.id, 3)
 
     done = api.wait_final(camp.id, timeout=60)
 
@@ -551,9 +520,7 @@ def test_camouflage_on_seen_typing_for_a_time_growing_with_the_text_then_send_of
         camouflage=res.Camouflage(send_seen=True, typing=True, typing_chars_per_second=cps, typing_max_seconds=cap))
     templates = ("Oi {{name}}", "Bom dia {{name}}, temos novidades!", "Promoção " + "muito boa " * 20 + "{{name}}")
     camp = api.campaign_with(chips, settings, templates)
-    numbers = phones(6)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
+    numbers = api.start_sending(camp.id, 6)
     assert api.wait_final(camp.id, timeout=60).state == COMPLETED
 
     pauses: list[tuple[int, float]] = []
@@ -587,9 +554,7 @@ def test_chip_pacing_random_gaps_above_the_minimum_and_a_campaign_cannot_loosen_
     spread = api.chip(sandbox_url, KEY, interval=(0.2, 0.4))
     fixed = api.chip(sandbox_url, KEY, interval=(0.3, 0.3))
     camp = api.campaign([spread, fixed], interval=(0.0, 0.0))  # the campaign asks for no gap at all
-    numbers = phones(30)
-    api.import_phones(camp.id, numbers)
-    api.start(camp.id)
+    numbers = api.start_sending(camp.id, 30)
     assert api.wait_final(camp.id, timeout=60).state == COMPLETED
 
     g = gaps(control, spread)

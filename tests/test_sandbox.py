@@ -24,6 +24,7 @@ import pytest
 from devstack.procs import REPO
 from devstack.servers import free_port, wait_port
 from tests.conftest import SANDBOX_API_KEY
+from tests.helpers import wait_for
 from waha_sandbox.control import SandboxControl
 from waha_sandbox.spec import SCHEMAS_PATH, extract_subset, load_validator
 
@@ -244,7 +245,9 @@ def test_sent_messages_get_signed_message_ack_webhooks_delivered_then_read(
             assert p["fromMe"] is True and p["ackName"] == {2: "DEVICE", 3: "READ"}[p["ack"]] and p["to"] in p["id"]
         by_message = {mid: [e["payload"]["ack"] for _, e in events if e["payload"]["id"] == mid] for mid in sent}
         assert by_message == {sent[0]: [2, 3], sent[1]: [2, 3]}
-        assert {w["status"] for w in ctl.webhooks()} == {200}
+        # The receiver has the 4th post before the sandbox has read its answer: wait for the log.
+        wait_for(lambda: {w["status"] for w in ctl.webhooks()} == {200}, 10,
+                 lambda: f"every webhook delivery logged as 200: {ctl.webhooks()}")
         # A reset drops the webhooks and the receipts still scheduled.
         ctl.configure(acks={"delivered_after_ms": 300})
         call(sandbox_url, "POST", "/api/sendText", text("s-acks"))
