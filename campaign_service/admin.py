@@ -9,10 +9,13 @@ import argparse
 import sys
 import uuid
 
-from campaign_service import auth, config
+from campaign_service import audit, auth, config
 from campaign_service.db import migrate
 from campaign_service.db.engine import Database
+from campaign_service.db.models import WebhookEndpoint
+from campaign_service.relay import signing
 from campaign_service.repository import users as users_repo
+from campaign_service.urlguard import RefusedURL, URLGuard, parse_allowlist
 
 
 def cmd_migrate(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -30,12 +33,26 @@ def cmd_create_user(settings: config.Settings, args: argparse.Namespace) -> int:
     try:
         with db.transaction() as s:
             user = users_repo.create(s, name=args.name, key_hash=auth.hash_key(key), credits=args.credits,
-                                     webhook_url=args.webhook_url)
+                                     webhook_url=None)
             user_id = user.id
+            secret = None
+            if args.webhook_url:
+                URLGuard(parse_allowlist(settings.webhook_allow_cidrs)).check(args.webhook_url)
+                secret = signing.new_secret()
+                s.add(WebhookEndpoint(user_id=user_id, url=args.webhook_url, secret=secret,
+                                      description="created by admin create-user"))
+                audit.record(s, user_id=user_id, action="webhook.create", entity_type="webhook",
+                             entity_id=args.webhook_url, description="Webhook endpoint created by the operator.",
+                             extra_data={"url": args.webhook_url}, actor=audit.OPERATOR)
+    except RefusedURL as exc:
+        print(f"--webhook-url: {exc}", file=sys.stderr)
+        return 2
     finally:
         db.dispose()
     print(f"user {user_id} ({args.name}) created with {args.credits} credits; API key:")
     print(key)
+    if secret is not None:
+        print(f"webhook signing secret (Standard Webhooks): {secret}", file=sys.stderr)
     return 0
 
 
@@ -65,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     cu = sub.add_parser("create-user", help="create a user; prints the API key on the last line")
     cu.add_argument("--name", required=True)
     cu.add_argument("--credits", type=int, default=0)
-    cu.add_argument("--webhook-url", default=None)
+    cu.add_argument("--webhook-url", default=None,
+                    help="also register a webhook endpoint (manage endpoints with WebhookService)")
     cu.set_defaults(fn=cmd_create_user)
     ac = sub.add_parser("add-credits", help="add (or, negative, remove) credits; prints the new balance")
     ac.add_argument("--user-id", required=True)

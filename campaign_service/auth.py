@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ class Principal:
 
     user_id: uuid.UUID | None
     is_service: bool = False
+    #: For audit entries: "user:<id>" for a user; the service part otherwise.
+    actor: str = ""
 
 
 _current: ContextVar[Principal | None] = ContextVar("whago_principal", default=None)
@@ -42,6 +46,27 @@ def set_current(p: Principal | None) -> object:
 
 def reset_current(token: object) -> None:
     _current.reset(token)  # type: ignore[arg-type]
+
+
+def current_actor() -> str:
+    """Who the audit log names for a change made now: the calling user, the dispatcher (internal
+    RPCs), or the part of the service acting on its own (see `acting_as`)."""
+    p = _current.get()
+    if p is None:
+        return "system"
+    if p.actor:
+        return p.actor
+    return f"user:{p.user_id}" if p.user_id is not None else "system:dispatcher"
+
+
+@contextmanager
+def acting_as(actor: str) -> Iterator[None]:
+    """Run a block as a part of the service (scheduler, watchdog...), for the audit log."""
+    token = _current.set(Principal(user_id=None, is_service=True, actor=actor))
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def current_user_id() -> uuid.UUID:

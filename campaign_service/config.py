@@ -9,6 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: The common schedule (Svix, Standard Webhooks): now, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(default_factory=lambda: os.environ.get(
@@ -26,6 +30,18 @@ class Settings:
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))
+    # Webhooks. Networks (CIDRs, comma-separated) that endpoint URLs may resolve to although they
+    # are not public (SSRF guard); `make run` and the tests allow loopback.
+    webhook_allow_cidrs: str = field(default_factory=lambda: os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", ""))
+    # Seconds before each attempt (the first is immediate); after the last, the delivery is dead.
+    webhook_schedule: tuple[float, ...] = field(default_factory=lambda: tuple(
+        float(x) for x in os.environ.get("WHAGO_WEBHOOK_SCHEDULE", DEFAULT_WEBHOOK_SCHEDULE).split(",") if x.strip()))
+    webhook_timeout: float = field(default_factory=lambda: float(os.environ.get("WHAGO_WEBHOOK_TIMEOUT_SECONDS", "5")))
+    # An endpoint failing without a single success for this long is disabled.
+    webhook_disable_after: float = field(default_factory=lambda: float(
+        os.environ.get("WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS", str(5 * 24 * 3600))))
+    # How many deliveries are in flight at once (over all endpoints).
+    webhook_concurrency: int = field(default_factory=lambda: int(os.environ.get("WHAGO_WEBHOOK_CONCURRENCY", "64")))
 
 
 def load() -> Settings:

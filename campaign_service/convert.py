@@ -11,11 +11,16 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from campaign_service.db.models import Campaign, Chip, Contact, Media
+from campaign_service.db.models import AuditEvent, Campaign, Chip, Contact, Event, Media, WebhookEndpoint
+from campaign_service.relay.payloads import EventRow
 from campaign_service.repository.messages import MessageRow
+from campaign_service.states import DeliveryState
+from whago.campaign.v1 import audit_service_pb2 as aud
+from whago.campaign.v1 import events_pb2
 from whago.campaign.v1 import resources_pb2 as res
+from whago.campaign.v1 import webhook_service_pb2 as wh
 
 
 def to_json(msg: Any) -> dict[str, Any]:
@@ -220,3 +225,43 @@ def media(m: Media) -> res.Media:
                     size_bytes=m.size_bytes)
     out.create_time.FromDatetime(m.created_at)
     return out
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(json.loads(json.dumps(data, default=str)))  # JSON-safe (ids, times as strings)
+    return out
+
+
+def event(ev: EventRow) -> events_pb2.Event:
+    return events_pb2.Event(id=ev.id, type=ev.type, stream=ev.stream, seq=ev.seq, create_time=_stamp(ev.created_at),
+                            data=_struct(ev.data))
+
+
+def event_row(e: Event) -> EventRow:
+    return EventRow(e.id, e.user_id, e.stream, e.seq, e.type, e.data, e.created_at)
+
+
+def webhook_endpoint(ep: WebhookEndpoint) -> wh.WebhookEndpoint:
+    return wh.WebhookEndpoint(endpoint_id=str(ep.id), url=ep.url, description=ep.description,
+                              event_types=list(ep.event_types), enabled=ep.enabled,
+                              disabled_reason=ep.disabled_reason, create_time=_stamp(ep.created_at),
+                              update_time=_stamp(ep.updated_at), failing_since=_stamp(ep.failing_since))
+
+
+def webhook_delivery(v: Any) -> wh.WebhookDelivery:
+    d = v.delivery
+    out = wh.WebhookDelivery(delivery_id=d.id, endpoint_id=str(d.endpoint_id), event=event(event_row(v.event)),
+                             state=d.state)
+    if d.state == DeliveryState.PENDING:
+        out.next_attempt_time.FromDatetime(d.next_attempt_at)
+    for a in v.attempts:
+        att = out.attempts.add(status_code=a.status_code, error=a.error, attempt_time=_stamp(a.attempted_at))
+        att.latency.FromMilliseconds(a.latency_ms)
+    return out
+
+
+def audit_event(a: AuditEvent) -> aud.AuditEvent:
+    return aud.AuditEvent(audit_event_id=a.id, action=a.action, entity_type=a.entity_type, entity_id=a.entity_id,
+                          actor=a.actor, description=a.description, extra=_struct(a.extra_data or {}),
+                          create_time=_stamp(a.created_at))

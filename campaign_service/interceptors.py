@@ -1,13 +1,16 @@
 """One server interceptor for the cross-cutting parts of every RPC: authentication and the
-translation of errors into gRPC statuses. It wraps the handler's behaviour, so it runs in the
-same thread as the servicer and can set the caller in a ContextVar."""
+translation of errors into gRPC statuses. It wraps the handler's behaviour, so it runs where the
+servicer runs (the RPC thread pool for the unary handlers, the event loop for WatchCampaign) and
+can set the caller in a ContextVar there."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -64,7 +67,13 @@ def to_service_error(exc: BaseException) -> errors.ServiceError:
 _SERVICE_PRINCIPAL = auth.Principal(user_id=None, is_service=True)
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
+def _abort(context: Any, err: errors.ServiceError) -> None:
+    """Abort a sync handler's call (grpc.aio's sync context has no abort_with_status)."""
+    status = err.to_status()
+    context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: KeyCache, service_token: str) -> None:
         self._keys = keys
         self._service_token = service_token
@@ -88,12 +97,12 @@ class ServerInterceptor(grpc.ServerInterceptor):
             raise errors.PermissionDenied(f"{service} is internal: user credentials are refused")
         return principal
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         method: str = details.method
         cached = self._handlers.get(method)
         if cached is not None:
             return cached
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None:
             return None
         wrapped = self._wrap(method, handler)
@@ -116,16 +125,55 @@ class ServerInterceptor(grpc.ServerInterceptor):
                     err = to_service_error(exc)
                     if isinstance(err, errors.Internal):
                         log.exception("rpc=%s internal error", method)
-                    context.abort_with_status(err.to_status())
+                    _abort(context, err)
                 finally:
                     if token is not None:
                         reset_current(token)
+            return run
+
+        async def principal_for(context: Any) -> Any:
+            # The key lookup may query PostgreSQL: not on the event loop.
+            return await asyncio.get_running_loop().run_in_executor(
+                None, principal_of, service, context.invocation_metadata())
+
+        def wrap_async(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def run(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    set_current(await principal_for(context))  # this task's own context
+                    return await behavior(request_or_iterator, context)
+                except Exception as exc:
+                    err = to_service_error(exc)
+                    if isinstance(err, errors.Internal):
+                        log.exception("rpc=%s internal error", method)
+                status = err.to_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            return run
+
+        def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                err: errors.ServiceError | None = None
+                try:
+                    set_current(await principal_for(context))  # this task's own context
+                    async for item in behavior(request, context):
+                        yield item
+                except Exception as exc:
+                    err = to_service_error(exc)
+                    if isinstance(err, errors.Internal):
+                        log.exception("rpc=%s internal error", method)
+                if err is not None:
+                    status = err.to_status()
+                    await context.abort(status.code, status.details, status.trailing_metadata)
             return run
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
+            behavior = handler.stream_unary
+            wrapped = wrap_async(behavior) if inspect.iscoroutinefunction(behavior) else wrap(behavior)
             return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        return handler  # streaming responses: health Watch, reflection (public, no wrapping needed)
+                wrapped, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        return handler  # other streams: health Watch, reflection (public, no wrapping needed)

@@ -1,18 +1,24 @@
-"""`python -m campaign_service.server`: CampaignService, ChipService and the internal DeliveryService
-on a threaded grpc.server, with reflection and grpc.health.v1, and the delivery scheduler thread.
+"""`python -m campaign_service.server`: CampaignService, ChipService, WebhookService, AuditService
+and the internal DeliveryService on one grpc.aio server, with reflection and grpc.health.v1; the
+delivery scheduler thread; the event relay and the WatchCampaign hub as asyncio tasks.
 
-SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `grace` seconds, the engine is disposed."""
+The unary handlers are plain functions run on the RPC thread pool (grpc.aio's migration pool);
+WatchCampaign is a coroutine on the event loop, so a thousand watchers cost no thread.
+
+SIGTERM/SIGINT: health goes NOT_SERVING, watchers are told to reconnect, in-flight RPCs get
+`grace` seconds, the engine is disposed."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
-import threading
-from types import FrameType
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,14 +27,24 @@ from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
 from campaign_service.dispatch import DispatcherClient
-from campaign_service.events import Events
 from campaign_service.interceptors import KeyCache, ServerInterceptor
 from campaign_service.ops import Operations
+from campaign_service.relay.listener import Listener
+from campaign_service.relay.service import Relay
 from campaign_service.repository import users as users_repo
 from campaign_service.rpc_pool import ElasticThreadPool
+from campaign_service.servicers import audit as audit_servicer
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
-from whago.campaign.v1 import campaign_service_pb2, chip_service_pb2, delivery_service_pb2
+from campaign_service.servicers import webhooks as webhooks_servicer
+from campaign_service.watch import WatchHub
+from whago.campaign.v1 import (
+    audit_service_pb2,
+    campaign_service_pb2,
+    chip_service_pb2,
+    delivery_service_pb2,
+    webhook_service_pb2,
+)
 
 log = logging.getLogger("campaign_service.server")
 
@@ -49,31 +65,40 @@ SERVER_OPTIONS = [
 SERVICE_NAMES = (
     campaign_service_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     chip_service_pb2.DESCRIPTOR.services_by_name["ChipService"].full_name,
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 DELIVERY_SERVICE = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
 
 
 class App:
-    """The wired-up server: build with `App.create()`, then `start()`, `wait()`, `stop()`."""
+    """The wired-up server: build with `App(settings)` inside the event loop, then `await start()`,
+    `await stop()`."""
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.db = Database(settings.database_url, settings.db_pool_size)
-        self.events = Events(settings.redis_url)
         self.dispatcher = DispatcherClient(settings.dispatcher_target, settings.service_token,
                                            settings.dispatcher_timeout)
-        self.ops = Operations.create(self.db, settings, self.dispatcher, self.events)
+        self.ops = Operations.create(self.db, settings, self.dispatcher)
         self.keys = KeyCache(self._lookup_key)
         self.pool = ElasticThreadPool(settings.core_workers, settings.max_workers, thread_name_prefix="rpc")
-        self.server = grpc.server(self.pool,
-                                  interceptors=[ServerInterceptor(self.keys, settings.service_token)],
-                                  options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 8)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        # Database work of the relay and the watch hub, apart from the RPC threads.
+        self.background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="events")
+        self.hub = WatchHub(self.db, self.background)
+        self.relay = Relay(self.db, settings, self.background)
+        self.listener: Listener | None = None
+        self.server = grpc.aio.server(migration_thread_pool=self.pool,
+                                      interceptors=[ServerInterceptor(self.keys, settings.service_token)],
+                                      options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 64)
+        self.health = health_aio.HealthServicer()
         self.scheduler: delivery_scheduler.Scheduler | None = None
-        self._stopped = threading.Event()
-        campaigns_servicer.add_to_server(self.server, self.ops)
+        self._stopped = False
+        campaigns_servicer.add_to_server(self.server, self.ops, self.hub)
         chips_servicer.add_to_server(self.server, self.ops)
-        delivery_servicer.add_to_server(self.server, self.db, self.settings, self.events)
+        webhooks_servicer.add_to_server(self.server, self.ops)
+        audit_servicer.add_to_server(self.server, self.ops)
+        delivery_servicer.add_to_server(self.server, self.db, self.settings)
         names = [*SERVICE_NAMES, DELIVERY_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -83,37 +108,56 @@ class App:
         with self.db.session() as s:
             return users_repo.by_key_hash(s, key_hash)
 
-    def start(self) -> None:
+    def _wake(self) -> None:
+        self.hub.wake()
+        self.relay.wake()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         port = self.server.add_insecure_port(self.settings.listen)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
-        self.server.start()
-        self.scheduler = delivery_scheduler.start(self.db, self.settings, self.events)
+        await self.server.start()
+        self.scheduler = delivery_scheduler.start(self.db, self.settings)
+        self.hub.start()
+        await self.relay.start()
+        dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        def on_notify() -> None:
+            loop.call_soon_threadsafe(self._wake)
+
+        def on_leader(leading: bool) -> None:
+            loop.call_soon_threadsafe(self.relay.set_leader, leading)
+
+        self.listener = Listener(dsn, on_notify=on_notify, on_leader=on_leader).start()
         for name in ("", *self.service_names):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("campaign_service listening on %s (dispatcher %s, services: %s)", self.settings.listen,
                  self.settings.dispatcher_target, ", ".join(self.service_names))
 
-    def stop(self, grace: float = GRACE_SECONDS) -> None:
-        if self._stopped.is_set():
+    async def stop(self, grace: float = GRACE_SECONDS) -> None:
+        if self._stopped:
             return
-        self._stopped.set()
+        self._stopped = True
+        loop = asyncio.get_running_loop()
         log.info("draining: health NOT_SERVING, grace %.0fs", grace)
-        self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
+        self.hub.close_all()
         if self.scheduler is not None:
             try:
-                self.scheduler.stop()
+                await loop.run_in_executor(None, self.scheduler.stop)
             except Exception as exc:
                 log.warning("scheduler stop failed: %s", exc)
-        self.server.stop(grace=grace).wait()
+        if self.listener is not None:
+            await loop.run_in_executor(None, self.listener.stop)
+        await self.server.stop(grace)
+        await self.relay.stop()
+        await self.hub.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.background.shutdown(wait=False, cancel_futures=True)
         self.dispatcher.close()
-        self.events.close()
         self.db.dispose()
         log.info("campaign_service stopped")
-
-    def wait(self) -> None:
-        self.server.wait_for_termination()
 
 
 def tune_gc() -> None:
@@ -126,22 +170,27 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def main() -> None:
+async def serve() -> None:
     settings = config.load()
     logs.setup(settings.log_level)
     app = App(settings)
-    done = threading.Event()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s received", signal.Signals(signum).name)
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("signal %s received", sig.name)
         done.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     tune_gc()
-    app.start()
-    done.wait()
-    app.stop()
+    await app.start()
+    await done.wait()
+    await app.stop()
+
+
+def main() -> None:
+    asyncio.run(serve())
 
 
 if __name__ == "__main__":

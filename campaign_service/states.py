@@ -10,6 +10,7 @@ from enum import IntEnum
 
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as res
+from whago.campaign.v1 import webhook_service_pb2 as wpb
 
 
 class CampaignState(IntEnum):
@@ -56,3 +57,10 @@ class Outcome(IntEnum):
     SKIPPED = dpb.DELIVERY_OUTCOME_SKIPPED
     DELIVERED = dpb.DELIVERY_OUTCOME_DELIVERED
     READ = dpb.DELIVERY_OUTCOME_READ
+
+
+class DeliveryState(IntEnum):
+    UNSPECIFIED = wpb.DELIVERY_STATE_UNSPECIFIED
+    PENDING = wpb.DELIVERY_STATE_PENDING
+    DELIVERED = wpb.DELIVERY_STATE_DELIVERED
+    FAILED = wpb.DELIVERY_STATE_FAILED

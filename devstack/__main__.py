@@ -87,6 +87,8 @@ def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
         # WhatsApp receipts: the sandbox posts message.ack webhooks to the dispatcher's receiver.
         "DISPATCHER_WEBHOOK_LISTEN": os.environ.get("DISPATCHER_WEBHOOK_LISTEN", "127.0.0.1:50053"),
         "WAHA_WEBHOOK_HMAC_KEY": os.environ.get("WAHA_WEBHOOK_HMAC_KEY", "dev-webhook-key"),
+        # The user's webhook endpoints may be on this machine (the SSRF guard refuses loopback otherwise).
+        "WHAGO_WEBHOOK_ALLOW_CIDRS": os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
     }
 
 

@@ -93,6 +93,10 @@ def stack_env(database_url: str, redis_server: Redis, ports: dict[str, int], wor
         "DISPATCHER_TARGET": f"127.0.0.1:{ports['dispatcher']}",
         "WHAGO_MEDIA_DIR": str(workdir / "media"),
         "WHAGO_LOG_LEVEL": "INFO",
+        # Webhook receivers of the tests listen on loopback; quick retries, so dead letters come in seconds.
+        "WHAGO_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8",
+        "WHAGO_WEBHOOK_SCHEDULE": "0,0.2,0.4,0.8",
+        "WHAGO_WEBHOOK_TIMEOUT_SECONDS": "2",
     }
 
 

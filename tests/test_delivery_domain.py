@@ -148,7 +148,7 @@ def test_expired_lease_is_re_leased_with_its_waha_id(delivery_db: Database) -> N
     w = make_world(delivery_db, contacts=2, chips=1)
     first = lease(delivery_db, w, w.chip(0), n=1)
     mid = first.messages[0].message_id
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, ATTEMPTING, "true_x@c.us_AAA")])
+    reports.report_deliveries(delivery_db, w.cid, [Report(mid, ATTEMPTING, "true_x@c.us_AAA")])
     # A live lease is not re-leased: the next lease gets the other message only.
     second = lease(delivery_db, w, w.chip(0), n=5)
     assert [m.message_id for m in second.messages] == [w.message_ids[1]]
@@ -173,13 +173,13 @@ def test_report_transitions_and_counters(delivery_db: Database, events: Recordin
     w = make_world(delivery_db, contacts=9, chips=1)
     ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=8).messages]
     a, b, c, d, e, f, g, h = ids
-    out = reports.report_deliveries(delivery_db, events, w.cid, [
+    out = reports.report_deliveries(delivery_db, w.cid, [
         Report(a, ATTEMPTING, "wa-a"), Report(b, ATTEMPTING, "wa-b"), Report(c, ATTEMPTING, "wa-c"),
         Report(d, ATTEMPTING, "wa-d")])
     assert out.campaign_state == RUNNING and out.epoch == 1 and out.applied == 4
     st = states(delivery_db, w)
     assert st[a] == (M_SENDING, "wa-a", None)
-    out = reports.report_deliveries(delivery_db, events, w.cid, [
+    out = reports.report_deliveries(delivery_db, w.cid, [
         Report(a, SENT, "wa-a"),
         Report(b, FAILED, failure_reason="HTTP 400: bad chat id"),
         Report(c, RELEASED, failure_reason="stop fence"),
@@ -201,7 +201,7 @@ def test_report_transitions_and_counters(delivery_db: Database, events: Recordin
     rows = {m.id: m for m in message_rows(delivery_db, w.campaign_id)}
     assert rows[a].sent_at is not None and rows[a].lease_expires_at is None and rows[c].lease_owner is None
     # Never backwards: DELIVERED after READ, SENT after DELIVERED change nothing.
-    reports.report_deliveries(delivery_db, events, w.cid, [Report(f, DELIVERED), Report(g, DELIVERED),
+    reports.report_deliveries(delivery_db, w.cid, [Report(f, DELIVERED), Report(g, DELIVERED),
                                                            Report(g, SENT, "other")])
     st = states(delivery_db, w)
     assert st[f][0] == M_READ and st[g] == (M_DELIVERED, "wa-g", None)
@@ -217,8 +217,8 @@ def test_report_ignores_senseless_transitions(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=3, chips=1)
     pending_id = w.message_ids[2]
     a, b = (m.message_id for m in lease(delivery_db, w, w.chip(0), n=2).messages)
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(a, SENT, "wa-a"), Report(b, FAILED, "", "x")])
-    out = reports.report_deliveries(delivery_db, None, w.cid, [
+    reports.report_deliveries(delivery_db, w.cid, [Report(a, SENT, "wa-a"), Report(b, FAILED, "", "x")])
+    out = reports.report_deliveries(delivery_db, w.cid, [
         Report(a, FAILED, failure_reason="late"),   # SENT stays SENT
         Report(a, RELEASED),                        # not SENDING
         Report(b, ATTEMPTING, "wa-b"),              # not SENDING
@@ -231,7 +231,7 @@ def test_report_ignores_senseless_transitions(delivery_db: Database) -> None:
     assert st[pending_id] == (M_PENDING, None, None)
     # Messages of another campaign are untouched.
     other = make_world(delivery_db, contacts=1, chips=1)
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(other.message_ids[0], SKIPPED)])
+    reports.report_deliveries(delivery_db, w.cid, [Report(other.message_ids[0], SKIPPED)])
     assert message_rows(delivery_db, other.campaign_id)[0].state == M_PENDING
     check_counters(delivery_db, w.campaign_id)
     check_counters(delivery_db, other.campaign_id)
@@ -240,9 +240,9 @@ def test_report_ignores_senseless_transitions(delivery_db: Database) -> None:
 def test_released_after_lease_expiry_is_ignored(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=1, chips=1)
     mid = lease(delivery_db, w, w.chip(0)).messages[0].message_id
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, ATTEMPTING, "wa-1")])
+    reports.report_deliveries(delivery_db, w.cid, [Report(mid, ATTEMPTING, "wa-1")])
     set_messages(delivery_db, [mid], lease_expires_at=text("now() - interval '1 second'"))
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, RELEASED)])
+    reports.report_deliveries(delivery_db, w.cid, [Report(mid, RELEASED)])
     assert states(delivery_db, w)[mid] == (M_SENDING, "wa-1", None)
 
 
@@ -250,13 +250,13 @@ def test_sent_after_cancel_wins(delivery_db: Database) -> None:
     """A send that reached WAHA is SENT even if a Cancel already failed the message."""
     w = make_world(delivery_db, contacts=2, chips=1)
     mid = lease(delivery_db, w, w.chip(0), n=1).messages[0].message_id
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, ATTEMPTING, "wa-late")])
+    reports.report_deliveries(delivery_db, w.cid, [Report(mid, ATTEMPTING, "wa-late")])
     with delivery_db.transaction() as s:  # what Cancel does
         s.execute(text("""UPDATE campaign_messages SET state = 6, failure_reason = 'cancelled by user'
                           WHERE campaign_id = :c AND state IN (1, 2, 6)"""), {"c": w.cid})
         s.execute(text("""UPDATE campaigns SET state = 5, completed_at = now(), pending_count = 0,
                           failed_count = 2 WHERE id = :c"""), {"c": w.cid})
-    out = reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, SENT, "wa-late")])
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(mid, SENT, "wa-late")])
     assert out.campaign_state == 5
     assert states(delivery_db, w)[mid] == (M_SENT, "wa-late", None)
     row = campaign_row(delivery_db, w.campaign_id)
@@ -267,25 +267,25 @@ def test_sent_after_cancel_wins(delivery_db: Database) -> None:
 def test_report_validation(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=1, chips=1)
     with pytest.raises(errors.InvalidArgument) as e:
-        reports.report_deliveries(delivery_db, None, w.cid, [Report(1, 0), Report(2, ATTEMPTING, "")])
+        reports.report_deliveries(delivery_db, w.cid, [Report(1, 0), Report(2, ATTEMPTING, "")])
     assert {f for f, _ in e.value.violations} == {"reports[0].outcome", "reports[1].waha_message_id"}
     with pytest.raises(errors.InvalidArgument) as e:
-        reports.report_deliveries(delivery_db, None, "x", [])
+        reports.report_deliveries(delivery_db, "x", [])
     assert e.value.violations[0][0] == "campaign_id"
     with pytest.raises(errors.InvalidArgument) as e:
         reports.parse_message_id("abc", 3)
     assert e.value.violations[0][0] == "reports[3].message_id"
     with pytest.raises(errors.NotFound):
-        reports.report_deliveries(delivery_db, None, str(uuid.uuid4()), [Report(1, SENT, "x")])
+        reports.report_deliveries(delivery_db, str(uuid.uuid4()), [Report(1, SENT, "x")])
 
 
 def test_completion_when_all_final(delivery_db: Database, events: RecordingEvents) -> None:
     w = make_world(delivery_db, contacts=3, chips=1)
     ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=3).messages]
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(ids[0], SENT, "w0"),
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(ids[0], SENT, "w0"),
                                                                  Report(ids[1], FAILED, failure_reason="x")])
     assert out.campaign_state == RUNNING and events.calls == []
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(ids[2], SKIPPED)])
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(ids[2], SKIPPED)])
     assert out.campaign_state == 6
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == 6 and row.completed_at is not None
@@ -293,7 +293,7 @@ def test_completion_when_all_final(delivery_db: Database, events: RecordingEvent
     with delivery_db.session() as s:
         assert s.query(AuditEvent).filter_by(entity_id=w.cid, action="campaign.complete").count() == 1
     # A late receipt after completion is recorded but does not reopen anything.
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(ids[0], DELIVERED)])
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(ids[0], DELIVERED)])
     assert out.campaign_state == 6 and len(events.calls) == 1
     check_counters(delivery_db, w.campaign_id)
 
@@ -301,10 +301,10 @@ def test_completion_when_all_final(delivery_db: Database, events: RecordingEvent
 def test_auto_pause_at_failure_threshold(delivery_db: Database, events: RecordingEvents) -> None:
     w = make_world(delivery_db, contacts=10, chips=1, settings={"maxFailures": 3})
     ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=5).messages]
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(i, FAILED, failure_reason="boom")
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(i, FAILED, failure_reason="boom")
                                                                  for i in ids[:2]])
     assert out.campaign_state == RUNNING and out.epoch == 1
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(ids[2], UNKNOWN)])
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(ids[2], UNKNOWN)])
     assert out.campaign_state == PAUSED and out.epoch == 2
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == PAUSED and row.state_reason == "auto-paused: 3 failures (threshold 3)"
@@ -317,7 +317,7 @@ def test_auto_pause_at_failure_threshold(delivery_db: Database, events: Recordin
     assert lease(delivery_db, w, w.chip(0), epoch=1).messages == []
     assert lease(delivery_db, w, w.chip(0), epoch=2).messages == []
     # In-flight outcomes are still recorded while paused.
-    out = reports.report_deliveries(delivery_db, events, w.cid, [Report(ids[3], SENT, "w3"),
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(ids[3], SENT, "w3"),
                                                                  Report(ids[4], RELEASED)])
     assert out.campaign_state == PAUSED
     check_counters(delivery_db, w.campaign_id)
@@ -326,7 +326,7 @@ def test_auto_pause_at_failure_threshold(delivery_db: Database, events: Recordin
 def test_threshold_zero_never_pauses(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=4, chips=1, settings={"maxFailures": 0})
     ids = [m.message_id for m in lease(delivery_db, w, w.chip(0), n=3).messages]
-    out = reports.report_deliveries(delivery_db, None, w.cid, [Report(i, FAILED) for i in ids])
+    out = reports.report_deliveries(delivery_db, w.cid, [Report(i, FAILED) for i in ids])
     assert out.campaign_state == RUNNING
 
 
@@ -338,7 +338,7 @@ def test_restricted_chip_pending_redistributed_round_robin(delivery_db: Database
     w = make_world(delivery_db, contacts=12, chips=3)
     # Chip 0 holds seq 0, 3, 6, 9; one of them is in flight and stays with its lane.
     inflight = lease(delivery_db, w, w.chip(0), n=1).messages[0].message_id
-    out = chips.report_chip_state(delivery_db, events, w.chip(0), 3, "WhatsApp error 463")
+    out = chips.report_chip_state(delivery_db, w.chip(0), 3, "WhatsApp error 463")
     assert out.chip.state == 3 and out.chip.state_reason == "WhatsApp error 463"
     assert out.redistributed_campaign_ids == [w.cid] and out.paused_campaign_ids == []
     rows = message_rows(delivery_db, w.campaign_id)
@@ -359,8 +359,8 @@ def test_unavailable_chip_with_no_active_chip_left_keeps_its_messages_and_the_ca
     """A session that is not WORKING is usually transient: its lane backs off and re-checks, so with
     no ACTIVE chip to take over, the messages stay PENDING on it and the campaign keeps RUNNING."""
     w = make_world(delivery_db, contacts=6, chips=2)
-    chips.report_chip_state(delivery_db, events, w.chip(1), 3, "restricted")
-    out = chips.report_chip_state(delivery_db, events, w.chip(0), 2, "session not WORKING")
+    chips.report_chip_state(delivery_db, w.chip(1), 3, "restricted")
+    out = chips.report_chip_state(delivery_db, w.chip(0), 2, "session not WORKING")
     assert out.paused_campaign_ids == [] and out.redistributed_campaign_ids == []
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == RUNNING and row.dispatch_epoch == 1
@@ -368,7 +368,7 @@ def test_unavailable_chip_with_no_active_chip_left_keeps_its_messages_and_the_ca
     rows = message_rows(delivery_db, w.campaign_id)
     assert {m.state for m in rows} == {M_PENDING} and {m.chip_id for m in rows} == {w.chip_ids[0]}
     # ACTIVE again: just the state; the same lane sends them.
-    out = chips.report_chip_state(delivery_db, events, w.chip(0), 1, "")
+    out = chips.report_chip_state(delivery_db, w.chip(0), 1, "")
     assert out.chip.state == 1 and out.paused_campaign_ids == [] == out.redistributed_campaign_ids
     assert campaign_row(delivery_db, w.campaign_id).state == RUNNING
 
@@ -376,12 +376,12 @@ def test_unavailable_chip_with_no_active_chip_left_keeps_its_messages_and_the_ca
 def test_restricted_chip_hands_its_messages_to_an_unavailable_chip_and_pauses_only_when_none_is_left(
         delivery_db: Database, events: RecordingEvents) -> None:
     w = make_world(delivery_db, contacts=6, chips=3)
-    chips.report_chip_state(delivery_db, events, w.chip(1), 2, "session not WORKING")
-    out = chips.report_chip_state(delivery_db, events, w.chip(0), 3, "463")
+    chips.report_chip_state(delivery_db, w.chip(1), 2, "session not WORKING")
+    out = chips.report_chip_state(delivery_db, w.chip(0), 3, "463")
     assert out.redistributed_campaign_ids == [w.cid] and out.paused_campaign_ids == []
     assert w.chip_ids[0] not in {m.chip_id for m in message_rows(delivery_db, w.campaign_id)}
-    chips.report_chip_state(delivery_db, events, w.chip(1), 3, "463")
-    out = chips.report_chip_state(delivery_db, events, w.chip(2), 3, "463")
+    chips.report_chip_state(delivery_db, w.chip(1), 3, "463")
+    out = chips.report_chip_state(delivery_db, w.chip(2), 3, "463")
     assert out.paused_campaign_ids == [w.cid]
     row = campaign_row(delivery_db, w.campaign_id)
     assert row.state == PAUSED and row.state_reason == chips.NO_CHIP_LEFT
@@ -391,23 +391,23 @@ def test_restricted_chip_hands_its_messages_to_an_unavailable_chip_and_pauses_on
 
 def test_paused_campaign_messages_move_but_it_is_not_paused_again(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=4, chips=2, state=PAUSED)
-    out = chips.report_chip_state(delivery_db, None, w.chip(0), 3, "463")
+    out = chips.report_chip_state(delivery_db, w.chip(0), 3, "463")
     assert out.redistributed_campaign_ids == [w.cid]
     assert {m.chip_id for m in message_rows(delivery_db, w.campaign_id)} == {w.chip_ids[1]}
 
 
 def test_campaign_without_chip_ids_uses_the_owners_chips(delivery_db: Database) -> None:
     w = make_world(delivery_db, contacts=4, chips=2, name_chip_ids=False)
-    chips.report_chip_state(delivery_db, None, w.chip(1), 3, "463")
+    chips.report_chip_state(delivery_db, w.chip(1), 3, "463")
     assert {m.chip_id for m in message_rows(delivery_db, w.campaign_id)} == {w.chip_ids[0]}
 
 
 def test_chip_state_validation(delivery_db: Database) -> None:
     with pytest.raises(errors.InvalidArgument) as e:
-        chips.report_chip_state(delivery_db, None, "bad", 0, "")
+        chips.report_chip_state(delivery_db, "bad", 0, "")
     assert {f for f, _ in e.value.violations} == {"chip_id", "state"}
     with pytest.raises(errors.NotFound):
-        chips.report_chip_state(delivery_db, None, str(uuid.uuid4()), 1, "")
+        chips.report_chip_state(delivery_db, str(uuid.uuid4()), 1, "")
 
 
 # ---------------------------------------------------------------- media
@@ -460,15 +460,15 @@ def test_lock_waits_are_bounded_and_attempting_never_waits(delivery_db: Database
     t.start()
     try:
         assert held.wait(10)
-        out = reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, ATTEMPTING, "wa-during-pause")])
+        out = reports.report_deliveries(delivery_db, w.cid, [Report(mid, ATTEMPTING, "wa-during-pause")])
         assert out.campaign_state == RUNNING
         with pytest.raises(errors.Unavailable):
             lease(delivery_db, w, w.chip(0))
         with pytest.raises(errors.Unavailable):
-            reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, SENT, "wa-during-pause")])
+            reports.report_deliveries(delivery_db, w.cid, [Report(mid, SENT, "wa-during-pause")])
     finally:
         release.set()
         t.join(10)
     assert states(delivery_db, w)[mid] == (M_SENDING, "wa-during-pause", None)
-    reports.report_deliveries(delivery_db, None, w.cid, [Report(mid, SENT, "wa-during-pause")])
+    reports.report_deliveries(delivery_db, w.cid, [Report(mid, SENT, "wa-during-pause")])
     assert states(delivery_db, w)[mid][0] == M_SENT

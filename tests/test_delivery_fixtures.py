@@ -35,21 +35,28 @@ def delivery_db(postgres: Postgres) -> Iterator[Database]:
 
 
 class RecordingEvents:
-    """Stands in for campaign_service.events.Events: records the status events."""
+    """The campaign state-change events the outbox received since the fixture began (progress
+    events left out): what the relay would publish."""
 
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        with db.session() as s:
+            self.since = int(s.execute(text("SELECT coalesce(max(id), 0) FROM events")).scalar_one())
 
-    def campaign_status(self, **kw: Any) -> None:
-        self.calls.append(kw)
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            rows = s.execute(text("SELECT data FROM events WHERE id > :since AND stream LIKE 'campaign:%' "
+                                  "AND type <> 'campaign.progress' ORDER BY id"), {"since": self.since}).all()
+        return [dict(r.data) for r in rows]
 
     def states(self, campaign_id: str) -> list[str]:
         return [c["state"] for c in self.calls if c["campaign_id"] == campaign_id]
 
 
 @pytest.fixture()
-def events() -> RecordingEvents:
-    return RecordingEvents()
+def events(delivery_db: Database) -> RecordingEvents:
+    return RecordingEvents(delivery_db)
 
 
 @dataclass

@@ -82,7 +82,7 @@ class RecordingOps:
 
 def scheduler(db: Database, events: Any = None, dispatcher: Any = None, ops: Any = None,
               stall: float = 1.0) -> Scheduler:
-    return Scheduler(db, Settings(), events, SchedulerConfig(tick_seconds=0.1, stall_seconds=stall, batch=500),
+    return Scheduler(db, Settings(), SchedulerConfig(tick_seconds=0.1, stall_seconds=stall, batch=500),
                      ops=ops, dispatcher=dispatcher or RecordingDispatcher())
 
 

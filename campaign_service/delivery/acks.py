@@ -23,7 +23,6 @@ from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery import reports
 from campaign_service.delivery.leases import MAX_WAHA_ID_LENGTH
-from campaign_service.events import Events
 
 MAX_ACKS = 1000
 _SERIALIZED = re.compile(r"^(?:true|false)_[^_]+_(?P<id>[^_]+)")
@@ -62,7 +61,7 @@ def validate(acks: list[Ack]) -> None:
         raise errors.InvalidArgument(violations)
 
 
-def report_acks(db: Database, events: Events | None, acks: list[Ack]) -> AckResult:
+def report_acks(db: Database, acks: list[Ack]) -> AckResult:
     """Apply the receipts; one transaction per campaign they touch."""
     validate(acks)
     if not acks:
@@ -80,7 +79,7 @@ def report_acks(db: Database, events: Events | None, acks: list[Ack]) -> AckResu
         per_campaign[hit[0]].append(reports.Report(message_id=hit[1], outcome=a.outcome, time=a.time))
     for cid, items in per_campaign.items():
         try:
-            reports.report_deliveries(db, events, str(cid), items)
+            reports.report_deliveries(db, str(cid), items)
         except errors.NotFound:  # deleted meanwhile: its receipts no longer matter
             matched -= len(items)
     return AckResult(matched, len(acks) - matched)

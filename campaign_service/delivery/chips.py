@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from campaign_service import audit, errors
+from campaign_service import audit, errors, outbox
 from campaign_service.db.engine import Database
 from campaign_service.delivery import transitions
 from campaign_service.delivery.common import (
@@ -37,7 +37,7 @@ from campaign_service.delivery.common import (
     parse_uuid,
     set_lock_timeout,
 )
-from campaign_service.events import Events
+from campaign_service.states import ChipState
 
 log = logging.getLogger("campaign_service.delivery")
 
@@ -67,9 +67,11 @@ class ChipStateResult:
 
 
 _UPDATE_CHIP = text("""
-UPDATE chips SET state = :st, state_reason = :reason, updated_at = now() WHERE id = :chip
-RETURNING id, user_id, display_name, phone, waha_base_url, waha_session, proxy_label, state, state_reason,
-          pacing, created_at, updated_at""")
+UPDATE chips c SET state = :st, state_reason = :reason, updated_at = now()
+FROM (SELECT id, state AS old_state FROM chips WHERE id = :chip FOR UPDATE) o
+WHERE c.id = o.id
+RETURNING c.id, c.user_id, c.display_name, c.phone, c.waha_base_url, c.waha_session, c.proxy_label, c.state,
+          c.state_reason, c.pacing, c.created_at, c.updated_at, o.old_state""")
 
 _CANDIDATES = text(f"""
 SELECT c.id, c.state FROM campaigns c
@@ -129,12 +131,16 @@ def redistribute(s: Session, campaign_id: uuid.UUID, chip_id: uuid.UUID, campaig
         return ""
     moved = len(s.execute(_REDISTRIBUTE, params).all())
     if moved:
-        audit.record(s, user_id=None, action="campaign.redistribute", entity_type="campaign",
+        audit.record(s, user_id=_owner(s, campaign_id), action="campaign.redistribute", entity_type="campaign",
                      entity_id=str(campaign_id), description=f"{moved} pending messages moved off chip {chip_id}",
                      extra_data={"chip_id": str(chip_id), "moved": moved, "why": why})
         log.info("campaign=%s moved %d pending messages off chip %s (%s)", campaign_id, moved, chip_id, why)
         return "moved"
     return ""
+
+
+def _owner(s: Session, campaign_id: uuid.UUID) -> uuid.UUID | None:
+    return s.execute(text("SELECT user_id FROM campaigns WHERE id = :cid"), {"cid": str(campaign_id)}).scalar()
 
 
 def validate(chip_id: str, state: int) -> uuid.UUID:
@@ -151,7 +157,7 @@ def validate(chip_id: str, state: int) -> uuid.UUID:
     return chip
 
 
-def report_chip_state(db: Database, events: Events | None, chip_id: str, state: int, reason: str) -> ChipStateResult:
+def report_chip_state(db: Database, chip_id: str, state: int, reason: str) -> ChipStateResult:
     """Record the chip's state; redistribute or auto-pause when it leaves rotation."""
     chip = validate(chip_id, state)
     status: list[StatusEvent] = []
@@ -166,6 +172,14 @@ def report_chip_state(db: Database, events: Events | None, chip_id: str, state: 
             state_reason=row.state_reason, pacing=row.pacing or {}, created_at=row.created_at,
             updated_at=row.updated_at))
         log.info("chip=%s state=%d reason=%s", chip, state, reason)
+        if row.old_state != state:
+            extra = {"chip_id": str(chip), "phone": row.phone, "previous_state": ChipState(row.old_state).name,
+                     "state": ChipState(state).name, "reason": reason}
+            audit.record(s, user_id=row.user_id, action="chip.state_change", entity_type="chip",
+                         entity_id=str(chip), description=f"Chip {row.phone} is {ChipState(state).name}: {reason}",
+                         extra_data=extra)
+            outbox.emit(s, user_id=row.user_id, stream=outbox.chip_stream(chip), type=outbox.CHIP_STATE_CHANGED,
+                        data={**extra, "user_id": str(row.user_id)})
         if state != CHIP_ACTIVE:
             why = f"chip {'restricted' if state == CHIP_RESTRICTED else 'unavailable'}: {reason}"
             for c in s.execute(_CANDIDATES, {"uid": row.user_id, "chip": str(chip)}).all():
@@ -176,5 +190,4 @@ def report_chip_state(db: Database, events: Events | None, chip_id: str, state: 
                     result.redistributed_campaign_ids.append(str(c.id))
                 elif done == "paused":
                     result.paused_campaign_ids.append(str(c.id))
-    transitions.publish(events, status)
     return result

@@ -91,11 +91,10 @@ def lock_timeout_param() -> dict[str, str]:
 
 @dataclass
 class StatusEvent:
-    """A campaign status change to publish after the transaction committed."""
+    """An automatic campaign move (its event is already in the outbox)."""
 
     user_id: uuid.UUID
     campaign_id: str
     state: int
     reason: str
-    webhook_url: str | None
     extra: dict[str, object] = field(default_factory=dict)

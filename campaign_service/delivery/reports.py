@@ -28,11 +28,12 @@ from typing import Any, NamedTuple
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from campaign_service import errors
+from campaign_service import errors, outbox
 from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery import transitions
 from campaign_service.delivery.common import (
+    COMPLETED,
     COUNTERS,
     RUNNING,
     SET_LOCK_TIMEOUT,
@@ -42,7 +43,6 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.events import Events
 from campaign_service.states import MessageState as M
 from campaign_service.states import Outcome as O
 
@@ -180,13 +180,12 @@ def _max_failures(settings: dict[str, Any] | None) -> int:
         return 0
 
 
-def report_deliveries(db: Database, events: Events | None, campaign_id: str, reports: list[Report]) -> ReportResult:
-    """Apply the reports in one transaction; publish status changes after commit."""
+def report_deliveries(db: Database, campaign_id: str, reports: list[Report]) -> ReportResult:
+    """Apply the reports in one transaction (with their events: progress, completion, auto-pause)."""
     cid = validate(campaign_id, reports)
     status: list[StatusEvent] = []
     with bounded_lock_wait("ReportDeliveries"), db.transaction() as s:
         result = _apply(s, cid, campaign_id, reports, status)
-    transitions.publish(events, status)
     return result
 
 
@@ -232,4 +231,6 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
             if ev is not None:
                 status.append(ev)
                 state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
+        if state != COMPLETED:
+            outbox.campaign_progress(s, cid)
     return ReportResult(state, epoch, len(changed))

@@ -52,7 +52,6 @@ from campaign_service.delivery.common import (
     set_lock_timeout,
 )
 from campaign_service.dispatch import DispatcherClient, Lane
-from campaign_service.events import Events
 from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import messages as messages_repo
@@ -139,11 +138,10 @@ FOR UPDATE SKIP LOCKED""")
 class Scheduler:
     """The background thread; `run_once()` does one tick synchronously (tests use it)."""
 
-    def __init__(self, db: Database, settings: Settings, events: Events | None,
+    def __init__(self, db: Database, settings: Settings,
                  config: SchedulerConfig | None = None, ops: Any = None, dispatcher: Any = None) -> None:
         self.db = db
         self.settings = settings
-        self.events = events
         self.config = config or SchedulerConfig()
         self._dispatcher = dispatcher
         self._own_dispatcher = False
@@ -168,7 +166,7 @@ class Scheduler:
     def ops(self) -> Any:
         """The CampaignService operations (Start), created on first use (tests give their own)."""
         if self._ops is None:
-            self._ops = CampaignLifecycle(self.db, self.settings, self.dispatcher, self.events)
+            self._ops = CampaignLifecycle(self.db, self.settings, self.dispatcher)
         return self._ops
 
     def start(self) -> Scheduler:
@@ -277,7 +275,6 @@ class Scheduler:
                 if not is_lock_timeout(exc):
                     raise
                 continue
-            transitions.publish(self.events, status)
             if back or done:
                 log.info("campaign=%s chip %s swept: %d expired leases back, %s", cid, chip, back, done or "-")
                 swept.append(str(cid))
@@ -299,7 +296,6 @@ class Scheduler:
                     raise
                 continue
             if ev is not None:
-                transitions.publish(self.events, [ev])
                 done.append(str(cid))
         return done
 
@@ -327,7 +323,6 @@ class Scheduler:
     def _kick(self, cid: uuid.UUID, stall: float) -> bool:
         """New epoch + StartDispatch, holding the campaign row FOR UPDATE so leases wait for the
         commit and see the new epoch; a dispatcher failure rolls the epoch back."""
-        status: list[StatusEvent] = []
         try:
             with self.db.transaction() as s:
                 set_lock_timeout(s)
@@ -337,8 +332,7 @@ class Scheduler:
                 chip_ids = messages_repo.open_chip_ids(s, cid)
                 usable = [ch for ch in chips_repo.by_ids(s, c.user_id, chip_ids) if ch.state != CHIP_RESTRICTED]
                 if not usable:
-                    ev = transitions.auto_pause(s, cid, chips.NO_CHIP_LEFT, "campaign.auto_pause")
-                    status += [ev] if ev is not None else []
+                    transitions.auto_pause(s, cid, chips.NO_CHIP_LEFT, "campaign.auto_pause")
                     return False
                 settings = convert.settings_from_json(c.settings)
                 lanes = [self._lane(ch, settings) for ch in usable]
@@ -359,7 +353,8 @@ class Scheduler:
                     {"cid": str(cid), "chips": [str(ch.id) for ch in usable]})
                 audit.record(s, user_id=c.user_id, action="campaign.dispatch_restart", entity_type="campaign",
                              entity_id=str(cid), description="watchdog: lanes silent with work left, dispatch "
-                             "restarted", extra_data={"epoch": epoch, "chips": [str(ch.id) for ch in usable]})
+                             "restarted", extra_data={"epoch": epoch, "chips": [str(ch.id) for ch in usable]},
+                             actor=audit.WATCHDOG)
                 self._kicked_epoch[cid] = epoch
                 self.dispatcher.start(str(cid), epoch, lanes, pacing.effective_camouflage(settings.camouflage))
                 log.warning("campaign=%s watchdog: lanes silent for %.0fs with work left, dispatch restarted "
@@ -369,8 +364,6 @@ class Scheduler:
             if is_lock_timeout(exc):
                 return False
             raise
-        finally:
-            transitions.publish(self.events, status)
 
     @staticmethod
     def _lane(ch: Any, settings: Any) -> Lane:
@@ -404,6 +397,6 @@ def _is_db_down(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError)
 
 
-def start(db: Database, settings: Settings, events: Events, ops: CampaignLifecycle | None = None) -> Scheduler:
+def start(db: Database, settings: Settings, ops: CampaignLifecycle | None = None) -> Scheduler:
     """Start the background thread (called by campaign_service.server); `.stop()` ends it."""
-    return Scheduler(db, settings, events, ops=ops).start()
+    return Scheduler(db, settings, ops=ops).start()

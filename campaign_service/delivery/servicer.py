@@ -13,7 +13,6 @@ from google.protobuf import json_format, timestamp_pb2
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.delivery import acks, chips, lane_waits, leases, media, reports
-from campaign_service.events import Events
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
 from whago.campaign.v1 import resources_pb2 as res
@@ -47,10 +46,9 @@ def chip_pb(c: chips.ChipRow) -> res.Chip:
 class DeliveryServicer(dgrpc.DeliveryServiceServicer):
     """The internal API the dispatcher's lanes call."""
 
-    def __init__(self, db: Database, settings: Settings, events: Events | None) -> None:
+    def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.settings = settings
-        self.events = events
 
     def LeaseMessages(self, request: dpb.LeaseMessagesRequest, context: grpc.ServicerContext
                       ) -> dpb.LeaseMessagesResponse:
@@ -76,13 +74,13 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
             waha_message_id=r.waha_message_id, failure_reason=r.failure_reason,
             time=r.time.ToDatetime(tzinfo=UTC) if r.HasField("time") else None)
             for i, r in enumerate(request.reports)]
-        out = reports.report_deliveries(self.db, self.events, request.campaign_id, items)
+        out = reports.report_deliveries(self.db, request.campaign_id, items)
         return dpb.ReportDeliveriesResponse(campaign_state=out.campaign_state,  # type: ignore[arg-type]
                                             epoch=out.epoch)
 
     def ReportChipState(self, request: dpb.ReportChipStateRequest, context: grpc.ServicerContext
                         ) -> dpb.ReportChipStateResponse:
-        out = chips.report_chip_state(self.db, self.events, request.chip_id, int(request.state), request.reason)
+        out = chips.report_chip_state(self.db, request.chip_id, int(request.state), request.reason)
         return dpb.ReportChipStateResponse(chip=chip_pb(out.chip),
                                            redistributed_campaign_ids=out.redistributed_campaign_ids,
                                            paused_campaign_ids=out.paused_campaign_ids)
@@ -101,12 +99,12 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
                                           epoch=out.epoch, recorded=out.recorded)
 
     def ReportAcks(self, request: dpb.ReportAcksRequest, context: grpc.ServicerContext) -> dpb.ReportAcksResponse:
-        out = acks.report_acks(self.db, self.events, [
+        out = acks.report_acks(self.db, [
             acks.Ack(a.waha_message_id, int(a.outcome), a.time.ToDatetime(tzinfo=UTC) if a.HasField("time") else None)
             for a in request.acks])
         return dpb.ReportAcksResponse(matched=out.matched, unmatched=out.unmatched)
 
 
-def add_to_server(server: grpc.Server, db: Database, settings: Settings, events: Events) -> None:
+def add_to_server(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
     """Register DeliveryService on the campaign service's gRPC server."""
-    dgrpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(db, settings, events), server)
+    dgrpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(db, settings), server)

@@ -2,7 +2,7 @@
 only translate protobuf <-> these; the scheduler calls `lifecycle.start_scheduled`.
 
 `base.OpsBase` holds what every operation shares (dependencies, request-id replay, loading the
-caller's campaign, status events); `inputs` the inputs, results and limits."""
+caller's campaign, recording a change); `inputs` the inputs, results and limits."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.dispatch import DispatcherClient
-from campaign_service.events import Events
+from campaign_service.ops.audit import AuditOps
 from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.ops.campaigns import CampaignCrud
 from campaign_service.ops.chips import ChipOps
 from campaign_service.ops.contacts import ContactOps
 from campaign_service.ops.media import MediaOps
+from campaign_service.ops.watch import WatchOps
+from campaign_service.ops.webhooks import WebhookOps
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,12 @@ class Operations:
     contacts: ContactOps
     media: MediaOps
     chips: ChipOps
+    webhooks: WebhookOps
+    audit: AuditOps
+    watch: WatchOps
 
     @classmethod
-    def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient,
-               events: Events | None = None) -> Operations:
-        deps = (db, settings, dispatcher, events)
-        return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps))
+    def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient) -> Operations:
+        deps = (db, settings, dispatcher)
+        return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps),
+                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps))

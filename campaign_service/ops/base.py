@@ -1,5 +1,6 @@
 """What every domain operation shares: its dependencies and the steps around its transaction
-(idempotent replay of a request id, loading the caller's campaign, publishing the status event)."""
+(idempotent replay of a request id, loading the caller's campaign, recording a change: its audit
+entry and its outbox event, in the change's transaction)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from campaign_service import errors
+from campaign_service import audit, errors, outbox
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.db.models import Campaign
 from campaign_service.dispatch import DispatcherClient
-from campaign_service.events import Events
+from campaign_service.lifecycle import State
 from campaign_service.ops.inputs import MAX_REQUEST_ID, Idem, Replayed
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import idempotency
@@ -36,14 +37,12 @@ class OpsBase:
     """The dependencies and shared steps of the operations of one resource. Thread-safe: one
     transaction per call. A mutation runs, inside its transaction:
     `if (r := self._replay(s, user_id, idem)) is not None: return r` ... `self._remember(s, user_id,
-    idem, result)`, then publishes after commit."""
+    idem, result)`, with `_campaign_changed` (or audit + outbox) for what it changed."""
 
-    def __init__(self, db: Database, settings: Settings, dispatcher: DispatcherClient,
-                 events: Events | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, dispatcher: DispatcherClient) -> None:
         self.db = db
         self.settings = settings
         self.dispatcher = dispatcher
-        self.events = events
 
     def _replay(self, s: Session, user_id: uuid.UUID, idem: Idem | None) -> Replayed | None:
         if idem is None or not idem.request_id:
@@ -69,12 +68,11 @@ class OpsBase:
             raise errors.NotFound("campaign", str(campaign_id))
         return c
 
-    def _publish(self, user_id: uuid.UUID, campaign_id: str, state: str, webhook_url: str | None,
-                 reason: str = "", extra: dict[str, object] | None = None) -> None:
-        if self.events is None:
-            return
-        try:
-            self.events.campaign_status(user_id=user_id, campaign_id=campaign_id, state=state, reason=reason,
-                                        webhook_url=webhook_url, extra=extra)
-        except Exception as exc:  # best effort: the database is the truth
-            log.warning("campaign=%s status event failed: %s", campaign_id, exc)
+    @staticmethod
+    def _campaign_changed(s: Session, c: Campaign, *, action: str, event: str, description: str,
+                          extra: dict[str, Any] | None = None) -> None:
+        """A campaign changed: one audit entry and one event (state and reason as they are now)."""
+        audit.record(s, user_id=c.user_id, action=action, entity_type="campaign", entity_id=str(c.id),
+                     description=description, extra_data=extra)
+        outbox.campaign_event(s, user_id=c.user_id, campaign_id=c.id, type=event, state=State(c.state).name,
+                              reason=c.state_reason, extra=extra)

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from campaign_service import audit, convert, errors, lifecycle, pacing
+from campaign_service import audit, auth, convert, errors, lifecycle, outbox, pacing
 from campaign_service.db.models import Campaign, Chip
 from campaign_service.dispatch import Lane
 from campaign_service.ids import parse_uuid
@@ -91,12 +91,11 @@ class CampaignLifecycle(OpsBase):
             c.pending_count = created
             c.dispatch_epoch += 1
             campaigns_repo.touch(s, c)
-            audit.record(s, user_id=user_id, action="campaign.start", entity_type="campaign", entity_id=str(cid),
-                         description=f"Campaign '{c.name}' started.",
-                         extra_data={"campaign_name": c.name, "status": State(before.state).name,
-                                     "messages": created, "chips": [str(ch.id) for ch in chips],
-                                     "epoch": c.dispatch_epoch})
-            webhook = users_repo.webhook_url(s, user_id)
+            self._campaign_changed(s, c, action="campaign.start", event=outbox.CAMPAIGN_STARTED,
+                                   description=f"Campaign '{c.name}' started.",
+                                   extra={"campaign_name": c.name, "status": State(before.state).name,
+                                          "messages": created, "chips": [str(ch.id) for ch in chips],
+                                          "epoch": c.dispatch_epoch})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s start: %d messages over %d chips, epoch %d", cid, created, len(chips),
                  c.dispatch_epoch)
@@ -107,7 +106,6 @@ class CampaignLifecycle(OpsBase):
             self._undo_start(user_id, cid, c.dispatch_epoch, before, created, idem)
             raise
         log.info("campaign=%s RUNNING (dispatch epoch %d)", cid, c.dispatch_epoch)
-        self._publish(user_id, str(cid), State.RUNNING.name, webhook, extra={"messages": created})
         return c
 
     def _undo_start(self, user_id: uuid.UUID, cid: uuid.UUID, epoch: int, before: _Snapshot, created: int,
@@ -121,9 +119,9 @@ class CampaignLifecycle(OpsBase):
             users_repo.credit(s, user_id, created)
             before.restore(c)
             s.flush()
-            audit.record(s, user_id=user_id, action="campaign.start_reverted", entity_type="campaign",
-                         entity_id=str(cid), description="Start reverted: the dispatcher was unavailable.",
-                         extra_data={"epoch": epoch})
+            self._campaign_changed(s, c, action="campaign.start_reverted", event=outbox.CAMPAIGN_REVERTED,
+                                   description="Start reverted: the dispatcher was unavailable.",
+                                   extra={"epoch": epoch})
             if idem is not None and idem.request_id:
                 idempotency.forget(s, user_id, idem.request_id)
         log.warning("campaign=%s start reverted: dispatcher unavailable", cid)
@@ -143,14 +141,12 @@ class CampaignLifecycle(OpsBase):
             c.state_reason = "paused by user"
             campaigns_repo.touch(s, c)
             self.dispatcher.pause(str(cid), c.dispatch_epoch)
-            audit.record(s, user_id=user_id, action="campaign.pause", entity_type="campaign", entity_id=str(cid),
-                         description=f"Campaign '{c.name}' paused.",
-                         extra_data={"campaign_name": c.name, "status": State.RUNNING.name,
-                                     "pending": c.pending_count, "epoch": c.dispatch_epoch})
-            webhook = users_repo.webhook_url(s, user_id)
+            self._campaign_changed(s, c, action="campaign.pause", event=outbox.CAMPAIGN_PAUSED,
+                                   description=f"Campaign '{c.name}' paused.",
+                                   extra={"campaign_name": c.name, "status": State.RUNNING.name,
+                                          "pending": c.pending_count, "epoch": c.dispatch_epoch})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s PAUSED (dispatch epoch %d, %d pending)", cid, c.dispatch_epoch, c.pending_count)
-        self._publish(user_id, str(cid), State.PAUSED.name, webhook, reason=c.state_reason)
         return c
 
     def resume_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
@@ -181,11 +177,11 @@ class CampaignLifecycle(OpsBase):
                         {"campaign_id": str(cid)})
                 c.state = int(State.RUNNING)
             campaigns_repo.touch(s, c)
-            audit.record(s, user_id=user_id, action="campaign.resume", entity_type="campaign", entity_id=str(cid),
-                         description=f"Campaign '{c.name}' resumed.",
-                         extra_data={"campaign_name": c.name, "status": State.PAUSED.name,
-                                     "epoch": c.dispatch_epoch})
-            webhook = users_repo.webhook_url(s, user_id)
+            self._campaign_changed(
+                s, c, action="campaign.resume",
+                event=outbox.CAMPAIGN_RESUMED if c.state == State.RUNNING else outbox.CAMPAIGN_COMPLETED,
+                description=f"Campaign '{c.name}' resumed.",
+                extra={"campaign_name": c.name, "status": State.PAUSED.name, "epoch": c.dispatch_epoch})
             self._remember(s, user_id, idem, c)
         if c.state == State.RUNNING:
             try:
@@ -195,7 +191,6 @@ class CampaignLifecycle(OpsBase):
                 self._undo_resume(user_id, cid, c.dispatch_epoch, before, idem)
                 raise
         log.info("campaign=%s %s (dispatch epoch %d)", cid, State(c.state).name, c.dispatch_epoch)
-        self._publish(user_id, str(cid), State(c.state).name, webhook)
         return c
 
     def _undo_resume(self, user_id: uuid.UUID, cid: uuid.UUID, epoch: int, before: _Snapshot,
@@ -206,6 +201,9 @@ class CampaignLifecycle(OpsBase):
                 return
             before.restore(c)
             s.flush()
+            self._campaign_changed(s, c, action="campaign.resume_reverted", event=outbox.CAMPAIGN_REVERTED,
+                                   description="Resume reverted: the dispatcher was unavailable.",
+                                   extra={"epoch": epoch})
             if idem is not None and idem.request_id:
                 idempotency.forget(s, user_id, idem.request_id)
         log.warning("campaign=%s resume reverted: dispatcher unavailable", cid)
@@ -237,18 +235,15 @@ class CampaignLifecycle(OpsBase):
             c.state_reason = CANCEL_REASON
             c.completed_at = utcnow()
             campaigns_repo.touch(s, c)
-            audit.record(s, user_id=user_id, action="campaign.cancel", entity_type="campaign", entity_id=str(cid),
-                         description=f"Campaign '{c.name}' cancelled.",
-                         extra_data={"campaign_name": c.name, "status": previous.name,
-                                     "total_contacts": c.total_contacts, "failed_messages": failed.failed,
-                                     "refunded_credits": failed.were_open, "revoked_jobs": revoked,
-                                     "aborted_jobs": aborted})
-            webhook = users_repo.webhook_url(s, user_id)
+            self._campaign_changed(s, c, action="campaign.cancel", event=outbox.CAMPAIGN_CANCELLED,
+                                   description=f"Campaign '{c.name}' cancelled.",
+                                   extra={"campaign_name": c.name, "status": previous.name,
+                                          "total_contacts": c.total_contacts, "failed_messages": failed.failed,
+                                          "failed_count": c.failed_count, "refunded_credits": failed.were_open,
+                                          "revoked_jobs": revoked, "aborted_jobs": aborted})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s CANCELLED (%d messages failed, %d credits refunded)", cid, failed.failed,
                  failed.were_open)
-        self._publish(user_id, str(cid), State.CANCELLED.name, webhook, reason=CANCEL_REASON,
-                      extra={"failed_count": c.failed_count})
         return c
 
     def start_scheduled(self, campaign_id: uuid.UUID) -> Campaign | None:
@@ -258,7 +253,8 @@ class CampaignLifecycle(OpsBase):
             c = campaigns_repo.get_any(s, campaign_id)
         if c is None or c.state != State.SCHEDULED:
             return None
-        out = self.start_campaign(c.user_id, str(campaign_id))
+        with auth.acting_as(audit.SCHEDULER):
+            out = self.start_campaign(c.user_id, str(campaign_id))
         return out if isinstance(out, Campaign) else None
 
 

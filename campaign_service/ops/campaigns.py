@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
 
-from campaign_service import audit, convert, errors, lifecycle, pacing, pagination
+from campaign_service import convert, errors, lifecycle, outbox, pacing, pagination
 from campaign_service.db.models import Campaign
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
@@ -32,7 +32,6 @@ from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import media as media_repo
 from campaign_service.repository import messages as messages_repo
-from campaign_service.repository import users as users_repo
 
 log = logging.getLogger("campaign_service.campaigns")
 
@@ -114,6 +113,9 @@ class CampaignCrud(OpsBase):
                 s, user_id=user_id, name=spec.name.strip(), description=spec.description, state=int(state),
                 templates=convert.templates_to_json(spec.templates), settings=convert.to_json(spec.settings),
                 chip_ids=chip_ids, schedule_time=spec.schedule_time)
+            self._campaign_changed(s, c, action="campaign.create", event=outbox.CAMPAIGN_CREATED,
+                                   description=f"Campaign '{c.name}' created.",
+                                   extra={"campaign_name": c.name, "status": state.name})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s created (name: %s, state: %s)", c.id, c.name, state.name)
         return c
@@ -177,6 +179,10 @@ class CampaignCrud(OpsBase):
                     raise errors.InvalidArgument(problems)
                 c.settings = convert.to_json(merged)
             campaigns_repo.touch(s, c)
+            self._campaign_changed(s, c, action="campaign.update", event=outbox.CAMPAIGN_UPDATED,
+                                   description=f"Campaign '{c.name}' updated.",
+                                   extra={"campaign_name": c.name, "status": State(c.state).name,
+                                          "fields": sorted(paths)})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s updated (%s)", c.id, ", ".join(paths))
         return c
@@ -210,13 +216,12 @@ class CampaignCrud(OpsBase):
             log.info("%d messages deleted from campaign %s", n_messages, cid)
             n_contacts = contacts_repo.delete_all(s, cid)
             log.info("%d contacts deleted from campaign %s", n_contacts, cid)
-            audit.record(s, user_id=user_id, action="campaign.delete", entity_type="campaign", entity_id=str(cid),
-                         description=f"Campaign '{c.name}' deleted.",
-                         extra_data={"campaign_name": c.name, "status": state_name,
-                                     "total_contacts": c.total_contacts, "deleted_contacts": n_contacts,
-                                     "deleted_messages": n_messages, "deleted_media": len(paths),
-                                     "revoked_jobs": revoked})
-            webhook = users_repo.webhook_url(s, user_id)
+            self._campaign_changed(s, c, action="campaign.delete", event=outbox.CAMPAIGN_DELETED,
+                                   description=f"Campaign '{c.name}' deleted.",
+                                   extra={"campaign_name": c.name, "status": state_name,
+                                          "total_contacts": c.total_contacts, "deleted_contacts": n_contacts,
+                                          "deleted_messages": n_messages, "deleted_media": len(paths),
+                                          "revoked_jobs": revoked})
             s.expunge(c)
             campaigns_repo.delete_row(s, cid)
             result = DeleteResult(str(cid), n_contacts, n_messages, len(paths), revoked)
@@ -225,8 +230,6 @@ class CampaignCrud(OpsBase):
         self.db.stats.changed("campaign_messages", n_messages)
         self.db.stats.changed("campaign_contacts", n_contacts)
         self._remove_files(cid, paths)
-        self._publish(user_id, str(cid), "DELETED", webhook, extra={
-            "deleted_contacts": n_contacts, "deleted_messages": n_messages, "deleted_media": len(paths)})
         return result
 
     def _remove_files(self, campaign_id: uuid.UUID, paths: list[str]) -> None:

@@ -57,6 +57,10 @@ class ChipOps(OpsBase):
                                      waha_base_url=url, waha_session=spec.waha_session.strip(),
                                      waha_api_key=spec.waha_api_key, proxy_label=spec.proxy_label.strip(),
                                      pacing=convert.to_json(spec.pacing))
+            audit.record(s, user_id=user_id, action="chip.register", entity_type="chip", entity_id=str(chip.id),
+                         description=f"Chip {chip.phone} registered.",
+                         extra_data={"phone": chip.phone, "waha_session": chip.waha_session,
+                                     "display_name": chip.display_name})
             self._remember(s, user_id, idem, chip)
         log.info("chip=%s registered (phone %s, session %s)", chip.id, chip.phone, chip.waha_session)
         return chip

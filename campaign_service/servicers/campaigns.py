@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
-from collections.abc import Callable, Iterator
-from datetime import UTC
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
 
-from campaign_service import auth, convert, errors
+from campaign_service import auth, convert, errors, outbox
 from campaign_service.ops import Operations
 from campaign_service.ops.inputs import CampaignInput, DeleteResult, ImportChunk, mask_paths
+from campaign_service.ops.watch import Snapshot
 from campaign_service.servicers import idem, unwrap
+from campaign_service.watch import WatchHub
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import resources_pb2 as res
 
-#: gRPC's sync server can hand a handler the end of a client stream that was in fact cancelled
-#: (RST_STREAM), with the cancellation itself surfacing a moment later. ImportContacts waits this
-#: long for it before committing, so a broken upload is never kept as if it were complete.
+#: gRPC can hand a handler the end of a client stream that was in fact cancelled (RST_STREAM),
+#: with the cancellation itself surfacing a moment later. ImportContacts waits this long for it
+#: before committing, so a broken upload is never kept as if it were complete.
 END_OF_STREAM_GRACE = 0.05
+IMPORT_BACKLOG = 8  # chunks read ahead of the import
+_END, _BROKEN = object(), object()
 
 
 def campaign_input(c: res.Campaign) -> CampaignInput:
@@ -38,8 +44,9 @@ def delete_response(r: DeleteResult) -> cs.DeleteCampaignResponse:
 
 
 class CampaignServicer(cs_grpc.CampaignServiceServicer):
-    def __init__(self, ops: Operations) -> None:
+    def __init__(self, ops: Operations, hub: WatchHub) -> None:
         self.ops = ops
+        self.hub = hub
 
     def CreateCampaign(self, request: cs.CreateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         uid = auth.current_user_id()
@@ -90,24 +97,44 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
     def CancelCampaign(self, request: cs.CancelCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         return self._move(self.ops.lifecycle.cancel_campaign, request, "CancelCampaign")
 
-    def ImportContacts(self, request_iterator: Iterator[cs.ImportContactsRequest],
-                       context: grpc.ServicerContext) -> cs.ImportContactsResponse:
+    async def ImportContacts(self, request_iterator: AsyncIterator[cs.ImportContactsRequest],
+                             context: grpc.aio.ServicerContext[Any, Any]) -> cs.ImportContactsResponse:
+        """The upload is read on the event loop and handed, chunk by chunk, to the import running
+        in a thread (one transaction). A cancelled call cancels this coroutine: the import then
+        raises inside its transaction, so a broken upload is never kept as if it were complete."""
         uid = auth.current_user_id()
-        ended = threading.Event()  # the RPC terminated: before we answered, that is a cancellation
-        if not context.add_callback(ended.set):
-            ended.set()
+        loop = asyncio.get_running_loop()
+        handoff: queue.SimpleQueue[ImportChunk | object] = queue.SimpleQueue()
+        cancelled = threading.Event()
 
         def chunks() -> Iterator[ImportChunk]:
-            try:
-                for req in request_iterator:
-                    yield ImportChunk(req.campaign_id, req.contacts, req.default_region)
-            except grpc.RpcError:
-                raise errors.Cancelled("the client ended the stream early; nothing was imported") from None
-            # Raised inside the import transaction, so it rolls back.
-            if ended.wait(END_OF_STREAM_GRACE) or not context.is_active():
+            while True:
+                item = handoff.get()
+                if item is _END:
+                    break
+                if item is _BROKEN:
+                    raise errors.Cancelled("the client ended the stream early; nothing was imported")
+                assert isinstance(item, ImportChunk)
+                yield item
+            if cancelled.wait(END_OF_STREAM_GRACE):  # raised inside the import transaction: rollback
                 raise errors.Cancelled("the client cancelled the upload; nothing was imported")
 
-        r = self.ops.contacts.import_contacts(uid, chunks())
+        job = loop.run_in_executor(None, self.ops.contacts.import_contacts, uid, chunks())
+        try:
+            try:
+                async for req in request_iterator:
+                    while handoff.qsize() > IMPORT_BACKLOG and not job.done():
+                        await asyncio.sleep(0.002)  # the import is behind: read no further ahead
+                    handoff.put(ImportChunk(req.campaign_id, req.contacts, req.default_region))
+            except Exception:
+                handoff.put(_BROKEN)
+            else:
+                handoff.put(_END)
+            r = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancelled.set()
+            handoff.put(_BROKEN)
+            raise
         return cs.ImportContactsResponse(
             imported_count=r.imported, duplicate_count=r.duplicates, rejected_count=r.rejected_count,
             total_contacts=r.total_contacts,
@@ -138,5 +165,38 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         return cs.ListCampaignMediaResponse(media=[convert.media(m) for m in items])
 
 
-def add_to_server(server: Any, ops: Operations) -> None:
-    cs_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(ops), server)
+    async def WatchCampaign(self, request: cs.WatchCampaignRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[cs.WatchCampaignResponse]:
+        """Snapshot, then the campaign's events from the hub; a coroutine, so no thread per watcher."""
+        uid = auth.current_user_id()
+        if request.after_seq < 0:
+            raise errors.InvalidArgument([("after_seq", "must not be negative")])
+        loop = asyncio.get_running_loop()
+        snap = await loop.run_in_executor(None, self.ops.watch.snapshot, uid, request.campaign_id)
+        yield cs.WatchCampaignResponse(snapshot=snapshot(snap))
+        after = request.after_seq if request.after_seq else snap.seq
+        if snap.final:
+            for ev in await loop.run_in_executor(None, self.ops.watch.events, snap.stream, after, snap.seq):
+                yield cs.WatchCampaignResponse(event=convert.event(ev))
+            return
+        watcher = self.hub.subscribe(snap.stream, after)
+        try:
+            while True:
+                ev = await watcher.next()
+                yield cs.WatchCampaignResponse(event=convert.event(ev))
+                if ev.type in outbox.FINAL_CAMPAIGN_EVENTS:
+                    return
+        finally:
+            self.hub.unsubscribe(watcher)
+
+
+def snapshot(s: Snapshot) -> cs.CampaignSnapshot:
+    out = cs.CampaignSnapshot(campaign=convert.campaign_view(s.view), seq=s.seq,
+                              send_rate_per_minute=round(s.rate_per_minute, 3))
+    if s.eta_seconds is not None:
+        out.eta.FromTimedelta(timedelta(seconds=round(s.eta_seconds)))
+    return out
+
+
+def add_to_server(server: Any, ops: Operations, hub: WatchHub) -> None:
+    cs_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(ops, hub), server)
