@@ -165,14 +165,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(status.code, status.details, status.trailing_metadata)
             return run
 
+        def wrap_any(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            return wrap_async(behavior) if inspect.iscoroutinefunction(behavior) else wrap(behavior)
+
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_any(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
-            behavior = handler.stream_unary
-            wrapped = wrap_async(behavior) if inspect.iscoroutinefunction(behavior) else wrap(behavior)
             return grpc.stream_unary_rpc_method_handler(
-                wrapped, handler.request_deserializer, handler.response_serializer)
+                wrap_any(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)

@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 import sqlalchemy as sa
 
+from whago.campaign.v1 import audit_service_pb2_grpc as aud_grpc
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import chip_service_pb2_grpc as chs_grpc
 from whago.campaign.v1 import resources_pb2 as res
+from whago.campaign.v1 import webhook_service_pb2_grpc as wh_grpc
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dispatcher_pb
 from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as dispatcher_grpc
 
@@ -32,12 +34,14 @@ def _next_phone() -> str:
 
 
 class Api:
-    """CampaignService + ChipService stubs bound to one user's key."""
+    """The public services' stubs bound to one user's key."""
 
     def __init__(self, channel: grpc.Channel, key: str) -> None:
         self.md = [("authorization", f"Bearer {key}")]
         self.campaigns = cs_grpc.CampaignServiceStub(channel)
         self.chips = chs_grpc.ChipServiceStub(channel)
+        self.webhooks = wh_grpc.WebhookServiceStub(channel)
+        self.audit = aud_grpc.AuditServiceStub(channel)
 
     def chip(self, waha_url: str, api_key: str, session: str | None = None,
              interval: tuple[float, float] = (0.0, 0.0), **pacing: int) -> res.Chip:

@@ -140,7 +140,6 @@ class WebhookOps(OpsBase):
         if unknown:
             raise errors.InvalidArgument([("update_mask", f"unknown or read-only path {p!r}; updatable: "
                                            + ", ".join(UPDATABLE)) for p in unknown])
-        paths = paths or list(UPDATABLE)
         self._validate(spec, paths)
         with self.db.transaction() as s:
             ep = self._endpoint(s, user_id, eid, lock=True)

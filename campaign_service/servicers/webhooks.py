@@ -48,8 +48,11 @@ class WebhookServicer(wh_grpc.WebhookServiceServicer):
 
     def UpdateWebhookEndpoint(self, request: wh.UpdateWebhookEndpointRequest,
                               context: grpc.ServicerContext) -> wh.WebhookEndpoint:
-        ep = self.ops.webhooks.update(auth.current_user_id(), request.endpoint.endpoint_id, _input(request.endpoint),
-                                      list(request.update_mask.paths))
+        e = request.endpoint
+        paths = list(request.update_mask.paths) or [  # AIP-134: the populated fields (enabled always)
+            p for p, set_ in (("url", e.url), ("description", e.description), ("event_types", e.event_types),
+                              ("enabled", True)) if set_]
+        ep = self.ops.webhooks.update(auth.current_user_id(), e.endpoint_id, _input(e), paths)
         return convert.webhook_endpoint(ep)
 
     def DeleteWebhookEndpoint(self, request: wh.DeleteWebhookEndpointRequest,
