@@ -13,8 +13,10 @@ from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 
-from campaign_service.db.models import Campaign, Chip, Contact, Media
+from campaign_service.db.models import Campaign, Chip, Contact, CreditTransaction, Media
+from campaign_service.repository.credits import Balance
 from campaign_service.repository.messages import MessageRow
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
 
 
@@ -219,4 +221,16 @@ def media(m: Media) -> res.Media:
     out = res.Media(id=str(m.id), campaign_id=str(m.campaign_id), filename=m.filename, mime_type=m.mime_type,
                     size_bytes=m.size_bytes)
     out.create_time.FromDatetime(m.created_at)
+    return out
+
+
+def credit_balance(b: Balance) -> crs.CreditBalance:
+    return crs.CreditBalance(available=b.available, reserved=b.reserved)
+
+
+def credit_transaction(t: CreditTransaction) -> crs.CreditTransaction:
+    out = crs.CreditTransaction(id=str(t.id), kind=t.kind,  # type: ignore[arg-type]
+                                amount=t.amount, campaign_id=str(t.campaign_id) if t.campaign_id else "",
+                                description=t.description)
+    out.create_time.FromDatetime(t.created_at)
     return out

@@ -1,4 +1,4 @@
-"""`python -m campaign_service.server`: CampaignService, ChipService and the internal DeliveryService
+"""`python -m campaign_service.server`: CampaignService, ChipService, CreditService and the internal DeliveryService
 on a threaded grpc.server, with reflection and grpc.health.v1, and the delivery scheduler thread.
 
 SIGTERM/SIGINT: health goes NOT_SERVING, in-flight RPCs get `grace` seconds, the engine is disposed."""
@@ -28,7 +28,8 @@ from campaign_service.repository import users as users_repo
 from campaign_service.rpc_pool import ElasticThreadPool
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
-from whago.campaign.v1 import campaign_service_pb2, chip_service_pb2, delivery_service_pb2
+from campaign_service.servicers import credits as credits_servicer
+from whago.campaign.v1 import campaign_service_pb2, chip_service_pb2, credit_service_pb2, delivery_service_pb2
 
 log = logging.getLogger("campaign_service.server")
 
@@ -49,6 +50,7 @@ SERVER_OPTIONS = [
 SERVICE_NAMES = (
     campaign_service_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     chip_service_pb2.DESCRIPTOR.services_by_name["ChipService"].full_name,
+    credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
 )
 DELIVERY_SERVICE = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
 
@@ -73,6 +75,7 @@ class App:
         self._stopped = threading.Event()
         campaigns_servicer.add_to_server(self.server, self.ops)
         chips_servicer.add_to_server(self.server, self.ops)
+        credits_servicer.add_to_server(self.server, self.ops)
         delivery_servicer.add_to_server(self.server, self.db, self.settings, self.events)
         names = [*SERVICE_NAMES, DELIVERY_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -56,3 +57,13 @@ class Outcome(IntEnum):
     SKIPPED = dpb.DELIVERY_OUTCOME_SKIPPED
     DELIVERED = dpb.DELIVERY_OUTCOME_DELIVERED
     READ = dpb.DELIVERY_OUTCOME_READ
+
+
+class CreditKind(IntEnum):
+    """CreditTransactionKind: what a credit ledger entry does (credit_transactions.kind)."""
+
+    UNSPECIFIED = crs.CREDIT_TRANSACTION_KIND_UNSPECIFIED
+    GRANT = crs.CREDIT_TRANSACTION_KIND_GRANT
+    RESERVE = crs.CREDIT_TRANSACTION_KIND_RESERVE
+    CONSUME = crs.CREDIT_TRANSACTION_KIND_CONSUME
+    RELEASE = crs.CREDIT_TRANSACTION_KIND_RELEASE

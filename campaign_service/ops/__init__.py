@@ -16,6 +16,7 @@ from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.ops.campaigns import CampaignCrud
 from campaign_service.ops.chips import ChipOps
 from campaign_service.ops.contacts import ContactOps
+from campaign_service.ops.credits import CreditOps
 from campaign_service.ops.media import MediaOps
 
 
@@ -28,9 +29,11 @@ class Operations:
     contacts: ContactOps
     media: MediaOps
     chips: ChipOps
+    credits: CreditOps
 
     @classmethod
     def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient,
                events: Events | None = None) -> Operations:
         deps = (db, settings, dispatcher, events)
-        return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps))
+        return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps),
+                   CreditOps(*deps))
