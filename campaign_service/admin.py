@@ -1,7 +1,9 @@
 """Operator commands: `python -m campaign_service.admin migrate | create-user | add-credits`.
 
 create-user prints the new API key alone on the last line of stdout (scripts and tests read it);
-only its hash is stored."""
+only its hash is stored. Credits are granted through the ledger (a GRANT entry, in the same
+transaction as the user row for create-user); add-credits with a negative amount removes credits,
+never more than are available."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from campaign_service.db import migrate
 from campaign_service.db.engine import Database
 from campaign_service.db.models import WebhookEndpoint
 from campaign_service.relay import signing
+from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import users as users_repo
 from campaign_service.urlguard import RefusedURL, URLGuard, parse_allowlist
 
@@ -32,9 +35,10 @@ def cmd_create_user(settings: config.Settings, args: argparse.Namespace) -> int:
     db = Database(settings.database_url, pool_size=1)
     try:
         with db.transaction() as s:
-            user = users_repo.create(s, name=args.name, key_hash=auth.hash_key(key), credits=args.credits,
-                                     webhook_url=None)
+            user = users_repo.create(s, name=args.name, key_hash=auth.hash_key(key), webhook_url=None)
             user_id = user.id
+            if args.credits:
+                credits_repo.grant(s, user_id, args.credits, args.description or "initial credits")
             secret = None
             if args.webhook_url:
                 URLGuard(parse_allowlist(settings.webhook_allow_cidrs)).check(args.webhook_url)
@@ -65,13 +69,19 @@ def cmd_add_credits(settings: config.Settings, args: argparse.Namespace) -> int:
     db = Database(settings.database_url, pool_size=1)
     try:
         with db.transaction() as s:
-            balance = users_repo.credit(s, user_id, args.credits)
+            if users_repo.get(s, user_id) is None:
+                print(f"no user {user_id}", file=sys.stderr)
+                return 1
+            description = args.description or ("credits added" if args.credits >= 0 else "credits removed")
+            balance = credits_repo.grant(s, user_id, args.credits, description)
+            if balance is None:
+                have = credits_repo.balance(s, user_id)
+                print(f"cannot remove {-args.credits} credits: {have.available if have else 0} available",
+                      file=sys.stderr)
+                return 1
     finally:
         db.dispose()
-    if balance is None:
-        print(f"no user {user_id}", file=sys.stderr)
-        return 1
-    print(balance)
+    print(balance.available)
     return 0
 
 
@@ -84,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     cu.add_argument("--credits", type=int, default=0)
     cu.add_argument("--webhook-url", default=None,
                     help="also register a webhook endpoint (manage endpoints with WebhookService)")
+    cu.add_argument("--description", default="", help="note on the GRANT ledger entry")
     cu.set_defaults(fn=cmd_create_user)
-    ac = sub.add_parser("add-credits", help="add (or, negative, remove) credits; prints the new balance")
+    ac = sub.add_parser("add-credits", help="grant credits through the ledger (negative: remove, at most the "
+                        "available ones); prints the new available balance")
     ac.add_argument("--user-id", required=True)
     ac.add_argument("--credits", type=int, required=True)
+    ac.add_argument("--description", default="", help="note on the GRANT ledger entry")
     ac.set_defaults(fn=cmd_add_credits)
     args = p.parse_args(argv)
     return int(args.fn(config.load(), args))

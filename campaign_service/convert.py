@@ -13,11 +13,22 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from campaign_service.db.models import AuditEvent, Campaign, Chip, Contact, Event, Media, WebhookEndpoint
+from campaign_service.db.models import (
+    AuditEvent,
+    Campaign,
+    Chip,
+    Contact,
+    CreditTransaction,
+    Event,
+    Media,
+    WebhookEndpoint,
+)
 from campaign_service.relay.payloads import EventRow
+from campaign_service.repository.credits import Balance
 from campaign_service.repository.messages import MessageRow
 from campaign_service.states import DeliveryState
 from whago.campaign.v1 import audit_service_pb2 as aud
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import events_pb2
 from whago.campaign.v1 import resources_pb2 as res
 from whago.campaign.v1 import webhook_service_pb2 as wh
@@ -265,3 +276,15 @@ def audit_event(a: AuditEvent) -> aud.AuditEvent:
     return aud.AuditEvent(audit_event_id=a.id, action=a.action, entity_type=a.entity_type, entity_id=a.entity_id,
                           actor=a.actor, description=a.description, extra=_struct(a.extra_data or {}),
                           create_time=_stamp(a.created_at))
+
+
+def credit_balance(b: Balance) -> crs.CreditBalance:
+    return crs.CreditBalance(available=b.available, reserved=b.reserved)
+
+
+def credit_transaction(t: CreditTransaction) -> crs.CreditTransaction:
+    out = crs.CreditTransaction(id=str(t.id), kind=t.kind,  # type: ignore[arg-type]
+                                amount=t.amount, campaign_id=str(t.campaign_id) if t.campaign_id else "",
+                                description=t.description)
+    out.create_time.FromDatetime(t.created_at)
+    return out

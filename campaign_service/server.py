@@ -1,6 +1,6 @@
-"""`python -m campaign_service.server`: CampaignService, ChipService, WebhookService, AuditService
-and the internal DeliveryService on one grpc.aio server, with reflection and grpc.health.v1; the
-delivery scheduler thread; the event relay and the WatchCampaign hub as asyncio tasks.
+"""`python -m campaign_service.server`: CampaignService, ChipService, WebhookService, AuditService,
+CreditService and the internal DeliveryService on one grpc.aio server, with reflection and
+grpc.health.v1; the delivery scheduler thread; the event relay and the WatchCampaign hub as asyncio tasks.
 
 The unary handlers are plain functions run on the RPC thread pool (grpc.aio's migration pool);
 WatchCampaign is a coroutine on the event loop, so a thousand watchers cost no thread.
@@ -36,12 +36,14 @@ from campaign_service.rpc_pool import ElasticThreadPool
 from campaign_service.servicers import audit as audit_servicer
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
+from campaign_service.servicers import credits as credits_servicer
 from campaign_service.servicers import webhooks as webhooks_servicer
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import (
     audit_service_pb2,
     campaign_service_pb2,
     chip_service_pb2,
+    credit_service_pb2,
     delivery_service_pb2,
     webhook_service_pb2,
 )
@@ -67,6 +69,7 @@ SERVICE_NAMES = (
     chip_service_pb2.DESCRIPTOR.services_by_name["ChipService"].full_name,
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
 )
 DELIVERY_SERVICE = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
 
@@ -98,6 +101,7 @@ class App:
         chips_servicer.add_to_server(self.server, self.ops)
         webhooks_servicer.add_to_server(self.server, self.ops)
         audit_servicer.add_to_server(self.server, self.ops)
+        credits_servicer.add_to_server(self.server, self.ops)
         delivery_servicer.add_to_server(self.server, self.db, self.settings)
         names = [*SERVICE_NAMES, DELIVERY_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

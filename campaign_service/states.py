@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as res
 from whago.campaign.v1 import webhook_service_pb2 as wpb
@@ -64,3 +65,13 @@ class DeliveryState(IntEnum):
     PENDING = wpb.DELIVERY_STATE_PENDING
     DELIVERED = wpb.DELIVERY_STATE_DELIVERED
     FAILED = wpb.DELIVERY_STATE_FAILED
+
+
+class CreditKind(IntEnum):
+    """CreditTransactionKind: what a credit ledger entry does (credit_transactions.kind)."""
+
+    UNSPECIFIED = crs.CREDIT_TRANSACTION_KIND_UNSPECIFIED
+    GRANT = crs.CREDIT_TRANSACTION_KIND_GRANT
+    RESERVE = crs.CREDIT_TRANSACTION_KIND_RESERVE
+    CONSUME = crs.CREDIT_TRANSACTION_KIND_CONSUME
+    RELEASE = crs.CREDIT_TRANSACTION_KIND_RELEASE

@@ -2,7 +2,8 @@
 
 The domain tests talk to the real PostgreSQL of the session (`postgres` fixture) through
 `campaign_service.db.engine.Database`, inserting users, chips, campaigns, contacts and messages
-the way Start leaves them (RUNNING, one message per contact, chips round-robin)."""
+the way Start leaves them (RUNNING, one message per contact, chips round-robin, one credit reserved
+per message through the ledger)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy import insert, text
 from campaign_service.db.engine import Database
 from campaign_service.db.migrate import upgrade
 from campaign_service.db.models import Campaign, Chip, Contact, Message, User
+from campaign_service.repository import credits
 from devstack.servers import Postgres
 
 RUNNING, PAUSED = 3, 4
@@ -80,8 +82,10 @@ class World:
 def make_user(db: Database, webhook_url: str | None = None) -> uuid.UUID:
     uid = uuid.uuid4()
     with db.transaction() as s:
-        s.add(User(id=uid, name=f"u-{secrets.token_hex(3)}", api_key_hash=secrets.token_hex(32), credits=10**6,
+        s.add(User(id=uid, name=f"u-{secrets.token_hex(3)}", api_key_hash=secrets.token_hex(32),
                    webhook_url=webhook_url))
+        s.flush()
+        credits.grant(s, uid, 10**6, "test credits")
     return uid
 
 
@@ -121,6 +125,7 @@ def make_world(db: Database, *, contacts: int = 10, chips: int = 3, state: int =
                        ct.row_no % :t
                 FROM campaign_contacts ct WHERE ct.campaign_id = :cid"""),
                 {"cid": str(camp), "chips": [str(c) for c in chip_ids], "n": chips, "t": len(templates)})
+            credits.reserve(s, uid, camp, contacts, "test start")
         ids = [r[0] for r in s.execute(text(
             "SELECT id FROM campaign_messages WHERE campaign_id = :cid ORDER BY seq"), {"cid": str(camp)})]
     return World(uid, camp, chip_ids, ids, phones)

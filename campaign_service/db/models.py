@@ -43,7 +43,10 @@ class User(Base):
     name: Mapped[str] = mapped_column(Text, nullable=False)
     # sha256 hex of the API key; keys are random 32-byte tokens, so a fast hash is enough.
     api_key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    # Credit balance, denormalised from credit_transactions (repository/credits.py writes both in one
+    # transaction): credits = available, credits_reserved = held by messages not yet final.
     credits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    credits_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
 
@@ -279,6 +282,27 @@ class WebhookAttempt(Base):
     status_code: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     latency_ms: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     error: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+
+
+class CreditTransaction(Base):
+    """The credit ledger (migration 0006): one row per operation (a Start's RESERVE, a report batch's
+    CONSUME and RELEASE, a Cancel's RELEASE, an operator's GRANT), never one per message. kind holds
+    CreditTransactionKind numbers. No FK to campaigns: entries outlive a deleted campaign."""
+
+    __tablename__ = "credit_transactions"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), nullable=False)
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    kind: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        Index("ix_credit_tx_user", "user_id", text("id DESC")),
+        Index("ix_credit_tx_campaign", "campaign_id", text("id DESC"),
+              postgresql_where=text("campaign_id IS NOT NULL")),
+    )
 
 
 class IdempotencyKey(Base):

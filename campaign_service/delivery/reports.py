@@ -16,11 +16,17 @@ Transitions (anything else is ignored, so late or duplicate reports are harmless
 | READ        | not READ                          | READ      | sent_at if missing                        |
 
 RELEASED after the lease expired is ignored: the message may already be re-leased by another lane
-(reports carry no lease owner), and an expired lease is re-leased anyway."""
+(reports carry no lease owner), and an expired lease is re-leased anyway.
+
+Credits (repository/credits.py), in the same transaction, from each message's first and last state
+in the call: not final -> SENT/DELIVERED/READ consumes its reservation, not final -> FAILED/SKIPPED
+releases it (one CONSUME and one RELEASE ledger row per call at most); FAILED/SKIPPED -> sent
+(a late truth) is charged again, as far as the available credits go."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -43,6 +49,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
+from campaign_service.repository import credits as credits_repo
 from campaign_service.states import MessageState as M
 from campaign_service.states import Outcome as O
 
@@ -69,9 +76,9 @@ class ReportResult:
     applied: int
 
 
-_LOCK_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch FROM campaigns WHERE id = :cid "
+_LOCK_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, user_id FROM campaigns WHERE id = :cid "
                       "FOR NO KEY UPDATE")
-_READ_CAMPAIGN = text("SELECT state, dispatch_epoch FROM campaigns WHERE id = :cid")
+_READ_CAMPAIGN = text("SELECT state, dispatch_epoch, user_id FROM campaigns WHERE id = :cid")
 
 _APPLY = text(f"""
 WITH r AS (
@@ -180,6 +187,23 @@ def _max_failures(settings: dict[str, Any] | None) -> int:
         return 0
 
 
+_OPEN = frozenset({M.PENDING, M.SENDING})
+_PAID = frozenset({M.SENT, M.DELIVERED, M.READ})
+
+
+def _settle_credits(s: Session, user_id: uuid.UUID, cid: uuid.UUID, moves: Iterable[tuple[int, int]]) -> None:
+    sent = failed = skipped = late = 0
+    for old, new in moves:
+        if old in _OPEN:
+            sent += new in _PAID
+            failed += new == M.FAILED
+            skipped += new == M.SKIPPED
+        elif old in (M.FAILED, M.SKIPPED) and new in _PAID:
+            late += 1
+    if sent or failed or skipped or late:
+        credits_repo.settle(s, user_id, cid, sent=sent, failed=failed, skipped=skipped, late_sent=late)
+
+
 def report_deliveries(db: Database, campaign_id: str, reports: list[Report]) -> ReportResult:
     """Apply the reports in one transaction (with their events: progress, completion, auto-pause)."""
     cid = validate(campaign_id, reports)
@@ -203,6 +227,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
         raise errors.NotFound("campaign", campaign_id)
     state, epoch = camp.state, camp.dispatch_epoch
     changed: list[tuple[int, int]] = []
+    first_last: dict[int, tuple[int, int]] = {}  # message id -> (state before the call, state after)
     for batch in _rounds(reports):
         rows = s.execute(_APPLY, {
             **params,
@@ -213,6 +238,9 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
             "times": arrays.literal([r.time for r in batch]),
         }).all()
         changed += [(row.old_state, row.new_state) for row in rows]
+        for row in rows:
+            first_last[row.id] = (first_last.get(row.id, (row.old_state, 0))[0], row.new_state)
+    _settle_credits(s, camp.user_id, cid, first_last.values())
     deltas = counter_deltas(changed)
     if any(deltas.values()):
         row = s.execute(_counters_sql(deltas), {**params, **deltas}).one()

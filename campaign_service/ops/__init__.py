@@ -16,6 +16,7 @@ from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.ops.campaigns import CampaignCrud
 from campaign_service.ops.chips import ChipOps
 from campaign_service.ops.contacts import ContactOps
+from campaign_service.ops.credits import CreditOps
 from campaign_service.ops.media import MediaOps
 from campaign_service.ops.watch import WatchOps
 from campaign_service.ops.webhooks import WebhookOps
@@ -33,9 +34,10 @@ class Operations:
     webhooks: WebhookOps
     audit: AuditOps
     watch: WatchOps
+    credits: CreditOps
 
     @classmethod
     def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient) -> Operations:
         deps = (db, settings, dispatcher)
         return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps),
-                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps))
+                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps), CreditOps(*deps))

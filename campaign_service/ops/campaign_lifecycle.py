@@ -9,7 +9,7 @@ Lifecycle operations lock the campaign row (SELECT ... FOR UPDATE), check the tr
 - Start and Resume commit first and then call StartDispatch: lanes lease messages as soon as
   they exist, and must see the committed RUNNING state and messages (a lane that leased before
   our commit would see DRAFT and stop). If StartDispatch fails, a compensating transaction puts
-  the campaign back exactly as it was (messages removed, credits refunded, same version), and
+  the campaign back exactly as it was (messages removed, reservation released, same version), and
   the bumped epoch fences any lane the dispatcher might still have enqueued.
 
 Mutating operations take an optional Idem (AIP-155): the response bytes are stored in the same
@@ -32,9 +32,9 @@ from campaign_service.ops.base import OpsBase, utcnow
 from campaign_service.ops.inputs import CANCEL_REASON, Idem, Replayed
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import chips as chips_repo
+from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import idempotency
 from campaign_service.repository import messages as messages_repo
-from campaign_service.repository import users as users_repo
 from campaign_service.states import ChipState
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -52,8 +52,9 @@ class CampaignLifecycle(OpsBase):
 
     def start_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
                        ) -> Campaign | Replayed:
-        """DRAFT/SCHEDULED -> RUNNING: debit credits, create one message per contact (round-robin over
-        the usable chips, one statement), commit, then StartDispatch (compensated if it fails)."""
+        """DRAFT/SCHEDULED -> RUNNING: create one message per contact (round-robin over the usable
+        chips, one statement), reserve one credit per message (one RESERVE ledger entry), commit,
+        then StartDispatch (compensated if it fails)."""
         cid = parse_uuid(campaign_id, "campaign_id")
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
@@ -74,16 +75,18 @@ class CampaignLifecycle(OpsBase):
                     {"campaign_id": str(cid)})
             settings = convert.settings_from_json(c.settings)
             lanes = self._lanes(chips, settings)
-            need = c.total_contacts
-            if users_repo.debit(s, user_id, need) is None:
-                have = users_repo.balance(s, user_id)
-                raise errors.FailedPrecondition(
-                    "INSUFFICIENT_CREDITS", f"starting needs {need} credits, the account has {have}",
-                    {"required": str(need), "available": str(have)})
+            # A cheap early refusal; the reservation below (after the messages exist, so the users
+            # row stays locked only until commit) is the exact check under concurrent Starts.
+            have = credits_repo.balance(s, user_id)
+            if have is None or have.available < c.total_contacts:
+                raise _insufficient(c.total_contacts, have.available if have else 0)
             created = messages_repo.create_for_start(s, cid, [ch.id for ch in chips], len(templates),
                                                      settings.shuffle_contacts)
-            if created != need:  # counters drifted: trust the rows, charge what was created
-                users_repo.credit(s, user_id, need - created)
+            # One credit per message created (the rows, not the counter, are the truth).
+            if credits_repo.reserve(s, user_id, cid, created, f"start of campaign '{c.name}': {created} message(s)"
+                                    ) is None:
+                now = credits_repo.balance(s, user_id)
+                raise _insufficient(created, now.available if now else 0)
             before = _Snapshot.of(c)
             c.state = int(State.RUNNING)
             c.state_reason = ""
@@ -115,8 +118,10 @@ class CampaignLifecycle(OpsBase):
             c = self._campaign(s, user_id, cid, lock=True)
             if c.state != State.RUNNING or c.dispatch_epoch != epoch:
                 return
+            unsent = messages_repo.count_open(s, cid)  # all of them, unless a fenced lane raced us
             messages_repo.delete_all(s, cid)
-            users_repo.credit(s, user_id, created)
+            credits_repo.release(s, user_id, cid, unsent, "start reverted (dispatcher unavailable): "
+                                 f"{unsent} message(s) removed")
             before.restore(c)
             s.flush()
             self._campaign_changed(s, c, action="campaign.start_reverted", event=outbox.CAMPAIGN_REVERTED,
@@ -211,7 +216,8 @@ class CampaignLifecycle(OpsBase):
     def cancel_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
                         ) -> Campaign | Replayed:
         """The seed's Cancel: CancelDispatch (the job-cancel RPC), PENDING/SENDING/FAILED -> FAILED with
-        "cancelled by user" in one statement, refund of unsent messages, completed_at, CANCELLED."""
+        "cancelled by user" in one statement, release of the unsent messages' credits (one RELEASE
+        ledger entry), completed_at, CANCELLED."""
         cid = parse_uuid(campaign_id, "campaign_id")
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
@@ -227,8 +233,8 @@ class CampaignLifecycle(OpsBase):
                 revoked, aborted = outcome.revoked_jobs, outcome.aborted_jobs
                 log.info("dispatch jobs revoked for campaign %s (revoked=%d, aborted=%d)", cid, revoked, aborted)
             failed = messages_repo.fail_open(s, cid, CANCEL_REASON)
-            if failed.were_open:
-                users_repo.credit(s, user_id, failed.were_open)
+            credits_repo.release(s, user_id, cid, failed.were_open,
+                                 f"campaign '{c.name}' cancelled: {failed.were_open} message(s) not sent")
             c.failed_count += failed.were_open
             c.pending_count = 0
             c.state = int(State.CANCELLED)
@@ -256,6 +262,12 @@ class CampaignLifecycle(OpsBase):
         with auth.acting_as(audit.SCHEDULER):
             out = self.start_campaign(c.user_id, str(campaign_id))
         return out if isinstance(out, Campaign) else None
+
+
+def _insufficient(need: int, have: int) -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(
+        "INSUFFICIENT_CREDITS", f"starting needs {need} credits, the account has {have} available",
+        {"required": str(need), "available": str(have)})
 
 
 @dataclass(frozen=True)

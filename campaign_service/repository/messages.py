@@ -31,7 +31,7 @@ def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequenc
 @dataclass(frozen=True)
 class CancelResult:
     failed: int  # rows now FAILED by the cancel (incl. those already FAILED)
-    were_open: int  # of which PENDING or SENDING before (never sent: refunded)
+    were_open: int  # of which PENDING or SENDING before (never sent: their credits are released)
 
 
 def fail_open(session: Session, campaign_id: uuid.UUID, reason: str) -> CancelResult:
@@ -41,15 +41,20 @@ def fail_open(session: Session, campaign_id: uuid.UUID, reason: str) -> CancelRe
     which moves no state) wait: the count and the update see the same rows. Two single-table
     statements rather than an UPDATE joined to a locking subquery of the same table, which the
     planner turned into a rescan per row (minutes) when the table's statistics were stale."""
-    were_open = session.execute(text(
-        f"SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
-        {"c": campaign_id}).scalar_one()
+    were_open = count_open(session, campaign_id)
     failed = session.execute(text(
         f"UPDATE campaign_messages SET state = {M.FAILED:d}, failure_reason = :r, lease_owner = NULL,"
         " lease_expires_at = NULL, updated_at = now() WHERE campaign_id = :c"
         f" AND state IN ({M.PENDING:d}, {M.SENDING:d}, {M.FAILED:d})"),
         {"c": campaign_id, "r": reason}).rowcount  # type: ignore[attr-defined]
     return CancelResult(int(failed), int(were_open))
+
+
+def count_open(session: Session, campaign_id: uuid.UUID) -> int:
+    """PENDING and SENDING messages of the campaign (those holding a credit reservation)."""
+    return int(session.execute(text(
+        f"SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
+        {"c": campaign_id}).scalar_one())
 
 
 def delete_all(session: Session, campaign_id: uuid.UUID) -> int:

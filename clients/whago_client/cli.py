@@ -1,4 +1,4 @@
-"""Operator CLI: `python -m whago_client campaigns list`, `... campaigns watch ID`, etc.
+"""Operator CLI: `python -m whago_client campaigns list`, `... campaigns watch ID`, `... credits`, etc.
 
 Human-readable tables by default, `--json` for scripts. Failures print
 `error: <CODE>: <message>` (plus one `  field: description` line per field violation) on
@@ -30,10 +30,12 @@ from whago_client.commands import (
     cmd_chips_get,
     cmd_chips_list,
     cmd_chips_register,
+    cmd_credits_balance,
+    cmd_credits_transactions,
     lifecycle,
 )
 from whago_client.errors import WhagoError
-from whago_client.inputs import campaign_state, message_state
+from whago_client.inputs import campaign_state, credit_kind, message_state
 
 __all__ = ["build_parser", "main"]
 
@@ -175,12 +177,26 @@ def _add_chips(hsub: Subparsers) -> None:
     _leaf(hsub, "delete", cmd_chips_delete, "delete a chip").add_argument("id")
 
 
+def _add_credits(groups: Subparsers) -> None:
+    p = groups.add_parser("credits", help="your credit balance (and, with `transactions`, the ledger)",
+                          description="your credit balance: available and reserved by unsent messages")
+    _add_common(p, suppress=True)
+    p.set_defaults(func=cmd_credits_balance)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _leaf(sub, "balance", cmd_credits_balance, "available and reserved credits")
+    t = _leaf(sub, "transactions", cmd_credits_transactions, "the credit ledger, newest first")
+    t.add_argument("--campaign", help="only the entries of this campaign")
+    t.add_argument("--kind", type=_state_arg(credit_kind), help="only GRANT, RESERVE, CONSUME or RELEASE")
+    t.add_argument("--limit", type=int, help="stop after N entries")
+    t.add_argument("--page-size", type=int, default=100, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m whago_client", description="WHAGO campaigns operator CLI."
     )
     _add_common(parser, suppress=False)
-    groups = parser.add_subparsers(dest="group", metavar="{campaigns,chips}", required=True)
+    groups = parser.add_subparsers(dest="group", metavar="{campaigns,chips,credits}", required=True)
     camp = groups.add_parser("campaigns", help="campaigns and their contacts and messages")
     csub = camp.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_campaign_crud(csub)
@@ -188,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_campaign_data(csub)
     chips = groups.add_parser("chips", help="your WhatsApp numbers (WAHA sessions)")
     _add_chips(chips.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    _add_credits(groups)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Synchronous Python client for the WHAGO CampaignService and ChipService.
+"""Synchronous Python client for the WHAGO CampaignService, ChipService and CreditService.
 
 Methods take plain Python arguments and return the protobuf resources (`Campaign`, `Chip`,
 ...). Every call carries the API key and a deadline, failed calls raise a typed
@@ -31,6 +31,12 @@ from whago.campaign.v1 import (
     chip_service_pb2_grpc as chs_grpc,
 )
 from whago.campaign.v1 import (
+    credit_service_pb2 as crs,
+)
+from whago.campaign.v1 import (
+    credit_service_pb2_grpc as crs_grpc,
+)
+from whago.campaign.v1 import (
     resources_pb2 as res,
 )
 from whago_client.errors import (
@@ -43,9 +49,11 @@ from whago_client.inputs import (
     FINAL_CAMPAIGN_STATES,
     CampaignStateLike,
     ContactRow,
+    CreditKindLike,
     MessageStateLike,
     RequestGuard,
     campaign_state,
+    credit_kind,
     import_requests,
     message_state,
     to_template,
@@ -72,7 +80,7 @@ T = TypeVar("T")
 
 
 class WhagoClient:
-    """Client for CampaignService and ChipService.
+    """Client for CampaignService, ChipService and CreditService.
 
     >>> with WhagoClient("127.0.0.1:50051", api_key="...") as client:
     ...     c = client.create_campaign("Promo", templates=["Hi {{name}}!"])
@@ -121,6 +129,7 @@ class WhagoClient:
         self.channel: grpc.Channel = channel
         self._campaigns = cs_grpc.CampaignServiceStub(channel)
         self._chips = chs_grpc.ChipServiceStub(channel)
+        self._credits = crs_grpc.CreditServiceStub(channel)
         self._sleep: Callable[[float], None] = time.sleep  # wait_for_state's polls
 
     # -- lifecycle of the client
@@ -473,3 +482,30 @@ class WhagoClient:
         delete that succeeded."""
         req = chs.DeleteChipRequest(chip_id=chip_id)
         self._call(self._chips.DeleteChip, req, timeout=timeout)
+
+    # -- credits
+
+    def get_credit_balance(self, *, timeout: float | None = None) -> crs.CreditBalance:
+        """The caller's credits: `available` (what a Start can reserve) and `reserved` (held by
+        messages not yet sent, failed or skipped)."""
+        return self._call(self._credits.GetCreditBalance, crs.GetCreditBalanceRequest(), timeout=timeout)
+
+    def list_credit_transactions(
+        self,
+        *,
+        campaign_id: str = "",
+        kind: CreditKindLike | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> Pager[crs.CreditTransaction]:
+        """The caller's credit ledger, newest first; optionally one campaign's entries, or one
+        kind's ("GRANT", "RESERVE", "CONSUME", "RELEASE")."""
+        kind_value = credit_kind(kind) if kind is not None else crs.CREDIT_TRANSACTION_KIND_UNSPECIFIED
+
+        def fetch(token: str) -> tuple[Sequence[crs.CreditTransaction], str]:
+            req = crs.ListCreditTransactionsRequest(page_size=page_size, page_token=token,
+                                                    campaign_id=campaign_id, kind=kind_value)
+            resp = self._call(self._credits.ListCreditTransactions, req, timeout=timeout)
+            return resp.transactions, resp.next_page_token
+
+        return Pager(fetch)

@@ -11,12 +11,14 @@ from datetime import datetime
 from google.protobuf.message import Message
 
 from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
 from whago_client.client import WhagoClient
 from whago_client.inputs import FINAL_CAMPAIGN_STATES, read_contacts_csv
 from whago_client.output import (
     campaign_state_name,
     chip_state_name,
+    credit_kind_name,
     message_state_name,
     print_campaign,
     print_chip,
@@ -261,4 +263,28 @@ def cmd_chips_delete(client: WhagoClient, args: argparse.Namespace) -> int:
         print(json.dumps({"deleted": args.id}), file=stdout())
     else:
         print(f"deleted chip {args.id}", file=stdout())
+    return 0
+
+
+def cmd_credits_balance(client: WhagoClient, args: argparse.Namespace) -> int:
+    b = client.get_credit_balance()
+    if args.json:
+        print_json(b)
+    else:
+        print_table(["AVAILABLE", "RESERVED"], [[b.available, b.reserved]])
+    return 0
+
+
+def cmd_credits_transactions(client: WhagoClient, args: argparse.Namespace) -> int:
+    pager = client.list_credit_transactions(campaign_id=args.campaign or "", kind=args.kind,
+                                            page_size=args.page_size)
+    items: Iterable[crs.CreditTransaction] = itertools.islice(pager, args.limit) if args.limit else pager
+    if args.json:
+        print_json_list(items)
+        return 0
+    print_table(
+        ["ID", "TIME", "KIND", "AMOUNT", "CAMPAIGN", "DESCRIPTION"],
+        ([t.id, when(t, "create_time"), credit_kind_name(t.kind), t.amount, t.campaign_id, t.description]
+         for t in items),
+    )
     return 0

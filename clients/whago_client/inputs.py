@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
 
 T = TypeVar("T")
@@ -29,6 +30,7 @@ FINAL_CAMPAIGN_STATES: frozenset[res.CampaignState.ValueType] = frozenset(
 ContactRow: TypeAlias = cs.ContactInput | Mapping[str, object] | str
 CampaignStateLike: TypeAlias = int | str
 MessageStateLike: TypeAlias = int | str
+CreditKindLike: TypeAlias = int | str
 
 
 
@@ -62,6 +64,13 @@ def message_state(value: MessageStateLike) -> res.MessageState.ValueType:
     """`MessageState` from a value or a name such as "FAILED" or "MESSAGE_STATE_FAILED"."""
     return res.MessageState.ValueType(
         _enum_value(res.MessageState, "MESSAGE_STATE_", value, "message state")
+    )
+
+
+def credit_kind(value: CreditKindLike) -> crs.CreditTransactionKind.ValueType:
+    """`CreditTransactionKind` from a value or a name such as "RELEASE" or "CREDIT_TRANSACTION_KIND_RELEASE"."""
+    return crs.CreditTransactionKind.ValueType(
+        _enum_value(crs.CreditTransactionKind, "CREDIT_TRANSACTION_KIND_", value, "credit transaction kind")
     )
 
 

@@ -12,6 +12,7 @@ from typing import TextIO
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
 
 #: Rows buffered to size table columns before streaming the rest with the same widths.
@@ -83,6 +84,10 @@ def message_state_name(value: int) -> str:
 
 def chip_state_name(value: int) -> str:
     return state_name(res.ChipState, value, "CHIP_STATE_")
+
+
+def credit_kind_name(value: int) -> str:
+    return state_name(crs.CreditTransactionKind, value, "CREDIT_TRANSACTION_KIND_")
 
 
 def when(msg: Message, field: str) -> str:

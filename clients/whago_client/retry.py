@@ -14,7 +14,8 @@ GRPC_MAX_ATTEMPTS = 5
 # Every other method is a read or carries a request_id (AIP-155).
 NOT_RETRIED = (("whago.campaign.v1.ChipService", "DeleteChip"),
                ("whago.campaign.v1.CampaignService", "ImportContacts"))
-RETRIED_SERVICES = ("whago.campaign.v1.CampaignService", "whago.campaign.v1.ChipService")
+RETRIED_SERVICES = ("whago.campaign.v1.CampaignService", "whago.campaign.v1.ChipService",
+                    "whago.campaign.v1.CreditService")
 
 
 @dataclass(frozen=True)
