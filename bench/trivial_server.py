@@ -1,6 +1,7 @@
 """Baseline of figure 5: a trivial grpcio unary servicer with campaign_service's server model
-(grpc.server on campaign_service's ElasticThreadPool, with the same CAMPAIGN_CORE_WORKERS and
-CAMPAIGN_MAX_WORKERS). GetCampaign answers a constant Campaign of the same shape, without auth,
+(grpc.aio.server running plain-function handlers on campaign_service's ElasticThreadPool as
+its migration pool, with the same CAMPAIGN_CORE_WORKERS and CAMPAIGN_MAX_WORKERS). GetCampaign
+answers a constant Campaign of the same shape, without auth,
 database or logging.
 
     python -m bench.trivial_server --port P [--core-workers N] [--max-workers N]
@@ -9,8 +10,8 @@ database or logging.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
-import threading
 
 import grpc
 
@@ -37,6 +38,24 @@ class Trivial:
         return self.campaign
 
 
+async def serve(port: int, core_workers: int, max_workers: int) -> None:
+    server = grpc.aio.server(migration_thread_pool=ElasticThreadPool(core_workers, max_workers))
+    servicer = Trivial()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("whago.campaign.v1.CampaignService", {
+        "GetCampaign": grpc.unary_unary_rpc_method_handler(
+            servicer.GetCampaign, request_deserializer=cs.GetCampaignRequest.FromString,
+            response_serializer=res.Campaign.SerializeToString),
+    }),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    await server.stop(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -44,20 +63,7 @@ def main() -> None:
     ap.add_argument("--max-workers", type=int, default=settings.max_workers)
     ap.add_argument("--core-workers", type=int, default=settings.core_workers)
     a = ap.parse_args()
-    server = grpc.server(ElasticThreadPool(a.core_workers, a.max_workers))
-    servicer = Trivial()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("whago.campaign.v1.CampaignService", {
-        "GetCampaign": grpc.unary_unary_rpc_method_handler(
-            servicer.GetCampaign, request_deserializer=cs.GetCampaignRequest.FromString,
-            response_serializer=res.Campaign.SerializeToString),
-    }),))
-    server.add_insecure_port(f"127.0.0.1:{a.port}")
-    server.start()
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    server.stop(2).wait()
+    asyncio.run(serve(a.port, a.core_workers, a.max_workers))
 
 
 if __name__ == "__main__":

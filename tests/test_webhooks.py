@@ -229,8 +229,10 @@ def test_redis_status_channels_keep_working(api: Ops, sandbox_url: str, stack_en
             seen.append(json.loads(msg["data"]))
         return any(d["state"] == "COMPLETED" for d in seen)
     wait_for(got_completed, 20, lambda: f"no COMPLETED on the status channel: {seen}")
-    assert seen[0]["event"] == "campaign.status" and seen[0]["campaign_id"] == camp.id
-    assert seen[0]["type"] == "campaign.started" and seen[0]["state"] == "RUNNING"
+    assert all(d["event"] == "campaign.status" and d["campaign_id"] == camp.id for d in seen)
+    started = [d for d in seen if d["type"] == "campaign.started"]
+    assert started and started[0]["state"] == "RUNNING"
+    assert [d["seq"] for d in seen] == sorted(d["seq"] for d in seen)
 
 
 def test_watch_campaign_snapshot_events_and_resume(api: Ops, sandbox_url: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from bench.core import Ctx
 from bench.figures.data import fig_delete, fig_import, fig_million, fig_start
 from bench.figures.dispatch import fig_dispatch
+from bench.figures.events import fig_watch, fig_webhooks
 from bench.figures.lanes import fig_cancel, fig_lanes, fig_lease
 from bench.figures.reads import fig_get, fig_list
 
@@ -23,4 +24,6 @@ FIGURES: dict[str, Callable[[Ctx], None]] = {
     "lanes": fig_lanes,
     "million": fig_million,
     "lease": fig_lease,
+    "webhooks": fig_webhooks,
+    "watch": fig_watch,
 }

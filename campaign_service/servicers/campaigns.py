@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from campaign_service import auth, convert, errors, outbox
 from campaign_service.ops import Operations
 from campaign_service.ops.inputs import CampaignInput, DeleteResult, ImportChunk, mask_paths
 from campaign_service.ops.watch import Snapshot
+from campaign_service.relay.payloads import EventRow
 from campaign_service.servicers import idem, unwrap
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import campaign_service_pb2 as cs
@@ -47,6 +49,7 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
     def __init__(self, ops: Operations, hub: WatchHub) -> None:
         self.ops = ops
         self.hub = hub
+        self._responses: OrderedDict[int, cs.WatchCampaignResponse] = OrderedDict()  # event loop only
 
     def CreateCampaign(self, request: cs.CreateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         uid = auth.current_user_id()
@@ -165,6 +168,16 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         return cs.ListCampaignMediaResponse(media=[convert.media(m) for m in items])
 
 
+    def _event_response(self, ev: EventRow) -> cs.WatchCampaignResponse:
+        """One message per event for all its watchers (a thousand watchers: one conversion)."""
+        out = self._responses.get(ev.id)
+        if out is None:
+            out = cs.WatchCampaignResponse(event=convert.event(ev))
+            self._responses[ev.id] = out
+            if len(self._responses) > 1024:
+                self._responses.popitem(last=False)
+        return out
+
     async def WatchCampaign(self, request: cs.WatchCampaignRequest,
                             context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[cs.WatchCampaignResponse]:
         """Snapshot, then the campaign's events from the hub; a coroutine, so no thread per watcher."""
@@ -183,7 +196,7 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         try:
             while True:
                 ev = await watcher.next()
-                yield cs.WatchCampaignResponse(event=convert.event(ev))
+                yield self._event_response(ev)
                 if ev.type in outbox.FINAL_CAMPAIGN_EVENTS:
                     return
         finally:

@@ -1,4 +1,5 @@
-"""Synchronous Python client for the WHAGO CampaignService, ChipService and CreditService.
+"""Synchronous Python client for the WHAGO CampaignService, ChipService, CreditService,
+WebhookService and AuditService.
 
 Methods take plain Python arguments and return the protobuf resources (`Campaign`, `Chip`,
 ...). Every call carries the API key and a deadline, failed calls raise a typed
@@ -11,13 +12,19 @@ import mimetypes
 import os
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Self, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
 
+from whago.campaign.v1 import (
+    audit_service_pb2 as aud,
+)
+from whago.campaign.v1 import (
+    audit_service_pb2_grpc as aud_grpc,
+)
 from whago.campaign.v1 import (
     campaign_service_pb2 as cs,
 )
@@ -38,6 +45,9 @@ from whago.campaign.v1 import (
 )
 from whago.campaign.v1 import (
     resources_pb2 as res,
+)
+from whago.campaign.v1 import (
+    webhook_service_pb2_grpc as wh_grpc,
 )
 from whago_client.errors import (
     FailedPrecondition,
@@ -61,6 +71,8 @@ from whago_client.inputs import (
 )
 from whago_client.pager import Pager
 from whago_client.retry import RetryPolicy
+from whago_client.watch import watch_campaign
+from whago_client.webhooks import Webhooks, list_audit_events
 
 __all__ = ["DEFAULT_TARGET", "WhagoClient"]
 
@@ -130,6 +142,9 @@ class WhagoClient:
         self._campaigns = cs_grpc.CampaignServiceStub(channel)
         self._chips = chs_grpc.ChipServiceStub(channel)
         self._credits = crs_grpc.CreditServiceStub(channel)
+        self._audit = aud_grpc.AuditServiceStub(channel)
+        #: WebhookService: endpoints, secrets, deliveries (see whago_client.webhooks.Webhooks).
+        self.webhooks = Webhooks(wh_grpc.WebhookServiceStub(channel), self._call)
         self._sleep: Callable[[float], None] = time.sleep  # wait_for_state's polls
 
     # -- lifecycle of the client
@@ -435,6 +450,20 @@ class WhagoClient:
                     last=campaign,
                 )
             self._sleep(poll)
+
+    def watch(self, campaign_id: str, *, after_seq: int = 0, timeout: float | None = None
+              ) -> Iterator[cs.WatchCampaignResponse]:
+        """WatchCampaign as an iterator: a snapshot, then every event of the campaign until it is
+        final. Reconnects on UNAVAILABLE from the last event seen (a new snapshot comes first);
+        `timeout=None` watches as long as the campaign runs."""
+        return watch_campaign(self._campaigns, self._metadata, campaign_id, after_seq=after_seq, timeout=timeout)
+
+    def list_audit_events(self, *, entity_type: str = "", entity_id: str = "", action: str = "",
+                          start: datetime | None = None, end: datetime | None = None, page_size: int = 100,
+                          timeout: float | None = None) -> Pager[aud.AuditEvent]:
+        """The audit trail, newest first (entity_type: campaign, chip or webhook)."""
+        return list_audit_events(self._audit, self._call, entity_type=entity_type, entity_id=entity_id,
+                                 action=action, start=start, end=end, page_size=page_size, timeout=timeout)
 
     # -- chips
 

@@ -14,8 +14,9 @@ from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
 from whago_client.client import WhagoClient
-from whago_client.inputs import FINAL_CAMPAIGN_STATES, read_contacts_csv
+from whago_client.inputs import read_contacts_csv
 from whago_client.output import (
+    ProgressBar,
     campaign_state_name,
     chip_state_name,
     credit_kind_name,
@@ -25,7 +26,7 @@ from whago_client.output import (
     print_json,
     print_json_list,
     print_table,
-    progress_line,
+    progress_line_from,
     stdout,
     to_dict,
     when,
@@ -188,19 +189,36 @@ def cmd_campaigns_messages(client: WhagoClient, args: argparse.Namespace) -> int
 
 
 def cmd_campaigns_watch(client: WhagoClient, args: argparse.Namespace) -> int:
+    """Follows WatchCampaign (no polling): a live progress bar on a terminal, one line (or JSON
+    document) per change otherwise."""
     out = stdout()
-
-    def show(c: res.Campaign) -> None:
-        if args.json:
-            print(json.dumps(to_dict(c), ensure_ascii=False), file=out, flush=True)
-        else:
-            print(progress_line(c), file=out, flush=True)
-
-    final = client.wait_for_state(
-        args.id, tuple(FINAL_CAMPAIGN_STATES), timeout=args.max_wait, poll=args.interval, on_change=show
-    )
+    bar = ProgressBar(out) if not args.json and out.isatty() else None
+    state = ""
+    try:
+        for msg in client.watch(args.id, timeout=args.max_wait):
+            if msg.WhichOneof("kind") == "snapshot":
+                c = msg.snapshot.campaign
+                state = campaign_state_name(c.state)
+                counts = {k: getattr(c, k) for k in ("total_contacts", "pending_count", "sent_count",
+                                                     "failed_count", "skipped_count")}
+                doc: dict[str, object] = {"snapshot": to_dict(msg.snapshot)}
+            else:
+                data = dict(msg.event.data)
+                state = str(data.get("state", state))
+                counts = {k: int(v) for k, v in data.items()  # type: ignore[arg-type]
+                          if k.endswith("_count") or k == "total_contacts"}
+                doc = {"event": to_dict(msg.event)}
+            if args.json:
+                print(json.dumps(doc, ensure_ascii=False), file=out, flush=True)
+            elif bar is not None:
+                bar.update(state, counts)
+            else:
+                print(progress_line_from(state, counts), file=out, flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
     if not args.json:
-        print(f"campaign {final.id or args.id} is {campaign_state_name(final.state)}", file=out)
+        print(f"campaign {args.id} is {state}", file=out)
     return 0
 
 

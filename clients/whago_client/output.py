@@ -11,6 +11,8 @@ from typing import TextIO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
@@ -146,12 +148,37 @@ def print_chip(ch: res.Chip) -> None:
             print(f"{key + ':':<13}{value}", file=out)
 
 
-def progress_line(c: res.Campaign) -> str:
-    done = c.total_contacts - c.pending_count if c.state != res.CAMPAIGN_STATE_DRAFT else 0
-    pct = f" {100 * done / c.total_contacts:.0f}%" if c.total_contacts else ""
+def progress_line_from(state: str, counts: dict[str, int]) -> str:
+    """One line of progress from a state name and the counters of a snapshot or event."""
+    total, pending = counts.get("total_contacts", 0), counts.get("pending_count", 0)
+    done = total - pending if state != "DRAFT" else 0
+    pct = f" {100 * done / total:.0f}%" if total else ""
     now = datetime.now().strftime("%H:%M:%S")
-    return (
-        f"{now} {campaign_state_name(c.state):<9} pending={c.pending_count} sent={c.sent_count} "
-        f"delivered={c.delivered_count} read={c.read_count} failed={c.failed_count} "
-        f"skipped={c.skipped_count} ({done}/{c.total_contacts}{pct})"
-    )
+    return (f"{now} {state:<9} pending={pending} sent={counts.get('sent_count', 0)} "
+            f"failed={counts.get('failed_count', 0)} skipped={counts.get('skipped_count', 0)} ({done}/{total}{pct})")
+
+
+class ProgressBar:
+    """A live terminal bar (rich): sent / failed / pending, rate and ETA, for `campaigns watch`."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.fields[state]:<9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("sent {task.fields[sent]}  failed {task.fields[failed]}  pending {task.fields[pending]}"),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+            console=Console(file=out), transient=False)
+        self._task = self._progress.add_task("campaign", total=None, state="", sent=0, failed=0, pending=0, rate="")
+        self._progress.start()
+
+    def update(self, state: str, counts: dict[str, int]) -> None:
+        total = counts.get("total_contacts") or None
+        pending = counts.get("pending_count", 0)
+        done = (total or 0) - pending if total else 0
+        task = self._progress.tasks[0]
+        rate = f"{task.speed:.1f} msg/s" if task.speed else ""
+        self._progress.update(self._task, total=total, completed=done, state=state,
+                              sent=counts.get("sent_count", 0), failed=counts.get("failed_count", 0),
+                              pending=pending, rate=rate)
+
+    def close(self) -> None:
+        self._progress.stop()
