@@ -24,6 +24,7 @@ from devstack.servers import Postgres
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
 from tests.helpers import Ops, wait_for
 from tests.receiver import Receiver
+from whago.campaign.v1 import resources_pb2 as res
 from whago.campaign.v1 import webhook_service_pb2 as wh
 
 
@@ -58,6 +59,7 @@ def test_every_event_delivered_signed_complete_and_in_order_through_crashes(
         time.sleep(1.5)
         receiver.start()
         api.wait(camps[0].id, lambda c: c.sent_count >= 25, 60)
+        assert api.get(camps[1].id).state == res.CAMPAIGN_STATE_RUNNING  # the crash is mid-campaign
         st.campaign.kill()  # SIGKILL: no drain; the relay dies mid-flight
         time.sleep(0.5)
         st.campaign.start()

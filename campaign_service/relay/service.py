@@ -39,6 +39,8 @@ class Relay:
         self._leading = False
         self._inflight: set[int] = set()
         self._deliveries: set[asyncio.Task[None]] = set()  # referenced until done
+        self._done: list[tuple[store.Due, store.Outcome]] = []  # attempted, not yet recorded
+        self._record_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
 
@@ -61,7 +63,8 @@ class Relay:
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout, connect=self.settings.webhook_timeout)
         self._http = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         self._tasks = [asyncio.create_task(self._fanout_loop(), name="relay-fanout"),
-                       asyncio.create_task(self._send_loop(), name="relay-send")]
+                       asyncio.create_task(self._send_loop(), name="relay-send"),
+                       asyncio.create_task(self._record_loop(), name="relay-record")]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -120,7 +123,9 @@ class Relay:
             wait = 1.0
             if not self._leading:
                 continue
-            room = self.settings.webhook_concurrency - len(self._inflight)
+            # Up to four times the connection limit in flight: the next batch is being sent (queued
+            # on the connector) while the last one is being recorded.
+            room = 4 * self.settings.webhook_concurrency - len(self._inflight)
             if room <= 0:
                 continue
             try:
@@ -139,15 +144,33 @@ class Relay:
     async def _deliver(self, d: store.Due) -> None:
         try:
             out = await self._attempt(d)
-            disabled = await self._db(store.record, self.db, d, out, self.settings.webhook_disable_after)
-            if disabled:
-                log.warning("webhook endpoint %s disabled after failing for %.0fs", d.endpoint_id,
-                            self.settings.webhook_disable_after)
-                self._fanout_wake.set()
-        except Exception as exc:  # not recorded: the delivery stays due and is tried again
-            log.warning("delivery %d not recorded: %s", d.delivery_id, exc)
-        finally:
+        except Exception as exc:  # a bug, not the receiver's doing: the delivery is tried again
+            log.exception("delivery %d not attempted: %s", d.delivery_id, exc)
             self._inflight.discard(d.delivery_id)
+            return
+        self._done.append((d, out))  # in flight until recorded, so it is not picked again meanwhile
+        self._record_wake.set()
+
+    async def _record_loop(self) -> None:
+        """Records finished attempts in batches: whatever finished while the last batch was being
+        written goes into the next transaction."""
+        while True:
+            await self._record_wake.wait()
+            self._record_wake.clear()
+            batch, self._done = self._done, []
+            if not batch:
+                continue
+            try:
+                disabled = await self._db(store.record, self.db, batch, self.settings.webhook_disable_after)
+                for e in disabled:
+                    log.warning("webhook endpoint %s disabled after failing for %.0fs", e,
+                                self.settings.webhook_disable_after)
+                if disabled:
+                    self._fanout_wake.set()
+            except Exception as exc:  # not recorded: those deliveries stay due and are tried again
+                log.warning("%d delivery attempts not recorded: %s", len(batch), exc)
+            for d, _ in batch:
+                self._inflight.discard(d.delivery_id)
             self._send_wake.set()
 
     async def _attempt(self, d: store.Due) -> store.Outcome:

@@ -96,41 +96,52 @@ class Outcome:
     retry_in: float | None  # seconds until the next try; None: no more tries
 
 
-_ATTEMPT = text("""
-    INSERT INTO webhook_attempts (delivery_id, status_code, latency_ms, error) VALUES (:d, :code, :ms, :err)""")
-_UPDATE = text("""
-    UPDATE webhook_deliveries SET state = :st, attempts = attempts + 1, last_status_code = :code,
-           last_error = :err, next_attempt_at = now() + make_interval(secs => :wait), updated_at = now()
-    WHERE id = :d AND state = :pending""")
+_RECORD = text(f"""
+    WITH r AS (
+        SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS smallint[]), CAST(:codes AS int[]),
+                             CAST(:errs AS text[]), CAST(:waits AS float8[]), CAST(:ms AS int[]))
+                      AS r(id, st, code, err, wait, ms)),
+    a AS (INSERT INTO webhook_attempts (delivery_id, status_code, latency_ms, error)
+          SELECT id, code, ms, err FROM r)
+    UPDATE webhook_deliveries d SET state = r.st, attempts = d.attempts + 1, last_status_code = r.code,
+           last_error = r.err, next_attempt_at = now() + make_interval(secs => r.wait), updated_at = now()
+    FROM r WHERE d.id = r.id AND d.state = {PENDING:d}""")
 _HEALTHY = text("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = :e AND failing_since IS NOT NULL")
 _FAILING = text("""
     UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()) WHERE id = :e
     RETURNING user_id, url, failing_since, enabled""")
 
 
-def record(db: Database, due_: Due, out: Outcome, disable_after: float) -> bool:
-    """Store one attempt and its consequence; True when the endpoint got disabled by it."""
-    if out.ok:
-        state, wait = DELIVERED, 0.0
-    elif out.retry_in is None:
-        state, wait = FAILED, 0.0
-    else:
-        state, wait = PENDING, out.retry_in
+def record(db: Database, done: Sequence[tuple[Due, Outcome]], disable_after: float) -> list[uuid.UUID]:
+    """Store a batch of attempts and their consequences in one transaction (one commit for many
+    deliveries: the commit is most of the cost of one). Returns the endpoints it disabled."""
+    disabled: list[uuid.UUID] = []
+    states, waits = [], []
+    for _, o in done:
+        if o.ok:
+            state, wait = DELIVERED, 0.0
+        elif o.retry_in is None:
+            state, wait = FAILED, 0.0
+        else:
+            state, wait = PENDING, o.retry_in
+        states.append(int(state))
+        waits.append(wait)
     with db.transaction() as s:
-        s.execute(_ATTEMPT, {"d": due_.delivery_id, "code": out.status_code, "ms": out.latency_ms,
-                             "err": out.error[:1000]})
-        s.execute(_UPDATE, {"st": int(state), "code": out.status_code, "err": out.error[:1000], "wait": wait,
-                            "d": due_.delivery_id, "pending": int(PENDING)})
-        if out.ok:
-            s.execute(_HEALTHY, {"e": due_.endpoint_id})
-            return False
-        ep = s.execute(_FAILING, {"e": due_.endpoint_id}).one_or_none()
-        if ep is None or not ep.enabled:
-            return False
-        if datetime.now(UTC) - ep.failing_since < timedelta(seconds=disable_after):
-            return False
-        disable(s, due_.endpoint_id, ep.user_id, f"every delivery failed since {ep.failing_since.isoformat()}")
-        return True
+        s.execute(_RECORD, {"ids": [d.delivery_id for d, _ in done], "states": states,
+                            "codes": [o.status_code for _, o in done], "errs": [o.error[:1000] for _, o in done],
+                            "waits": waits, "ms": [o.latency_ms for _, o in done]})
+        healthy = {d.endpoint_id for d, o in done if o.ok}
+        failing = {d.endpoint_id for d, o in done if not o.ok} - healthy
+        for e in sorted(healthy):
+            s.execute(_HEALTHY, {"e": e})
+        for e in sorted(failing):
+            ep = s.execute(_FAILING, {"e": e}).one_or_none()
+            if ep is None or not ep.enabled:
+                continue
+            if datetime.now(UTC) - ep.failing_since >= timedelta(seconds=disable_after):
+                disable(s, e, ep.user_id, f"every delivery failed since {ep.failing_since.isoformat()}")
+                disabled.append(e)
+    return disabled
 
 
 _DISABLE = text("""
