@@ -20,8 +20,9 @@ from standardwebhooks.webhooks import Webhook
 
 from campaign_service import admin
 from campaign_service.db.migrate import upgrade
-from devstack.servers import Postgres
-from tests.conftest import SANDBOX_API_KEY, IsolatedStack
+from devstack.procs import ServiceProcess
+from devstack.servers import Postgres, free_port
+from tests.conftest import SANDBOX_API_KEY, IsolatedStack, ready_channel
 from tests.helpers import Ops, wait_for
 from tests.receiver import Receiver
 from whago.campaign.v1 import resources_pb2 as res
@@ -99,3 +100,43 @@ def test_every_event_delivered_signed_complete_and_in_order_through_crashes(
         assert len(outbox) >= 8
     finally:
         receiver.stop()
+
+
+def test_two_replicas_relay_each_event_once_and_a_standby_takes_over(
+        postgres: Postgres, isolated_stack: Callable[..., IsolatedStack]) -> None:
+    """Two campaign_service processes on one database: one relays (advisory lock), so a receiver
+    that always answers 200 gets every event exactly once; SIGKILL the leader and the standby
+    delivers what comes next."""
+    postgres.create_database("whago_events_replicas")
+    url = postgres.url("whago_events_replicas")
+    upgrade(url)
+    st = isolated_stack("events-replicas", DATABASE_URL=url)
+    port = free_port()
+    second = ServiceProcess("events-replicas-campaign-2", "campaign_service.server", [],
+                            {**st.env, "CAMPAIGN_LISTEN": f"127.0.0.1:{port}"}, st.log_dir, port=port).start()
+    receiver = Receiver().start()
+    try:
+        key = new_user(url)
+        apis = [Ops(st.campaign_channel, key), Ops(ready_channel(port), key)]
+        eid = apis[0].webhooks.CreateWebhookEndpoint(wh.CreateWebhookEndpointRequest(endpoint=wh.WebhookEndpoint(
+            url=receiver.url, enabled=True)), metadata=apis[0].md).endpoint.endpoint_id
+        for i in range(20):  # half through each replica
+            apis[i % 2].webhooks.SendTestEvent(wh.SendTestEventRequest(endpoint_id=eid), metadata=apis[i % 2].md)
+        wait_for(lambda: len(receiver.delivered()) >= 20, 30, lambda: f"{len(receiver.delivered())} of 20")
+        time.sleep(1.0)  # room for a second delivery, should one be coming
+        ids = [r.headers["webhook-id"] for r in receiver.delivered()]
+        assert len(ids) == 20 and len(set(ids)) == 20  # each exactly once
+        logs = st.campaign.tail(400) + second.tail(400)
+        assert logs.count("relay leads") == 1, logs  # one leader for the two
+        leader, standby, standby_api = ((st.campaign, second, apis[1]) if "relay leads" in st.campaign.tail(400)
+                                        else (second, st.campaign, apis[0]))
+        leader.kill()
+        for _ in range(5):
+            standby_api.webhooks.SendTestEvent(wh.SendTestEventRequest(endpoint_id=eid), metadata=standby_api.md)
+        wait_for(lambda: len(receiver.delivered()) >= 25, 30, "the standby did not take over")
+        assert "relay leads" in standby.tail(400)
+        if leader is st.campaign:
+            st.campaign.start()  # the fixture stops it at the end
+    finally:
+        receiver.stop()
+        second.stop()
