@@ -19,6 +19,7 @@ from sqlalchemy import text
 from campaign_service import errors
 from campaign_service.db.engine import Database
 from campaign_service.relay.payloads import EventRow
+from campaign_service.wakeups import woken
 
 log = logging.getLogger("campaign_service.watch")
 
@@ -117,11 +118,7 @@ class WatchHub:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await woken(self._wake, 1.0)
             if not self._cursor:
                 continue
             try:

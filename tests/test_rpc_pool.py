@@ -123,8 +123,14 @@ def test_shutdown_runs_queued_work_or_cancels_it() -> None:
         pool.submit(lambda: None)
 
     pool = ElasticThreadPool(1, 1, stall_seconds=10)
-    release = threading.Event()
-    first = pool.submit(release.wait, 10)
+    release, started = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return release.wait(10)
+
+    first = pool.submit(hold)
+    assert started.wait(10)  # running, not still queued (shutdown would cancel it too)
     queued = [pool.submit(lambda: None) for _ in range(3)]
     threading.Timer(0.2, release.set).start()
     pool.shutdown(wait=True, cancel_futures=True)

@@ -4,10 +4,12 @@ the SSRF guard; secrets rotation; Redis status channels; WatchCampaign; the audi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import redis
@@ -16,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from campaign_service.urlguard import GuardedResolver, RefusedURL, URLGuard, parse_allowlist
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import Ops, wait_for
 from tests.receiver import Receiver
@@ -75,7 +78,8 @@ def test_campaign_events_arrive_signed_complete_and_in_order(api: Ops, sandbox_u
     seqs = [b["data"]["seq"] for b in mine]
     assert seqs == list(range(1, len(seqs) + 1)), seqs  # complete and in order
     types = [b["type"] for b in mine]
-    assert types[0] == "campaign.created" and types[-1] == "campaign.completed"
+    assert types[:2] == ["campaign.created", "campaign.updated"]  # created, contacts imported
+    assert types[-1] == "campaign.completed"
     assert "campaign.started" in types
     assert mine[-1]["data"]["sent_count"] == 15
     with pytest.raises(WebhookVerificationError):
@@ -242,13 +246,14 @@ def test_watch_campaign_snapshot_events_and_resume(api: Ops, sandbox_url: str) -
     stream = api.campaigns.WatchCampaign(cs.WatchCampaignRequest(campaign_id=camp.id), metadata=api.md, timeout=60)
     first = next(stream)
     assert first.WhichOneof("kind") == "snapshot"
-    assert first.snapshot.campaign.state == res.CAMPAIGN_STATE_DRAFT and first.snapshot.seq == 1  # created
+    assert first.snapshot.campaign.state == res.CAMPAIGN_STATE_DRAFT
+    assert first.snapshot.seq == 2  # created, contacts imported
     api.start(camp.id)
     events = [m.event for m in stream]  # ends by itself at the final event
     assert events[0].type == "campaign.started" and events[-1].type == "campaign.completed"
-    assert [e.seq for e in events] == list(range(2, 2 + len(events)))
+    assert [e.seq for e in events] == list(range(3, 3 + len(events)))
     assert events[-1].data["sent_count"] == 8
-    again = list(api.campaigns.WatchCampaign(cs.WatchCampaignRequest(campaign_id=camp.id, after_seq=2),
+    again = list(api.campaigns.WatchCampaign(cs.WatchCampaignRequest(campaign_id=camp.id, after_seq=3),
                                              metadata=api.md, timeout=30))
     assert again[0].snapshot.campaign.state == res.CAMPAIGN_STATE_COMPLETED
     assert [m.event.seq for m in again[1:]] == [e.seq for e in events[1:]]  # the resumed part, exactly
@@ -276,7 +281,7 @@ def test_audit_trail_lists_every_mutation_and_outlives_the_campaign(api: Ops, sa
     listed = api.audit.ListAuditEvents(aud.ListAuditEventsRequest(entity_type="campaign", entity_id=camp.id),
                                        metadata=api.md).audit_events
     assert [a.action for a in listed] == ["campaign.delete", "campaign.complete", "campaign.start",
-                                          "campaign.update", "campaign.create"]
+                                          "campaign.import_contacts", "campaign.update", "campaign.create"]
     by = {a.action: a for a in listed}
     assert by["campaign.delete"].actor.startswith("user:") and by["campaign.complete"].actor == "system:delivery"
     assert by["campaign.delete"].extra["campaign_name"] == "renamed"
@@ -295,3 +300,20 @@ def test_audit_trail_lists_every_mutation_and_outlives_the_campaign(api: Ops, sa
         with pytest.raises(grpc.RpcError) as e:
             api.audit.ListAuditEvents(bad, metadata=api.md)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in violations(e.value)
+
+
+def test_the_guard_refuses_at_connection_time_too(receiver: Receiver) -> None:
+    """A name is checked again when the relay connects (DNS may have changed since registration):
+    with no allowlist, `localhost` resolving to loopback is refused before any byte is sent."""
+    async def post(guard: URLGuard) -> int:
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(guard), use_dns_cache=False)
+        async with (aiohttp.ClientSession(connector=connector) as http,
+                    http.post(f"http://localhost:{receiver.port}/hooks", data=b"{}") as resp):
+            return resp.status
+
+    with pytest.raises(aiohttp.ClientConnectorError):
+        asyncio.run(post(URLGuard()))
+    assert receiver.requests == []
+    assert asyncio.run(post(URLGuard(parse_allowlist("127.0.0.0/8, ::1")))) == 200
+    with pytest.raises(RefusedURL):
+        URLGuard().check_literal("http://127.0.0.1:9/x")

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from campaign_service import errors, lifecycle, pagination, phones
+from campaign_service import errors, lifecycle, outbox, pagination, phones
 from campaign_service.db.models import Contact
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op
@@ -91,6 +91,11 @@ class ContactOps(OpsBase):
             c.total_contacts += inserted
             out.total_contacts = c.total_contacts
             campaigns_repo.touch(s, c)
+            self._campaign_changed(s, c, action="campaign.import_contacts", event=outbox.CAMPAIGN_UPDATED,
+                                   description=f"{inserted} contacts imported into '{c.name}'.",
+                                   extra={"campaign_name": c.name, "fields": ["contacts"], "imported": inserted,
+                                          "duplicates": out.duplicates, "rejected": out.rejected_count,
+                                          "total_contacts": c.total_contacts})
         log.info("campaign=%s import: %d rows, %d new, %d duplicates, %d rejected, %d contacts", cid, row,
                  out.imported, out.duplicates, out.rejected_count, out.total_contacts)
         self.db.stats.changed("campaign_contacts", out.imported)

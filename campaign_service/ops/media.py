@@ -10,7 +10,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from campaign_service import errors, lifecycle
+from campaign_service import audit, errors, lifecycle
 from campaign_service.db.models import Media
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op
@@ -81,6 +81,10 @@ class MediaOps(OpsBase):
                 write_atomically(path, content)
                 m = media_repo.insert(s, media_id=mid, campaign_id=cid, filename=name, mime_type=mime,
                                       size_bytes=len(content), path=rel)
+                audit.record(s, user_id=user_id, action="campaign.upload_media", entity_type="campaign",
+                             entity_id=str(cid), description=f"Media {name} uploaded to '{c.name}'.",
+                             extra_data={"media_id": str(mid), "filename": name, "mime_type": mime,
+                                         "size_bytes": len(content)})
                 self._remember(s, user_id, idem, m)
         except BaseException:
             if path is not None:

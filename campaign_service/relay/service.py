@@ -18,6 +18,7 @@ from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.relay import payloads, retry, signing, store
 from campaign_service.urlguard import GuardedResolver, RefusedURL, URLGuard, parse_allowlist
+from campaign_service.wakeups import woken
 
 log = logging.getLogger("campaign_service.relay")
 
@@ -93,11 +94,7 @@ class Relay:
 
     async def _fanout_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._fanout_wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
-            self._fanout_wake.clear()
+            await woken(self._fanout_wake, 1.0)
             if not self._leading:
                 continue
             try:
@@ -115,11 +112,7 @@ class Relay:
     async def _send_loop(self) -> None:
         wait = 1.0
         while True:
-            try:
-                await asyncio.wait_for(self._send_wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass
-            self._send_wake.clear()
+            await woken(self._send_wake, wait)
             wait = 1.0
             if not self._leading:
                 continue
