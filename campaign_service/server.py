@@ -118,6 +118,9 @@ class App:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Work that coroutines hand to threads (key lookups, snapshots, an import's transaction)
+        # runs on the same elastic pool as the unary RPCs: it grows when long imports hold threads.
+        loop.set_default_executor(self.pool)
         port = self.server.add_insecure_port(self.settings.listen)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")

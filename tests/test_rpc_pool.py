@@ -139,8 +139,8 @@ def test_shutdown_runs_queued_work_or_cancels_it() -> None:
 
 
 def test_long_streams_holding_every_core_thread_do_not_starve_get(api: Api) -> None:
-    """Six ImportContacts streams stay open (each holds a server thread, more than the 4 core
-    threads); GetCampaign still answers, and the streams then finish normally."""
+    """Six ImportContacts streams stay open (each holds a pool thread with its import transaction,
+    more than the 4 core threads); GetCampaign still answers, and the streams then finish normally."""
     c = draft(api)
     release = threading.Event()
     sent = threading.Semaphore(0)
