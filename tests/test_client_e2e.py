@@ -262,7 +262,7 @@ def test_cli_register_create_import_start_watch_list(cli: Cli, sandbox_url: str,
     out = cli("campaigns", "start", cid).stdout
     assert f"id:          {cid}" in out and "state:       RUNNING" in out
 
-    watch = cli("campaigns", "watch", cid, "--interval", "0.2", "--max-wait", "60").stdout.splitlines()
+    watch = cli("campaigns", "watch", cid, "--max-wait", "60").stdout.splitlines()
     assert watch[-1] == f"campaign {cid} is COMPLETED"
     assert "COMPLETED" in watch[-2] and "sent=4" in watch[-2] and "(4/4 100%)" in watch[-2]
 
@@ -303,3 +303,36 @@ def test_cli_errors_are_one_line_with_field_lines_and_exit_1(cli: Cli, target: s
 
     r = cli("campaigns", "list", "--state", "BOGUS", ok=False)
     assert r.returncode == 2
+
+
+def test_sdk_watch_webhooks_and_audit(client: WhagoClient, sandbox_url: str) -> None:
+    """client.watch() streams a snapshot then every event to the end; client.webhooks manages an
+    endpoint whose test event shows up in its deliveries; the audit pager lists what was done."""
+    chip = fast_chip(client, sandbox_url)
+    c = client.create_campaign("sdk watch", templates=["Oi {{name}}"], chip_ids=[chip.id], settings=FAST)
+    client.import_contacts(c.id, phones(3, start=700))
+    client.start_campaign(c.id)
+    got = list(client.watch(c.id, timeout=60))
+    assert got[0].WhichOneof("kind") == "snapshot"
+    assert got[-1].event.type == "campaign.completed" and got[-1].event.data["sent_count"] == 3
+    seqs = [m.event.seq for m in got[1:]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    with pytest.raises(errors.NotFound):
+        list(client.watch("6f0c6bde-4a5c-4e0c-9d1e-1b2a3c4d5e6f", timeout=10))
+
+    created = client.webhooks.create("http://127.0.0.1:9/hooks", event_types=["webhook.test"], description="sdk")
+    assert created.secret.startswith("whsec_")
+    eid = created.endpoint.endpoint_id
+    assert [e.endpoint_id for e in client.webhooks.list()] == [eid]
+    updated = client.webhooks.update(eid, description="renamed")
+    assert updated.description == "renamed" and updated.event_types == ["webhook.test"] and updated.enabled
+    client.webhooks.send_test(eid)
+    assert [d.event.type for d in client.webhooks.list_deliveries(eid)] == ["webhook.test"]
+    with pytest.raises(errors.InvalidArgument) as e:
+        client.webhooks.create("http://10.0.0.1/hooks")
+    assert [f for f, _ in e.value.field_violations] == ["endpoint.url"]
+    client.webhooks.delete(eid)
+    actions = [a.action for a in client.list_audit_events(entity_type="webhook", entity_id=eid)]
+    assert actions == ["webhook.delete", "webhook.test", "webhook.update", "webhook.create"]
+    assert [a.action for a in client.list_audit_events(entity_type="campaign", entity_id=c.id)][-1] == \
+        "campaign.create"

@@ -148,9 +148,9 @@ def _add_campaign_data(csub: Subparsers) -> None:
     p.add_argument("--limit", type=int)
     p.add_argument("--page-size", type=int, default=1000, help=argparse.SUPPRESS)
 
-    p = _leaf(csub, "watch", cmd_campaigns_watch, "print progress until COMPLETED or CANCELLED")
+    p = _leaf(csub, "watch", cmd_campaigns_watch,
+              "follow a campaign (WatchCampaign: a progress bar on a terminal) until it is final")
     p.add_argument("id")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     p.add_argument("--max-wait", type=float, default=None, help="give up after S seconds (default never)")
 
     p = _leaf(csub, "upload", cmd_campaigns_upload, "upload a media file for templates")
