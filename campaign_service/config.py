@@ -40,6 +40,9 @@ class Settings:
     # An endpoint failing without a single success for this long is disabled.
     webhook_disable_after: float = field(default_factory=lambda: float(
         os.environ.get("WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS", str(5 * 24 * 3600))))
+    # Relayed events (and their finished deliveries) are kept this long, then removed.
+    event_retention_seconds: float = field(default_factory=lambda: float(
+        os.environ.get("WHAGO_EVENT_RETENTION_DAYS", "30")) * 86400)
     # How many deliveries are in flight at once (over all endpoints).
     webhook_concurrency: int = field(default_factory=lambda: int(os.environ.get("WHAGO_WEBHOOK_CONCURRENCY", "64")))
 

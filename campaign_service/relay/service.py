@@ -26,6 +26,7 @@ log = logging.getLogger("campaign_service.relay")
 #: make us buffer a large body.
 MAX_ANSWER_BYTES = 64 * 1024
 FANOUT_BATCH = 500
+PRUNE_EVERY_SECONDS = 300.0
 
 
 class Relay:
@@ -93,10 +94,19 @@ class Relay:
             log.warning("%d events not published on Redis: %s", len(rows), exc)
 
     async def _fanout_loop(self) -> None:
+        pruned_at = 0.0
         while True:
             await woken(self._fanout_wake, 1.0)
             if not self._leading:
                 continue
+            if time.monotonic() - pruned_at > PRUNE_EVERY_SECONDS:
+                pruned_at = time.monotonic()
+                try:
+                    n = await self._db(store.prune, self.db, self.settings.event_retention_seconds)
+                    if n:
+                        log.info("%d events past retention removed", n)
+                except Exception as exc:
+                    log.warning("event retention sweep failed: %s", exc)
             try:
                 while True:
                     n = await self._db(store.relay_batch, self.db, self._publish, FANOUT_BATCH)
