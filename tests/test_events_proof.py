@@ -42,7 +42,8 @@ def test_every_event_delivered_signed_complete_and_in_order_through_crashes(
     url = postgres.url("whago_events_proof")
     upgrade(url)
     # Its own database: this stack's campaign_service is the only relay, so killing it kills the relay.
-    st = isolated_stack("events-proof", DATABASE_URL=url, WHAGO_WEBHOOK_SCHEDULE="0,0.3,0.6,1,2,4,4,4,4,4")
+    st = isolated_stack("events-proof", DATABASE_URL=url, WHAGO_WEBHOOK_SCHEDULE="0,0.3,0.6,1,2,4,4,4,4,4",
+                        WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS="600")  # the outage must not disable it
     api = Ops(st.campaign_channel, new_user(url))
     receiver = Receiver(seed=14)
     receiver.fail_ratio = 0.3
