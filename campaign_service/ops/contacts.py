@@ -76,7 +76,7 @@ class ContactOps(OpsBase):
                                 seen.add(key)
                                 batch.append((got.digits, got.chat_id, r.name, r.variables, offset + row))
                                 if r.variables:
-                                    columns.update(r.variables)
+                                    columns.update(k.replace("\x00", "") for k in r.variables)
                             continue
                         out.rejected_count += 1
                         if len(out.rejected) < MAX_REJECTED_REPORTED:
