@@ -1,8 +1,8 @@
 """Container health checks of the WHAGO images (Dockerfile HEALTHCHECK; exit 0 = healthy, 1 = not).
 
-    python /app/healthcheck.py grpc CAMPAIGN_LISTEN 50051   # grpc.health.v1 Check("") on the port of $CAMPAIGN_LISTEN
-    python /app/healthcheck.py arq                          # the dispatcher worker: Redis answers and arq's health key is fresh
-    python /app/healthcheck.py http http://127.0.0.1:3000/_sandbox/config
+    python /app/healthcheck.py grpc CAMPAIGN_LISTEN 50051   # grpc.health.v1 Check("") on $CAMPAIGN_LISTEN's port
+    python /app/healthcheck.py arq                          # worker: Redis answers, arq's health key is there
+    python /app/healthcheck.py http http://127.0.0.1:3000/_sandbox/config   # 2xx
 
 Standard library plus what the image already has (grpcio-health-checking, redis). Each check is
 bounded by TIMEOUT seconds. `arq` is per deployment, not per container: arq workers of one queue
@@ -42,7 +42,7 @@ def check_arq() -> bool:
 
 
 def check_http(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:  # noqa: S310 (a fixed local URL)
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
         return 200 <= int(resp.status) < 300
 
 
