@@ -54,6 +54,9 @@ class Api:
     def campaign(self, chips: Iterable[res.Chip], *, name: str = "test campaign",
                  interval: tuple[float, float] = (0.0, 0.0), camouflage: bool = False,
                  templates: Iterable[str] = ("Olá {{name}}",), **settings: object) -> res.Campaign:
+        """A campaign; number verification off unless asked (verify_numbers=True), so tests of other
+        paths (bursts, fences) keep their shape (tests/test_verification.py covers it)."""
+        settings.setdefault("verify_numbers", False)
         s = res.CampaignSettings(
             pacing=res.Pacing(interval_min_seconds=interval[0], interval_max_seconds=interval[1]),
             camouflage=res.Camouflage(send_seen=camouflage, typing=camouflage), **settings)  # type: ignore[arg-type]
@@ -165,6 +168,8 @@ class Ops(Api):
 
     def campaign_with(self, chips: Iterable[res.Chip], settings: res.CampaignSettings,
                       templates: Iterable[str] = ("Olá {{name}}",)) -> res.Campaign:
+        if not settings.HasField("verify_numbers"):
+            settings.verify_numbers = False
         return self.campaigns.CreateCampaign(cs.CreateCampaignRequest(campaign=res.Campaign(
             name="test campaign", templates=[res.MessageTemplate(text=t) for t in templates], settings=settings,
             chip_ids=[c.id for c in chips])), metadata=tuple(self.md))

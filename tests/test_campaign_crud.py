@@ -47,6 +47,7 @@ def test_create_get_roundtrip_with_settings(api: Api, live: str) -> None:
     got = api.get(c.id)
     assert got == c
     assert got.name == "full" and got.description == "d" and got.state == res.CAMPAIGN_STATE_DRAFT
+    settings.verify_numbers = True  # a new campaign verifies numbers unless told otherwise
     assert got.settings == settings and list(got.chip_ids) == [chip.id]
     assert got.templates[0].text == "hi {{name}}"
     assert got.etag and got.HasField("create_time") and got.HasField("update_time")

@@ -219,7 +219,7 @@ class App:
             return http_error(400, ["phone should not be empty"])
         if digits in self.sb.nonexistent_numbers:
             return json_response(200, {"numberExists": False})
-        return json_response(200, {"numberExists": True, "chatId": f"{digits}@c.us"})
+        return json_response(200, {"numberExists": True, "chatId": f"{self.sb.whatsapp_ids.get(digits, digits)}@c.us"})
 
     def _sender(self, kind: str) -> Handler:
         async def send(request: web.Request, call: Call) -> web.Response:

@@ -47,7 +47,7 @@ class SandboxControl:
         self._call("POST", "reset", {})
 
     def configure(self, **cfg: Any) -> dict[str, Any]:
-        """Merge settings (``latency_ms``, ``sessions``, ``nonexistent_numbers``, ``timeout_next``,
+        """Merge settings (``latency_ms``, ``sessions``, ``nonexistent_numbers``, ``whatsapp_ids``, ``timeout_next``,
         ``timeout_seconds``, ``timeout_deliver``, ``auto_create_sessions``, ``engine``, ``webhooks``,
         ``acks``, ``seed``); returns the resulting configuration."""
         result: dict[str, Any] = self._call("POST", "config", cfg)

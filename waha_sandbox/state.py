@@ -123,6 +123,9 @@ class Sandbox:
         self.engine = "GOWS"  # what /api/server/version says; engines not keeping chosen ids ignore them
         self.webhooks.reset(self.defaults.webhooks)
         self.nonexistent_numbers: set[str] = set()
+        # Numbers whose WhatsApp account is under other digits (a Brazilian mobile registered
+        # without its ninth digit): check-exists answers that chat id.
+        self.whatsapp_ids: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
         self.requests: list[Json] = []
         self.request_ts: list[float] = []  # parallel to requests, for bisect on `since`
@@ -154,6 +157,8 @@ class Sandbox:
                 self.webhooks.set_plan(value)
             elif key == "nonexistent_numbers":
                 self.nonexistent_numbers = {phone_digits(str(n)) for n in value}
+            elif key == "whatsapp_ids":
+                self.whatsapp_ids = {phone_digits(str(k)): phone_digits(str(v)) for k, v in value.items()}
             elif key == "seed":
                 self.rng.seed(value)
             elif key == "sessions":
@@ -168,6 +173,7 @@ class Sandbox:
             "timeout_next": self.timeout_next, "timeout_deliver": self.timeout_deliver,
             "auto_create_sessions": self.auto_create_sessions, "engine": self.engine,
             "nonexistent_numbers": sorted(self.nonexistent_numbers),
+            "whatsapp_ids": dict(self.whatsapp_ids),
             "sessions": {name: s.as_json() for name, s in self.sessions.items()},
             **self.webhooks.config_json(),
         }

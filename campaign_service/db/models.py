@@ -308,6 +308,17 @@ class CreditTransaction(Base):
     )
 
 
+class NumberCheck(Base):
+    """WAHA's check-exists answer for a number, per user (migration 0009)."""
+
+    __tablename__ = "number_checks"
+    user_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    phone: Mapped[str] = mapped_column(Text, primary_key=True)
+    on_whatsapp: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    chat_id: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    checked_at: Mapped[datetime] = _now()
+
+
 class IdempotencyKey(Base):
     """AIP-155: the first response of a request_id, replayed on retries."""
 

@@ -59,6 +59,8 @@ class LeasedMessage(NamedTuple):
     attempts: int
     lease_expires_at: datetime
     attempt_waha_message_id: str | None = None
+    verify_number: bool = False
+    not_on_whatsapp: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,14 @@ class LeaseResult:
     remaining: int
 
 
-_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates FROM campaigns WHERE id = :cid "
-                 "FOR KEY SHARE")
+_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates, user_id,"
+                 " coalesce((settings->>'verifyNumbers')::boolean, false) AS verify FROM campaigns WHERE id = :cid"
+                 " FOR KEY SHARE")
+# Cached check-exists answers still fresh (found: 30 days, not found: 7 days).
+_CHECKED = text("""
+SELECT phone, on_whatsapp, chat_id FROM number_checks
+WHERE user_id = :u AND phone = ANY(CAST(:phones AS text[]))
+  AND checked_at > now() - CASE WHEN on_whatsapp THEN interval '30 days' ELSE interval '7 days' END""")
 
 # Expired SENDING leases (a crashed or slow lane's) first in seq order together with PENDING ones.
 # Two locking CTEs because FOR UPDATE is not allowed directly under UNION. `m.id = ANY(ARRAY(...))`
@@ -186,17 +194,29 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                                                          "after": rows[-1].seq if rows else 0}).scalar_one()
         parts = [template_parts(camp.templates, r.template_index) for r in rows]
         media = _media(s, cid, {m for _, m in parts if m is not None})
+        checked: dict[str, tuple[bool, str]] = {}
+        if camp.verify and rows:
+            checked = {c.phone: (c.on_whatsapp, c.chat_id)
+                       for c in s.execute(_CHECKED, {"u": camp.user_id, "phones": [r.phone for r in rows]})}
         leased = [
-            LeasedMessage(message_id=r.id, chat_id=r.chat_id, phone=r.phone,
+            LeasedMessage(message_id=r.id, chat_id=_chat_id(r.chat_id, checked.get(r.phone)), phone=r.phone,
                           text=render_message(camp.templates, r.template_index, r.contact_id, r.name, r.phone,
                                               r.variables).text,
                           media=media.get(mid) if mid is not None else None,
                           waha_message_id=r.waha_message_id, attempts=r.attempts,
                           lease_expires_at=r.lease_expires_at,
-                          attempt_waha_message_id=None if r.waha_message_id else r.attempt_id)
+                          attempt_waha_message_id=None if r.waha_message_id else r.attempt_id,
+                          verify_number=camp.verify and r.phone not in checked,
+                          not_on_whatsapp=camp.verify and not checked.get(r.phone, (True, ""))[0])
             for r, (txt, mid) in zip(rows, parts, strict=True)
         ]
         return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)
+
+
+def _chat_id(contact_chat_id: str, check: tuple[bool, str] | None) -> str:
+    """The chat id WAHA answered when the number was checked (it knows whether a Brazilian mobile
+    carries the ninth digit); the contact's own otherwise."""
+    return check[1] if check is not None and check[0] and check[1] else contact_chat_id
 
 
 def _media(s: Session, cid: uuid.UUID, ids: set[uuid.UUID]) -> dict[uuid.UUID, MediaInfo]:

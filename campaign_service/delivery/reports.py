@@ -67,6 +67,7 @@ class Report(NamedTuple):
     waha_message_id: str = ""
     failure_reason: str = ""
     time: datetime | None = None
+    checked: tuple[bool, str] | None = None  # WAHA's check-exists answer: (on WhatsApp, chat id)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,24 @@ def _settle_credits(s: Session, user_id: uuid.UUID, cid: uuid.UUID, moves: Itera
         credits_repo.settle(s, user_id, cid, sent=sent, failed=failed, skipped=skipped, late_sent=late)
 
 
+_REMEMBER_CHECKS = text("""
+    INSERT INTO number_checks (user_id, phone, on_whatsapp, chat_id, checked_at)
+    SELECT DISTINCT ON (ct.phone) :u, ct.phone, r.found, r.chat, now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:found AS boolean[]), CAST(:chats AS text[])) AS r(id, found, chat)
+    JOIN campaign_messages m ON m.id = r.id AND m.campaign_id = :cid
+    JOIN campaign_contacts ct ON ct.id = m.contact_id
+    ON CONFLICT (user_id, phone) DO UPDATE
+    SET on_whatsapp = EXCLUDED.on_whatsapp, chat_id = EXCLUDED.chat_id, checked_at = now()""")
+
+
+def _remember_checks(s: Session, user_id: uuid.UUID, cid: uuid.UUID, reports: list[Report]) -> None:
+    """WAHA's check-exists answers the lane reported, cached per user for the next campaign."""
+    checks = [(r.message_id, r.checked) for r in reports if r.checked is not None]
+    if checks:
+        s.execute(_REMEMBER_CHECKS, {"u": user_id, "cid": cid, "ids": [i for i, _ in checks],
+                                     "found": [c[0] for _, c in checks], "chats": [c[1] for _, c in checks]})
+
+
 def report_deliveries(db: Database, campaign_id: str, reports: list[Report]) -> ReportResult:
     """Apply the reports in one transaction (with their events: progress, completion, auto-pause)."""
     cid = validate(campaign_id, reports)
@@ -241,6 +260,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
         for row in rows:
             first_last[row.id] = (first_last.get(row.id, (row.old_state, 0))[0], row.new_state)
     _settle_credits(s, camp.user_id, cid, first_last.values())
+    _remember_checks(s, camp.user_id, cid, reports)
     deltas = counter_deltas(changed)
     if any(deltas.values()):
         row = s.execute(_counters_sql(deltas), {**params, **deltas}).one()

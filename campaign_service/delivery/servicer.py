@@ -63,7 +63,8 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
                 media=media_pb(m.media) if m.media is not None else None,
                 waha_message_id=m.waha_message_id or "", attempts=m.attempts,
                 lease_expire_time=expiries[m.lease_expires_at],
-                attempt_waha_message_id=m.attempt_waha_message_id or "") for m in r.messages],
+                attempt_waha_message_id=m.attempt_waha_message_id or "", verify_number=m.verify_number,
+                not_on_whatsapp=m.not_on_whatsapp) for m in r.messages],
             campaign_state=r.campaign_state,  # type: ignore[arg-type]
             epoch=r.epoch, remaining=r.remaining)
 
@@ -72,7 +73,8 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
         items = [reports.Report(
             message_id=reports.parse_message_id(r.message_id, i), outcome=int(r.outcome),
             waha_message_id=r.waha_message_id, failure_reason=r.failure_reason,
-            time=r.time.ToDatetime(tzinfo=UTC) if r.HasField("time") else None)
+            time=r.time.ToDatetime(tzinfo=UTC) if r.HasField("time") else None,
+            checked=(r.number_exists, r.checked_chat_id) if r.number_checked else None)
             for i, r in enumerate(request.reports)]
         out = reports.report_deliveries(self.db, request.campaign_id, items)
         return dpb.ReportDeliveriesResponse(campaign_state=out.campaign_state,  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import media as media_repo
 from campaign_service.repository import messages as messages_repo
+from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.campaigns")
 
@@ -114,7 +115,7 @@ class CampaignCrud(OpsBase):
             state = State.SCHEDULED if spec.schedule_time is not None else State.DRAFT
             c = campaigns_repo.insert(
                 s, user_id=user_id, name=spec.name.strip(), description=spec.description, state=int(state),
-                templates=convert.templates_to_json(spec.templates), settings=convert.to_json(spec.settings),
+                templates=convert.templates_to_json(spec.templates), settings=convert.to_json(_new_settings(spec)),
                 chip_ids=chip_ids, schedule_time=spec.schedule_time)
             self._campaign_changed(s, c, action="campaign.create", event=outbox.CAMPAIGN_CREATED,
                                    description=f"Campaign '{c.name}' created.",
@@ -253,6 +254,15 @@ class CampaignCrud(OpsBase):
             (root / str(campaign_id)).rmdir()
         except OSError:
             pass
+
+
+def _new_settings(spec: CampaignInput) -> res.CampaignSettings:
+    """A new campaign's settings: number verification is on unless the request says otherwise."""
+    settings = res.CampaignSettings()
+    settings.CopyFrom(spec.settings)
+    if not settings.HasField("verify_numbers"):
+        settings.verify_numbers = True
+    return settings
 
 
 def _check_etag(c: Campaign, etag: str) -> None:

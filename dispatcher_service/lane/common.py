@@ -25,6 +25,9 @@ T = TypeVar("T")
 # a re-leased message carrying it cannot be looked up and becomes UNKNOWN instead of being resent.
 UNVERIFIABLE_PREFIX = "unverifiable:"
 OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+NOT_ON_WHATSAPP = "NOT_ON_WHATSAPP"
+# Number checks (WAHA check-exists) are paced at a quarter of the chip's minimum gap, at most this.
+CHECK_GAP_MAX = 1.0
 MAX_BATCH = 50
 # Bursting lanes lease (and report) in larger batches: at full speed each lease and report costs the
 # campaign service and PostgreSQL more per call than per message.

@@ -74,6 +74,9 @@ class FencedLane:
         # WAHA's 201 answers not yet turned into a SENT report (a send that finished after its lane
         # was cancelled); final() drops them, so this stays small however long the slice.
         self.send_ok: dict[str, dict[str, Any]] = {}
+        # Chat ids WAHA's check-exists answered, by message id, until reported with ATTEMPTING.
+        self.checked: dict[str, str] = {}
+        self.last_check = 0.0  # monotonic time of the lane's last number check
         # Latest lease end of messages left leased on purpose: the lane must come back after it.
         self.revisit_at = 0.0
         self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)

@@ -130,7 +130,7 @@ class Lane(BurstingLane):
             raise CampaignNotRunning(resp.campaign_state)
         self.remaining_hint = resp.remaining
         msgs = list(resp.messages)
-        if msgs and all(m.attempt_waha_message_id for m in msgs):
+        if msgs and all(m.attempt_waha_message_id and not (m.verify_number or m.not_on_whatsapp) for m in msgs):
             return Prepared(resp, [(m, m.attempt_waha_message_id) for m in msgs])
         return Prepared(resp)
 

@@ -22,12 +22,15 @@ log = logging.getLogger("dispatcher.lane")
 class ReportingLane(FencedLane):
     """Outcome reports of the messages a slice holds."""
 
-    def final(self, m: dpb.LeasedMessage, outcome: int, waha_id: str = "", reason: str = "") -> None:
+    def final(self, m: dpb.LeasedMessage, outcome: int, waha_id: str = "", reason: str = "",
+              checked: tuple[bool, str] | None = None) -> None:
         r = now_report()
         r.message_id = m.message_id
         r.outcome = outcome  # type: ignore[assignment]
         r.waha_message_id = waha_id
         r.failure_reason = reason
+        if checked is not None:
+            r.number_checked, (r.number_exists, r.checked_chat_id) = True, checked
         self.reports.append(r)
         self.held.pop(m.message_id, None)
         self.maybe_sent.discard(m.message_id)
@@ -105,10 +108,15 @@ class ReportingLane(FencedLane):
             raise CampaignNotRunning(resp.campaign_state)
 
     def attempting(self, m: dpb.LeasedMessage, waha_id: str) -> dpb.DeliveryReport:
+        """ATTEMPTING (the id recorded before the send), with the number check's answer if one was made."""
         r = now_report()
         r.message_id = m.message_id
         r.outcome = dpb.DELIVERY_OUTCOME_ATTEMPTING
         r.waha_message_id = waha_id
+        chat = self.checked.pop(m.message_id, None)
+        if chat is not None:
+            r.number_checked = r.number_exists = True
+            r.checked_chat_id = chat
         return r
 
     def _leave_leased(self, m: dpb.LeasedMessage) -> None:

@@ -195,7 +195,11 @@ class WahaClient:
             return None
         return r if isinstance(r, dict) else {"value": r}
 
-    async def check_exists(self, session: str, phone: str) -> bool:
-        """GET /api/contacts/check-exists: is the number on WhatsApp."""
+    async def check_exists(self, session: str, phone: str) -> str | None:
+        """GET /api/contacts/check-exists: the number's chat id when it is on WhatsApp (WAHA knows
+        whether a Brazilian mobile has the ninth digit), None when it is not."""
         r = await self._request("GET", "/api/contacts/check-exists", params={"phone": phone, "session": session})
-        return bool(r.get("numberExists")) if isinstance(r, dict) else False
+        if not isinstance(r, dict) or not r.get("numberExists"):
+            return None
+        chat = r.get("chatId")
+        return chat if isinstance(chat, str) and chat else f"{phone}@c.us"
