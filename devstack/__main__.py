@@ -8,17 +8,21 @@ which posts WhatsApp receipts to that receiver."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from devstack import demo
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port, port_in_use
 
 RUN = REPO / ".run"
+#: What a second terminal sources (`. .run/env`) to reach the stack this run started.
+ENV_FILE = RUN / "env"
 PG_PORT, REDIS_PORT = 55432, 56379  # defaults; WHAGO_PG_PORT / WHAGO_REDIS_PORT choose others
 SANDBOX_KEY = os.environ.get("WAHA_SANDBOX_KEY", "sandbox-key")
 SANDBOX_PORT = 3000  # WAHA's own default port
@@ -92,6 +96,33 @@ def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
+def client_target(listen: str) -> str:
+    """The address a client dials for a server listening on `listen` (a wildcard host is not dialable)."""
+    host, _, port = listen.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("", "0.0.0.0", "[::]", "::") else listen
+
+
+def env_file_text(env: dict[str, str]) -> str:
+    """`export` lines for the addresses this run chose: private ports may differ from the defaults
+    (a held port, WHAGO_PG_PORT), so the README's commands read them instead of assuming 5432."""
+    exported = {
+        "DATABASE_URL": env["DATABASE_URL"],
+        "REDIS_URL": env["REDIS_URL"],
+        "WHAGO_TARGET": client_target(env["CAMPAIGN_LISTEN"]),
+    }
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in exported.items()]
+    return "# written by `make run` (devstack) while the stack is up; `. .run/env` in another shell\n" + \
+        "\n".join(lines) + "\n"
+
+
+def write_env_file(env: dict[str, str], path: Path = ENV_FILE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(env_file_text(env), encoding="utf-8")
+    tmp.replace(path)  # a reader never sources half a file
+    say(f"addresses in {path.relative_to(REPO) if path.is_relative_to(REPO) else path} (`. .run/env`)")
+
+
 def migrate(env: dict[str, str]) -> None:
     say("applying migrations (alembic upgrade head)")
     subprocess.run([sys.executable, "-m", "campaign_service.admin", "migrate"],
@@ -118,10 +149,10 @@ def print_usage(key: str, target: str) -> None:
     print(f"""
 The stack is up. Demo API key: {key}
 
-  buf curl --protocol grpc --http2-prior-knowledge -H 'authorization: Bearer {key}' \\
+  . .run/env       # DATABASE_URL, REDIS_URL, WHAGO_TARGET of this run (for the admin CLI, the SDK)
+  node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge -H 'authorization: Bearer {key}' \\
       -d '{{"page_size": 5}}' http://{target}/whago.campaign.v1.CampaignService/ListCampaigns
-  (buf is in node_modules/.bin/buf)
-  python -m whago_client --api-key {key} campaigns list     (PYTHONPATH=clients)
+  PYTHONPATH=clients .venv/bin/python -m whago_client --api-key {key} campaigns list
 
 Logs: .run/logs/. Ctrl-C stops everything.""", flush=True)
 
@@ -139,6 +170,7 @@ def supervise(procs: list[ServiceProcess]) -> int:
 def main() -> int:
     infra: list[Postgres | Redis] = []
     procs: list[ServiceProcess] = []
+    wrote_env = False  # a run that failed to start must not remove the file of one still running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         env = stack_env(*start_infra(infra))
@@ -147,8 +179,10 @@ def main() -> int:
             say(f"starting {p.name} (log: {p.log_path.relative_to(REPO)})")
             p.start()
             procs.append(p)
+        write_env_file(env)  # once every server is ours: a run that failed keeps a running one's file
+        wrote_env = True
         key = demo.run(env, f"http://127.0.0.1:{SANDBOX_PORT}", SANDBOX_KEY, say)
-        print_usage(key, env["CAMPAIGN_LISTEN"])
+        print_usage(key, client_target(env["CAMPAIGN_LISTEN"]))
         return supervise(procs)
     except KeyboardInterrupt:
         return 0
@@ -157,6 +191,8 @@ def main() -> int:
         return 1
     finally:
         say("stopping (SIGTERM to each service, graceful drain)…")
+        if wrote_env:
+            ENV_FILE.unlink(missing_ok=True)  # its ports mean nothing once the servers are gone
         for p in reversed(procs):
             p.stop()
         for s in reversed(infra):

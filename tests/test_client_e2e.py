@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 from whago_client import RetryPolicy, WhagoClient, errors, read_contacts_csv
 
 from devstack.procs import REPO, ServiceProcess, service_env
+from devstack.servers import free_port
 from tests.conftest import SANDBOX_API_KEY
 from tests.helpers import phones
 from whago.campaign.v1 import resources_pb2 as res
@@ -280,29 +283,82 @@ def test_cli_register_create_import_start_watch_list(cli: Cli, sandbox_url: str,
     assert isinstance(messages, list) and len(messages) == 4
 
 
-def test_cli_errors_are_one_line_with_field_lines_and_exit_1(cli: Cli, target: str, tmp_path: Path) -> None:
+def test_cli_errors_are_one_line_with_field_lines_and_exit_by_status(cli: Cli, target: str, tmp_path: Path) -> None:
     r = cli("campaigns", "create", "--name", "", "--text", "hi", ok=False)
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 3 and r.stdout == ""  # INVALID_ARGUMENT
     lines = r.stderr.splitlines()
     assert lines[0].startswith("error: INVALID_ARGUMENT: ")
     assert [line.split(":")[0] for line in lines[1:]] == ["  campaign.name"]
 
+    r = cli("--json", "campaigns", "create", "--name", "", "--text", "hi", ok=False)
+    assert r.returncode == 3 and r.stdout == ""
+    err = json.loads(r.stderr)["error"]
+    assert err["code"] == "INVALID_ARGUMENT" and [v["field"] for v in err["field_violations"]] == ["campaign.name"]
+
     r = cli("campaigns", "get", "6f1b1c53-0000-4000-8000-000000000000", ok=False)
-    assert r.returncode == 1 and r.stderr.startswith("error: NOT_FOUND: ") and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 4 and r.stderr.startswith("error: NOT_FOUND: ") and len(r.stderr.splitlines()) == 1
 
     r = cli("--api-key", "wk_wrong", "campaigns", "list", ok=False)
-    assert r.returncode == 1 and r.stderr.startswith("error: UNAUTHENTICATED: ")
+    assert r.returncode == 6 and r.stderr.startswith("error: UNAUTHENTICATED: ")
 
     r = cli("campaigns", "import", "6f1b1c53-0000-4000-8000-000000000000", str(tmp_path / "nope.csv"), ok=False)
-    assert r.returncode == 1 and r.stderr.startswith("error: ")
+    assert r.returncode == 1 and r.stderr.startswith("error: ")  # a local problem
 
     ok_csv = tmp_path / "ok.csv"
     ok_csv.write_text("phone\n5511912345678\n", encoding="utf-8")
     r = cli("campaigns", "import", "6f1b1c53-0000-4000-8000-000000000000", str(ok_csv), ok=False)
-    assert r.returncode == 1 and r.stderr.startswith("error: NOT_FOUND: ")  # a streamed call's error too
+    assert r.returncode == 4 and r.stderr.startswith("error: NOT_FOUND: ")  # a streamed call's error too
 
     r = cli("campaigns", "list", "--state", "BOGUS", ok=False)
     assert r.returncode == 2
+
+    created = cli.json("campaigns", "create", "--name", "to cancel", "--text", "hi")
+    assert isinstance(created, dict)
+    r = cli("campaigns", "delete", created["id"], "--etag", "stale", ok=False)
+    assert r.returncode == 5 and r.stderr.startswith("error: ABORTED: ")
+    r = cli("--target", f"127.0.0.1:{free_port()}", "--timeout", "3", "campaigns", "list", ok=False)
+    assert r.returncode == 7 and r.stderr.startswith("error: UNAVAILABLE: ")
+
+
+def test_cli_watch_exits_8_when_the_campaign_ends_cancelled(cli: Cli, client: WhagoClient, sandbox_url: str) -> None:
+    chip = fast_chip(client, sandbox_url)
+    camp = client.create_campaign("slow", templates=["hi"], chip_ids=[chip.id], settings=SLOW)
+    client.import_contacts(camp.id, [p.replace(" ", "") for p in phones(2)])
+    client.start_campaign(camp.id)
+    client.cancel_campaign(camp.id)
+    r = cli("campaigns", "watch", camp.id, "--max-wait", "30", ok=False)
+    assert r.returncode == 8 and r.stdout.splitlines()[-1] == f"campaign {camp.id} is CANCELLED"
+
+
+def run_in_pty(cli: Cli, *args: str) -> tuple[int, str]:
+    """The CLI with its stdout on a pseudo-terminal, as an operator's shell runs it (live bars on)."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "whago_client", *args], env={**cli.env, "COLUMNS": "160"},
+                            cwd=REPO, stdout=secondary, stderr=subprocess.PIPE, text=False)
+    os.close(secondary)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    assert proc.wait(timeout=60) is not None and proc.stderr is not None
+    assert b"Traceback" not in proc.stderr.read()
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_cli_import_shows_a_live_bar_on_a_terminal(cli: Cli, client: WhagoClient, tmp_path: Path) -> None:
+    camp = client.create_campaign("bar", templates=["hi"])
+    csv_path = tmp_path / "contacts.csv"
+    csv_path.write_text("phone\n" + "".join(f"{n}\n" for n in phones(1200, start=4000)), encoding="utf-8")
+    code, out = run_in_pty(cli, "campaigns", "import", camp.id, str(csv_path), "--batch-size", "500")
+    assert code == 0, out
+    assert "import" in out and "1200/1200" in out and "rows" in out  # the bar, ended at the real count
+    assert "imported=1200 duplicates=0 rejected=0 total_contacts=1200" in out
 
 
 def test_sdk_watch_webhooks_and_audit(client: WhagoClient, sandbox_url: str) -> None:

@@ -3,6 +3,7 @@ loopback whose handlers fail with UNAVAILABLE on purpose, count the attempts tha
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from concurrent import futures
 import grpc
 import pytest
 from whago_client import RetryPolicy, WhagoClient, errors
+from whago_client.aio import AsyncWhagoClient
 
 from devstack.servers import free_port
 from whago.campaign.v1 import campaign_service_pb2 as cs
@@ -119,3 +121,22 @@ def test_service_config_caps_attempts_at_grpcs_limit() -> None:
     assert retried["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert {"service": "whago.campaign.v1.ChipService", "method": "DeleteChip"} in not_retried["name"]
     assert "retryPolicy" not in not_retried
+
+
+def test_the_async_client_uses_the_same_retry_policy(flaky: tuple[str, Flaky]) -> None:
+    """AsyncWhagoClient's grpc.aio channel gets the same service config: reads and request_id
+    mutations retried (one request_id for every attempt), DeleteChip never."""
+    target, server = flaky
+    server.failures = 2
+
+    async def main() -> None:
+        async with AsyncWhagoClient(target, api_key="k", retry=FAST, timeout=10) as client:
+            assert (await client.get_campaign("c-9")).name == "found"
+            await client.create_campaign("promo", templates=["hi"])
+            server.failures = 100
+            with pytest.raises(errors.Unavailable):
+                await client.delete_chip("ch-1")
+
+    asyncio.run(main())
+    assert server.calls["GetCampaign"] == 3 and server.calls["DeleteChip"] == 1
+    assert len(server.request_ids) == 3 and len(set(server.request_ids)) == 1

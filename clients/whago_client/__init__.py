@@ -1,6 +1,8 @@
-"""Python SDK for the WHAGO campaigns API: `WhagoClient`, typed `errors`, and `Pager`."""
+"""Python SDK for the WHAGO campaigns API: `WhagoClient` (and `AsyncWhagoClient` on grpc.aio, in
+`whago_client.aio`), typed `errors`, and `Pager` / `AsyncPager`."""
 
 from whago_client import errors
+from whago_client.aio import AsyncPager, AsyncWhagoClient
 from whago_client.client import DEFAULT_TARGET, WhagoClient
 from whago_client.errors import WhagoError, from_rpc_error
 from whago_client.inputs import (
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TARGET",
     "FINAL_CAMPAIGN_STATES",
+    "AsyncPager",
+    "AsyncWhagoClient",
     "Pager",
     "RetryPolicy",
     "WhagoClient",

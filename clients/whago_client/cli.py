@@ -2,19 +2,24 @@
 
 Human-readable tables by default, `--json` for scripts. Failures print
 `error: <CODE>: <message>` (plus one `  field: description` line per field violation) on
-stderr and exit 1 — never a traceback.
+stderr, or with --json one JSON document there, and exit with a code per kind of status
+(`EXIT_CODES`) — never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO, TypeAlias
 
+import grpc
+
 from whago_client.client import DEFAULT_TARGET, WhagoClient
+from whago_client.commands import EXIT_NOT_COMPLETED as EXIT_NOT_COMPLETED
 from whago_client.commands import (
     Handler,
     cmd_campaigns_contacts,
@@ -37,7 +42,24 @@ from whago_client.commands import (
 from whago_client.errors import WhagoError
 from whago_client.inputs import campaign_state, credit_kind, message_state
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_CODES", "EXIT_NOT_COMPLETED", "build_parser", "exit_code_for", "main"]
+
+_S = grpc.StatusCode
+#: Exit status by kind of failure, so scripts can tell "fix your input" from "try again later".
+#: 0 success; 1 any other error (a local file, CSV, an unexpected status); 2 usage (argparse, no
+#: API key); EXIT_NOT_COMPLETED (8) `campaigns watch` saw the campaign end other than COMPLETED;
+#: 130 interrupted.
+EXIT_CODES: dict[grpc.StatusCode, int] = {
+    _S.INVALID_ARGUMENT: 3, _S.OUT_OF_RANGE: 3,                                  # the request is wrong
+    _S.NOT_FOUND: 4,                                                             # no such thing (of yours)
+    _S.FAILED_PRECONDITION: 5, _S.ABORTED: 5, _S.ALREADY_EXISTS: 5,              # not in this state
+    _S.UNAUTHENTICATED: 6, _S.PERMISSION_DENIED: 6,                              # the API key
+    _S.UNAVAILABLE: 7, _S.DEADLINE_EXCEEDED: 7, _S.RESOURCE_EXHAUSTED: 7,        # transient: retry later
+}
+
+
+def exit_code_for(e: WhagoError) -> int:
+    return EXIT_CODES.get(e.code, 1)
 
 
 # --------------------------------------------------------------------------- parser
@@ -219,9 +241,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def print_error(e: WhagoError, file: TextIO | None = None) -> None:
-    """`error: <CODE>: <message>` then one indented line per field violation."""
+def print_error(e: WhagoError, file: TextIO | None = None, *, as_json: bool = False) -> None:
+    """`error: <CODE>: <message>` then one indented line per field violation; with --json one
+    document, so a script reading stderr as JSON gets the details too."""
     file = file or sys.stderr
+    if as_json:
+        doc = {"error": {"code": e.code.name, "message": e.message, "reason": e.reason, "domain": e.domain,
+                         "metadata": e.metadata, "retry_delay": e.retry_delay,
+                         "field_violations": [{"field": f, "description": d} for f, d in e.field_violations]}}
+        print(json.dumps(doc, ensure_ascii=False), file=file)
+        return
     print(f"error: {e.code.name}: {e.message}", file=file)
     for field, description in e.field_violations:
         print(f"  {field}: {description}", file=file)
@@ -234,15 +263,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler: Handler = args.func
             return handler(client, args)
     except WhagoError as e:
-        print_error(e)
-        return 1
+        print_error(e, as_json=args.json)
+        return exit_code_for(e)
     except BrokenPipeError:  # `... | head`: the reader left; not an error worth a message
         # Point stdout at /dev/null so the interpreter's final flush does not complain.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (OSError, ValueError, csv.Error) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": "LOCAL", "message": str(e)}}, ensure_ascii=False), file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

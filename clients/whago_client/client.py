@@ -8,16 +8,13 @@ Methods take plain Python arguments and return the protobuf resources (`Campaign
 
 from __future__ import annotations
 
-import mimetypes
 import os
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Self, TypeVar
 
 import grpc
-from google.protobuf import field_mask_pb2
 
 from whago.campaign.v1 import (
     audit_service_pb2 as aud,
@@ -49,43 +46,67 @@ from whago.campaign.v1 import (
 from whago.campaign.v1 import (
     webhook_service_pb2_grpc as wh_grpc,
 )
-from whago_client.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    WaitTimeout,
-    from_rpc_error,
-)
+from whago_client.errors import from_rpc_error
 from whago_client.inputs import (
     FINAL_CAMPAIGN_STATES,
+    MAX_MEDIA_BYTES,
     CampaignStateLike,
     ContactRow,
     CreditKindLike,
+    Listing,
     MessageStateLike,
+    PageResponse,
     RequestGuard,
-    campaign_state,
-    credit_kind,
+    audit_events_listing,
+    campaigns_listing,
+    check_wait,
+    chips_listing,
+    contacts_listing,
+    create_campaign_request,
+    credit_transactions_listing,
     import_requests,
-    message_state,
-    to_template,
-    to_timestamp,
+    media_upload_request,
+    messages_listing,
+    progress_key,
+    register_chip_request,
+    request_id,
+    update_campaign_request,
+    wanted_states,
 )
 from whago_client.pager import Pager
 from whago_client.retry import RetryPolicy
 from whago_client.watch import watch_campaign
-from whago_client.webhooks import Webhooks, list_audit_events
+from whago_client.webhooks import Webhooks
 
-__all__ = ["DEFAULT_TARGET", "WhagoClient"]
+__all__ = ["DEFAULT_TARGET", "IMPORT_TIMEOUT", "MAX_MEDIA_BYTES", "WhagoClient", "channel_options"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 USER_AGENT = "whago-client/0.1"
-#: The server refuses larger uploads; checking first saves sending megabytes for nothing.
-MAX_MEDIA_BYTES = 16 * 1024 * 1024
 #: A million-row import legitimately takes minutes; the usual 30 s deadline would cut it.
 IMPORT_TIMEOUT = 3600.0
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+PageResp = TypeVar("PageResp", bound=PageResponse)
 T = TypeVar("T")
+
+
+def channel_options(retry: RetryPolicy) -> list[tuple[str, object]]:
+    """Channel options of both clients: gRPC's own retries per `retry`, the SDK's user agent, 32 MiB messages."""
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry.service_config()),
+        ("grpc.primary_user_agent", USER_AGENT),
+        ("grpc.max_send_message_length", 32 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ]
+
+
+def auth_metadata(api_key: str | None, metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """`api_key` defaults to $WHAGO_API_KEY; sent as a bearer token on every call."""
+    if api_key is None:
+        api_key = os.environ.get("WHAGO_API_KEY") or None
+    return tuple(metadata) + ((("authorization", f"Bearer {api_key}"),) if api_key else ())
 
 
 # --------------------------------------------------------------------------- the client
@@ -116,23 +137,13 @@ class WhagoClient:
         retry: RetryPolicy | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
-        if api_key is None:
-            api_key = os.environ.get("WHAGO_API_KEY") or None
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self._metadata: tuple[tuple[str, str], ...] = tuple(metadata) + (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        )
+        self._metadata = auth_metadata(api_key, metadata)
         self._owns_channel = channel is None
         if channel is None:
-            options = [
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", self.retry.service_config()),
-                ("grpc.primary_user_agent", USER_AGENT),
-                ("grpc.max_send_message_length", 32 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-            ]
+            options = channel_options(self.retry)
             channel = (
                 grpc.secure_channel(target, credentials, options=options)
                 if credentials is not None
@@ -144,7 +155,7 @@ class WhagoClient:
         self._credits = crs_grpc.CreditServiceStub(channel)
         self._audit = aud_grpc.AuditServiceStub(channel)
         #: WebhookService: endpoints, secrets, deliveries (see whago_client.webhooks.Webhooks).
-        self.webhooks = Webhooks(wh_grpc.WebhookServiceStub(channel), self._call)
+        self.webhooks = Webhooks(wh_grpc.WebhookServiceStub(channel), self)
         self._sleep: Callable[[float], None] = time.sleep  # wait_for_state's polls
 
     # -- lifecycle of the client
@@ -179,10 +190,17 @@ class WhagoClient:
             err = from_rpc_error(e)
             raise err from err.__cause__
 
+    def _pager(self, method: grpc.UnaryUnaryMultiCallable[Req, PageResp], listing: Listing[Req, PageResp, T],
+               timeout: float | None) -> Pager[T]:
+        """A Pager whose pages are `listing`'s requests sent through `_call`."""
+        def fetch(token: str) -> tuple[Sequence[T], str]:
+            resp = self._call(method, listing.request(token), timeout=timeout)
+            return listing.items(resp), resp.next_page_token
+        return Pager(fetch)
+
     @staticmethod
-    def _request_id(request_id: str | None) -> str:
-        """A fresh id per logical call, reused by its retries, makes them idempotent."""
-        return request_id if request_id else str(uuid.uuid4())
+    def _request_id(value: str | None) -> str:
+        return request_id(value)
 
     # -- campaigns
 
@@ -199,17 +217,8 @@ class WhagoClient:
         timeout: float | None = None,
     ) -> res.Campaign:
         """Create a campaign: DRAFT, or SCHEDULED when `schedule_time` (timezone-aware) is set."""
-        campaign = res.Campaign(
-            name=name,
-            description=description,
-            templates=[to_template(t) for t in templates],
-            chip_ids=list(chip_ids),
-        )
-        if settings is not None:
-            campaign.settings.CopyFrom(settings)
-        if schedule_time is not None:
-            campaign.schedule_time.CopyFrom(to_timestamp(schedule_time))
-        req = cs.CreateCampaignRequest(campaign=campaign, request_id=self._request_id(request_id))
+        req = create_campaign_request(name, description=description, templates=templates, chip_ids=chip_ids,
+                                      settings=settings, schedule_time=schedule_time, request_id_=request_id)
         return self._call(self._campaigns.CreateCampaign, req, timeout=timeout)
 
     def get_campaign(self, campaign_id: str, *, timeout: float | None = None) -> res.Campaign:
@@ -224,14 +233,7 @@ class WhagoClient:
         timeout: float | None = None,
     ) -> Pager[res.Campaign]:
         """All the caller's campaigns (newest first), optionally only those in `state`."""
-        state_value = campaign_state(state) if state is not None else res.CAMPAIGN_STATE_UNSPECIFIED
-
-        def fetch(token: str) -> tuple[Sequence[res.Campaign], str]:
-            req = cs.ListCampaignsRequest(page_size=page_size, page_token=token, state=state_value)
-            resp = self._call(self._campaigns.ListCampaigns, req, timeout=timeout)
-            return resp.campaigns, resp.next_page_token
-
-        return Pager(fetch)
+        return self._pager(self._campaigns.ListCampaigns, campaigns_listing(state, page_size), timeout)
 
     def update_campaign(
         self,
@@ -243,11 +245,7 @@ class WhagoClient:
     ) -> res.Campaign:
         """Update the fields named in `update_mask`. Set `campaign.etag` to fail (Aborted)
         instead of overwriting someone else's concurrent change."""
-        req = cs.UpdateCampaignRequest(
-            campaign=campaign,
-            update_mask=field_mask_pb2.FieldMask(paths=list(update_mask)),
-            request_id=self._request_id(request_id),
-        )
+        req = update_campaign_request(campaign, update_mask, request_id)
         return self._call(self._campaigns.UpdateCampaign, req, timeout=timeout)
 
     def delete_campaign(
@@ -332,12 +330,7 @@ class WhagoClient:
     def list_contacts(
         self, campaign_id: str, *, page_size: int = 1000, timeout: float | None = None
     ) -> Pager[res.Contact]:
-        def fetch(token: str) -> tuple[Sequence[res.Contact], str]:
-            req = cs.ListContactsRequest(campaign_id=campaign_id, page_size=page_size, page_token=token)
-            resp = self._call(self._campaigns.ListContacts, req, timeout=timeout)
-            return resp.contacts, resp.next_page_token
-
-        return Pager(fetch)
+        return self._pager(self._campaigns.ListContacts, contacts_listing(campaign_id, page_size), timeout)
 
     def list_messages(
         self,
@@ -348,18 +341,8 @@ class WhagoClient:
         timeout: float | None = None,
     ) -> Pager[res.CampaignMessage]:
         """The campaign's messages, optionally only those in `state` (e.g. "FAILED")."""
-        state_value = message_state(state) if state is not None else res.MESSAGE_STATE_UNSPECIFIED
-
-        def fetch(token: str) -> tuple[Sequence[res.CampaignMessage], str]:
-            req = cs.ListCampaignMessagesRequest(
-                campaign_id=campaign_id, page_size=page_size, page_token=token, state=state_value
-            )
-            resp = self._call(
-                self._campaigns.ListCampaignMessages, req, timeout=timeout
-            )
-            return resp.messages, resp.next_page_token
-
-        return Pager(fetch)
+        return self._pager(self._campaigns.ListCampaignMessages, messages_listing(campaign_id, state, page_size),
+                           timeout)
 
     def upload_media(
         self,
@@ -375,27 +358,7 @@ class WhagoClient:
 
         For a path, `filename` defaults to its base name and `mime_type` is guessed from it.
         """
-        if isinstance(source, bytes):
-            if not filename:
-                raise ValueError("filename is required when uploading bytes")
-            content = source
-        else:
-            with open(source, "rb") as f:
-                content = f.read(MAX_MEDIA_BYTES + 1)
-            filename = filename or os.path.basename(os.fspath(source))
-        if len(content) > MAX_MEDIA_BYTES:
-            raise InvalidArgument(
-                "media is larger than 16 MiB",
-                field_violations=[("content", "at most 16 MiB")],
-            )
-        mime = mime_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        req = cs.UploadMediaRequest(
-            campaign_id=campaign_id,
-            filename=filename,
-            mime_type=mime,
-            content=content,
-            request_id=self._request_id(request_id),
-        )
+        req = media_upload_request(campaign_id, source, filename, mime_type, request_id)
         return self._call(self._campaigns.UploadMedia, req, timeout=timeout)
 
     def list_media(self, campaign_id: str, *, timeout: float | None = None) -> list[res.Media]:
@@ -419,36 +382,17 @@ class WhagoClient:
         `DeadlineExceeded`) carrying the last snapshot, and stops early with
         `FailedPrecondition` if the campaign reaches a final state not among `states`.
         """
-        if isinstance(states, (str, int)):
-            states = [states]
-        wanted = {campaign_state(s) for s in states}
+        wanted = wanted_states(states)
         give_up = None if timeout is None else time.monotonic() + timeout
         last_key: tuple[int, ...] | None = None
-        campaign: res.Campaign | None = None
         while True:
             campaign = self.get_campaign(campaign_id)
-            key = (
-                campaign.state, campaign.total_contacts, campaign.pending_count,
-                campaign.sent_count, campaign.delivered_count, campaign.read_count,
-                campaign.failed_count, campaign.skipped_count,
-            )
+            key = progress_key(campaign)
             if on_change is not None and key != last_key:
                 on_change(campaign)
             last_key = key
-            if campaign.state in wanted:
+            if check_wait(campaign, wanted, campaign_id, give_up, poll, timeout):
                 return campaign
-            if campaign.state in FINAL_CAMPAIGN_STATES:
-                raise FailedPrecondition(
-                    f"campaign {campaign_id} ended {res.CampaignState.Name(campaign.state)}",
-                    reason="CAMPAIGN_ENDED",
-                )
-            if give_up is not None and time.monotonic() + poll > give_up:
-                wanted_names = sorted(res.CampaignState.Name(s) for s in wanted)
-                raise WaitTimeout(
-                    f"campaign {campaign_id} not in {wanted_names} after {timeout:g}s "
-                    f"(still {res.CampaignState.Name(campaign.state)})",
-                    last=campaign,
-                )
             self._sleep(poll)
 
     def watch(self, campaign_id: str, *, after_seq: int = 0, timeout: float | None = None
@@ -462,8 +406,9 @@ class WhagoClient:
                           start: datetime | None = None, end: datetime | None = None, page_size: int = 100,
                           timeout: float | None = None) -> Pager[aud.AuditEvent]:
         """The audit trail, newest first (entity_type: campaign, chip or webhook)."""
-        return list_audit_events(self._audit, self._call, entity_type=entity_type, entity_id=entity_id,
-                                 action=action, start=start, end=end, page_size=page_size, timeout=timeout)
+        listing = audit_events_listing(entity_type=entity_type, entity_id=entity_id, action=action, start=start,
+                                       end=end, page_size=page_size)
+        return self._pager(self._audit.ListAuditEvents, listing, timeout)
 
     # -- chips
 
@@ -481,17 +426,8 @@ class WhagoClient:
         timeout: float | None = None,
     ) -> res.Chip:
         """Register a WhatsApp number (a WAHA session). The key is write-only: never returned."""
-        chip = res.Chip(
-            phone=phone,
-            waha_base_url=waha_base_url,
-            waha_session=waha_session,
-            waha_api_key=waha_api_key,
-            display_name=display_name,
-            proxy_label=proxy_label,
-        )
-        if pacing is not None:
-            chip.pacing.CopyFrom(pacing)
-        req = chs.RegisterChipRequest(chip=chip, request_id=self._request_id(request_id))
+        req = register_chip_request(phone, waha_base_url, waha_session, waha_api_key, display_name=display_name,
+                                    proxy_label=proxy_label, pacing=pacing, request_id_=request_id)
         return self._call(self._chips.RegisterChip, req, timeout=timeout)
 
     def get_chip(self, chip_id: str, *, timeout: float | None = None) -> res.Chip:
@@ -499,12 +435,7 @@ class WhagoClient:
         return self._call(self._chips.GetChip, req, timeout=timeout)
 
     def list_chips(self, *, page_size: int = 100, timeout: float | None = None) -> Pager[res.Chip]:
-        def fetch(token: str) -> tuple[Sequence[res.Chip], str]:
-            req = chs.ListChipsRequest(page_size=page_size, page_token=token)
-            resp = self._call(self._chips.ListChips, req, timeout=timeout)
-            return resp.chips, resp.next_page_token
-
-        return Pager(fetch)
+        return self._pager(self._chips.ListChips, chips_listing(page_size), timeout)
 
     def delete_chip(self, chip_id: str, *, timeout: float | None = None) -> None:
         """Not retried: DeleteChip has no request_id, so a retry could report NOT_FOUND for a
@@ -529,12 +460,5 @@ class WhagoClient:
     ) -> Pager[crs.CreditTransaction]:
         """The caller's credit ledger, newest first; optionally one campaign's entries, or one
         kind's ("GRANT", "RESERVE", "CONSUME", "RELEASE")."""
-        kind_value = credit_kind(kind) if kind is not None else crs.CREDIT_TRANSACTION_KIND_UNSPECIFIED
-
-        def fetch(token: str) -> tuple[Sequence[crs.CreditTransaction], str]:
-            req = crs.ListCreditTransactionsRequest(page_size=page_size, page_token=token,
-                                                    campaign_id=campaign_id, kind=kind_value)
-            resp = self._call(self._credits.ListCreditTransactions, req, timeout=timeout)
-            return resp.transactions, resp.next_page_token
-
-        return Pager(fetch)
+        return self._pager(self._credits.ListCreditTransactions,
+                           credit_transactions_listing(campaign_id, kind, page_size), timeout)

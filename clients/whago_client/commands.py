@@ -16,9 +16,11 @@ from whago.campaign.v1 import resources_pb2 as res
 from whago_client.client import WhagoClient
 from whago_client.inputs import read_contacts_csv
 from whago_client.output import (
+    ImportProgress,
     ProgressBar,
     campaign_state_name,
     chip_state_name,
+    count_data_lines,
     credit_kind_name,
     message_state_name,
     print_campaign,
@@ -33,6 +35,9 @@ from whago_client.output import (
 )
 
 Handler = Callable[[WhagoClient, argparse.Namespace], int]
+
+#: `campaigns watch` saw the campaign end CANCELLED or deleted, not COMPLETED (see cli.EXIT_CODES).
+EXIT_NOT_COMPLETED = 8
 
 
 # --------------------------------------------------------------------------- settings from flags
@@ -136,10 +141,18 @@ def cmd_campaigns_delete(client: WhagoClient, args: argparse.Namespace) -> int:
 
 
 def cmd_campaigns_import(client: WhagoClient, args: argparse.Namespace) -> int:
-    rows = read_contacts_csv(args.file)  # header checked now, rows streamed by the call
-    resp: cs.ImportContactsResponse = client.import_contacts(
-        args.id, rows, batch_size=args.batch_size, default_region=args.region
-    )
+    """Streams the CSV; on a terminal (not --json) a live bar shows rows sent and the rate."""
+    rows: Iterable[cs.ContactInput] = read_contacts_csv(args.file)  # header checked now, rows streamed
+    out = stdout()
+    bar = ImportProgress(out, count_data_lines(args.file)) if not args.json and out.isatty() else None
+    try:
+        resp: cs.ImportContactsResponse = client.import_contacts(
+            args.id, bar.rows(rows) if bar is not None else rows, batch_size=args.batch_size,
+            default_region=args.region
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print_json(resp)
         return 0
@@ -218,8 +231,8 @@ def cmd_campaigns_watch(client: WhagoClient, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if not args.json:
-        print(f"campaign {args.id} is {state}", file=out)
-    return 0
+        print(f"campaign {args.id} is {state or 'gone'}", file=out)
+    return 0 if state == "COMPLETED" else EXIT_NOT_COMPLETED  # `watch ID && next step` in scripts
 
 
 def cmd_campaigns_upload(client: WhagoClient, args: argparse.Namespace) -> int:

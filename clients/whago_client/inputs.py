@@ -1,22 +1,31 @@
 """Plain Python in, protobuf out: state names, templates, timestamps and contact rows (from any
-iterable or a CSV file) as the requests of the WHAGO API want them."""
+iterable or a CSV file) as the requests of the WHAGO API want them, and the requests themselves,
+built once for both WhagoClient and AsyncWhagoClient."""
 
 from __future__ import annotations
 
 import csv
 import itertools
+import mimetypes
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
-from typing import IO, Generic, TypeAlias, TypeVar
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import IO, Generic, Protocol, TypeAlias, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
+from whago.campaign.v1 import audit_service_pb2 as aud
 from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import credit_service_pb2 as crs
 from whago.campaign.v1 import resources_pb2 as res
+from whago.campaign.v1 import webhook_service_pb2 as wh
+from whago_client.errors import FailedPrecondition, InvalidArgument, WaitTimeout
 
 T = TypeVar("T")
 
@@ -31,6 +40,8 @@ ContactRow: TypeAlias = cs.ContactInput | Mapping[str, object] | str
 CampaignStateLike: TypeAlias = int | str
 MessageStateLike: TypeAlias = int | str
 CreditKindLike: TypeAlias = int | str
+#: The server refuses larger uploads; checking first saves sending megabytes for nothing.
+MAX_MEDIA_BYTES = 16 * 1024 * 1024
 
 
 
@@ -226,3 +237,192 @@ class RequestGuard(Generic[T]):
             if self._call is not None:
                 self._call.cancel()
             raise StopIteration from None
+
+
+# --------------------------------------------------------------------------- requests of both clients
+# WhagoClient and AsyncWhagoClient differ only in how they send; what they send is built here once.
+
+
+def request_id(value: str | None) -> str:
+    """A fresh id per logical call, reused by gRPC's retries of it, makes a mutation idempotent."""
+    return value if value else str(uuid.uuid4())
+
+
+class PageResponse(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp", bound=PageResponse)
+
+
+@dataclass(frozen=True)
+class Listing(Generic[Req, Resp, T]):
+    """One paged List call (AIP-158): the request for a page token, and the items of an answer."""
+
+    request: Callable[[str], Req]
+    items: Callable[[Resp], Sequence[T]]
+
+
+def create_campaign_request(
+    name: str, *, description: str, templates: Sequence[str | res.MessageTemplate], chip_ids: Sequence[str],
+    settings: res.CampaignSettings | None, schedule_time: datetime | None, request_id_: str | None,
+) -> cs.CreateCampaignRequest:
+    campaign = res.Campaign(name=name, description=description, templates=[to_template(t) for t in templates],
+                            chip_ids=list(chip_ids))
+    if settings is not None:
+        campaign.settings.CopyFrom(settings)
+    if schedule_time is not None:
+        campaign.schedule_time.CopyFrom(to_timestamp(schedule_time))
+    return cs.CreateCampaignRequest(campaign=campaign, request_id=request_id(request_id_))
+
+
+def update_campaign_request(campaign: res.Campaign, update_mask: Sequence[str],
+                            request_id_: str | None) -> cs.UpdateCampaignRequest:
+    return cs.UpdateCampaignRequest(campaign=campaign, update_mask=field_mask_pb2.FieldMask(paths=list(update_mask)),
+                                    request_id=request_id(request_id_))
+
+
+def campaigns_listing(state: CampaignStateLike | None, page_size: int
+                      ) -> Listing[cs.ListCampaignsRequest, cs.ListCampaignsResponse, res.Campaign]:
+    value = campaign_state(state) if state is not None else res.CAMPAIGN_STATE_UNSPECIFIED
+    return Listing(lambda token: cs.ListCampaignsRequest(page_size=page_size, page_token=token, state=value),
+                   lambda r: r.campaigns)
+
+
+def contacts_listing(campaign_id: str, page_size: int
+                     ) -> Listing[cs.ListContactsRequest, cs.ListContactsResponse, res.Contact]:
+    return Listing(lambda token: cs.ListContactsRequest(campaign_id=campaign_id, page_size=page_size,
+                                                        page_token=token),
+                   lambda r: r.contacts)
+
+
+def messages_listing(campaign_id: str, state: MessageStateLike | None, page_size: int
+                     ) -> Listing[cs.ListCampaignMessagesRequest, cs.ListCampaignMessagesResponse,
+                                  res.CampaignMessage]:
+    value = message_state(state) if state is not None else res.MESSAGE_STATE_UNSPECIFIED
+    return Listing(lambda token: cs.ListCampaignMessagesRequest(campaign_id=campaign_id, page_size=page_size,
+                                                                page_token=token, state=value),
+                   lambda r: r.messages)
+
+
+def chips_listing(page_size: int) -> Listing[chs.ListChipsRequest, chs.ListChipsResponse, res.Chip]:
+    return Listing(lambda token: chs.ListChipsRequest(page_size=page_size, page_token=token), lambda r: r.chips)
+
+
+def credit_transactions_listing(campaign_id: str, kind: CreditKindLike | None, page_size: int
+                                ) -> Listing[crs.ListCreditTransactionsRequest, crs.ListCreditTransactionsResponse,
+                                             crs.CreditTransaction]:
+    value = credit_kind(kind) if kind is not None else crs.CREDIT_TRANSACTION_KIND_UNSPECIFIED
+    return Listing(lambda token: crs.ListCreditTransactionsRequest(page_size=page_size, page_token=token,
+                                                                   campaign_id=campaign_id, kind=value),
+                   lambda r: r.transactions)
+
+
+def audit_events_listing(*, entity_type: str, entity_id: str, action: str, start: datetime | None,
+                         end: datetime | None, page_size: int
+                         ) -> Listing[aud.ListAuditEventsRequest, aud.ListAuditEventsResponse, aud.AuditEvent]:
+    def request(token: str) -> aud.ListAuditEventsRequest:
+        req = aud.ListAuditEventsRequest(entity_type=entity_type, entity_id=entity_id, action=action,
+                                         page_size=page_size, page_token=token)
+        if start is not None:
+            req.start_time.CopyFrom(to_timestamp(start))
+        if end is not None:
+            req.end_time.CopyFrom(to_timestamp(end))
+        return req
+    return Listing(request, lambda r: r.audit_events)
+
+
+def register_chip_request(phone: str, waha_base_url: str, waha_session: str, waha_api_key: str, *,
+                          display_name: str, proxy_label: str, pacing: res.Pacing | None,
+                          request_id_: str | None) -> chs.RegisterChipRequest:
+    chip = res.Chip(phone=phone, waha_base_url=waha_base_url, waha_session=waha_session,
+                    waha_api_key=waha_api_key, display_name=display_name, proxy_label=proxy_label)
+    if pacing is not None:
+        chip.pacing.CopyFrom(pacing)
+    return chs.RegisterChipRequest(chip=chip, request_id=request_id(request_id_))
+
+
+def media_upload_request(campaign_id: str, source: bytes | str | os.PathLike[str], filename: str | None,
+                         mime_type: str | None, request_id_: str | None) -> cs.UploadMediaRequest:
+    """Reads a path (or takes bytes) and refuses more than MAX_MEDIA_BYTES before sending megabytes."""
+    if isinstance(source, bytes):
+        if not filename:
+            raise ValueError("filename is required when uploading bytes")
+        content = source
+    else:
+        with open(source, "rb") as f:
+            content = f.read(MAX_MEDIA_BYTES + 1)
+        filename = filename or os.path.basename(os.fspath(source))
+    if len(content) > MAX_MEDIA_BYTES:
+        raise InvalidArgument("media is larger than 16 MiB", field_violations=[("content", "at most 16 MiB")])
+    mime = mime_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    return cs.UploadMediaRequest(campaign_id=campaign_id, filename=filename, mime_type=mime, content=content,
+                                 request_id=request_id(request_id_))
+
+
+def progress_key(c: res.Campaign) -> tuple[int, ...]:
+    """What `wait_for_state` compares to report only changes."""
+    return (c.state, c.total_contacts, c.pending_count, c.sent_count, c.delivered_count, c.read_count,
+            c.failed_count, c.skipped_count)
+
+
+def wanted_states(states: CampaignStateLike | Collection[CampaignStateLike]) -> set[res.CampaignState.ValueType]:
+    if isinstance(states, (str, int)):
+        states = [states]
+    return {campaign_state(s) for s in states}
+
+
+def check_wait(campaign: res.Campaign, wanted: set[res.CampaignState.ValueType], campaign_id: str,
+               give_up: float | None, poll: float, timeout: float | None) -> bool:
+    """True once `campaign` is in a wanted state; raises when waiting longer is pointless."""
+    if campaign.state in wanted:
+        return True
+    if campaign.state in FINAL_CAMPAIGN_STATES:
+        raise FailedPrecondition(f"campaign {campaign_id} ended {res.CampaignState.Name(campaign.state)}",
+                                 reason="CAMPAIGN_ENDED")
+    if give_up is not None and time.monotonic() + poll > give_up:
+        names = sorted(res.CampaignState.Name(s) for s in wanted)
+        raise WaitTimeout(f"campaign {campaign_id} not in {names} after {timeout:g}s "
+                          f"(still {res.CampaignState.Name(campaign.state)})", last=campaign)
+    return False
+
+
+def webhook_create_request(url: str, event_types: Sequence[str], description: str, enabled: bool,
+                           request_id_: str) -> wh.CreateWebhookEndpointRequest:
+    ep = wh.WebhookEndpoint(url=url, event_types=list(event_types), description=description, enabled=enabled)
+    return wh.CreateWebhookEndpointRequest(endpoint=ep, request_id=request_id_)
+
+
+def webhook_update_request(endpoint_id: str, *, url: str | None, description: str | None,
+                           event_types: Sequence[str] | None, enabled: bool | None
+                           ) -> wh.UpdateWebhookEndpointRequest:
+    """Only the fields given go in the update mask."""
+    ep = wh.WebhookEndpoint(endpoint_id=endpoint_id, url=url or "", description=description or "",
+                            event_types=list(event_types or ()), enabled=bool(enabled))
+    paths = [p for p, v in (("url", url), ("description", description), ("event_types", event_types),
+                            ("enabled", enabled)) if v is not None]
+    return wh.UpdateWebhookEndpointRequest(endpoint=ep, update_mask=field_mask_pb2.FieldMask(paths=paths))
+
+
+def rotate_secret_request(endpoint_id: str, grace: timedelta | None) -> wh.RotateWebhookSecretRequest:
+    req = wh.RotateWebhookSecretRequest(endpoint_id=endpoint_id)
+    if grace is not None:
+        req.grace_period.CopyFrom(duration_pb2.Duration(seconds=int(grace.total_seconds())))
+    return req
+
+
+def endpoints_listing(page_size: int
+                      ) -> Listing[wh.ListWebhookEndpointsRequest, wh.ListWebhookEndpointsResponse,
+                                   wh.WebhookEndpoint]:
+    return Listing(lambda token: wh.ListWebhookEndpointsRequest(page_size=page_size, page_token=token),
+                   lambda r: r.endpoints)
+
+
+def deliveries_listing(endpoint_id: str, state: int, page_size: int
+                       ) -> Listing[wh.ListWebhookDeliveriesRequest, wh.ListWebhookDeliveriesResponse,
+                                    wh.WebhookDelivery]:
+    return Listing(lambda token: wh.ListWebhookDeliveriesRequest(
+        endpoint_id=endpoint_id, state=state, page_size=page_size, page_token=token),  # type: ignore[arg-type]
+        lambda r: r.deliveries)
