@@ -14,33 +14,50 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 log = logging.getLogger("campaign_service.metrics")
+
+#: This program's own registry (not prometheus-client's global one): the tests import both programs'
+#: modules into one process, where the same metric names would collide.
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 
 #: RPC latency buckets (seconds): sub-millisecond reads up to slow imports.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 RPC_HANDLED = Counter("grpc_server_handled_total", "RPCs completed by the server, by method and status code.",
-                      ["grpc_service", "grpc_method", "grpc_code"])
+                      ["grpc_service", "grpc_method", "grpc_code"], registry=REGISTRY)
 RPC_SECONDS = Histogram("grpc_server_handling_seconds", "Time from the handler's start to its status, by method "
                         "and status code (streams: the stream's whole life).",
-                        ["grpc_service", "grpc_method", "grpc_code"], buckets=RPC_BUCKETS)
+                        ["grpc_service", "grpc_method", "grpc_code"], buckets=RPC_BUCKETS, registry=REGISTRY)
 
 WEBHOOK_DELIVERIES = Counter("whago_webhook_deliveries_total", "Webhook delivery attempts by outcome: delivered "
-                             "(2xx), retried (will be tried again), dead_lettered (no more tries).", ["outcome"])
+                             "(2xx), retried (will be tried again), dead_lettered (no more tries).", ["outcome"],
+                             registry=REGISTRY)
 WEBHOOK_SECONDS = Histogram("whago_webhook_attempt_seconds", "Duration of one webhook POST (any outcome).",
-                            buckets=WEBHOOK_BUCKETS)
+                            buckets=WEBHOOK_BUCKETS, registry=REGISTRY)
 WEBHOOK_DISABLED = Counter("whago_webhook_endpoints_disabled_total",
-                           "Endpoints disabled after failing for WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS.")
+                           "Endpoints disabled after failing for WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS.",
+                           registry=REGISTRY)
 
-LEASED = Counter("whago_delivery_leased_messages_total", "Messages handed to lanes by LeaseMessages.")
+LEASED = Counter("whago_delivery_leased_messages_total", "Messages handed to lanes by LeaseMessages.",
+                 registry=REGISTRY)
 LEASE_TAKEOVERS = Counter("whago_delivery_lease_takeovers_total", "Messages whose lease had expired (a crashed or "
-                          "slow lane's) and were leased again by a lane.")
+                          "slow lane's) and were leased again by a lane.", registry=REGISTRY)
 SCHEDULER_ACTIONS = Counter("whago_scheduler_actions_total", "Delivery scheduler actions: started (scheduled "
                             "start), swept (chip out of rotation: leases back / redistributed), completed, "
-                            "watchdog_restart (lanes silent with work left, dispatch restarted).", ["action"])
+                            "watchdog_restart (lanes silent with work left, dispatch restarted).", ["action"],
+                            registry=REGISTRY)
 
 _WEBHOOK_OUTCOMES = {o: WEBHOOK_DELIVERIES.labels(o) for o in ("delivered", "retried", "dead_lettered")}
 _SCHEDULER = {a: SCHEDULER_ACTIONS.labels(a) for a in ("started", "swept", "completed", "watchdog_restart")}
@@ -53,7 +70,7 @@ def serve(listen: str) -> int | None:
         return None
     host, _, port = listen.rpartition(":")
     try:
-        httpd, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+        httpd, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)
     except (OSError, ValueError) as exc:
         log.error("metrics endpoint not started on %s: %s", listen, exc)
         return None

@@ -16,7 +16,15 @@ from typing import Any
 
 import grpc
 import redis
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,31 +32,38 @@ from whago.campaign.v1 import delivery_service_pb2 as dpb
 
 log = logging.getLogger("dispatcher.metrics")
 
+#: This program's own registry (not prometheus-client's global one): the tests import both programs'
+#: modules into one process, where the same metric names would collide.
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PACING_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
 
 # -- dispatcher server ---------------------------------------------------------------------------------
 RPC_HANDLED = Counter("grpc_server_handled_total", "RPCs completed by the server, by method and status code.",
-                      ["grpc_service", "grpc_method", "grpc_code"])
+                      ["grpc_service", "grpc_method", "grpc_code"], registry=REGISTRY)
 RPC_SECONDS = Histogram("grpc_server_handling_seconds", "Time from the handler's start to its status, by method "
-                        "and status code.", ["grpc_service", "grpc_method", "grpc_code"], buckets=RPC_BUCKETS)
+                        "and status code.", ["grpc_service", "grpc_method", "grpc_code"], buckets=RPC_BUCKETS,
+                        registry=REGISTRY)
 
 # -- workers ---------------------------------------------------------------------------------------------
 SENT = Counter("whago_messages_sent_total", "Messages WAHA accepted (outcome SENT, incl. sends confirmed by a "
-               "lookup after an uncertain answer).")
+               "lookup after an uncertain answer).", registry=REGISTRY)
 FAILED = Counter("whago_messages_failed_total", "Messages that did not go out, by reason: rejected (WAHA 4xx), "
                  "retries_exhausted, waha_error, outcome_unknown (never resent blindly), not_on_whatsapp "
-                 "(SKIPPED).", ["reason"])
+                 "(SKIPPED).", ["reason"], registry=REGISTRY)
 RELEASED = Counter("whago_messages_released_total", "Leased messages handed back unsent (lane stopped, slice over, "
-                   "chip down); they are sent later or by another lane.")
-LANES = Gauge("whago_lanes_running", "Lane slices running in this worker (holding their lane lock).")
+                   "chip down); they are sent later or by another lane.", registry=REGISTRY)
+LANES = Gauge("whago_lanes_running", "Lane slices running in this worker (holding their lane lock).", registry=REGISTRY)
 SLICES = Counter("whago_lane_slices_total", "Lane slices ended, by outcome (finished, slice, stopped, busy, "
-                 "backoff, chip_failed, error, cancelled).", ["outcome"])
+                 "backoff, chip_failed, error, cancelled).", ["outcome"], registry=REGISTRY)
 PACING_WAIT = Histogram("whago_pacing_wait_seconds", "Waits of a lane for its chip's pacing slot (gap, hourly/daily "
                         "cap, sending window) before a send; _count = waits, _sum = seconds waited.",
-                        buckets=PACING_BUCKETS)
+                        buckets=PACING_BUCKETS, registry=REGISTRY)
 JOB_RETRIES = Counter("whago_arq_job_retries_total", "arq jobs run again (job_try > 1): a crashed, timed-out or "
-                      "shut-down worker's lane slice taken over.")
+                      "shut-down worker's lane slice taken over.", registry=REGISTRY)
 
 _FAILED = {r: FAILED.labels(r) for r in ("rejected", "retries_exhausted", "waha_error", "outcome_unknown",
                                          "not_on_whatsapp")}
@@ -63,7 +78,7 @@ def serve(listen: str) -> int | None:
         return None
     host, _, port = listen.rpartition(":")
     try:
-        httpd, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+        httpd, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)
     except (OSError, ValueError) as exc:
         log.error("metrics endpoint not started on %s: %s", listen, exc)
         return None
