@@ -145,3 +145,24 @@ def test_metrics_are_off_without_a_listen_address() -> None:
 
     assert cm.serve("") is None
     assert dm.serve("  ") is None
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics() -> None:
+    """deploy/grafana/whago.json: valid JSON whose every query names a metric one program exports
+    (a renamed metric would leave an empty panel)."""
+    import json
+    from pathlib import Path
+
+    from campaign_service import metrics as cm
+    from dispatcher_service import metrics as dm
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "whago.json").read_text())
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported = {fam.name + sfx for reg in (cm.REGISTRY, dm.REGISTRY) for fam in reg.collect()
+                for sfx in suffixes.get(fam.type, ())}
+    exported |= {"whago_arq_queue_jobs", "whago_arq_queue_due_jobs"}  # read from Redis when scraped
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 10
+    for expr in exprs:
+        for name in re.findall(r"\b((?:whago|grpc_server)_[a-z_]+)", expr):
+            assert name in exported, f"{name} in {expr!r} is not exported"
