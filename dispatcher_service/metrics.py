@@ -1,9 +1,10 @@
 """Prometheus metrics of the dispatcher's two programs: every metric is defined here and the rest of
 the code calls the small functions below (one call per event). The server
 (`dispatcher_service.server`) serves them on DISPATCHER_METRICS_LISTEN, each arq worker on
-WORKER_METRICS_LISTEN (host:port; port 0 picks a free one and logs it; empty = off). A process
-only exports what it records, plus the arq queue depth, which the server reads from Redis at
-scrape time (no polling loop, no per-message Redis calls).
+WORKER_METRICS_LISTEN (host:port; port 0 picks a free one and logs it; empty = off). Both export
+every metric defined here and each moves only its own (the server: RPCs; workers: messages, lanes,
+pacing, retries); the arq queue depth is the server's, read from Redis at scrape time (no polling
+loop, no per-message Redis calls).
 
 Hot paths (a message's outcome, a pacing wait) touch pre-bound prometheus-client children only."""
 
