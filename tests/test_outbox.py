@@ -54,10 +54,8 @@ def test_retention_keeps_events_still_owed(delivery_db: Database) -> None:
     stream = f"campaign:{uuid.uuid4()}"
     with delivery_db.transaction() as s:
         ids = [outbox.emit(s, user_id=user, stream=stream, type=outbox.CAMPAIGN_UPDATED, data={}) for _ in range(3)]
-        # Disabled: the session's live relay (same database) neither fans these events out to it nor
-        # attempts (and dead-letters) its open delivery while the test runs; prune looks at deliveries only.
-        ep = s.execute(text("INSERT INTO webhook_endpoints (id, user_id, url, secret, enabled) VALUES "
-                            "(gen_random_uuid(), :u, 'http://127.0.0.1:9/', 'whsec_x', false) RETURNING id"),
+        ep = s.execute(text("INSERT INTO webhook_endpoints (id, user_id, url, secret) VALUES "
+                            "(gen_random_uuid(), :u, 'http://127.0.0.1:9/', 'whsec_x') RETURNING id"),
                        {"u": user}).scalar_one()
         s.execute(text("INSERT INTO webhook_deliveries (endpoint_id, event_id, stream, state) VALUES "
                        "(:e, :a, :s, 2), (:e, :b, :s, 1)"), {"e": ep, "a": ids[0], "b": ids[1], "s": stream})
