@@ -7,15 +7,18 @@ PYTHON := $(BIN)/python
 BUF := node_modules/.bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients
 PROTOS := $(shell find protos -name '*.proto')
+TS := clients/typescript
+TS_SRC := $(shell find $(TS)/src $(TS)/test $(TS)/examples -name '*.ts' -not -path '$(TS)/src/gen/*' 2>/dev/null)
 
-.PHONY: all setup gen lint test run bench clean help
+.PHONY: all setup gen ts lint test run bench clean help
 
 all: setup
 
 help:
 	@echo "make run    - whole stack on local defaults + demo campaign"
 	@echo "make test   - full test suite (real PostgreSQL, Redis, worker, WAHA sandbox)"
-	@echo "make lint   - buf lint + buf breaking + ruff + mypy"
+	@echo "make lint   - buf lint + buf breaking + ruff + mypy (+ tsc of clients/typescript)"
+	@echo "make ts     - build the TypeScript client (buf generate + tsc)"
 	@echo "make bench  - benchmarks, writes bench/results.json"
 
 $(VENV)/.stamp: requirements.lock
@@ -35,11 +38,23 @@ whago/.stamp: $(VENV)/.stamp $(PROTOS)
 	find whago -type d -exec touch {}/__init__.py \;
 	touch $@
 
+# The TypeScript client: its own pinned dependencies (clients/typescript/package-lock.json), then
+# protos/ -> src/gen/ (buf generate, protoc-gen-es; generated, never edited) and tsc -> dist/.
+$(TS)/node_modules/.stamp: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(TS)/dist/.stamp: $(TS)/node_modules/.stamp $(PROTOS) $(TS)/buf.gen.yaml $(TS)/tsconfig.json $(TS_SRC)
+	cd $(TS) && npm run --silent build
+	touch $@
+
 setup: $(VENV)/.stamp whago/.stamp
 
 gen: whago/.stamp
 
-lint: setup node_modules/.stamp
+ts: $(TS)/dist/.stamp
+
+lint: setup node_modules/.stamp $(TS)/dist/.stamp
 	$(BUF) lint
 	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:protos 2>/dev/null; then \
 		$(BUF) breaking --against '.git#branch=main'; \
@@ -47,7 +62,7 @@ lint: setup node_modules/.stamp
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: setup node_modules/.stamp
+test: setup node_modules/.stamp $(TS)/dist/.stamp
 	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=15
 
 run: setup node_modules/.stamp
@@ -57,4 +72,4 @@ bench: setup
 	$(PYTHON) -m bench.run
 
 clean:
-	rm -rf whago .run .pytest_cache .mypy_cache
+	rm -rf whago .run .pytest_cache .mypy_cache $(TS)/dist $(TS)/src/gen

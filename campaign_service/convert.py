@@ -224,7 +224,7 @@ def message(m: MessageRow) -> res.CampaignMessage:
                               phone=m.phone, chat_id=m.chat_id, chip_id=str(m.chip_id),
                               state=m.state,  # type: ignore[arg-type]
                               waha_message_id=m.waha_message_id or "", failure_reason=m.failure_reason or "",
-                              attempts=m.attempts)
+                              attempts=m.attempts, template_index=m.template_index, variant=m.variant)
     if m.sent_at is not None:
         out.sent_time.FromDatetime(m.sent_at)
     out.update_time.FromDatetime(m.updated_at)

@@ -25,7 +25,10 @@ T = TypeVar("T")
 
 # The statuses after which the service is taken as unreachable within the budget.
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-SERVICE_CONFIG = json.dumps({"methodConfig": [{
+# round_robin: a target naming several campaign_service replicas (`ipv4:h:p1,h:p2`, or a DNS name
+# with several addresses such as a scaled compose service) spreads the calls over all of them; with
+# one address it is the same as the default pick_first.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
     "name": [{"service": "whago.campaign.v1.DeliveryService"}],
     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},

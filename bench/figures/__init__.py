@@ -12,6 +12,7 @@ from bench.figures.dispatch import fig_dispatch
 from bench.figures.events import fig_watch, fig_webhooks
 from bench.figures.lanes import fig_cancel, fig_lanes, fig_lease
 from bench.figures.reads import fig_get, fig_list
+from bench.figures.scale import fig_scale
 
 FIGURES: dict[str, Callable[[Ctx], None]] = {
     "import": fig_import,
@@ -26,4 +27,5 @@ FIGURES: dict[str, Callable[[Ctx], None]] = {
     "lease": fig_lease,
     "webhooks": fig_webhooks,
     "watch": fig_watch,
+    "scale": fig_scale,
 }

@@ -84,6 +84,9 @@ class Campaign(Base):
     chip_ids: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), nullable=False,
                                                       server_default=text("'{}'::uuid[]"))
     schedule_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The columns (template variables) its imported contacts carry, kept by ImportContacts (0008).
+    variable_names: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False,
+                                                      server_default=text("'{}'::text[]"))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -28,7 +28,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.templates import render, template_parts
+from campaign_service.templates import render_message, template_parts
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -99,7 +99,7 @@ SET state = {SENDING:d}, lease_owner = :owner, lease_expires_at = now() + make_i
 FROM picked, campaign_contacts ct
 WHERE m.id = ANY(ARRAY(SELECT id FROM picked)) AND m.id = picked.id AND ct.id = m.contact_id
 RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
-          m.attempts, m.lease_expires_at, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired
+          m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired
 """)
 
 _HEARTBEAT_AND_REMAINING = text(f"""
@@ -189,7 +189,8 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         media = _media(s, cid, {m for _, m in parts if m is not None})
         leased = [
             LeasedMessage(message_id=r.id, chat_id=r.chat_id, phone=r.phone,
-                          text=render(txt, r.name, r.phone, r.variables),
+                          text=render_message(camp.templates, r.template_index, r.contact_id, r.name, r.phone,
+                                              r.variables).text,
                           media=media.get(mid) if mid is not None else None,
                           waha_message_id=r.waha_message_id, attempts=r.attempts,
                           lease_expires_at=r.lease_expires_at,

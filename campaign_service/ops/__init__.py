@@ -18,6 +18,7 @@ from campaign_service.ops.chips import ChipOps
 from campaign_service.ops.contacts import ContactOps
 from campaign_service.ops.credits import CreditOps
 from campaign_service.ops.media import MediaOps
+from campaign_service.ops.preview import PreviewOps
 from campaign_service.ops.watch import WatchOps
 from campaign_service.ops.webhooks import WebhookOps
 
@@ -35,9 +36,10 @@ class Operations:
     audit: AuditOps
     watch: WatchOps
     credits: CreditOps
+    preview: PreviewOps
 
     @classmethod
     def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient) -> Operations:
         deps = (db, settings, dispatcher)
         return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps),
-                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps), CreditOps(*deps))
+                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps), CreditOps(*deps), PreviewOps(*deps))

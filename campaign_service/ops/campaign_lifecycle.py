@@ -23,7 +23,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.orm import Session
+
 from campaign_service import audit, auth, convert, errors, lifecycle, outbox, pacing
+from campaign_service import templates as message_templates
 from campaign_service.db.models import Campaign, Chip
 from campaign_service.dispatch import Lane
 from campaign_service.ids import parse_uuid
@@ -32,6 +35,7 @@ from campaign_service.ops.base import OpsBase, utcnow
 from campaign_service.ops.inputs import CANCEL_REASON, Idem, Replayed
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import chips as chips_repo
+from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import idempotency
 from campaign_service.repository import messages as messages_repo
@@ -68,6 +72,7 @@ class CampaignLifecycle(OpsBase):
             if c.total_contacts <= 0:
                 raise errors.FailedPrecondition("NO_CONTACTS", "the campaign has no contacts: import some first",
                                                 {"campaign_id": str(cid)})
+            self._check_variables(s, c, templates)
             chips = chips_repo.usable(s, user_id, c.chip_ids)
             if not chips:
                 raise errors.FailedPrecondition(
@@ -80,8 +85,9 @@ class CampaignLifecycle(OpsBase):
             have = credits_repo.balance(s, user_id)
             if have is None or have.available < c.total_contacts:
                 raise _insufficient(c.total_contacts, have.available if have else 0)
-            created = messages_repo.create_for_start(s, cid, [ch.id for ch in chips], len(templates),
-                                                     settings.shuffle_contacts)
+            created = messages_repo.create_for_start(
+                s, cid, [ch.id for ch in chips], message_templates.weight_pattern([t.weight for t in templates]),
+                settings.shuffle_contacts)
             # One credit per message created (the rows, not the counter, are the truth).
             if credits_repo.reserve(s, user_id, cid, created, f"start of campaign '{c.name}': {created} message(s)"
                                     ) is None:
@@ -110,6 +116,23 @@ class CampaignLifecycle(OpsBase):
             raise
         log.info("campaign=%s RUNNING (dispatch epoch %d)", cid, c.dispatch_epoch)
         return c
+
+    @staticmethod
+    def _check_variables(s: Session, c: Campaign, templates: list[res.MessageTemplate]) -> None:
+        """At Start at the latest, every variable is known and has a value (or a default) for
+        every contact: nothing renders to a silent empty string."""
+        problems = message_templates.validate([(t.text, bool(t.media_id)) for t in templates], "campaign.templates",
+                                              set(c.variable_names))
+        if problems:
+            raise errors.FailedPrecondition(
+                "TEMPLATE_VARIABLES", "; ".join(f"{f}: {d}" for f, d in problems), {"field": problems[0][0]})
+        required = message_templates.required_variables([t.text for t in templates]) - {"phone"}
+        for name, missing in contacts_repo.missing_values(s, c.id, sorted(required)).items():
+            if missing:
+                raise errors.FailedPrecondition(
+                    "MISSING_VARIABLE_VALUES",
+                    f"{missing} contact(s) have no {name}, and {{{{{name}}}}} has no default: write "
+                    f"{{{{{name}|...}}}} or import the values", {"variable": name, "contacts": str(missing)})
 
     def _undo_start(self, user_id: uuid.UUID, cid: uuid.UUID, epoch: int, before: _Snapshot, created: int,
                     idem: Idem | None) -> None:

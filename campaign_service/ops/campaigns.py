@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
 
-from campaign_service import convert, errors, lifecycle, outbox, pacing, pagination
+from campaign_service import convert, errors, lifecycle, outbox, pacing, pagination, templates
 from campaign_service.db.models import Campaign
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
@@ -54,15 +54,18 @@ class CampaignCrud(OpsBase):
             if len(spec.templates) > MAX_TEMPLATES:
                 v.append((f"{prefix}.templates", f"at most {MAX_TEMPLATES} templates"))
             for i, t in enumerate(spec.templates):
-                if not t.text.strip() and not t.media_id:
-                    v.append((f"{prefix}.templates[{i}].text", "text or media_id is required"))
                 if len(t.text) > MAX_TEMPLATE_TEXT:
                     v.append((f"{prefix}.templates[{i}].text", f"at most {MAX_TEMPLATE_TEXT} characters"))
+                if t.weight > templates.MAX_WEIGHT:
+                    v.append((f"{prefix}.templates[{i}].weight", f"at most {templates.MAX_WEIGHT}"))
                 if t.media_id:
                     try:
                         uuid.UUID(t.media_id)
                     except ValueError:
                         v.append((f"{prefix}.templates[{i}].media_id", "not a valid media id"))
+            short = [(t.text, bool(t.media_id)) for t in spec.templates if len(t.text) <= MAX_TEMPLATE_TEXT]
+            if len(short) == len(spec.templates):
+                v.extend(templates.validate(short, f"{prefix}.templates"))
         if "settings" in ps or any(p.startswith("settings.") for p in ps):
             v.extend(pacing.validate_settings(spec.settings, f"{prefix}.settings"))
         if "chip_ids" in ps:
@@ -154,6 +157,11 @@ class CampaignCrud(OpsBase):
             c = self._campaign(s, user_id, cid, lock=True)
             _check_etag(c, etag)
             lifecycle.check(Op.UPDATE, c.state)
+            if "templates" in paths and c.total_contacts > 0:  # variables checked against the imported columns
+                problems = templates.validate([(t.text, bool(t.media_id)) for t in patch.templates],
+                                              "campaign.templates", set(c.variable_names))
+                if problems:
+                    raise errors.InvalidArgument(problems)
             chip_ids = self._validate_refs(s, user_id, cid, patch, paths)
             for p in paths:
                 if p == "name":

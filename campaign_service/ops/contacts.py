@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
-from campaign_service import errors, lifecycle, outbox, pagination, phones
+from campaign_service import errors, lifecycle, outbox, pagination, phones, templates
 from campaign_service.db.models import Contact
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op
@@ -53,6 +54,7 @@ class ContactOps(OpsBase):
             if not direct:
                 contacts_repo.begin_import(s)
             seen: set[int] = set()
+            columns: set[str] = set()
             batch: list[contacts_repo.Row] = []
             row = 0
             normalize = phones.normalize
@@ -73,6 +75,8 @@ class ContactOps(OpsBase):
                             else:
                                 seen.add(key)
                                 batch.append((got.digits, got.chat_id, r.name, r.variables, offset + row))
+                                if r.variables:
+                                    columns.update(k.replace("\x00", "") for k in r.variables)
                             continue
                         out.rejected_count += 1
                         if len(out.rejected) < MAX_REJECTED_REPORTED:
@@ -89,6 +93,8 @@ class ContactOps(OpsBase):
             out.imported = inserted
             out.duplicates += staged - inserted
             c.total_contacts += inserted
+            if columns - set(c.variable_names):
+                c.variable_names = sorted(set(c.variable_names) | columns)
             out.total_contacts = c.total_contacts
             campaigns_repo.touch(s, c)
             self._campaign_changed(s, c, action="campaign.import_contacts", event=outbox.CAMPAIGN_UPDATED,
@@ -132,12 +138,15 @@ class ContactOps(OpsBase):
         cursor = pagination.decode(page_token, "messages", f"{cid}/{state}")
         after = self._int_cursor(cursor)
         with self.db.session() as s:
-            self._campaign(s, user_id, cid)
+            c = self._campaign(s, user_id, cid)
             rows: list[MessageRow] = messages_repo.page(s, cid, state, size + 1, after)
         token = ""
         if len(rows) > size:
             rows = rows[:size]
             token = pagination.encode("messages", f"{cid}/{state}", [rows[-1].id])
+        # The variant is not stored: rendering is deterministic per contact, so it is recomputed.
+        rows = [replace(r, variant=templates.render_message(c.templates, r.template_index, r.contact_id, r.name,
+                                                            r.phone, r.variables).variant) for r in rows]
         return Page(rows, token)
 
     @staticmethod

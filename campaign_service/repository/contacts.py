@@ -7,7 +7,7 @@ import json
 import queue
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select, text
@@ -174,3 +174,22 @@ def delete_all(session: Session, campaign_id: uuid.UUID) -> int:
     """One statement for all of the campaign's contacts."""
     return int(session.execute(text("DELETE FROM campaign_contacts WHERE campaign_id = :c"),
                                {"c": campaign_id}).rowcount)  # type: ignore[attr-defined]
+
+
+def missing_values(session: Session, campaign_id: uuid.UUID, names: Sequence[str]) -> dict[str, int]:
+    """How many of the campaign's contacts have no value for each variable (one scan for all).
+    name/first_name come from the contact's name, or a `name` column."""
+    if not names:
+        return {}
+    exprs: list[str] = []
+    params: dict[str, Any] = {"c": campaign_id}
+    for k, n in enumerate(names):
+        if n in ("name", "first_name"):
+            cond = "name = '' AND coalesce(variables->>'name', '') = ''"
+        else:
+            cond = f"coalesce(variables->>:k{k}, '') = ''"
+            params[f"k{k}"] = n
+        exprs.append(f"count(*) FILTER (WHERE {cond})")
+    row = session.execute(text(f"SELECT {', '.join(exprs)} FROM campaign_contacts WHERE campaign_id = :c"),
+                          params).one()
+    return {n: int(row[k]) for k, n in enumerate(names)}

@@ -14,17 +14,21 @@ from sqlalchemy.orm import Session
 from campaign_service.states import MessageState as M
 
 
-def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequence[uuid.UUID], n_templates: int,
-                     shuffle: bool) -> int:
+def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequence[uuid.UUID],
+                     template_pattern: Sequence[int], shuffle: bool) -> int:
     """One PENDING message per contact in ONE statement: send order seq = rn over row_no (or random()),
-    chip = chip_ids[(rn-1) % n], template (rn-1) % n_templates. Returns the number created."""
+    chip = chip_ids[(rn-1) % n], template by weight: template_pattern[contact_hash(contact id) % len]
+    (templates.pick_template, the same in SQL). Returns the number created."""
     order = "random()" if shuffle else "row_no, id"
+    pattern = list(template_pattern) or [0]
     result = session.execute(text(
         "INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, state, seq, template_index)"
-        f" SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], {M.PENDING:d}, t.rn, (t.rn - 1) % :nt"
+        f" SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], {M.PENDING:d}, t.rn,"
+        "        (CAST(:pattern AS int[]))[((t.id % 2147483647) * 48271 % 2147483647) % :plen + 1]"
         f" FROM (SELECT id, row_number() OVER (ORDER BY {order}) AS rn"
         "       FROM campaign_contacts WHERE campaign_id = :c) t"),
-        {"c": campaign_id, "chips": [str(c) for c in chip_ids], "n": len(chip_ids), "nt": max(n_templates, 1)})
+        {"c": campaign_id, "chips": [str(c) for c in chip_ids], "n": len(chip_ids), "pattern": pattern,
+         "plen": len(pattern)})
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -76,13 +80,17 @@ class MessageRow:
     attempts: int
     sent_at: datetime | None
     updated_at: datetime
+    template_index: int = 0
+    name: str = ""
+    variables: dict[str, str] | None = None
+    variant: str = ""  # filled by the caller from the campaign's templates
 
 
 def page(session: Session, campaign_id: uuid.UUID, state: int, limit: int, after_id: int) -> list[MessageRow]:
     cond = "AND m.state = :s" if state else ""
     rows = session.execute(text(
         "SELECT m.id, m.campaign_id, m.contact_id, c.phone, c.chat_id, m.chip_id, m.state, m.waha_message_id,"
-        " m.failure_reason, m.attempts, m.sent_at, m.updated_at"
+        " m.failure_reason, m.attempts, m.sent_at, m.updated_at, m.template_index, c.name, c.variables"
         " FROM campaign_messages m JOIN campaign_contacts c ON c.id = m.contact_id"
         f" WHERE m.campaign_id = :c {cond} AND m.id > :after ORDER BY m.id LIMIT :lim"),
         {"c": campaign_id, "s": state, "after": after_id, "lim": limit}).all()

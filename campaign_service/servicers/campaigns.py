@@ -15,6 +15,7 @@ import grpc
 from campaign_service import auth, convert, errors, outbox
 from campaign_service.ops import Operations
 from campaign_service.ops.inputs import CampaignInput, DeleteResult, ImportChunk, mask_paths
+from campaign_service.ops.preview import PreviewContact
 from campaign_service.ops.watch import Snapshot
 from campaign_service.relay.payloads import EventRow
 from campaign_service.servicers import idem, unwrap
@@ -167,6 +168,16 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
         items = self.ops.media.list_media(auth.current_user_id(), request.campaign_id)
         return cs.ListCampaignMediaResponse(media=[convert.media(m) for m in items])
 
+
+    def PreviewMessages(self, request: cs.PreviewMessagesRequest,
+                        context: grpc.ServicerContext) -> cs.PreviewMessagesResponse:
+        r = self.ops.preview.preview(
+            auth.current_user_id(), request.campaign_id, request.count,
+            [PreviewContact(c.phone, c.name, dict(c.variables)) for c in request.contacts], request.default_region)
+        return cs.PreviewMessagesResponse(
+            previews=[cs.MessagePreview(contact_id=p.contact_id, phone=p.phone, template_index=p.template_index,
+                                        variant=p.variant, text=p.text, media_id=p.media_id) for p in r.previews],
+            distinct_texts=r.distinct_texts, variant_count=r.variant_count)
 
     def _event_response(self, ev: EventRow) -> cs.WatchCampaignResponse:
         """One message per event for all its watchers (a thousand watchers: one conversion)."""
