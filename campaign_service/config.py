@@ -30,6 +30,8 @@ class Settings:
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))
+    # Prometheus /metrics endpoint (host:port; port 0 picks one and logs it), empty = off.
+    metrics_listen: str = field(default_factory=lambda: os.environ.get("CAMPAIGN_METRICS_LISTEN", ""))
     # Webhooks. Networks (CIDRs, comma-separated) that endpoint URLs may resolve to although they
     # are not public (SSRF guard); `make run` and the tests allow loopback.
     webhook_allow_cidrs: str = field(default_factory=lambda: os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", ""))

@@ -18,7 +18,7 @@ import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from campaign_service import auth, errors
+from campaign_service import auth, errors, metrics
 
 log = logging.getLogger("campaign_service.rpc")
 
@@ -114,19 +114,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
         principal_of = self._principal
         set_current, reset_current = auth.set_current, auth.reset_current
+        observer = metrics.RpcObserver(method)
+        clock, ok, cancelled = time.perf_counter, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
                 token = None
+                started, code = clock(), ok
                 try:
                     token = set_current(principal_of(service, context.invocation_metadata()))
                     return behavior(request_or_iterator, context)
                 except Exception as exc:
                     err = to_service_error(exc)
+                    code = err.code
                     if isinstance(err, errors.Internal):
                         log.exception("rpc=%s internal error", method)
                     _abort(context, err)
                 finally:
+                    observer.done(code, started)
                     if token is not None:
                         reset_current(token)
             return run
@@ -138,13 +143,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap_async(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def run(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started, code = clock(), cancelled  # stays CANCELLED when the task is cancelled
                 try:
                     set_current(await principal_for(context))  # this task's own context
-                    return await behavior(request_or_iterator, context)
+                    result = await behavior(request_or_iterator, context)
+                    code = ok
+                    return result
                 except Exception as exc:
                     err = to_service_error(exc)
+                    code = err.code
                     if isinstance(err, errors.Internal):
                         log.exception("rpc=%s internal error", method)
+                finally:
+                    observer.done(code, started)
                 status = err.to_status()
                 await context.abort(status.code, status.details, status.trailing_metadata)
             return run
@@ -152,14 +163,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 err: errors.ServiceError | None = None
+                started, code = clock(), cancelled  # stays CANCELLED when the client goes away
                 try:
                     set_current(await principal_for(context))  # this task's own context
                     async for item in behavior(request, context):
                         yield item
+                    code = ok
                 except Exception as exc:
                     err = to_service_error(exc)
+                    code = err.code
                     if isinstance(err, errors.Internal):
                         log.exception("rpc=%s internal error", method)
+                finally:
+                    observer.done(code, started)
                 if err is not None:
                     status = err.to_status()
                     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -22,7 +22,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from campaign_service import config, logs
+from campaign_service import config, logs, metrics
 from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
@@ -125,6 +125,7 @@ class App:
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
         await self.server.start()
+        metrics.serve(self.settings.metrics_listen)
         self.scheduler = delivery_scheduler.start(self.db, self.settings)
         self.hub.start()
         await self.relay.start()

@@ -3,7 +3,8 @@
 PostgreSQL and Redis are private servers under .run/ unless DATABASE_URL / REDIS_URL point at
 real ones. Services listen on campaign 127.0.0.1:50051, dispatcher 127.0.0.1:50052 (its WAHA
 webhook receiver on 127.0.0.1:50053) and the WAHA sandbox 127.0.0.1:3000 (WAHA's own default port),
-which posts WhatsApp receipts to that receiver."""
+which posts WhatsApp receipts to that receiver. Prometheus metrics: campaign 127.0.0.1:9101, dispatcher
+127.0.0.1:9102, worker 127.0.0.1:9103 (`/metrics`)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,10 @@ def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
         "WAHA_WEBHOOK_HMAC_KEY": os.environ.get("WAHA_WEBHOOK_HMAC_KEY", "dev-webhook-key"),
         # The user's webhook endpoints may be on this machine (the SSRF guard refuses loopback otherwise).
         "WHAGO_WEBHOOK_ALLOW_CIDRS": os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
+        # Prometheus /metrics of each program (README "Metrics"); the one worker of `make run` has its own.
+        "CAMPAIGN_METRICS_LISTEN": os.environ.get("CAMPAIGN_METRICS_LISTEN", "127.0.0.1:9101"),
+        "DISPATCHER_METRICS_LISTEN": os.environ.get("DISPATCHER_METRICS_LISTEN", "127.0.0.1:9102"),
+        "WORKER_METRICS_LISTEN": os.environ.get("WORKER_METRICS_LISTEN", "127.0.0.1:9103"),
     }
 
 

@@ -55,6 +55,10 @@ class Config:
     # empty = off. With a key, requests must carry WAHA's HMAC signature (webhooks.py).
     webhook_listen: str = field(default_factory=lambda: _env("DISPATCHER_WEBHOOK_LISTEN", ""))
     webhook_hmac_key: str = field(default_factory=lambda: _env("WAHA_WEBHOOK_HMAC_KEY", ""))
+    # Prometheus /metrics endpoints (host:port; port 0 picks one and logs it), empty = off: the
+    # server's, and each worker's (workers on one host need distinct ports, or 0).
+    metrics_listen: str = field(default_factory=lambda: _env("DISPATCHER_METRICS_LISTEN", ""))
+    worker_metrics_listen: str = field(default_factory=lambda: _env("WORKER_METRICS_LISTEN", ""))
 
     def __post_init__(self) -> None:
         if self.message_ids not in MESSAGE_ID_SOURCES:

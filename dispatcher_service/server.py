@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, logs, webhooks
+from dispatcher_service import eventloop, logs, metrics, webhooks
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.redis_conn import arq_client
 from dispatcher_service.servicer import DispatcherServicer
@@ -48,6 +48,8 @@ async def serve(cfg: config_mod.Config) -> None:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("DispatcherService listening on %s (redis %s, queue %s)", cfg.listen, cfg.redis_url, cfg.queue_name)
+    if metrics.serve(cfg.metrics_listen) is not None:
+        metrics.watch_queue(cfg.redis_url, cfg.queue_name)
     receiver: web.AppRunner | None = None
     delivery: DeliveryClient | None = None
     if cfg.webhook_listen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import grpc
 from arq.connections import ArqRedis
 
-from dispatcher_service import errors
+from dispatcher_service import errors, metrics
 from dispatcher_service.config import Config
 from dispatcher_service.store import Store
 from whago.campaign.v1 import resources_pb2 as rpb
@@ -32,15 +33,22 @@ R = TypeVar("R")
 def rpc(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Auth + error mapping for every method: whatever escapes becomes errors.to_service_error's status."""
 
+    observer = metrics.RpcObserver(pb.DESCRIPTOR.services_by_name["DispatcherService"].full_name, fn.__name__)
+
     @functools.wraps(fn)
     async def wrapper(self: DispatcherServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
+        started, code = time.perf_counter(), grpc.StatusCode.CANCELLED  # stays so when the task is cancelled
         try:
             self.authenticate(context)
-            return await fn(self, request, context)
+            result = await fn(self, request, context)
+            code = grpc.StatusCode.OK
+            return result
         except grpc.aio.AbortError:
+            code = grpc.StatusCode.UNKNOWN  # aborted by the method itself (none does today)
             raise
         except Exception as exc:
             err = errors.to_service_error(exc)
+            code = err.code
             if isinstance(err, errors.Internal):
                 log.exception("%s failed: %s", fn.__name__, exc)
             elif isinstance(err, errors.Unavailable):
@@ -48,6 +56,8 @@ def rpc(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             elif err.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 log.info("%s refused: %s %s", fn.__name__, err.code.name, err.message)
             await context.abort_with_status(err.to_status())  # type: ignore[attr-defined]
+        finally:
+            observer.done(code, started)
         raise AssertionError("unreachable")  # abort_with_status always raises
 
     return wrapper

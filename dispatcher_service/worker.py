@@ -21,7 +21,7 @@ from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, keys, logs
+from dispatcher_service import eventloop, keys, logs, metrics
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lane.common import WorkerEnv
 from dispatcher_service.lane.loop import run_lane
@@ -38,6 +38,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     http = HttpClient(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
     delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
     ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)
+    metrics.serve(CFG.worker_metrics_listen)
     log.info("worker %s@%s started: loop=%s queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",
              os.getpid(), socket.gethostname(), eventloop.name(), CFG.queue_name, CFG.campaign_target, CFG.max_jobs,
              CFG.slice_seconds, CFG.job_timeout)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from campaign_service import errors
+from campaign_service import errors, metrics
 from campaign_service.db import arrays
 from campaign_service.db.engine import Database
 from campaign_service.delivery.common import (
@@ -87,15 +87,15 @@ WHERE user_id = :u AND phone = ANY(CAST(:phones AS text[]))
 # whole primary key once per lease (20-35 s per lease seen in `make bench`).
 _LEASE = text(f"""
 WITH expired AS (
-    SELECT id, seq, waha_message_id, template_index FROM campaign_messages
+    SELECT id, seq, waha_message_id, template_index, true AS expired FROM campaign_messages
     WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d} AND lease_expires_at < now()
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), pending AS (
-    SELECT id, seq, waha_message_id, template_index FROM campaign_messages
+    SELECT id, seq, waha_message_id, template_index, false AS expired FROM campaign_messages
     WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id, seq, waha_message_id AS earlier, template_index, row_number() OVER (ORDER BY seq) AS rn
+    SELECT id, seq, waha_message_id AS earlier, template_index, expired, row_number() OVER (ORDER BY seq) AS rn
     FROM (SELECT * FROM expired UNION ALL SELECT * FROM pending) u ORDER BY seq LIMIT :n
 )
 UPDATE campaign_messages m
@@ -107,7 +107,7 @@ SET state = {SENDING:d}, lease_owner = :owner, lease_expires_at = now() + make_i
 FROM picked, campaign_contacts ct
 WHERE m.id = ANY(ARRAY(SELECT id FROM picked)) AND m.id = picked.id AND ct.id = m.contact_id
 RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
-          m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables
+          m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired
 """)
 
 _HEARTBEAT_AND_REMAINING = text(f"""
@@ -189,6 +189,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                                        "owner": lease_owner or None, "wids": arrays.literal(waha_message_ids),
                                        "nt": max(1, len(templates)), "media_idx": arrays.int_literal(media_idx)}))
         rows.sort(key=lambda r: r.seq)
+        metrics.leased(len(rows), sum(1 for r in rows if r.expired))
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
                                                          "count_cap": remaining_cap(max_messages),
                                                          "after": rows[-1].seq if rows else 0}).scalar_one()

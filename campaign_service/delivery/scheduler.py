@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from campaign_service import audit, convert, errors, pacing
+from campaign_service import audit, convert, errors, metrics, pacing
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.delivery import chips, transitions
@@ -190,6 +190,7 @@ class Scheduler:
         while not self._stop.is_set():
             began = time.monotonic()
             result = self.run_once()
+            metrics.scheduler_tick(result.started, result.swept, result.completed, result.kicked)
             # Back off while the database is down (every job failing), up to 10 s.
             self._failures = self._failures + 1 if result.errors >= 4 else 0
             pause = self.config.tick_seconds * (2 ** min(self._failures, 4)) if self._failures else \

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import redis
 
+from campaign_service import metrics
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.relay import payloads, retry, signing, store
@@ -151,6 +152,7 @@ class Relay:
             log.exception("delivery %d not attempted: %s", d.delivery_id, exc)
             self._inflight.discard(d.delivery_id)
             return
+        metrics.webhook_attempt(out.ok, out.retry_in, out.latency_ms / 1000)
         self._done.append((d, out))  # in flight until recorded, so it is not picked again meanwhile
         self._record_wake.set()
 
@@ -165,6 +167,7 @@ class Relay:
                 continue
             try:
                 disabled = await self._db(store.record, self.db, batch, self.settings.webhook_disable_after)
+                metrics.webhook_endpoints_disabled(len(disabled))
                 for e in disabled:
                     log.warning("webhook endpoint %s disabled after failing for %.0fs", e,
                                 self.settings.webhook_disable_after)

@@ -8,6 +8,7 @@ import logging
 import time
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import metrics
 from dispatcher_service.lane.common import (
     BURST,
     BURST_SECONDS,
@@ -61,6 +62,7 @@ class BurstingLane(SendingLane):
                 if got > now + (self.deadline - time.monotonic()):
                     raise SliceOver(max(0.0, got - now - 2.0), "next slot is beyond this slice")
                 await self.flush()
+                metrics.pacing_wait(got - time.time())
                 await self.sleep(got - time.time())
                 continue
             token, n = got

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import metrics
 from dispatcher_service.delivery import DeliveryUnavailable
 from dispatcher_service.lane.bursts import BurstingLane
 from dispatcher_service.lane.common import (
@@ -72,7 +73,8 @@ class Lane(BurstingLane):
             await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
                                           job=self.job_id, queued="")
             log.info("%s slice start job=%s", self.ctx, self.job_id)
-            outcome, defer = await self._loop()
+            with metrics.LANES.track_inprogress():
+                outcome, defer = await self._loop()
             return outcome
         except asyncio.CancelledError:
             cancelled = True
@@ -84,6 +86,7 @@ class Lane(BurstingLane):
             outcome = "error"
             return outcome
         finally:
+            metrics.slice_ended(outcome)
             if renew is not None:
                 renew.cancel()
             await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
@@ -316,6 +319,7 @@ class Lane(BurstingLane):
 async def run_lane(ctx: dict[str, Any], campaign_id: str, chip_id: str, epoch: int, n: int) -> str:
     """arq job: one slice of lane (campaign, chip) under `epoch`."""
     env: WorkerEnv = ctx["env"]
+    metrics.job_started(int(ctx.get("job_try") or 1))
     job_id = str(ctx.get("job_id") or f"lane:{campaign_id}:{chip_id}:{epoch}:{n}")
     got = await env.store.load_lane_spec(campaign_id, chip_id)  # shared, parsed once per worker
     if got is None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from dispatcher_service import metrics
 from dispatcher_service.lane.common import (
     CampaignNotRunning,
     now_report,
@@ -35,6 +36,7 @@ class ReportingLane(FencedLane):
         self.held.pop(m.message_id, None)
         self.maybe_sent.discard(m.message_id)
         self.send_ok.pop(m.message_id, None)  # an answer is kept only until its outcome is reported
+        metrics.message_outcome(outcome, reason)
         if outcome == dpb.DELIVERY_OUTCOME_SENT:
             self.sent += 1
         elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):

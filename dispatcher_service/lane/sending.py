@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import metrics
 from dispatcher_service.lane.chip_health import ChipHealthLane
 from dispatcher_service.lane.common import (
     CHECK_GAP_MAX,
@@ -228,6 +229,7 @@ class SendingLane(ChipHealthLane):
                     await self.env.pacer.release(res)
                     defer = max(0.0, res.slot - lead - now - 2.0)
                     raise SliceOver(defer, "next slot is beyond this slice or lease")
+                metrics.pacing_wait(res.slot - time.time())
                 try:
                     if res.slot - lead - now > 1.0:
                         await self.flush()
