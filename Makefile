@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto')
 TS := clients/typescript
 TS_SRC := $(shell find $(TS)/src $(TS)/test $(TS)/examples -name '*.ts' -not -path '$(TS)/src/gen/*' 2>/dev/null)
 
-.PHONY: all setup gen ts lint test run bench clean help
+.PHONY: all setup gen ts lint test run bench fuzz clean help
 
 all: setup
 
@@ -20,6 +20,7 @@ help:
 	@echo "make lint   - buf lint + buf breaking + ruff + mypy (+ tsc of clients/typescript)"
 	@echo "make ts     - build the TypeScript client (buf generate + tsc)"
 	@echo "make bench  - benchmarks, writes bench/results.json"
+	@echo "make fuzz   - the long fuzz profile of every public RPC (WHAGO_FUZZ_EXAMPLES, default 400)"
 
 $(VENV)/.stamp: requirements.lock
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -67,6 +68,10 @@ test: setup node_modules/.stamp $(TS)/dist/.stamp
 
 run: setup node_modules/.stamp
 	$(PYTHON) -m devstack
+
+# The long fuzz profile (make test runs a short one): examples per RPC, and 8x that for the WAHA receiver.
+fuzz: setup node_modules/.stamp
+	WHAGO_FUZZ_EXAMPLES=$${WHAGO_FUZZ_EXAMPLES:-400} $(PYTHON) -m pytest -q -s tests/test_fuzz.py
 
 bench: setup
 	$(PYTHON) -m bench.run
