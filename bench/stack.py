@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import psycopg2
 import psycopg2.extensions
+from cryptography.fernet import Fernet
 
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port
@@ -78,6 +79,7 @@ class Stack:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="whago-bench-"))
         self.logs = self.workdir / "logs"
         self.token = "bench-service-token-" + secrets.token_hex(8)
+        self.secret_key = Fernet.generate_key().decode()  # seals the run's chip API keys
         self.ports = {"campaign": free_port(), "dispatcher": free_port(), "sandbox": free_port()}
         self.pg = Postgres(self.workdir / "pg", free_port())
         self.redis = Redis(self.workdir / "redis", free_port())
@@ -126,6 +128,8 @@ class Stack:
             "WHAGO_MEDIA_DIR": str(self.workdir / "media"),
             "WHAGO_LOG_LEVEL": "WARNING",
             "WHAGO_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8",  # the figures' receivers are local
+            "WHAGO_WAHA_HOSTS": "127.0.0.1",  # the sandbox, on whatever port it got
+            "WHAGO_SECRET_KEYS": self.secret_key,
         }
 
     def migrate(self) -> None:

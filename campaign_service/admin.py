@@ -1,4 +1,5 @@
-"""Operator commands: `python -m campaign_service.admin migrate | create-user | add-credits`.
+"""Operator commands: `python -m campaign_service.admin migrate | create-user | add-credits |
+seal-chip-keys`.
 
 create-user prints the new API key alone on the last line of stdout (scripts and tests read it);
 only its hash is stored. Credits are granted through the ledger (a GRANT entry, in the same
@@ -11,13 +12,16 @@ import argparse
 import sys
 import uuid
 
+from sqlalchemy import select
+
 from campaign_service import audit, auth, config
 from campaign_service.db import migrate
 from campaign_service.db.engine import Database
-from campaign_service.db.models import WebhookEndpoint
+from campaign_service.db.models import Chip, WebhookEndpoint
 from campaign_service.relay import signing
 from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import users as users_repo
+from campaign_service.secrets_box import SecretBox
 from campaign_service.urlguard import RefusedURL, URLGuard, parse_allowlist
 
 
@@ -57,6 +61,22 @@ def cmd_create_user(settings: config.Settings, args: argparse.Namespace) -> int:
     print(key)
     if secret is not None:
         print(f"webhook signing secret (Standard Webhooks): {secret}", file=sys.stderr)
+    return 0
+
+
+def cmd_seal_chip_keys(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Seal every chip WAHA API key under the first of WHAGO_SECRET_KEYS: keys stored before sealing
+    existed, or under a key being rotated out."""
+    box = SecretBox(settings.secret_keys)
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            chips = s.execute(select(Chip).where(Chip.waha_api_key != "").with_for_update()).scalars().all()
+            for chip in chips:
+                chip.waha_api_key = box.reseal(chip.waha_api_key)
+    finally:
+        db.dispose()
+    print(f"{len(chips)} chip API keys sealed", file=sys.stderr)
     return 0
 
 
@@ -102,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--credits", type=int, required=True)
     ac.add_argument("--description", default="", help="note on the GRANT ledger entry")
     ac.set_defaults(fn=cmd_add_credits)
+    sk = sub.add_parser("seal-chip-keys", help="seal every chip WAHA API key under the first of WHAGO_SECRET_KEYS "
+                        "(after adding a key in front, or for keys stored before sealing)")
+    sk.set_defaults(fn=cmd_seal_chip_keys)
     args = p.parse_args(argv)
     return int(args.fn(config.load(), args))
 

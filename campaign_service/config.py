@@ -9,6 +9,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+#: Where WAHA usually runs: this machine's port 3000, or the `waha` service of docker-compose.
+DEFAULT_WAHA_HOSTS = "127.0.0.1:3000,localhost:3000,waha:3000"
+
 #: The common schedule (Svix, Standard Webhooks): now, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"
 
@@ -42,6 +45,11 @@ class Settings:
     # An endpoint failing without a single success for this long is disabled.
     webhook_disable_after: float = field(default_factory=lambda: float(
         os.environ.get("WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS", str(5 * 24 * 3600))))
+    # Fernet keys sealing chip WAHA API keys at rest (the first seals; see secrets_box.py).
+    secret_keys: str = field(default_factory=lambda: os.environ.get("WHAGO_SECRET_KEYS", ""), repr=False)
+    # The WAHA servers chips may point at: "host" (any port) or "host:port", comma-separated. A
+    # chip's WAHA URL is user input the dispatcher calls with credentials.
+    waha_hosts: str = field(default_factory=lambda: os.environ.get("WHAGO_WAHA_HOSTS", DEFAULT_WAHA_HOSTS))
     # Relayed events (and their finished deliveries) are kept this long, then removed.
     event_retention_seconds: float = field(default_factory=lambda: float(
         os.environ.get("WHAGO_EVENT_RETENTION_DAYS", "30")) * 86400)

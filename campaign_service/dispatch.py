@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from campaign_service import errors
+from campaign_service import convert, errors, pacing
+from campaign_service.secrets_box import SecretBox
 from whago.campaign.v1 import resources_pb2 as res
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dpb
 from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as dgrpc
@@ -40,6 +41,14 @@ class Lane:
     waha_session: str
     waha_api_key: str
     pacing: res.Pacing
+
+
+def lane_for(chip: Any, campaign_pacing: res.Pacing, box: SecretBox) -> Lane:
+    """The one place a chip becomes a lane: its pacing intersected with the campaign's, its WAHA API
+    key opened (it is sealed at rest) only here, on its way to the dispatcher."""
+    return Lane(chip_id=str(chip.id), waha_base_url=chip.waha_base_url, waha_session=chip.waha_session,
+                waha_api_key=box.open(chip.waha_api_key),
+                pacing=pacing.effective(convert.pacing_from_json(chip.pacing), campaign_pacing))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from campaign_service.relay.listener import Listener
 from campaign_service.relay.service import Relay
 from campaign_service.repository import users as users_repo
 from campaign_service.rpc_pool import ElasticThreadPool
+from campaign_service.secrets_box import SecretBox
 from campaign_service.servicers import audit as audit_servicer
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
@@ -83,6 +84,7 @@ class App:
         self.db = Database(settings.database_url, settings.db_pool_size)
         self.dispatcher = DispatcherClient(settings.dispatcher_target, settings.service_token,
                                            settings.dispatcher_timeout)
+        SecretBox(settings.secret_keys)  # fail fast: without the keys no chip could be registered or dispatched
         self.ops = Operations.create(self.db, settings, self.dispatcher)
         self.keys = KeyCache(self._lookup_key)
         self.pool = ElasticThreadPool(settings.core_workers, settings.max_workers, thread_name_prefix="rpc")

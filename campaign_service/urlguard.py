@@ -110,3 +110,18 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def host_allowed(url: str, allowlist: str) -> bool:
+    """Whether an http(s) URL's host (and port) is in an operator allowlist of "host" or "host:port"
+    entries (WHAGO_WAHA_HOSTS)."""
+    try:
+        parts = urlsplit(url)
+        host, port = (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    for entry in (e.strip().lower() for e in allowlist.split(",") if e.strip()):
+        h, _, p = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if (h or entry) == host and (not p or p == str(port)):
+            return True
+    return False

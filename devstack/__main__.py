@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 from devstack import demo
 from devstack.procs import REPO, ServiceProcess, service_env
 from devstack.servers import Postgres, Redis, free_port, port_in_use
@@ -78,6 +80,16 @@ def start_private(infra: list[Postgres | Redis], server: Postgres | Redis, what:
     infra.append(server)
 
 
+def secret_key() -> str:
+    """The Fernet key of `make run`'s database, made on the first run (readable by its owner only)."""
+    path = RUN / "secret.key"
+    if not path.exists():
+        RUN.mkdir(parents=True, exist_ok=True)
+        path.write_text(Fernet.generate_key().decode())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
     """The environment every program of the stack shares (each setting overridable)."""
     return {
@@ -94,6 +106,8 @@ def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
         "WAHA_WEBHOOK_HMAC_KEY": os.environ.get("WAHA_WEBHOOK_HMAC_KEY", "dev-webhook-key"),
         # The user's webhook endpoints may be on this machine (the SSRF guard refuses loopback otherwise).
         "WHAGO_WEBHOOK_ALLOW_CIDRS": os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
+        # Seals the chips' WAHA API keys at rest; kept in .run/secret.key across runs.
+        "WHAGO_SECRET_KEYS": os.environ.get("WHAGO_SECRET_KEYS") or secret_key(),
         # Prometheus /metrics of each program (README "Metrics"); the one worker of `make run` has its own.
         "CAMPAIGN_METRICS_LISTEN": os.environ.get("CAMPAIGN_METRICS_LISTEN", "127.0.0.1:9101"),
         "DISPATCHER_METRICS_LISTEN": os.environ.get("DISPATCHER_METRICS_LISTEN", "127.0.0.1:9102"),

@@ -39,6 +39,9 @@ class Config:
     slice_seconds: float = field(default_factory=lambda: _float("DISPATCH_SLICE_SECONDS", 60.0))
     job_timeout: float = field(default_factory=lambda: _float("DISPATCH_JOB_TIMEOUT", 120.0))
     waha_timeout: float = field(default_factory=lambda: _float("WAHA_TIMEOUT_SECONDS", 15.0))
+    # The WAHA servers lanes may call with a chip's key ("host" or "host:port", comma-separated); the
+    # same setting as campaign_service's, which refuses other URLs at registration.
+    waha_hosts: str = field(default_factory=lambda: _env("WHAGO_WAHA_HOSTS", "127.0.0.1:3000,localhost:3000,waha:3000"))
     max_jobs: int = field(default_factory=lambda: _int("DISPATCH_MAX_JOBS", 2000))
     log_level: str = field(default_factory=lambda: _env("WHAGO_LOG_LEVEL", "INFO"))
     # Ask WAHA whether each recipient is on WhatsApp before sending (SKIPPED when not).

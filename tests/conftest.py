@@ -42,6 +42,11 @@ SERVICE_TOKEN = "test-service-token-" + secrets.token_hex(8)
 WEBHOOK_HMAC_KEY = "test-webhook-hmac-key"
 #: Every campaign_service of a test database may lead the relay: all get the same webhook settings.
 #: Receivers listen on loopback; retries are quick, so dead letters and disabling come in seconds.
+#: Chip API keys are sealed with it; WAHA servers may be anywhere on loopback (the sandbox's port varies).
+SECRETS_ENV = {
+    "WHAGO_SECRET_KEYS": "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktdGVzdCE=",
+    "WHAGO_WAHA_HOSTS": "127.0.0.1,localhost",
+}
 WEBHOOK_ENV = {
     "WHAGO_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8",
     "WHAGO_WEBHOOK_SCHEDULE": "0,0.2,0.4,0.8",
@@ -101,7 +106,7 @@ def stack_env(database_url: str, redis_server: Redis, ports: dict[str, int], wor
         "DISPATCHER_TARGET": f"127.0.0.1:{ports['dispatcher']}",
         "WHAGO_MEDIA_DIR": str(workdir / "media"),
         "WHAGO_LOG_LEVEL": "INFO",
-        **WEBHOOK_ENV,
+        **WEBHOOK_ENV, **SECRETS_ENV,
     }
 
 
@@ -314,7 +319,7 @@ def isolated_stack(database_url: str, sandbox: ServiceProcess, workdir: Path
             "DISPATCHER_LISTEN": f"127.0.0.1:{dport}", "DISPATCHER_TARGET": f"127.0.0.1:{dport}",
             "WHAGO_MEDIA_DIR": str(workdir / "media"), "WHAGO_LOG_LEVEL": "INFO",
             "DISPATCH_JOB_TIMEOUT": "10", "DISPATCH_SLICE_SECONDS": "4", "WAHA_TIMEOUT_SECONDS": "2",
-            **WEBHOOK_ENV, **extra_env,
+            **WEBHOOK_ENV, **SECRETS_ENV, **extra_env,
         }
         log_dir = root / "logs"
         camp = ServiceProcess(f"{name}-campaign", "campaign_service.server", [], env, log_dir, port=cport).start()

@@ -27,7 +27,7 @@ from campaign_service.delivery import lane_waits, leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
-from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, auth
+from tests.conftest import SANDBOX_API_KEY, SECRETS_ENV, SERVICE_TOKEN, auth
 from tests.helpers import Api, phones
 from tests.test_delivery_fixtures import (
     PAUSED,
@@ -82,7 +82,8 @@ class RecordingOps:
 
 def scheduler(db: Database, events: Any = None, dispatcher: Any = None, ops: Any = None,
               stall: float = 1.0) -> Scheduler:
-    return Scheduler(db, Settings(), SchedulerConfig(tick_seconds=0.1, stall_seconds=stall, batch=500),
+    return Scheduler(db, Settings(secret_keys=SECRETS_ENV["WHAGO_SECRET_KEYS"]),
+                     SchedulerConfig(tick_seconds=0.1, stall_seconds=stall, batch=500),
                      ops=ops, dispatcher=dispatcher or RecordingDispatcher())
 
 

@@ -51,10 +51,11 @@ from campaign_service.delivery.common import (
     is_lock_timeout,
     set_lock_timeout,
 )
-from campaign_service.dispatch import DispatcherClient, Lane
+from campaign_service.dispatch import DispatcherClient, Lane, lane_for
 from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import messages as messages_repo
+from campaign_service.secrets_box import SecretBox
 from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.scheduler")
@@ -366,11 +367,8 @@ class Scheduler:
                 return False
             raise
 
-    @staticmethod
-    def _lane(ch: Any, settings: Any) -> Lane:
-        return Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
-                    waha_api_key=ch.waha_api_key,
-                    pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
+    def _lane(self, ch: Any, settings: Any) -> Lane:
+        return lane_for(ch, settings.pacing, SecretBox(self.settings.secret_keys))
 
 
 WINDOW_RECHECK_SECONDS = 60.0

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from campaign_service import audit, auth, convert, errors, lifecycle, outbox, pacing
 from campaign_service import templates as message_templates
 from campaign_service.db.models import Campaign, Chip
-from campaign_service.dispatch import Lane
+from campaign_service.dispatch import Lane, lane_for
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
 from campaign_service.ops.base import OpsBase, utcnow
@@ -39,6 +39,7 @@ from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import idempotency
 from campaign_service.repository import messages as messages_repo
+from campaign_service.secrets_box import SecretBox
 from campaign_service.states import ChipState
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -49,10 +50,8 @@ class CampaignLifecycle(OpsBase):
     """Start/Pause/Resume/CancelCampaign and the scheduler's start of a SCHEDULED campaign."""
 
     def _lanes(self, chips: list[Chip], settings: res.CampaignSettings) -> list[Lane]:
-        return [Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
-                     waha_api_key=ch.waha_api_key,
-                     pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
-                for ch in chips]
+        box = SecretBox(self.settings.secret_keys)
+        return [lane_for(ch, settings.pacing, box) for ch in chips]
 
     def start_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
                        ) -> Campaign | Replayed:

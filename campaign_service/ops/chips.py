@@ -12,6 +12,8 @@ from campaign_service.ids import parse_uuid
 from campaign_service.ops.base import OpsBase
 from campaign_service.ops.inputs import MAX_NAME, ChipInput, Idem, Page, Replayed
 from campaign_service.repository import chips as chips_repo
+from campaign_service.secrets_box import SecretBox
+from campaign_service.urlguard import host_allowed
 
 log = logging.getLogger("campaign_service.campaigns")
 
@@ -31,6 +33,9 @@ class ChipOps(OpsBase):
             v.append(("chip.waha_base_url", "required"))
         elif not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
             v.append(("chip.waha_base_url", "must be an http(s) URL, e.g. http://127.0.0.1:3000"))
+        elif not host_allowed(url, self.settings.waha_hosts):
+            v.append(("chip.waha_base_url", "not one of the WAHA servers this service may call (the operator's "
+                                            "WHAGO_WAHA_HOSTS)"))
         if not spec.waha_session.strip():
             v.append(("chip.waha_session", "required"))
         elif not re.fullmatch(r"[\w.\-]{1,100}", spec.waha_session.strip()):
@@ -55,7 +60,8 @@ class ChipOps(OpsBase):
                     {"field": dup[1], "chip_id": str(dup[0].id)})
             chip = chips_repo.insert(s, user_id=user_id, display_name=spec.display_name.strip(), phone=phone,
                                      waha_base_url=url, waha_session=spec.waha_session.strip(),
-                                     waha_api_key=spec.waha_api_key, proxy_label=spec.proxy_label.strip(),
+                                     waha_api_key=SecretBox(self.settings.secret_keys).seal(spec.waha_api_key),
+                                     proxy_label=spec.proxy_label.strip(),
                                      pacing=convert.to_json(spec.pacing))
             audit.record(s, user_id=user_id, action="chip.register", entity_type="chip", entity_id=str(chip.id),
                          description=f"Chip {chip.phone} registered.",

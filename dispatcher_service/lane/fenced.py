@@ -56,7 +56,8 @@ class FencedLane:
         self.cps = camo.typing_chars_per_second if camo.HasField("typing_chars_per_second") else 12.0
         self.typing_max = camo.typing_max_seconds if camo.HasField("typing_max_seconds") else 8.0
         self.cps = self.cps if self.cps > 0 else 12.0
-        self.waha = WahaClient(env.http, spec.waha_base_url, spec.waha_api_key, self.cfg.waha_timeout)
+        self.waha = WahaClient(env.http, spec.waha_base_url, spec.waha_api_key, self.cfg.waha_timeout,
+                               allowed_hosts=self.cfg.waha_hosts)
         self.session = spec.waha_session
         self.started_wall = time.time()
         t0 = time.monotonic()

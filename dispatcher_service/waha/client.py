@@ -93,13 +93,25 @@ def media_endpoint(mimetype: str) -> str:
     return "sendFile"
 
 
+def host_allowed(origin: Origin, allowlist: str) -> bool:
+    """The operator's WAHA servers: "host" (any port) or "host:port" entries, comma-separated."""
+    for entry in (e.strip().lower() for e in allowlist.split(",") if e.strip()):
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if (host or entry) == origin.host.lower() and (not port or port == str(origin.port)):
+            return True
+    return False
+
+
 class WahaClient:
     """One WAHA server + API key; cheap to create per lane, shares the process-wide HTTP client."""
 
-    def __init__(self, http: HttpClient, base_url: str, api_key: str, timeout: float = 15.0) -> None:
+    def __init__(self, http: HttpClient, base_url: str, api_key: str, timeout: float = 15.0,
+                 allowed_hosts: str | None = None) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.origin = Origin.parse(self.base_url)
+        # Checked again here, where the key is sent, not only at registration (the setting may change).
+        self.refused = allowed_hosts is not None and not host_allowed(self.origin, allowed_hosts)
         if any(ord(c) < 32 or ord(c) == 127 for c in api_key):  # RegisterChip refuses these too
             raise ValueError("WAHA API key contains a control character")
         self.api_key = api_key
@@ -110,6 +122,9 @@ class WahaClient:
     # -- transport ---------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                        params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201)) -> Any:
+        if self.refused:
+            raise SessionNotWorking(0, "", f"WAHA server {self.origin.host}:{self.origin.port} is not in "
+                                           "WHAGO_WAHA_HOSTS: nothing is sent to it")
         data = orjson.dumps(json_body) if json_body is not None else None
         target = f"{path}?{urlencode(params)}" if params else path
         try:
