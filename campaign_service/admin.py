@@ -1,5 +1,5 @@
 """Operator commands: `python -m campaign_service.admin migrate | create-user | add-credits |
-seal-chip-keys`.
+seal-chip-keys | set-limits`.
 
 create-user prints the new API key alone on the last line of stdout (scripts and tests read it);
 only its hash is stored. Credits are granted through the ledger (a GRANT entry, in the same
@@ -17,7 +17,7 @@ from sqlalchemy import select
 from campaign_service import audit, auth, config
 from campaign_service.db import migrate
 from campaign_service.db.engine import Database
-from campaign_service.db.models import Chip, WebhookEndpoint
+from campaign_service.db.models import Chip, UserLimits, WebhookEndpoint
 from campaign_service.relay import signing
 from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import users as users_repo
@@ -80,6 +80,32 @@ def cmd_seal_chip_keys(settings: config.Settings, args: argparse.Namespace) -> i
     return 0
 
 
+def cmd_set_limits(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Per-user quotas and RPC rate over the defaults (a negative value puts the default back)."""
+    try:
+        user_id = uuid.UUID(args.user_id)
+    except ValueError:
+        print("--user-id must be a UUID", file=sys.stderr)
+        return 2
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            row = s.get(UserLimits, user_id) or UserLimits(user_id=user_id)
+            for name in ("campaigns", "contacts_per_campaign", "chips", "rpc_per_second"):
+                value = getattr(args, name)
+                if value is not None:
+                    setattr(row, name, None if value < 0 else value)
+            s.add(row)
+            audit.record(s, user_id=user_id, action="user.set_limits", entity_type="user", entity_id=str(user_id),
+                         description="Limits set by the operator.", actor=audit.OPERATOR,
+                         extra_data={n: getattr(row, n) for n in ("campaigns", "contacts_per_campaign", "chips",
+                                                                  "rpc_per_second")})
+    finally:
+        db.dispose()
+    print(f"limits of {user_id} set", file=sys.stderr)
+    return 0
+
+
 def cmd_add_credits(settings: config.Settings, args: argparse.Namespace) -> int:
     try:
         user_id = uuid.UUID(args.user_id)
@@ -125,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     sk = sub.add_parser("seal-chip-keys", help="seal every chip WAHA API key under the first of WHAGO_SECRET_KEYS "
                         "(after adding a key in front, or for keys stored before sealing)")
     sk.set_defaults(fn=cmd_seal_chip_keys)
+    sl = sub.add_parser("set-limits", help="a user's quotas and RPC rate (calls/s) over the service defaults; "
+                        "a negative value restores the default")
+    sl.add_argument("--user-id", required=True)
+    sl.add_argument("--campaigns", type=int)
+    sl.add_argument("--contacts-per-campaign", type=int)
+    sl.add_argument("--chips", type=int)
+    sl.add_argument("--rpc-per-second", type=float)
+    sl.set_defaults(fn=cmd_set_limits)
     args = p.parse_args(argv)
     return int(args.fn(config.load(), args))
 

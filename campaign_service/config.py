@@ -50,6 +50,13 @@ class Settings:
     # The WAHA servers chips may point at: "host" (any port) or "host:port", comma-separated. A
     # chip's WAHA URL is user input the dispatcher calls with credentials.
     waha_hosts: str = field(default_factory=lambda: os.environ.get("WHAGO_WAHA_HOSTS", DEFAULT_WAHA_HOSTS))
+    # Per-user quotas and RPC rate (calls a second per process; 0: unlimited); an operator overrides
+    # them per user with `admin set-limits`.
+    quota_campaigns: int = field(default_factory=lambda: int(os.environ.get("WHAGO_QUOTA_CAMPAIGNS", "10000")))
+    quota_contacts_per_campaign: int = field(default_factory=lambda: int(
+        os.environ.get("WHAGO_QUOTA_CONTACTS_PER_CAMPAIGN", "2000000")))
+    quota_chips: int = field(default_factory=lambda: int(os.environ.get("WHAGO_QUOTA_CHIPS", "500")))
+    rpc_per_second: float = field(default_factory=lambda: float(os.environ.get("WHAGO_RPC_PER_SECOND", "0")))
     # Relayed events (and their finished deliveries) are kept this long, then removed.
     event_retention_seconds: float = field(default_factory=lambda: float(
         os.environ.get("WHAGO_EVENT_RETENTION_DAYS", "30")) * 86400)

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from campaign_service import auth, errors, metrics
+from campaign_service.limits import RateLimiter
 
 log = logging.getLogger("campaign_service.rpc")
 
@@ -74,9 +75,10 @@ def _abort(context: Any, err: errors.ServiceError) -> None:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: KeyCache, service_token: str) -> None:
+    def __init__(self, keys: KeyCache, service_token: str, limiter: RateLimiter | None = None) -> None:
         self._keys = keys
         self._service_token = service_token
+        self._limiter = limiter
         self._handlers: dict[str, Any] = {}  # method -> wrapped handler (built once per method)
 
     def _principal(self, service: str, metadata: Any) -> auth.Principal | None:
@@ -95,6 +97,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise errors.Unauthenticated("invalid API key")
         if internal:
             raise errors.PermissionDenied(f"{service} is internal: user credentials are refused")
+        if self._limiter is not None and principal.user_id is not None:
+            self._limiter.take(principal.user_id)
         return principal
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:

@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import signal
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,12 +23,13 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from campaign_service import config, logs, metrics
+from campaign_service import config, limits, logs, metrics
 from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
 from campaign_service.dispatch import DispatcherClient
 from campaign_service.interceptors import KeyCache, ServerInterceptor
+from campaign_service.limits import RateLimiter
 from campaign_service.ops import Operations
 from campaign_service.relay.listener import Listener
 from campaign_service.relay.service import Relay
@@ -94,7 +96,8 @@ class App:
         self.relay = Relay(self.db, settings, self.background)
         self.listener: Listener | None = None
         self.server = grpc.aio.server(migration_thread_pool=self.pool,
-                                      interceptors=[ServerInterceptor(self.keys, settings.service_token)],
+                                      interceptors=[ServerInterceptor(self.keys, settings.service_token,
+                                                                      RateLimiter(self._rate_of))],
                                       options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 64)
         self.health = health_aio.HealthServicer()
         self.scheduler: delivery_scheduler.Scheduler | None = None
@@ -109,6 +112,10 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.service_names = names
+
+    def _rate_of(self, user_id: uuid.UUID) -> float:
+        with self.db.session() as s:
+            return limits.for_user(s, self.settings, user_id).rpc_per_second
 
     def _lookup_key(self, key_hash: str) -> Any:
         with self.db.session() as s:

@@ -5,7 +5,11 @@ are sealed at rest, never returned and never logged."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from typing import Any
+from unittest import mock
 
 import grpc
 import pytest
@@ -13,11 +17,15 @@ import sqlalchemy as sa
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
 
+from campaign_service import admin
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, auth
-from tests.helpers import Ops, phones
+from tests.helpers import Ops, phones, user_id
+from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import resources_pb2 as res
 from whago.campaign.v1 import webhook_service_pb2 as wh
@@ -150,3 +158,69 @@ def test_user_keys_cannot_call_internal_rpcs(campaign_channel: grpc.Channel, api
     with pytest.raises(grpc.RpcError) as e:
         call(b"", metadata=auth(api_key), timeout=5)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _admin(database_url: str, *argv: str) -> None:
+    with mock.patch.dict(os.environ, {"DATABASE_URL": database_url}), contextlib.redirect_stderr(io.StringIO()):
+        assert admin.main(list(argv)) == 0
+
+
+def _details(err: grpc.RpcError) -> list[Any]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    out: list[Any] = []
+    for d in status.details:
+        for cls in (error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo):
+            m = cls()
+            if d.Unpack(m):
+                out.append(m)
+    return out
+
+
+def test_operator_quotas_and_rate_limit_answer_resource_exhausted(
+        api: Ops, sandbox_url: str, database_url: str) -> None:
+    eng = sa.create_engine(database_url)
+    try:
+        uid = user_id(eng, api.md[0][1].split()[-1])
+    finally:
+        eng.dispose()
+    _admin(database_url, "set-limits", "--user-id", str(uid), "--chips", "1", "--campaigns", "1",
+           "--contacts-per-campaign", "3")
+    api.chip(sandbox_url, SANDBOX_API_KEY)
+    with pytest.raises(grpc.RpcError) as e:
+        api.chip(sandbox_url, SANDBOX_API_KEY)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    quota = [d for d in _details(e.value) if isinstance(d, error_details_pb2.QuotaFailure)]
+    assert quota and quota[0].violations[0].subject == "chips"
+    camp = api.campaign([])
+    with pytest.raises(grpc.RpcError) as e:
+        api.campaign([])
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as e:
+        api.import_phones(camp.id, phones(4, start=9300))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert api.get(camp.id).total_contacts == 0  # the import rolled back whole
+    assert api.import_phones(camp.id, phones(3, start=9300)).imported_count == 3
+
+
+
+def test_rate_limit_answers_resource_exhausted_with_retry_info(
+        stack: dict[str, ServiceProcess], campaign_channel: grpc.Channel, create_user: Any, database_url: str) -> None:
+    key = create_user()
+    eng = sa.create_engine(database_url)
+    try:
+        uid = user_id(eng, key)
+    finally:
+        eng.dispose()
+    _admin(database_url, "set-limits", "--user-id", str(uid), "--rpc-per-second", "2")  # before its first call
+    limited = Ops(campaign_channel, key)
+    codes = []
+    for _ in range(30):
+        try:
+            limited.campaigns.ListCampaigns(cs.ListCampaignsRequest(), metadata=limited.md)
+            codes.append("OK")
+        except grpc.RpcError as err:
+            codes.append(err.code().name)
+            retry = [d for d in _details(err) if isinstance(d, error_details_pb2.RetryInfo)]
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry, err
+    assert codes[:4] == ["OK"] * 4 and "RESOURCE_EXHAUSTED" in codes, codes  # a burst of 2 x rate, then refused

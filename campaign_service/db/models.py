@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -317,6 +318,17 @@ class NumberCheck(Base):
     on_whatsapp: Mapped[bool] = mapped_column(Boolean, nullable=False)
     chat_id: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
     checked_at: Mapped[datetime] = _now()
+
+
+class UserLimits(Base):
+    """An operator's per-user quotas and RPC rate; NULL keeps the service-wide default (0013)."""
+
+    __tablename__ = "user_limits"
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    campaigns: Mapped[int | None] = mapped_column(Integer)
+    contacts_per_campaign: Mapped[int | None] = mapped_column(Integer)
+    chips: Mapped[int | None] = mapped_column(Integer)
+    rpc_per_second: Mapped[float | None] = mapped_column(Float)
 
 
 class IdempotencyKey(Base):

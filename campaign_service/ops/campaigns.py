@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
 
-from campaign_service import convert, errors, lifecycle, outbox, pacing, pagination, templates
+from campaign_service import convert, errors, lifecycle, limits, outbox, pacing, pagination, templates
 from campaign_service.db.models import Campaign
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
@@ -111,6 +111,8 @@ class CampaignCrud(OpsBase):
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
                 return r
+            limits.check("campaigns", campaigns_repo.count(s, user_id), 1,
+                         limits.for_user(s, self.settings, user_id).campaigns)
             chip_ids = self._validate_refs(s, user_id, None, spec, paths)
             state = State.SCHEDULED if spec.schedule_time is not None else State.DRAFT
             c = campaigns_repo.insert(

@@ -6,7 +6,7 @@ import logging
 import re
 import uuid
 
-from campaign_service import audit, convert, errors, pacing, pagination, phones
+from campaign_service import audit, convert, errors, limits, pacing, pagination, phones
 from campaign_service.db.models import Chip
 from campaign_service.ids import parse_uuid
 from campaign_service.ops.base import OpsBase
@@ -52,6 +52,7 @@ class ChipOps(OpsBase):
             if (r := self._replay(s, user_id, idem)) is not None:
                 return r
             dup = chips_repo.same_number(s, user_id, phone, url, spec.waha_session.strip())
+            limits.check("chips", chips_repo.count(s, user_id), 1, limits.for_user(s, self.settings, user_id).chips)
             if dup is not None:
                 # Pacing is per chip: two chips for one number would send at twice its pace.
                 raise errors.AlreadyExists(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from campaign_service import errors, lifecycle, outbox, pagination, phones, templates
+from campaign_service import errors, lifecycle, limits, outbox, pagination, phones, templates
 from campaign_service.db.models import Contact
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op
@@ -92,6 +92,8 @@ class ContactOps(OpsBase):
             inserted = staged if direct else contacts_repo.finish_import(s, cid)
             out.imported = inserted
             out.duplicates += staged - inserted
+            limits.check("contacts_per_campaign", c.total_contacts, inserted,
+                         limits.for_user(s, self.settings, user_id).contacts_per_campaign)
             c.total_contacts += inserted
             if columns - set(c.variable_names):
                 c.variable_names = sorted(set(c.variable_names) | columns)

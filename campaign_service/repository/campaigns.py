@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, tuple_
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Row
@@ -124,3 +124,9 @@ def touch(session: Session, c: Campaign) -> None:
 
 def delete_row(session: Session, campaign_id: uuid.UUID) -> int:
     return session.execute(delete(Campaign).where(Campaign.id == campaign_id)).rowcount  # type: ignore[attr-defined, no-any-return]
+
+
+def count(session: Session, user_id: uuid.UUID) -> int:
+    """The user's campaigns (for the quota; serialized per user by a transaction-scoped lock)."""
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": f"campaigns:{user_id}"})
+    return int(session.execute(text("SELECT count(*) FROM campaigns WHERE user_id = :u"), {"u": user_id}).scalar_one())

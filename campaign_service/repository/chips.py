@@ -89,3 +89,7 @@ def by_ids(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> li
         return []
     return list(session.execute(select(Chip).where(Chip.user_id == user_id, Chip.id.in_(list(ids)))
                                 .order_by(Chip.created_at, Chip.id)).scalars())
+
+
+def count(session: Session, user_id: uuid.UUID) -> int:
+    return int(session.execute(select(func.count()).select_from(Chip).where(Chip.user_id == user_id)).scalar_one())
