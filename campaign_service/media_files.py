@@ -122,13 +122,12 @@ def sniff(head: bytes, declared: str, filename: str) -> tuple[str, Kind]:
             raise errors.InvalidArgument([("mime_type", f"declared {want}, but the content is not a recognisable "
                                                         f"{want} file")])
         raise errors.InvalidArgument([("content", "unrecognised file type (declare mime_type for text files)")])
+    if want and want != got and (want, got) not in CONTAINERS:
+        raise errors.InvalidArgument([("mime_type", f"declared {want}, but the content is {got}")])
     if got in REFUSED_TYPES:
         raise errors.InvalidArgument([("content", f"{got} files are not accepted as media")])
-    if not want or want == got:
-        return got, kind_of(got)
-    if (want, got) in CONTAINERS:
-        return want, kind_of(want)
-    raise errors.InvalidArgument([("mime_type", f"declared {want}, but the content is {got}")])
+    mime = want if (want, got) in CONTAINERS else got
+    return mime, kind_of(mime)
 
 
 def _is_text(head: bytes) -> bool:
