@@ -5,7 +5,11 @@ and an image campaign sent through the WAHA sandbox with a spec-valid sendImage 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import struct
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +18,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from campaign_service.media_files import Kind, sniff
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
@@ -56,8 +62,6 @@ def chunks(campaign_id: str, content: bytes, mime: str, size: int, name: str = "
 
 def refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, list[str], str]:
     """(code, BadRequest field names, details) of a call that must fail."""
-    from grpc_status import rpc_status
-    from google.rpc import error_details_pb2
     try:
         call()
     except grpc.RpcError as err:
@@ -181,7 +185,6 @@ def test_per_kind_limits_unary_and_streamed(small_limits: IsolatedStack, create_
 
 def test_chunked_upload_streams_to_disk_with_its_sha256(api: Api, api_key: str, engine: sa.Engine,
                                                         media_dir: Path) -> None:
-    import hashlib
     c = api.campaign([])
     content = PDF + bytes(range(256)) * 20_000  # ~5 MiB in 64 KiB chunks
     m = api.campaigns.UploadMediaChunks(chunks(c.id, content, "application/pdf", 64 * 1024, name="report.pdf"),
@@ -324,9 +327,6 @@ def test_image_campaign_is_sent_with_send_image_and_a_spec_valid_body(api: Api, 
 
 def test_the_sandbox_refuses_a_media_body_the_spec_does_not_allow(sandbox_url: str, control: SandboxControl
                                                                    ) -> None:
-    import json
-    import urllib.error
-    import urllib.request
     control.set_session("media-spec")
     bad = {"session": "media-spec", "chatId": "5511999999999@c.us", "file": {"filename": "a.png"}}  # no data
     req = urllib.request.Request(f"{sandbox_url}/api/sendImage", data=json.dumps(bad).encode(), method="POST",
