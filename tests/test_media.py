@@ -210,7 +210,7 @@ def test_chunked_upload_streams_to_disk_with_its_sha256(api: Api, api_key: str, 
 def test_chunked_upload_into_a_running_campaign_or_unknown_one_is_refused(api: Api, sandbox_url: str) -> None:
     chip = api.chip(sandbox_url, SANDBOX_API_KEY, interval=(3600.0, 3600.0))
     c = api.campaign([chip])
-    api.import_phones(c.id, phones(1))
+    api.import_phones(c.id, phones(2))  # the second waits an hour: RUNNING
     api.start(c.id)
     code, _, _ = refused(lambda: api.campaigns.UploadMediaChunks(chunks(c.id, PDF, "application/pdf", 16),
                                                                  metadata=api.md))
@@ -263,7 +263,7 @@ def test_delete_media_only_while_editable_and_not_in_use(api: Api, api_key: str,
     api.campaigns.UpdateCampaign(cs.UpdateCampaignRequest(
         campaign=res.Campaign(id=b.id, templates=[res.MessageTemplate(text="hi")], chip_ids=[chip.id]),
         update_mask=field_mask_pb2.FieldMask(paths=["templates", "chip_ids"])), metadata=api.md)
-    api.import_phones(b.id, phones(1))
+    api.import_phones(b.id, phones(2))  # the second waits an hour: RUNNING
     api.start(b.id)
     code, _, details = refused(lambda: delete(b, mb))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "RUNNING" in details
