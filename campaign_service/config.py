@@ -16,6 +16,13 @@ DEFAULT_WAHA_HOSTS = "127.0.0.1:3000,localhost:3000,waha:3000"
 DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"
 
 
+_MIB = 1024 * 1024
+
+
+def _int_env(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(default_factory=lambda: os.environ.get(
@@ -62,6 +69,14 @@ class Settings:
         os.environ.get("WHAGO_EVENT_RETENTION_DAYS", "30")) * 86400)
     # How many deliveries are in flight at once (over all endpoints).
     webhook_concurrency: int = field(default_factory=lambda: int(os.environ.get("WHAGO_WEBHOOK_CONCURRENCY", "64")))
+    # -- media: per-kind size limits in bytes, WhatsApp's (image 5 MB, video and audio 16 MB,
+    # document 100 MB) by default; lower them to refuse sooner, raising them only trades a refusal
+    # here for one by WhatsApp.
+    media_max_image_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_IMAGE_BYTES", 5 * _MIB))
+    media_max_video_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_VIDEO_BYTES", 16 * _MIB))
+    media_max_audio_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_AUDIO_BYTES", 16 * _MIB))
+    media_max_document_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_DOCUMENT_BYTES",
+                                                                           100 * _MIB))
 
 
 def load() -> Settings:

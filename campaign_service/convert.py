@@ -233,7 +233,7 @@ def message(m: MessageRow) -> res.CampaignMessage:
 
 def media(m: Media) -> res.Media:
     out = res.Media(id=str(m.id), campaign_id=str(m.campaign_id), filename=m.filename, mime_type=m.mime_type,
-                    size_bytes=m.size_bytes)
+                    size_bytes=m.size_bytes, sha256=m.sha256 or "", kind=m.kind)  # type: ignore[arg-type]
     out.create_time.FromDatetime(m.created_at)
     return out
 

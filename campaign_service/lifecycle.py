@@ -24,6 +24,7 @@ class Op(StrEnum):
     DELETE = "delete"
     IMPORT = "import contacts into"
     UPLOAD_MEDIA = "upload media to"
+    DELETE_MEDIA = "delete media from"
     COMPLETE = "complete"
 
 
@@ -40,6 +41,7 @@ RULES: dict[Op, Rule] = {
     Op.UPDATE: Rule(EDITABLE, None),
     Op.IMPORT: Rule(EDITABLE, None),
     Op.UPLOAD_MEDIA: Rule(EDITABLE, None),
+    Op.DELETE_MEDIA: Rule(EDITABLE, None),
     Op.START: Rule(EDITABLE, State.RUNNING),
     Op.PAUSE: Rule(frozenset({State.RUNNING}), State.PAUSED),
     Op.RESUME: Rule(frozenset({State.PAUSED}), State.RUNNING),

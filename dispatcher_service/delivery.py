@@ -109,12 +109,24 @@ class DeliveryClient:
             req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget=min(10.0, self.retry_budget))
 
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
-        req = dpb.GetMediaContentRequest(media_id=media_id)
-        return await self._call("GetMediaContent", lambda t: self.stub.GetMediaContent(
-            req, metadata=self.metadata, timeout=t, wait_for_ready=True))
+        """The whole file, in ranged reads of MEDIA_PIECE_BYTES (a 100 MiB document is larger than one
+        gRPC message); one response carrying the metadata and all the bytes."""
+        pieces: list[bytes] = []
+        offset = 0
+        while True:
+            req = dpb.GetMediaContentRequest(media_id=media_id, offset=offset, max_bytes=MEDIA_PIECE_BYTES)
+            got = await self._call("GetMediaContent", lambda t, req=req: self.stub.GetMediaContent(  # type: ignore[misc]
+                req, metadata=self.metadata, timeout=t, wait_for_ready=True))
+            pieces.append(got.content)
+            offset += len(got.content)
+            if not got.content or offset >= got.media.size_bytes or len(got.content) < MEDIA_PIECE_BYTES:
+                return dpb.GetMediaContentResponse(media=got.media, content=b"".join(pieces))
 
 
 _Pending = tuple[list[dpb.DeliveryReport], float | None, "asyncio.Future[dpb.ReportDeliveriesResponse]"]
+
+
+MEDIA_PIECE_BYTES = 8 * 1024 * 1024  # per GetMediaContent read; under both ends' message limits
 
 
 class ReportBatcher:

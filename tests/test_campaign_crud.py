@@ -169,11 +169,12 @@ def test_start_retry_with_request_id_does_not_start_twice(api: Api, engine: sa.E
 
 def test_upload_and_list_media_and_template_reference(api: Api, workdir: Any) -> None:
     c = create(api)
+    jpeg = b"\xff\xd8\xff\xe0data"
     m = api.campaigns.UploadMedia(cs.UploadMediaRequest(campaign_id=c.id, filename="../../etc/pic.jpg",
-                                                        mime_type="image/jpeg", content=b"\xff\xd8data"),
+                                                        mime_type="image/jpeg", content=jpeg),
                                   metadata=api.md)
-    assert m.filename == "pic.jpg" and m.size_bytes == 6 and m.campaign_id == c.id
-    assert (workdir / "media" / c.id / m.id).read_bytes() == b"\xff\xd8data"
+    assert m.filename == "pic.jpg" and m.size_bytes == 8 and m.campaign_id == c.id
+    assert [p.read_bytes() for p in (workdir / "media" / "u").glob(f"*/{m.sha256}")] == [jpeg]
     listed = api.campaigns.ListCampaignMedia(cs.ListCampaignMediaRequest(campaign_id=c.id), metadata=api.md)
     assert [x.id for x in listed.media] == [m.id]
     out = api.campaigns.UpdateCampaign(cs.UpdateCampaignRequest(
@@ -181,6 +182,6 @@ def test_upload_and_list_media_and_template_reference(api: Api, workdir: Any) ->
         update_mask=field_mask_pb2.FieldMask(paths=["templates"])), metadata=api.md)
     assert out.templates[0].media_id == m.id
     f = fails(api.campaigns.UploadMedia, cs.UploadMediaRequest(
-        campaign_id=c.id, filename="big.bin", mime_type="application/octet-stream",
-        content=b"x" * (16 * 1024 * 1024 + 1)), metadata=api.md)
+        campaign_id=c.id, filename="big.jpg", mime_type="image/jpeg",
+        content=jpeg + b"x" * (5 * 1024 * 1024)), metadata=api.md)
     assert f.code == grpc.StatusCode.INVALID_ARGUMENT and f.fields == ["content"]

@@ -241,12 +241,12 @@ def test_delete_removes_contacts_messages_media_and_reports_counts(api: Api, eng
     media = api.campaigns.UploadMedia(cs.UploadMediaRequest(campaign_id=c.id, filename="a.txt",
                                                             mime_type="text/plain", content=b"hello"),
                                       metadata=api.md)
-    path = workdir / "media" / c.id / media.id
+    [path] = (workdir / "media" / "u").glob(f"*/{media.sha256}")
     assert path.read_bytes() == b"hello"
     api.start(c.id)
     api.cancel(c.id)
     out = op_delete(api, c)
-    assert (out.deleted_contacts, out.deleted_messages, out.deleted_media) == (5, 5, 1)
+    assert (out.deleted_contacts, out.deleted_messages, out.deleted_media, out.deleted_media_files) == (5, 5, 1, 1)
     assert not path.exists()
     for table in ("campaign_contacts", "campaign_messages", "campaign_media"):
         assert count(engine, f"SELECT count(*) FROM {table} WHERE campaign_id = :c", c=c.id) == 0

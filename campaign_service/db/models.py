@@ -183,8 +183,11 @@ class Media(Base):
     mime_type: Mapped[str] = mapped_column(Text, nullable=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
     # Path of the stored file, relative to the media directory.
-    path: Mapped[str] = mapped_column(Text, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False, index=True)
     created_at: Mapped[datetime] = _now()
+    # -- media dedup (migration 0012): content hash; MediaKind sniffed from the bytes (0: legacy row).
+    sha256: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default=text("0"), default=0)
 
 
 class AuditEvent(Base):

@@ -44,6 +44,8 @@ class MediaInfo:
     size_bytes: int
     created_at: datetime
     path: str = ""
+    kind: int = 0  # MediaKind sniffed at upload (0: a row from before sniffing)
+    sha256: str = ""
 
 
 class LeasedMessage(NamedTuple):
@@ -142,7 +144,7 @@ _REMAINING = text("SELECT count(*) FROM (SELECT 1 FROM campaign_messages WHERE c
                   f" AND chip_id = :chip AND state = {PENDING:d} LIMIT :count_cap) p")
 
 _MEDIA = text("""
-SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path FROM campaign_media
+SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path, kind, sha256 FROM campaign_media
 WHERE campaign_id = :cid AND id = ANY(CAST(:ids AS uuid[]))""")
 
 def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int,
@@ -223,5 +225,6 @@ def _chat_id(contact_chat_id: str, check: tuple[bool, str] | None) -> str:
 def _media(s: Session, cid: uuid.UUID, ids: set[uuid.UUID]) -> dict[uuid.UUID, MediaInfo]:
     if not ids:
         return {}
-    return {r.id: MediaInfo(r.id, r.campaign_id, r.filename, r.mime_type, r.size_bytes, r.created_at, r.path)
+    return {r.id: MediaInfo(r.id, r.campaign_id, r.filename, r.mime_type, r.size_bytes, r.created_at, r.path,
+                            r.kind, r.sha256 or "")
             for r in s.execute(_MEDIA, {"cid": str(cid), "ids": [str(i) for i in ids]})}

@@ -28,7 +28,8 @@ def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def media_pb(m: leases.MediaInfo) -> res.Media:
     return res.Media(id=str(m.id), campaign_id=str(m.campaign_id), filename=m.filename, mime_type=m.mime_type,
-                     size_bytes=m.size_bytes, create_time=_ts(m.created_at))
+                     size_bytes=m.size_bytes, create_time=_ts(m.created_at), sha256=m.sha256,
+                     kind=m.kind)  # type: ignore[arg-type]
 
 
 def chip_pb(c: chips.ChipRow) -> res.Chip:
@@ -89,7 +90,8 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
 
     def GetMediaContent(self, request: dpb.GetMediaContentRequest, context: grpc.ServicerContext
                         ) -> dpb.GetMediaContentResponse:
-        info, content = media.get_media_content(self.db, self.settings.media_dir, request.media_id)
+        info, content = media.get_media_content(self.db, self.settings.media_dir, request.media_id,
+                                                request.offset, request.max_bytes)
         return dpb.GetMediaContentResponse(media=media_pb(info), content=content)
 
     def ReportLaneWait(self, request: dpb.ReportLaneWaitRequest, context: grpc.ServicerContext

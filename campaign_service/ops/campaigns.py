@@ -27,6 +27,7 @@ from campaign_service.ops.inputs import (
     Page,
     Replayed,
 )
+from campaign_service.ops.media import remove_unused_files
 from campaign_service.repository import campaigns as campaigns_repo
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import contacts as contacts_repo
@@ -222,7 +223,10 @@ class CampaignCrud(OpsBase):
             else:
                 log.info("no dispatch jobs to revoke for campaign %s (never started)", cid)
             paths = media_repo.delete_all(s, cid)
-            log.info("%d media deleted from campaign %s", len(paths), cid)
+            # media dedup: files are shared per user; only those no other row uses go (after commit)
+            media_repo.lock_paths(s, paths)
+            unused = media_repo.unused_paths(s, paths)
+            log.info("%d media deleted from campaign %s (%d files unused)", len(paths), cid, len(unused))
             n_messages = messages_repo.delete_all(s, cid)
             log.info("%d messages deleted from campaign %s", n_messages, cid)
             n_contacts = contacts_repo.delete_all(s, cid)
@@ -232,26 +236,20 @@ class CampaignCrud(OpsBase):
                                    extra={"campaign_name": c.name, "status": state_name,
                                           "total_contacts": c.total_contacts, "deleted_contacts": n_contacts,
                                           "deleted_messages": n_messages, "deleted_media": len(paths),
-                                          "revoked_jobs": revoked})
+                                          "deleted_media_files": len(unused), "revoked_jobs": revoked})
             s.expunge(c)
             campaigns_repo.delete_row(s, cid)
-            result = DeleteResult(str(cid), n_contacts, n_messages, len(paths), revoked)
+            result = DeleteResult(str(cid), n_contacts, n_messages, len(paths), revoked, len(unused))
             self._remember(s, user_id, idem, result)
         log.info("campaign %s deleted", cid)
         self.db.stats.changed("campaign_messages", n_messages)
         self.db.stats.changed("campaign_contacts", n_contacts)
-        self._remove_files(cid, paths)
+        self._remove_files(cid, unused)
         return result
 
     def _remove_files(self, campaign_id: uuid.UUID, paths: list[str]) -> None:
         root = self.settings.media_dir
-        for rel in paths:
-            try:
-                (root / rel).unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("campaign=%s media file %s not removed: %s", campaign_id, rel, exc)
+        remove_unused_files(self.db, root, paths)
         try:
             (root / str(campaign_id)).rmdir()
         except OSError:

@@ -119,6 +119,7 @@ class DeleteResult:
     deleted_messages: int
     deleted_media: int
     revoked_jobs: int
+    deleted_media_files: int = 0  # files removed: content no other campaign of the user still uses
 
 
 @dataclass(frozen=True)

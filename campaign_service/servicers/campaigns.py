@@ -15,10 +15,11 @@ import grpc
 from campaign_service import auth, convert, errors, outbox
 from campaign_service.ops import Operations
 from campaign_service.ops.inputs import CampaignInput, DeleteResult, ImportChunk, mask_paths
+from campaign_service.ops.media import MediaDeleted
 from campaign_service.ops.preview import PreviewContact
 from campaign_service.ops.watch import Snapshot
 from campaign_service.relay.payloads import EventRow
-from campaign_service.servicers import idem, unwrap
+from campaign_service.servicers import idem, media_upload, unwrap
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -43,7 +44,7 @@ def campaign_input(c: res.Campaign) -> CampaignInput:
 def delete_response(r: DeleteResult) -> cs.DeleteCampaignResponse:
     return cs.DeleteCampaignResponse(campaign_id=r.campaign_id, deleted_contacts=r.deleted_contacts,
                                      deleted_messages=r.deleted_messages, deleted_media=r.deleted_media,
-                                     revoked_jobs=r.revoked_jobs)
+                                     revoked_jobs=r.revoked_jobs, deleted_media_files=r.deleted_media_files)
 
 
 class CampaignServicer(cs_grpc.CampaignServiceServicer):
@@ -162,6 +163,20 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
                                           request.mime_type, request.content,
                                           idem(request.request_id, "UploadMedia", convert.media))
         return unwrap(out, res.Media, convert.media)
+
+    # -- media (sniffed, deduplicated, chunked: servicers/media_upload.py, ops/media.py) ----------------
+    async def UploadMediaChunks(self, request_iterator: AsyncIterator[cs.UploadMediaChunksRequest],
+                                context: grpc.aio.ServicerContext[Any, Any]) -> res.Media:
+        return await media_upload.upload_media_chunks(self.ops, request_iterator, context)
+
+    def DeleteMedia(self, request: cs.DeleteMediaRequest, context: grpc.ServicerContext) -> cs.DeleteMediaResponse:
+        def encode(r: MediaDeleted) -> cs.DeleteMediaResponse:
+            return cs.DeleteMediaResponse(media_id=r.media_id, file_deleted=r.file_deleted)
+
+        out = self.ops.media.delete_media(auth.current_user_id(), request.campaign_id, request.media_id,
+                                          idem(request.request_id, "DeleteMedia", encode))
+        return unwrap(out, cs.DeleteMediaResponse, encode)
+    # -- end media
 
     def ListCampaignMedia(self, request: cs.ListCampaignMediaRequest,
                           context: grpc.ServicerContext) -> cs.ListCampaignMediaResponse:

@@ -263,11 +263,12 @@ class SendingLane(ChipHealthLane):
         except WahaError as e:  # cosmetic steps: never block the send
             log.info("%s message=%s camouflage step failed: %s", self.ctx, m.message_id, e)
 
-    async def _media_payload(self, m: dpb.LeasedMessage) -> tuple[str, str, str]:
+    async def _media_payload(self, m: dpb.LeasedMessage) -> tuple[str, str, str, int]:
+        """(filename, MIME type, base64 data, sniffed MediaKind: it picks the WAHA endpoint)."""
         got = await self.env.delivery.media(m.media.id)
         meta = got.media if got.HasField("media") else m.media
         return (meta.filename or m.media.filename or "file", meta.mime_type or m.media.mime_type
-                or "application/octet-stream", base64.b64encode(got.content).decode())
+                or "application/octet-stream", base64.b64encode(got.content).decode(), meta.kind or m.media.kind)
 
     async def _settled_by_lookup(self, m: dpb.LeasedMessage, mid: str, last: str) -> bool:
         """Before resending after an uncertain answer, ask WAHA: found → SENT; cannot tell → UNKNOWN
@@ -300,9 +301,9 @@ class SendingLane(ChipHealthLane):
                     return
             try:
                 if payload is not None:
-                    fname, mt, data = payload
+                    fname, mt, data, kind = payload
                     resp = await self._fenced_send(m, mid, functools.partial(
-                        self.waha.send_media, self.session, m.chat_id, fname, mt, data, m.text, mid))
+                        self.waha.send_media, self.session, m.chat_id, fname, mt, data, m.text, mid, kind))
                 else:
                     resp = await self._fenced_send(m, mid, lambda: self.waha.send_text(
                         self.session, m.chat_id, m.text, mid))

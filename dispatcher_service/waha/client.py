@@ -81,15 +81,23 @@ def classify(status: int, body: str) -> WahaError:
     return WahaError(status, body)
 
 
-def media_endpoint(mimetype: str) -> str:
-    """Which send endpoint carries a media type (WAHA has one per kind)."""
-    m = (mimetype or "").lower()
-    if m.startswith("image/"):
+# MediaKind (whago.campaign.v1) values: the kind campaign_service sniffed from the bytes.
+KIND_IMAGE, KIND_VIDEO, KIND_AUDIO, KIND_DOCUMENT = 1, 2, 3, 4
+VOICE_MIMETYPE = "audio/ogg; codecs=opus"  # VoiceBinaryFile's default in WAHA's spec
+
+
+def media_endpoint(mimetype: str, kind: int = 0) -> str:
+    """Which send endpoint carries a media file (WAHA has one per kind). The sniffed kind decides;
+    without one (media stored before sniffing) the MIME type does. Audio goes as a voice note
+    (sendVoice) only when it is OGG (WhatsApp's voice notes are Opus in OGG and we send with
+    convert=false); other audio goes with sendFile, which takes any type."""
+    m = (mimetype or "").split(";", 1)[0].strip().lower()
+    if kind == KIND_IMAGE or (not kind and m.startswith("image/")):
         return "sendImage"
-    if m.startswith("video/"):
+    if kind == KIND_VIDEO or (not kind and m.startswith("video/")):
         return "sendVideo"
-    if m.startswith("audio/"):
-        return "sendVoice"
+    if kind == KIND_AUDIO or (not kind and m.startswith("audio/")):
+        return "sendVoice" if m in ("audio/ogg", "audio/opus") else "sendFile"
     return "sendFile"
 
 
@@ -171,11 +179,14 @@ class WahaClient:
         return r
 
     async def send_media(self, session: str, chat_id: str, filename: str, mimetype: str, data_b64: str,
-                         caption: str = "", message_id: str | None = None) -> dict[str, Any]:
-        """POST sendImage/sendVideo/sendVoice/sendFile with a BinaryFile. The spec has no pre-chosen id
-        field for media, so `message_id` is not sent (media outcomes cannot be looked up by id)."""
+                         caption: str = "", message_id: str | None = None, kind: int = 0) -> dict[str, Any]:
+        """POST sendImage/sendVideo/sendVoice/sendFile (media_endpoint) with a BinaryFile. The spec has
+        no pre-chosen id field for media, so `message_id` is not sent (media outcomes cannot be looked
+        up by id)."""
         del message_id
-        endpoint = media_endpoint(mimetype)
+        endpoint = media_endpoint(mimetype, kind)
+        if endpoint == "sendVoice":
+            mimetype = VOICE_MIMETYPE
         # BinaryFile / VideoBinaryFile / VoiceBinaryFile all take mimetype, filename and data.
         file: dict[str, Any] = {"mimetype": mimetype, "filename": filename or "file", "data": data_b64}
         body: dict[str, Any] = {"session": session, "chatId": chat_id, "file": file}
