@@ -65,9 +65,12 @@ def inbound_message(event: dict[str, Any]) -> dpb.InboundMessage | str | None:
         return "payload.body: must be a string"
     if payload.get("fromMe") is True or not body or payload.get("participant"):
         return None
-    me = event.get("me")
-    to = payload.get("to")
-    chip = me.get("id") if isinstance(me, dict) and isinstance(me.get("id"), str) else to if isinstance(to, str) else ""
+    me, to = event.get("me"), payload.get("to")
+    chip = ""
+    if isinstance(me, dict) and isinstance(me.get("id"), str):
+        chip = me["id"]
+    elif isinstance(to, str):
+        chip = to
     msg = dpb.InboundMessage(session=session, chip_phone=chip, sender=sender, text=body[:MAX_INBOUND_TEXT],
                              waha_message_id=waha_id)
     ts = payload.get("timestamp")

@@ -56,7 +56,8 @@ def add_many(s: Session, user_id: uuid.UUID, rows: Sequence[tuple[str, str]], so
         return 0
     result = s.execute(text(
         "INSERT INTO suppressions (user_id, phone, source, note)"
-        " SELECT :u, r.phone, :src, r.note FROM unnest(CAST(:phones AS text[]), CAST(:notes AS text[])) AS r(phone, note)"
+        " SELECT :u, r.phone, :src, r.note"
+        " FROM unnest(CAST(:phones AS text[]), CAST(:notes AS text[])) AS r(phone, note)"
         " ON CONFLICT (user_id, phone) DO NOTHING"),
         {"u": user_id, "src": source, "phones": arrays.literal(p for p, _ in rows),
          "notes": arrays.literal(n for _, n in rows)})
