@@ -189,7 +189,7 @@ def _campaign(c: Any, id_: str, chip_ids: Any, body: bytes) -> res.Campaign:
         update_time=_stamp(c.updated_at), start_time=_stamp(c.started_at), complete_time=_stamp(c.completed_at),
         total_contacts=c.total_contacts, pending_count=c.pending_count, sent_count=c.sent_count,
         delivered_count=c.delivered_count, read_count=c.read_count, failed_count=c.failed_count,
-        skipped_count=c.skipped_count, etag=f'W/"{c.version}"')
+        skipped_count=c.skipped_count, opted_out_count=c.opted_out_count, etag=f'W/"{c.version}"')
     if body:
         out.MergeFromString(body)
     return out

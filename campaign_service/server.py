@@ -40,6 +40,7 @@ from campaign_service.servicers import audit as audit_servicer
 from campaign_service.servicers import campaigns as campaigns_servicer
 from campaign_service.servicers import chips as chips_servicer
 from campaign_service.servicers import credits as credits_servicer
+from campaign_service.servicers import suppressions as suppressions_servicer
 from campaign_service.servicers import webhooks as webhooks_servicer
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import (
@@ -48,6 +49,7 @@ from whago.campaign.v1 import (
     chip_service_pb2,
     credit_service_pb2,
     delivery_service_pb2,
+    suppression_service_pb2,
     webhook_service_pb2,
 )
 
@@ -73,6 +75,7 @@ SERVICE_NAMES = (
     webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    suppression_service_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
 )
 DELIVERY_SERVICE = delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name
 
@@ -107,6 +110,7 @@ class App:
         webhooks_servicer.add_to_server(self.server, self.ops)
         audit_servicer.add_to_server(self.server, self.ops)
         credits_servicer.add_to_server(self.server, self.ops)
+        suppressions_servicer.add_to_server(self.server, self.ops)
         delivery_servicer.add_to_server(self.server, self.db, self.settings)
         names = [*SERVICE_NAMES, DELIVERY_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -108,6 +108,12 @@ class DeliveryClient:
         return await self._call("ReportAcks", lambda t: self.stub.ReportAcks(
             req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget=min(10.0, self.retry_budget))
 
+    async def inbound(self, messages: Sequence[dpb.InboundMessage]) -> dpb.ReportInboundMessagesResponse:
+        """ReportInboundMessages: messages the chips received (opt-outs), idempotent per WAHA id."""
+        req = dpb.ReportInboundMessagesRequest(messages=list(messages))
+        return await self._call("ReportInboundMessages", lambda t: self.stub.ReportInboundMessages(
+            req, metadata=self.metadata, timeout=t, wait_for_ready=True), budget=min(10.0, self.retry_budget))
+
     async def media(self, media_id: str) -> dpb.GetMediaContentResponse:
         """The whole file, in ranged reads of MEDIA_PIECE_BYTES (a 100 MiB document is larger than one
         gRPC message); one response carrying the metadata and all the bytes."""

@@ -1,4 +1,5 @@
-"""WAHA webhook receiver: WhatsApp receipts (`message.ack`) become DELIVERED / READ messages.
+"""WAHA webhook receiver: WhatsApp receipts (`message.ack`) become DELIVERED / READ messages, and
+inbound texts (`message`) are forwarded to ReportInboundMessages (opt-outs, see below).
 
 Point WAHA's webhooks at `POST http://<DISPATCHER_WEBHOOK_LISTEN>/waha/webhook` with the
 `message.ack` event (its global WHATSAPP_HOOK_URL / WHATSAPP_HOOK_EVENTS, or a session's config).
@@ -8,6 +9,11 @@ SHA-512 of the body with that key), else 401. Receipts for our own sends (fromMe
 ignored. Receipts are gathered for a few milliseconds into one ReportAcks call; a request is
 answered once its receipt is applied, 503 when the campaign service cannot be reached, so WAHA's
 retries bring it again (applying one twice is harmless).
+
+`message` events (subscribe WAHA to `message` too): an inbound text (not fromMe, not a group's) is
+forwarded, one ReportInboundMessages call per event, with the receiving session and number
+(`me.id`, else the payload's `to`); campaign_service decides whether it is one of the chip owner's
+opt-out words. A `message` event without a session, payload, id or sender is refused with 400.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ LINGER_SECONDS = 0.02
 MAX_BATCH = 1000  # ReportAcks' limit
 MAX_BODY = 1024 * 1024
 MAX_WAHA_ID_LENGTH = 200  # what DeliveryService takes
+MAX_INBOUND_TEXT = 4096  # longer texts are never opt-out words (ReportInboundMessages ignores them)
 
 
 def _message_id(payload: dict[str, Any]) -> str:
@@ -39,6 +46,37 @@ def _message_id(payload: dict[str, Any]) -> str:
     if isinstance(v, dict):  # some engines nest it as {_serialized: ...}
         v = v.get("_serialized") or v.get("id")
     return v if isinstance(v, str) else ""
+
+
+def inbound_message(event: dict[str, Any]) -> dpb.InboundMessage | str | None:
+    """The InboundMessage of a WAHA `message` event; None for one that is not an inbound text
+    (fromMe, no body, a group's), the problem (str) for a malformed one."""
+    session, payload = event.get("session"), event.get("payload")
+    if not isinstance(session, str) or not session:
+        return "session: required string"
+    if not isinstance(payload, dict):
+        return "payload: required object"
+    waha_id, sender, body = _message_id(payload), payload.get("from"), payload.get("body")
+    if not waha_id or len(waha_id) > MAX_WAHA_ID_LENGTH:
+        return f"payload.id: required string of 1-{MAX_WAHA_ID_LENGTH} characters"
+    if not isinstance(sender, str) or not sender:
+        return "payload.from: required string"
+    if body is not None and not isinstance(body, str):
+        return "payload.body: must be a string"
+    if payload.get("fromMe") is True or not body or payload.get("participant"):
+        return None
+    me, to = event.get("me"), payload.get("to")
+    chip = ""
+    if isinstance(me, dict) and isinstance(me.get("id"), str):
+        chip = me["id"]
+    elif isinstance(to, str):
+        chip = to
+    msg = dpb.InboundMessage(session=session, chip_phone=chip, sender=sender, text=body[:MAX_INBOUND_TEXT],
+                             waha_message_id=waha_id)
+    ts = payload.get("timestamp")
+    if isinstance(ts, int | float) and ts > 0:
+        msg.time.FromSeconds(int(ts))
+    return msg
 
 
 class AckReceiver:
@@ -66,6 +104,8 @@ class AckReceiver:
             event = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return web.json_response({"error": "body is not JSON"}, status=400)
+        if isinstance(event, dict) and event.get("event") == "message":  # suppression: inbound opt-outs
+            return await self._inbound(event)
         if not isinstance(event, dict) or event.get("event") != "message.ack":
             return web.json_response({"ignored": "not a message.ack event"})
         raw_payload = event.get("payload")
@@ -85,6 +125,21 @@ class AckReceiver:
             log.warning("receipt for %s not applied (WAHA will retry): %s", waha_id, e)
             return web.json_response({"error": "campaign service unavailable"}, status=503)
         return web.json_response({"ok": True})
+
+    async def _inbound(self, event: dict[str, Any]) -> web.Response:
+        """A WAHA `message` event (WAHAWebhookMessage): an inbound text is forwarded to
+        ReportInboundMessages, which decides whether it is an opt-out. A malformed event is 400."""
+        inbound = inbound_message(event)
+        if isinstance(inbound, str):
+            return web.json_response({"error": inbound}, status=400)
+        if inbound is None:
+            return web.json_response({"ignored": "not an inbound text message"})
+        try:
+            out = await self.delivery.inbound([inbound])
+        except DeliveryUnavailable as e:
+            log.warning("inbound message %s not applied (WAHA will retry): %s", inbound.waha_message_id, e)
+            return web.json_response({"error": "campaign service unavailable"}, status=503)
+        return web.json_response({"ok": True, "opted_out": out.opted_out})
 
     def _submit(self, ack: dpb.MessageAck) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

@@ -205,7 +205,7 @@ def test_services_point_at_each_other_consistently(services: dict[str, dict[str,
     for backend in (waha, services["waha-sandbox"]):
         assert env_of(backend)["WHATSAPP_HOOK_URL"] == f"http://dispatcher:{hook_port}/waha/webhook"
         assert env_of(backend)["WHATSAPP_HOOK_HMAC_KEY"] == env_of(dispatcher)["WAHA_WEBHOOK_HMAC_KEY"]
-    assert env_of(waha)["WHATSAPP_HOOK_EVENTS"] == "message.ack"
+    assert env_of(waha)["WHATSAPP_HOOK_EVENTS"] == "message.ack,message"
     db = env_of(campaign)["DATABASE_URL"]
     assert db == env_of(services["migrate"])["DATABASE_URL"] and "@postgres:5432/" in db
 

@@ -73,7 +73,7 @@ def test_receiver_checks_the_signature_and_ignores_what_is_not_a_receipt_of_ours
     assert post(receiver_url, ack, key=None)[0] == 401
     assert post(receiver_url, ack, key="another key")[0] == 401
     assert post(receiver_url, ack) == (200, {"ok": True})  # no message carries that id: nothing to do
-    assert post(receiver_url, {**ack, "event": "message"})[1] == {"ignored": "not a message.ack event"}
+    assert post(receiver_url, {**ack, "event": "message.revoked"})[1] == {"ignored": "not a message.ack event"}
     for payload in ({**ack["payload"], "fromMe": False}, {**ack["payload"], "ack": 1}, {"fromMe": True, "ack": 2}):
         status, out = post(receiver_url, {**ack, "payload": payload})
         assert status == 200 and "ignored" in out, payload  # type: ignore[operator]

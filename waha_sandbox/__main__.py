@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API request")
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="how long injected timeouts hang")
     parser.add_argument("--webhook-url", default=os.environ.get("WHATSAPP_HOOK_URL"),
-                        help="post message.ack receipts here, as WAHA's global webhook (default $WHATSAPP_HOOK_URL)")
+                        help="post receipts and inbound messages here (default $WHATSAPP_HOOK_URL)")
     parser.add_argument("--webhook-hmac-key", default=os.environ.get("WHATSAPP_HOOK_HMAC_KEY"),
                         help="sign them (X-Webhook-Hmac, SHA-512; default $WHATSAPP_HOOK_HMAC_KEY)")
     parser.add_argument("--write-schemas", metavar="OPENAPI_JSON",
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     hooks: list[Json] = []
     if args.webhook_url:
-        hooks.append({"url": args.webhook_url, "events": ["message.ack"]})
+        hooks.append({"url": args.webhook_url, "events": ["message.ack", "message"]})
         if args.webhook_hmac_key:
             hooks[0]["hmac"] = {"key": args.webhook_hmac_key}
     app = make_app(args.api_key, args.latency_ms, args.timeout_seconds, hooks)

@@ -81,6 +81,7 @@ class App:
         r.add_get("/_sandbox/requests", self.ctl_requests)
         r.add_get("/_sandbox/messages", self.ctl_messages)
         r.add_get("/_sandbox/webhooks", self.ctl_webhooks)
+        r.add_post("/_sandbox/inbound", self.ctl_inbound)
         return app
 
     # -- the request pipeline -------------------------------------------------------------------
@@ -332,6 +333,23 @@ class App:
     async def ctl_webhooks(self, request: web.Request) -> web.Response:
         """Webhook deliveries so far: url, event, message_id, ack, status, attempts, ts."""
         return json_response(200, self.sb.webhooks.log)
+
+    async def ctl_inbound(self, request: web.Request) -> web.Response:
+        """{session, from, text}: someone wrote `text` to the session's number; a WAHA `message`
+        webhook goes to every webhook listening for `message` (signed like the receipts)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return json_response(400, {"error": "body must be JSON"})
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body.get(k)
+                                                 for k in ("session", "from", "text")):
+            return json_response(400, {"error": "needs session, from and text (non-empty strings)"})
+        sess = self.sb.session(body["session"])
+        if sess is None:
+            return json_response(404, {"error": f"unknown session {body['session']!r}"})
+        event = self.sb.webhooks.inbound(body["session"], sess.me_info(), self.sb.engine, body["from"], body["text"],
+                                         ids.new_message_id())
+        return json_response(200, event)
 
     async def ctl_messages(self, request: web.Request) -> web.Response:
         q = request.query

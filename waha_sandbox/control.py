@@ -82,6 +82,12 @@ class SandboxControl:
         result: list[dict[str, Any]] = self._call("GET", "webhooks")
         return result
 
+    def inbound(self, session: str, sender: str, text: str) -> dict[str, Any]:
+        """Someone (``sender``: phone or chat id) writes ``text`` to the session's number: a WAHA
+        ``message`` webhook is posted to the webhooks listening for ``message``. Returns the event."""
+        result: dict[str, Any] = self._call("POST", "inbound", {"session": session, "from": sender, "text": text})
+        return result
+
     def messages(self, session: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         """Messages delivered (unique by id): id, short_id, session, chatId, type, text, file, ts."""
         result: list[dict[str, Any]] = self._call("GET", "messages", query={"session": session, "since": since})

@@ -126,13 +126,36 @@ class AckWebhooks:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _post(self, hook: Json, body: bytes, message_id: str, ack: int) -> None:
+    def inbound(self, session: str, me: Json, engine: str, sender: str, body_text: str, message_id: str) -> Json:
+        """Post a WAHA `message` event (WAHAWebhookMessage: someone wrote to the session's number)
+        to every webhook listening for `message`; returns the event (its payload's id is the
+        message id). Signed and retried like the receipts."""
+        chat = sender if "@" in sender else f"{''.join(ch for ch in sender if ch.isdigit())}@c.us"
+        event: Json = {
+            "id": event_id(), "timestamp": int(time.time() * 1000), "session": session, "metadata": {},
+            "engine": engine, "event": "message",
+            "payload": {"id": f"false_{chat}_{message_id}", "timestamp": int(time.time()), "from": chat,
+                        "fromMe": False, "source": "app", "to": me["id"], "participant": None, "body": body_text,
+                        "hasMedia": False, "media": None, "ack": 1, "ackName": "SERVER", "_data": {}},
+            "me": me,
+            "environment": {"version": "2026.7.1", "engine": engine, "tier": "CORE", "browser": "",
+                            "platform": "linux/x64", "worker": {"id": None}},
+        }
+        body = orjson.dumps(event)
+        for hook in [h for h in self.hooks if "message" in h["events"] or "*" in h["events"]]:
+            task = asyncio.ensure_future(self._post(hook, body, event["payload"]["id"], None, "message"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return event
+
+    async def _post(self, hook: Json, body: bytes, message_id: str, ack: int | None,
+                    event: str = "message.ack") -> None:
         headers = {"Content-Type": "application/json", "X-Webhook-Request-Id": secrets.token_hex(8),
                    "X-Webhook-Timestamp": str(int(time.time() * 1000))}
         key = (hook.get("hmac") or {}).get("key")
         if key:
             headers.update({"X-Webhook-Hmac": signature(key, body), "X-Webhook-Hmac-Algorithm": "sha512"})
-        entry: Json = {"url": hook["url"], "event": "message.ack", "message_id": message_id, "ack": ack,
+        entry: Json = {"url": hook["url"], "event": event, "message_id": message_id, "ack": ack,
                        "status": None, "attempts": 0, "ts": time.time()}
         self.log.append(entry)
         if self._http is None:
@@ -147,7 +170,7 @@ class AckWebhooks:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 entry["status"] = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(RETRY_SECONDS * attempt)
-        log.warning("webhook %s for %s ack %d failed after %d attempts: %s", hook["url"], message_id, ack,
+        log.warning("webhook %s for %s ack %s failed after %d attempts: %s", hook["url"], message_id, ack,
                     ATTEMPTS, entry["status"])
 
     async def close(self) -> None:

@@ -100,6 +100,7 @@ class Campaign(Base):
     read_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     failed_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     skipped_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    opted_out_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")  # suppression
     # Bumped by Start/Resume/Pause/Cancel: lanes of an older epoch lease nothing, and arq job ids
     # (which embed it) are never reused.
     dispatch_epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")

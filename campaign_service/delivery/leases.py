@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from campaign_service import errors, metrics
 from campaign_service.db import arrays
 from campaign_service.db.engine import Database
+from campaign_service.delivery import opt_out
 from campaign_service.delivery.common import (
     PENDING,
     RUNNING,
@@ -187,9 +188,12 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
             return LeaseResult([], camp.state, camp.dispatch_epoch, remaining)
         templates = camp.templates or []
         media_idx = [i for i in range(len(templates)) if template_parts(templates, i)[1] is not None]
-        rows = list(s.execute(_LEASE, {**params, "n": max_messages, "secs": lease_seconds,
-                                       "owner": lease_owner or None, "wids": arrays.literal(waha_message_ids),
-                                       "nt": max(1, len(templates)), "media_idx": arrays.int_literal(media_idx)}))
+        lease_params = {**params, "n": max_messages, "secs": lease_seconds, "owner": lease_owner or None,
+                        "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
+                        "media_idx": arrays.int_literal(media_idx)}
+        rows = list(s.execute(_LEASE, lease_params))
+        # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased
+        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params)))
         rows.sort(key=lambda r: r.seq)
         metrics.leased(len(rows), sum(1 for r in rows if r.expired))
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",

@@ -232,6 +232,11 @@ def report_deliveries(db: Database, campaign_id: str, reports: list[Report]) -> 
     return result
 
 
+def apply_in_transaction(s: Session, cid: uuid.UUID, reports: list[Report]) -> ReportResult:
+    """Apply reports inside the caller's transaction (the lease's opt-out skips, delivery/opt_out.py)."""
+    return _apply(s, cid, str(cid), reports, [])
+
+
 def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
            status: list[StatusEvent]) -> ReportResult:
     params = {"cid": str(cid)}

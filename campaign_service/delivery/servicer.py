@@ -12,7 +12,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
-from campaign_service.delivery import acks, chips, lane_waits, leases, media, reports
+from campaign_service.delivery import acks, chips, inbound, lane_waits, leases, media, reports
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
 from whago.campaign.v1 import resources_pb2 as res
@@ -107,6 +107,15 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
             acks.Ack(a.waha_message_id, int(a.outcome), a.time.ToDatetime(tzinfo=UTC) if a.HasField("time") else None)
             for a in request.acks])
         return dpb.ReportAcksResponse(matched=out.matched, unmatched=out.unmatched)
+
+    def ReportInboundMessages(self, request: dpb.ReportInboundMessagesRequest, context: grpc.ServicerContext
+                              ) -> dpb.ReportInboundMessagesResponse:  # suppression
+        out = inbound.report_inbound(self.db, self.settings, [
+            inbound.Inbound(m.session, m.chip_phone, m.sender, m.text, m.waha_message_id,
+                            m.time.ToDatetime(tzinfo=UTC) if m.HasField("time") else None)
+            for m in request.messages])
+        return dpb.ReportInboundMessagesResponse(opted_out=out.opted_out, duplicates=out.duplicates,
+                                                 ignored=out.ignored)
 
 
 def add_to_server(server: grpc.aio.Server, db: Database, settings: Settings) -> None:

@@ -19,6 +19,7 @@ from campaign_service.ops.contacts import ContactOps
 from campaign_service.ops.credits import CreditOps
 from campaign_service.ops.media import MediaOps
 from campaign_service.ops.preview import PreviewOps
+from campaign_service.ops.suppressions import SuppressionOps
 from campaign_service.ops.watch import WatchOps
 from campaign_service.ops.webhooks import WebhookOps
 
@@ -37,9 +38,11 @@ class Operations:
     watch: WatchOps
     credits: CreditOps
     preview: PreviewOps
+    suppressions: SuppressionOps
 
     @classmethod
     def create(cls, db: Database, settings: Settings, dispatcher: DispatcherClient) -> Operations:
         deps = (db, settings, dispatcher)
         return cls(CampaignCrud(*deps), CampaignLifecycle(*deps), ContactOps(*deps), MediaOps(*deps), ChipOps(*deps),
-                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps), CreditOps(*deps), PreviewOps(*deps))
+                   WebhookOps(*deps), AuditOps(*deps), WatchOps(*deps), CreditOps(*deps), PreviewOps(*deps),
+                   SuppressionOps(*deps))

@@ -39,6 +39,7 @@ from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import idempotency
 from campaign_service.repository import messages as messages_repo
+from campaign_service.repository import suppressions as suppressions_repo
 from campaign_service.secrets_box import SecretBox
 from campaign_service.states import ChipState
 from whago.campaign.v1 import resources_pb2 as res
@@ -81,12 +82,16 @@ class CampaignLifecycle(OpsBase):
             lanes = self._lanes(chips, settings)
             # A cheap early refusal; the reservation below (after the messages exist, so the users
             # row stays locked only until commit) is the exact check under concurrent Starts.
+            suppressed = suppressions_repo.suppressed_contacts(s, user_id, cid)  # suppression
             have = credits_repo.balance(s, user_id)
-            if have is None or have.available < c.total_contacts:
-                raise _insufficient(c.total_contacts, have.available if have else 0)
+            if have is None or have.available < c.total_contacts - len(suppressed):
+                raise _insufficient(c.total_contacts - len(suppressed), have.available if have else 0)
             created = messages_repo.create_for_start(
                 s, cid, [ch.id for ch in chips], message_templates.weight_pattern([t.weight for t in templates]),
                 settings.shuffle_contacts)
+            # suppression: messages to suppressed numbers are SKIPPED (OPTED_OUT) and reserve nothing.
+            skipped = suppressions_repo.skip_contacts(s, cid, suppressed)
+            created -= skipped
             # One credit per message created (the rows, not the counter, are the truth).
             if credits_repo.reserve(s, user_id, cid, created, f"start of campaign '{c.name}': {created} message(s)"
                                     ) is None:
@@ -97,12 +102,14 @@ class CampaignLifecycle(OpsBase):
             c.state_reason = ""
             c.started_at = utcnow()
             c.pending_count = created
+            c.skipped_count += skipped  # suppression
             c.dispatch_epoch += 1
             campaigns_repo.touch(s, c)
             self._campaign_changed(s, c, action="campaign.start", event=outbox.CAMPAIGN_STARTED,
                                    description=f"Campaign '{c.name}' started.",
                                    extra={"campaign_name": c.name, "status": State(before.state).name,
                                           "messages": created, "chips": [str(ch.id) for ch in chips],
+                                          "skipped_opted_out": skipped,
                                           "epoch": c.dispatch_epoch})
             self._remember(s, user_id, idem, c)
         log.info("campaign=%s start: %d messages over %d chips, epoch %d", cid, created, len(chips),
@@ -145,6 +152,7 @@ class CampaignLifecycle(OpsBase):
             credits_repo.release(s, user_id, cid, unsent, "start reverted (dispatcher unavailable): "
                                  f"{unsent} message(s) removed")
             before.restore(c)
+            c.skipped_count = 0  # suppression: Start's SKIPPED (OPTED_OUT) messages are gone too
             s.flush()
             self._campaign_changed(s, c, action="campaign.start_reverted", event=outbox.CAMPAIGN_REVERTED,
                                    description="Start reverted: the dispatcher was unavailable.",

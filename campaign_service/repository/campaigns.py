@@ -24,7 +24,8 @@ VIEW_COLUMNS = (
     cast(_c.templates, Text).label("templates_json"), cast(_c.settings, Text).label("settings_json"),
     cast(_c.chip_ids, ARRAY(Text)).label("chip_ids"), _c.schedule_time, _c.created_at, _c.updated_at,
     _c.started_at, _c.completed_at, _c.total_contacts, _c.pending_count, _c.sent_count, _c.delivered_count,
-    _c.read_count, _c.failed_count, _c.skipped_count, _c.version)
+    _c.read_count, _c.failed_count, _c.skipped_count, _c.version,
+    _c.opted_out_count)  # suppression
 
 
 
@@ -52,6 +53,7 @@ class CampaignView(NamedTuple):
     failed_count: int
     skipped_count: int
     version: int
+    opted_out_count: int  # suppression
 
 
 assert CampaignView._fields == tuple(c.name for c in VIEW_COLUMNS)
