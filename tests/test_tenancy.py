@@ -38,14 +38,15 @@ SELF_ID = {"whago.campaign.v1.Campaign": ("id", "campaign"), "whago.campaign.v1.
            ("endpoint_id", "webhook")}
 
 
+PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15"
+       b"\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
 #: What else a request needs to pass validation, so the answer is about the resource.
 VALID_REST: dict[str, dict[str, Any]] = {
     "UpdateCampaign": {"campaign": {"name": "x"}, "update_mask": {"paths": ["name"]}},
     "UpdateWebhookEndpoint": {"endpoint": {"description": "x"}, "update_mask": {"paths": ["description"]}},
     "RedeliverEvent": {"event_id": 1},
-    "UploadMedia": {"filename": "a.png", "mime_type": "image/png",
-                    "content": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06"
-                               b"\x00\x00\x00\x1f\x15\xc4\x89"},
+    "UploadMedia": {"filename": "a.png", "mime_type": "image/png", "content": PNG},
+    "UploadMediaChunks": {"filename": "a.png", "mime_type": "image/png", "content": PNG},
 }
 #: A campaign id there filters the caller's own list (an empty answer, not a lookup).
 FILTERS = {"ListCreditTransactions"}
@@ -93,7 +94,9 @@ def test_another_user_gets_not_found_for_every_rpc_naming_a_resource(
     a.import_phones(camp.id, phones(2, start=9100))
     hook = a.webhooks.CreateWebhookEndpoint(wh.CreateWebhookEndpointRequest(endpoint=wh.WebhookEndpoint(
         url="http://127.0.0.1:9/h", enabled=True)), metadata=a.md).endpoint
-    ids = {"campaign": camp.id, "chip": chip.id, "webhook": hook.endpoint_id}
+    media = a.campaigns.UploadMedia(cs.UploadMediaRequest(campaign_id=camp.id, filename="a.png", mime_type="image/png",
+                                                          content=PNG), metadata=a.md)
+    ids = {"campaign": camp.id, "chip": chip.id, "webhook": hook.endpoint_id, "media": media.id}
     db = ProtoReflectionDescriptorDatabase(campaign_channel)
     pool = descriptor_pool.DescriptorPool(db)
     checked, wrong = [], []
@@ -118,7 +121,7 @@ def test_another_user_gets_not_found_for_every_rpc_naming_a_resource(
     assert not wrong, wrong
     assert {"GetCampaign", "DeleteCampaign", "StartCampaign", "ImportContacts", "WatchCampaign", "GetChip",
             "DeleteChip", "GetWebhookEndpoint", "UpdateCampaign", "UpdateWebhookEndpoint",
-            "PreviewMessages"} <= set(checked)
+            "PreviewMessages", "DeleteMedia", "UploadMediaChunks"} <= set(checked)
     assert a.get(camp.id).state == res.CAMPAIGN_STATE_DRAFT  # and A's resources are untouched
 
 
