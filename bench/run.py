@@ -40,7 +40,7 @@ def table(rows: list[Result]) -> str:
     lines = []
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
-        met = "ERROR" if r.error and r.met is not True else ("yes" if r.met else ("no" if r.met is False else "-"))
+        met = "ERROR" if r.error else ("yes" if r.met else ("no" if r.met is False else "-"))
         lines.append((r.figure, _fmt(r.value, r.unit), _fmt(r.baseline, r.unit), ratio, r.target, met))
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
@@ -73,6 +73,9 @@ def run_figure(ctx: Ctx, name: str, pglog: PgLog) -> list[Result]:
             tail = log_tail(ctx.stack, svc, 15)
             if tail:
                 ctx.rows[0].details[f"{svc}_log_tail"] = tail
+    for r in ctx.rows:
+        if r.error:  # an error means not met, whatever the figure set before it failed
+            r.met = False
     elapsed = time.perf_counter() - t0
     top = pg_top(ctx.stack)
     slow = pglog.slow()
