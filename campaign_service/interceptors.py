@@ -68,6 +68,15 @@ def to_service_error(exc: BaseException) -> errors.ServiceError:
 _SERVICE_PRINCIPAL = auth.Principal(user_id=None, is_service=True)
 
 
+def _translate(method: str, exc: BaseException) -> errors.ServiceError:
+    """The status an exception answers, the same for every RPC; an internal error is logged (with
+    its traceback: this runs inside the handler's except block)."""
+    err = to_service_error(exc)
+    if isinstance(err, errors.Internal):
+        log.exception("rpc=%s internal error", method)
+    return err
+
+
 def _abort(context: Any, err: errors.ServiceError) -> None:
     """Abort a sync handler's call (grpc.aio's sync context has no abort_with_status)."""
     status = err.to_status()
@@ -129,10 +138,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     token = set_current(principal_of(service, context.invocation_metadata()))
                     return behavior(request_or_iterator, context)
                 except Exception as exc:
-                    err = to_service_error(exc)
+                    err = _translate(method, exc)
                     code = err.code
-                    if isinstance(err, errors.Internal):
-                        log.exception("rpc=%s internal error", method)
                     _abort(context, err)
                 finally:
                     observer.done(code, started)
@@ -154,10 +161,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = ok
                     return result
                 except Exception as exc:
-                    err = to_service_error(exc)
+                    err = _translate(method, exc)
                     code = err.code
-                    if isinstance(err, errors.Internal):
-                        log.exception("rpc=%s internal error", method)
                 finally:
                     observer.done(code, started)
                 status = err.to_status()
@@ -174,10 +179,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                     code = ok
                 except Exception as exc:
-                    err = to_service_error(exc)
+                    err = _translate(method, exc)
                     code = err.code
-                    if isinstance(err, errors.Internal):
-                        log.exception("rpc=%s internal error", method)
                 finally:
                     observer.done(code, started)
                 if err is not None:

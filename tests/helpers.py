@@ -8,9 +8,13 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 import sqlalchemy as sa
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from whago.campaign.v1 import audit_service_pb2_grpc as aud_grpc
 from whago.campaign.v1 import campaign_service_pb2 as cs
@@ -180,3 +184,23 @@ def get_dispatch(channel: grpc.Channel, token: str, campaign_id: str) -> dispatc
     stub = dispatcher_grpc.DispatcherServiceStub(channel)
     return stub.GetDispatch(dispatcher_pb.GetDispatchRequest(campaign_id=campaign_id),
                             metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+
+
+D = TypeVar("D", bound=Message)
+
+
+def error_details(err: grpc.RpcError, cls: type[D]) -> list[D]:
+    """The google.rpc detail messages of type `cls` a failed call carried (BadRequest, ErrorInfo...)."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    out: list[D] = []
+    for d in status.details if status is not None else ():
+        m = cls()
+        if d.Unpack(m):
+            out.append(m)
+    return out
+
+
+def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) of the call's BadRequest."""
+    return [(v.field, v.description) for br in error_details(err, error_details_pb2.BadRequest)
+            for v in br.field_violations]

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.conftest import SANDBOX_API_KEY
-from tests.helpers import Ops, phones
+from tests.helpers import Ops, error_details, field_violations, phones
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
@@ -20,25 +19,9 @@ from whago.campaign.v1 import resources_pb2 as res
 SPIN = "{Oi|Olá|E aí} {{first_name}}, {a oferta|o desconto} de {{city|sua cidade}} {chegou|está aqui}!"
 
 
-def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    out = []
-    for d in status.details:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [(v.field, v.description) for v in br.field_violations]
-    return out
-
-
 def reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    for d in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if d.Unpack(info):
-            return info.reason
-    return ""
+    infos = error_details(err, error_details_pb2.ErrorInfo)
+    return infos[0].reason if infos else ""
 
 
 def import_people(api: Ops, campaign_id: str, rows: list[tuple[str, str, dict[str, str]]]) -> None:

@@ -19,12 +19,11 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from grpc_status import rpc_status
 
 from campaign_service import admin
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, auth
-from tests.helpers import Ops, phones, user_id
+from tests.helpers import Ops, error_details, phones, user_id
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import resources_pb2 as res
@@ -169,15 +168,7 @@ def _admin(database_url: str, *argv: str) -> None:
 
 
 def _details(err: grpc.RpcError) -> list[Any]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    out: list[Any] = []
-    for d in status.details:
-        for cls in (error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo):
-            m = cls()
-            if d.Unpack(m):
-                out.append(m)
-    return out
+    return [*error_details(err, error_details_pb2.QuotaFailure), *error_details(err, error_details_pb2.RetryInfo)]
 
 
 def test_operator_quotas_and_rate_limit_answer_resource_exhausted(

@@ -14,13 +14,11 @@ import grpc
 import pytest
 import redis
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from campaign_service.urlguard import GuardedResolver, RefusedURL, URLGuard, parse_allowlist
 from tests.conftest import SANDBOX_API_KEY
-from tests.helpers import Ops, wait_for
+from tests.helpers import Ops, field_violations, wait_for
 from tests.receiver import Receiver
 from whago.campaign.v1 import audit_service_pb2 as aud
 from whago.campaign.v1 import campaign_service_pb2 as cs
@@ -50,14 +48,7 @@ def deliveries(api: Ops, endpoint_id: str) -> list[wh.WebhookDelivery]:
 
 
 def violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    out = []
-    for d in status.details:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
+    return [f for f, _ in field_violations(err)]
 
 
 def test_campaign_events_arrive_signed_complete_and_in_order(api: Ops, sandbox_url: str, receiver: Receiver) -> None:
