@@ -7,6 +7,8 @@ from __future__ import annotations
 import grpc
 import sqlalchemy as sa
 
+from campaign_service.secrets_box import SecretBox
+from tests.conftest import SECRETS_ENV
 from tests.helpers import Api
 from tests.test_campaign_support import api, count, engine, fails, live, other_api, row, running  # noqa: F401
 from whago.campaign.v1 import chip_service_pb2 as chs
@@ -29,7 +31,9 @@ def test_register_normalizes_and_never_returns_the_key(api: Api, engine: sa.Engi
     assert got == chip and got.waha_api_key == ""
     listed = api.chips.ListChips(chs.ListChipsRequest(), metadata=api.md).chips
     assert [c.waha_api_key for c in listed] == [""]
-    assert row(engine, "chips", chip.id)["waha_api_key"] == "secret-key"  # type: ignore[index]
+    stored = row(engine, "chips", chip.id)["waha_api_key"]  # type: ignore[index]
+    assert stored.startswith("fernet:") and "secret-key" not in stored  # sealed at rest
+    assert SecretBox(SECRETS_ENV["WHAGO_SECRET_KEYS"]).open(stored) == "secret-key"
 
 
 def test_list_chips_paginates_newest_first(api: Api) -> None:
@@ -69,7 +73,7 @@ def test_chip_of_running_campaign_cannot_be_deleted(api: Api, live: str, engine:
 
 
 def test_register_chip_request_id_replays(api: Api) -> None:
-    req = chs.RegisterChipRequest(chip=res.Chip(phone="+5511912345678", waha_base_url="http://h:1",
+    req = chs.RegisterChipRequest(chip=res.Chip(phone="+5511912345678", waha_base_url="http://127.0.0.1:1",
                                                 waha_session="s"), request_id="chip-once")
     a = api.chips.RegisterChip(req, metadata=api.md)
     b = api.chips.RegisterChip(req, metadata=api.md)
@@ -82,7 +86,7 @@ def test_one_whatsapp_number_is_one_chip(api: Api, other_api: Api) -> None:
     and session) would let campaigns send through it at twice its pace. Refused, naming the chip."""
     first = register(api)
     f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
-        phone="5511912345678", waha_base_url="http://other:3000", waha_session="other")), metadata=api.md)
+        phone="5511912345678", waha_base_url="http://localhost:3000", waha_session="other")), metadata=api.md)
     assert f.code == grpc.StatusCode.ALREADY_EXISTS and f.reason == "CHIP_ALREADY_REGISTERED"
     assert first.id in f.message
     f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
@@ -97,6 +101,6 @@ def test_one_whatsapp_number_is_one_chip(api: Api, other_api: Api) -> None:
 
 def test_waha_api_key_with_a_line_break_is_invalid(api: Api) -> None:
     f = fails(api.chips.RegisterChip, chs.RegisterChipRequest(chip=res.Chip(
-        phone="+5511912345678", waha_base_url="http://h:1", waha_session="s", waha_api_key="k\r\nX-Evil: 1")),
+        phone="+5511912345678", waha_base_url="http://127.0.0.1:1", waha_session="s", waha_api_key="k\r\nX-Evil: 1")),
         metadata=api.md)
     assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "chip.waha_api_key" in f.fields
