@@ -45,6 +45,9 @@ class Settings:
         os.environ.get("WHAGO_EVENT_RETENTION_DAYS", "30")) * 86400)
     # How many deliveries are in flight at once (over all endpoints).
     webhook_concurrency: int = field(default_factory=lambda: int(os.environ.get("WHAGO_WEBHOOK_CONCURRENCY", "64")))
+    # Chip warm-up (warmup.py): whether a chip registered without a plan gets the default plan.
+    warmup_default: bool = field(default_factory=lambda: os.environ.get(
+        "WHAGO_WARMUP_DEFAULT", "on").strip().lower() not in ("off", "0", "false", "no"))
 
 
 def load() -> Settings:

@@ -51,7 +51,8 @@ class CampaignLifecycle(OpsBase):
     def _lanes(self, chips: list[Chip], settings: res.CampaignSettings) -> list[Lane]:
         return [Lane(chip_id=str(ch.id), waha_base_url=ch.waha_base_url, waha_session=ch.waha_session,
                      waha_api_key=ch.waha_api_key,
-                     pacing=pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing))
+                     pacing=pacing.with_warmup(pacing.effective(convert.pacing_from_json(ch.pacing), settings.pacing),
+                                               convert.warmup_from_json(ch.warmup)))
                 for ch in chips]
 
     def start_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
