@@ -155,6 +155,7 @@ class Pacer:
         self._reserve_send = scripts.register(redis, "pace_reserve_send")
         self._release = scripts.register(redis, "pace_release")
         self._reserve_burst = scripts.register(redis, "pace_reserve_burst")
+        self._burst_return = scripts.register(redis, "pace_burst_return")
 
     async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
                       gap: float | None = None, lane_key: str | None = None) -> Reservation | None:
@@ -243,6 +244,18 @@ class Pacer:
     @staticmethod
     def _warm_keys(chip_id: str, limits: Limits) -> list[str]:
         return [keys.warmup(chip_id)] if limits.warmup else []
+
+    async def return_burst(self, chip_id: str, limits: Limits, token: str, used: int, n: int) -> int:
+        """A burst of n registered sends that sent only `used`: the rest stop counting for the caps
+        and the warm-up day (or a warm-up day would fill up with sends that never left)."""
+        if used >= n:
+            return 0
+        if limits.warmup:
+            got = await self._burst_return(keys=[keys.pace_log(chip_id), keys.warmup(chip_id)],
+                                           args=[token, used, n, self.warmup_day])
+        else:
+            got = await self._burst_return(keys=[keys.pace_log(chip_id)], args=[token, used, n])
+        return int(got)
 
     async def release(self, r: Reservation) -> None:
         """Give back an unused slot so it does not count against the caps (nor its warm-up day)."""
