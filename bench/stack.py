@@ -127,6 +127,7 @@ class Stack:
             "DISPATCHER_TARGET": f"127.0.0.1:{self.ports['dispatcher']}",
             "WHAGO_MEDIA_DIR": str(self.workdir / "media"),
             "WHAGO_LOG_LEVEL": "WARNING",
+            "WHAGO_WARMUP_DEFAULT": "off",  # warm-up would cap bench chips at 20 sends a day
             "WHAGO_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8",  # the figures' receivers are local
             "WHAGO_WAHA_HOSTS": "127.0.0.1",  # the sandbox, on whatever port it got
             "WHAGO_SECRET_KEYS": self.secret_key,

@@ -77,6 +77,9 @@ class Settings:
     media_max_audio_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_AUDIO_BYTES", 16 * _MIB))
     media_max_document_bytes: int = field(default_factory=lambda: _int_env("WHAGO_MEDIA_MAX_DOCUMENT_BYTES",
                                                                            100 * _MIB))
+    # Chip warm-up (warmup.py): whether a chip registered without a plan gets the default plan.
+    warmup_default: bool = field(default_factory=lambda: os.environ.get(
+        "WHAGO_WARMUP_DEFAULT", "on").strip().lower() not in ("off", "0", "false", "no"))
 
 
 def load() -> Settings:

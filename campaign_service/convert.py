@@ -100,6 +100,13 @@ def settings_from_json(data: dict[str, Any]) -> res.CampaignSettings:
     return s
 
 
+def warmup_from_json(data: dict[str, Any] | None) -> res.WarmupPlan | None:
+    """A chip's stored warm-up plan; None when it has none."""
+    if data is None:
+        return None
+    return json_format.ParseDict(data, res.WarmupPlan(), ignore_unknown_fields=True)
+
+
 def pacing_from_json(data: dict[str, Any]) -> res.Pacing:
     p = res.Pacing()
     try:
@@ -210,6 +217,8 @@ def chip(c: Chip) -> res.Chip:
     out = res.Chip(id=str(c.id), display_name=c.display_name, phone=c.phone, waha_base_url=c.waha_base_url,
                    waha_session=c.waha_session, proxy_label=c.proxy_label, state=c.state,  # type: ignore[arg-type]
                    state_reason=c.state_reason, pacing=pacing_from_json(c.pacing))
+    if (plan := warmup_from_json(c.warmup)) is not None:
+        out.warmup.CopyFrom(plan)
     out.create_time.FromDatetime(c.created_at)
     out.update_time.FromDatetime(c.updated_at)
     return out

@@ -44,11 +44,13 @@ class Lane:
 
 
 def lane_for(chip: Any, campaign_pacing: res.Pacing, box: SecretBox) -> Lane:
-    """The one place a chip becomes a lane: its pacing intersected with the campaign's, its WAHA API
-    key opened (it is sealed at rest) only here, on its way to the dispatcher."""
+    """The one place a chip becomes a lane: its pacing intersected with the campaign's (with its
+    warm-up plan), its WAHA API key opened (it is sealed at rest) only here, on its way to the
+    dispatcher."""
     return Lane(chip_id=str(chip.id), waha_base_url=chip.waha_base_url, waha_session=chip.waha_session,
                 waha_api_key=box.open(chip.waha_api_key),
-                pacing=pacing.effective(convert.pacing_from_json(chip.pacing), campaign_pacing))
+                pacing=pacing.with_warmup(pacing.effective(convert.pacing_from_json(chip.pacing), campaign_pacing),
+                                          convert.warmup_from_json(chip.warmup)))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,16 @@ def validate_pacing(p: res.Pacing, prefix: str) -> list[Violation]:
             out.append((f"{prefix}.{name}", "must be >= 0 (0 means no cap)"))
     if p.HasField("window"):
         out.extend(validate_window(p.window, f"{prefix}.window"))
+    if p.HasField("warmup"):
+        out.append((f"{prefix}.warmup", "set by the service from the chip's plan: use chip.warmup"))
     return out
+
+
+def with_warmup(p: res.Pacing, plan: res.WarmupPlan | None) -> res.Pacing:
+    """A lane's pacing with its chip's warm-up plan (defaults already filled in), when enabled."""
+    if plan is not None and plan.enabled:
+        p.warmup.CopyFrom(plan)
+    return p
 
 
 def validate_window(w: res.SendingWindow, prefix: str) -> list[Violation]:

@@ -11,6 +11,8 @@ whago:jobseq:{c}:{chip}     int   INCR source of the slice number n in job ids
 whago:pace:{chip}           hash  last (last reserved slot), last_actual (end of the last send), busy_until/
                                   busy_token (a send of the chip in flight)
 whago:pacelog:{chip}        zset  reservation token -> slot time (rolling hour/day caps)
+whago:warmup:{chip}        hash  done (sending days over), d:<day> (sends/reservations of a warm-up day); chip
+                                  warm-up (lua/warmup.lua); read by campaign_service's GetChip (warmup.py)
 whago:wake:{queue}          channel  published when a job is enqueued to start now: workers poll at once
 """
 
@@ -57,6 +59,10 @@ def pace(chip: str) -> str:
 
 def pace_log(chip: str) -> str:
     return f"{PREFIX}:pacelog:{chip}"
+
+
+def warmup(chip: str) -> str:
+    return f"{PREFIX}:warmup:{chip}"
 
 
 def wake(queue: str) -> str:

@@ -9,11 +9,17 @@ END of the chip's previous send (and that none is in flight), so a late lane can
 next send and the gap holds as WAHA sees it: the previous request reached WAHA before its answer
 came back, and the next one leaves after the check. When the slot is due at once (no camouflage
 lead), `reserve_send` reserves and passes the fence in one atomic step.
+
+Chip warm-up (lua/warmup.lua): a chip with a warm-up plan (Pacing.warmup, from campaign_service)
+also has a daily cap per warm-up day (floor(t / WARMUP_DAY_SECONDS), UTC days by default) that grows
+with each day the chip sent: min(max, floor(start * factor^(k-1))) on its k-th sending day. Counted
+in Redis by the same scripts, so it holds across campaigns and workers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import time
 import uuid
@@ -31,6 +37,16 @@ DEFAULT_MAX_SECONDS = 60.0
 HORIZON_DAYS = 8
 NO_SLOT = -1.0
 
+
+def warmup_day_seconds() -> float:
+    """Length of a warm-up day (WARMUP_DAY_SECONDS, default 86400: UTC days); tests shorten it."""
+    try:
+        v = float(os.environ.get("WARMUP_DAY_SECONDS", "86400"))
+    except ValueError:
+        return 86400.0
+    return v if v > 0 else 86400.0
+
+
 @dataclass(frozen=True)
 class Limits:
     """Effective pacing of one lane, defaults filled in."""
@@ -40,6 +56,14 @@ class Limits:
     max_per_hour: int = 0
     max_per_day: int = 0
     window: resources_pb2.SendingWindow | None = None
+    # Warm-up plan (0 = none): first day's cap, growth per sending day, ceiling.
+    warmup_start: int = 0
+    warmup_factor: float = 1.0
+    warmup_max: int = 0
+
+    @property
+    def warmup(self) -> bool:
+        return self.warmup_start > 0
 
     @classmethod
     def from_proto(cls, p: resources_pb2.Pacing | None) -> Limits:
@@ -56,11 +80,13 @@ class Limits:
             mx = max(DEFAULT_MAX_SECONDS, mn)
         assert mn is not None and mx is not None
         mx = max(mx, mn)
+        ws, wf, wm = _warmup(p)
         return cls(
             interval_min=max(0.0, mn), interval_max=max(0.0, mx),
             max_per_hour=p.max_per_hour if p.HasField("max_per_hour") else 0,
             max_per_day=p.max_per_day if p.HasField("max_per_day") else 0,
             window=p.window if p.HasField("window") else None,
+            warmup_start=ws, warmup_factor=wf, warmup_max=wm,
         )
 
     def gap(self, rng: random.Random | None = None) -> float:
@@ -71,6 +97,14 @@ class Limits:
     @property
     def mean_gap(self) -> float:
         return (self.interval_min + self.interval_max) / 2
+
+
+def _warmup(p: resources_pb2.Pacing) -> tuple[int, float, int]:
+    """The lane's warm-up plan (start, factor, max; campaign_service fills in its defaults); start 0 when off."""
+    if not p.HasField("warmup") or not p.warmup.enabled or p.warmup.start_daily_cap <= 0:
+        return 0, 1.0, 0
+    w = p.warmup
+    return w.start_daily_cap, max(1.0, w.growth_factor or 1.0), max(w.max_daily_cap, w.start_daily_cap)
 
 
 def window_intervals(w: resources_pb2.SendingWindow, now: float, days: int = HORIZON_DAYS) -> list[tuple[float, float]]:
@@ -108,17 +142,20 @@ class Reservation:
     chip_id: str
     slot: float
     token: str
+    warmup: bool = False  # counted on the chip's warm-up day: release takes it back there too
 
 
 class Pacer:
     """Reserves send slots of chips in Redis."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, warmup_day: float | None = None) -> None:
         self.redis = redis
+        self.warmup_day = warmup_day or warmup_day_seconds()
         self._reserve = scripts.register(redis, "pace_reserve")
         self._reserve_send = scripts.register(redis, "pace_reserve_send")
         self._release = scripts.register(redis, "pace_release")
         self._reserve_burst = scripts.register(redis, "pace_reserve_burst")
+        self._burst_return = scripts.register(redis, "pace_burst_return")
 
     async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
                       gap: float | None = None, lane_key: str | None = None) -> Reservation | None:
@@ -126,13 +163,14 @@ class Pacer:
 
         With `lane_key`, the lane hash's next_send_time is set in the same step."""
         token = uuid.uuid4().hex
-        args = [*self._args(limits, token, gap), *self._windows(limits, now)]
-        ks = [keys.pace(chip_id), keys.pace_log(chip_id)] + ([lane_key] if lane_key else [])
+        args = [*self._args(limits, token, gap), *self._windows(limits, now), *self._warm_args(limits)]
+        ks = [keys.pace(chip_id), keys.pace_log(chip_id)] + ([lane_key] if lane_key else []) \
+            + self._warm_keys(chip_id, limits)
         raw = await self._reserve(keys=ks, args=args)
         slot = float(raw.decode() if isinstance(raw, bytes) else raw)
         if slot < 0:
             return None
-        return Reservation(chip_id, slot, token)
+        return Reservation(chip_id, slot, token, limits.warmup)
 
     async def reserve_send(self, chip_id: str, limits: Limits, lane_key: str, fence_key: str, inflight_key: str,
                            run_value: str, request_ttl: float, latest: float,
@@ -146,16 +184,16 @@ class Pacer:
         Raises fences.Stopped when the fence moved (nothing is reserved then)."""
         token, send_token = uuid.uuid4().hex, uuid.uuid4().hex
         args = [*self._args(limits, token, None), run_value, send_token, request_ttl, limits.interval_min, latest,
-                prev_token or "", *self._windows(limits, None)]
+                prev_token or "", *self._windows(limits, None), *self._warm_args(limits)]
         raw = await self._reserve_send(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
-                                             inflight_key], args=args)
+                                             inflight_key, *self._warm_keys(chip_id, limits)], args=args)
         r = raw.decode() if isinstance(raw, bytes) else str(raw)
         if r == "stop":
             raise Stopped(fence_key)
         if r == "-1":
             return None, None
         kind, _, slot = r.partition(":")
-        return Reservation(chip_id, float(slot), token), (send_token if kind == "go" else None)
+        return Reservation(chip_id, float(slot), token, limits.warmup), (send_token if kind == "go" else None)
 
     async def reserve_burst(self, chip_id: str, limits: Limits, lane_key: str, fence_key: str, inflight_key: str,
                             run_value: str, request_ttl: float, k: int,
@@ -169,9 +207,9 @@ class Pacer:
         fence moved."""
         token = uuid.uuid4().hex
         args = [limits.max_per_hour, limits.max_per_day, run_value, token, request_ttl, max(1, k), prev_token or "",
-                *self._windows(limits, None)]
+                *self._windows(limits, None), *self._warm_args(limits)]
         raw = await self._reserve_burst(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
-                                              inflight_key], args=args)
+                                              inflight_key, *self._warm_keys(chip_id, limits)], args=args)
         r = raw.decode() if isinstance(raw, bytes) else str(raw)
         if r == "stop":
             raise Stopped(fence_key)
@@ -197,6 +235,32 @@ class Pacer:
             out += [s, e]
         return out
 
+    def _warm_args(self, limits: Limits) -> list[str | float | int]:
+        """The warm-up tail of a reserve script's ARGV (after the windows); none without a plan."""
+        if not limits.warmup:
+            return []
+        return [self.warmup_day, limits.warmup_start, limits.warmup_factor, limits.warmup_max]
+
+    @staticmethod
+    def _warm_keys(chip_id: str, limits: Limits) -> list[str]:
+        return [keys.warmup(chip_id)] if limits.warmup else []
+
+    async def return_burst(self, chip_id: str, limits: Limits, token: str, used: int, n: int) -> int:
+        """A burst of n registered sends that sent only `used`: the rest stop counting for the caps
+        and the warm-up day (or a warm-up day would fill up with sends that never left)."""
+        if used >= n:
+            return 0
+        if limits.warmup:
+            got = await self._burst_return(keys=[keys.pace_log(chip_id), keys.warmup(chip_id)],
+                                           args=[token, used, n, self.warmup_day])
+        else:
+            got = await self._burst_return(keys=[keys.pace_log(chip_id)], args=[token, used, n])
+        return int(got)
+
     async def release(self, r: Reservation) -> None:
-        """Give back an unused slot so it does not count against the caps."""
-        await self._release(keys=[keys.pace(r.chip_id), keys.pace_log(r.chip_id)], args=[r.token])
+        """Give back an unused slot so it does not count against the caps (nor its warm-up day)."""
+        if r.warmup:
+            await self._release(keys=[keys.pace(r.chip_id), keys.pace_log(r.chip_id), keys.warmup(r.chip_id)],
+                                args=[r.token, self.warmup_day])
+        else:
+            await self._release(keys=[keys.pace(r.chip_id), keys.pace_log(r.chip_id)], args=[r.token])

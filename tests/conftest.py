@@ -106,6 +106,7 @@ def stack_env(database_url: str, redis_server: Redis, ports: dict[str, int], wor
         "DISPATCHER_TARGET": f"127.0.0.1:{ports['dispatcher']}",
         "WHAGO_MEDIA_DIR": str(workdir / "media"),
         "WHAGO_LOG_LEVEL": "INFO",
+        "WHAGO_WARMUP_DEFAULT": "off",  # warm-up: tests send far more than 20 a day per chip (test_warmup turns it on)
         **WEBHOOK_ENV, **SECRETS_ENV,
     }
 
@@ -318,6 +319,7 @@ def isolated_stack(database_url: str, sandbox: ServiceProcess, workdir: Path
             "CAMPAIGN_LISTEN": f"127.0.0.1:{cport}", "CAMPAIGN_TARGET": f"127.0.0.1:{cport}",
             "DISPATCHER_LISTEN": f"127.0.0.1:{dport}", "DISPATCHER_TARGET": f"127.0.0.1:{dport}",
             "WHAGO_MEDIA_DIR": str(workdir / "media"), "WHAGO_LOG_LEVEL": "INFO",
+            "WHAGO_WARMUP_DEFAULT": "off",  # warm-up (test_warmup turns it on)
             "DISPATCH_JOB_TIMEOUT": "10", "DISPATCH_SLICE_SECONDS": "4", "WAHA_TIMEOUT_SECONDS": "2",
             **WEBHOOK_ENV, **SECRETS_ENV, **extra_env,
         }

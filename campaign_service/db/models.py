@@ -66,6 +66,8 @@ class Chip(Base):
     state_reason: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
     # whago.campaign.v1.Pacing as proto JSON.
     pacing: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    # whago.campaign.v1.WarmupPlan as proto JSON, defaults filled in; NULL = no warm-up (migration 0011).
+    warmup: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from typing import Any
 
-from campaign_service import audit, convert, errors, limits, pacing, pagination, phones
+from campaign_service import audit, convert, errors, limits, pacing, pagination, phones, warmup
 from campaign_service.db.models import Chip
 from campaign_service.ids import parse_uuid
 from campaign_service.ops.base import OpsBase
@@ -20,6 +21,19 @@ log = logging.getLogger("campaign_service.campaigns")
 
 class ChipOps(OpsBase):
     """Register/Get/List/DeleteChip."""
+
+    @property
+    def _warmup_state(self) -> warmup.StateReader:
+        """Reader of the dispatcher's warm-up counts (GetChip/ListChips show today's cap)."""
+        r: warmup.StateReader | None = self.__dict__.get("_warmup_reader")
+        if r is None:
+            r = self.__dict__.setdefault("_warmup_reader", warmup.StateReader(self.settings.redis_url))
+        return r
+
+    def warmup_today(self, chips: list[Chip]) -> dict[str, warmup.Today]:
+        """Today's warm-up day and effective daily cap of each chip (chip id -> view)."""
+        return self._warmup_state.views([(str(c.id), convert.warmup_from_json(c.warmup),
+                                          convert.pacing_from_json(c.pacing)) for c in chips])
 
     def register_chip(self, user_id: uuid.UUID, spec: ChipInput, idem: Idem | None = None) -> Chip | Replayed:
         v: list[tuple[str, str]] = []
@@ -45,6 +59,8 @@ class ChipOps(OpsBase):
         if any(ord(c) < 32 or ord(c) == 127 for c in spec.waha_api_key):
             v.append(("chip.waha_api_key", "no control characters (it is sent as an HTTP header)"))
         v.extend(pacing.validate_pacing(spec.pacing, "chip.pacing"))
+        if spec.warmup is not None:
+            v.extend(warmup.validate(spec.warmup, "chip.warmup"))
         if v:
             raise errors.InvalidArgument(v)
         assert phone is not None
@@ -63,7 +79,8 @@ class ChipOps(OpsBase):
                                      waha_base_url=url, waha_session=spec.waha_session.strip(),
                                      waha_api_key=SecretBox(self.settings.secret_keys).seal(spec.waha_api_key),
                                      proxy_label=spec.proxy_label.strip(),
-                                     pacing=convert.to_json(spec.pacing))
+                                     pacing=convert.to_json(spec.pacing),
+                                     warmup=self._plan_json(spec))
             audit.record(s, user_id=user_id, action="chip.register", entity_type="chip", entity_id=str(chip.id),
                          description=f"Chip {chip.phone} registered.",
                          extra_data={"phone": chip.phone, "waha_session": chip.waha_session,
@@ -71,6 +88,10 @@ class ChipOps(OpsBase):
             self._remember(s, user_id, idem, chip)
         log.info("chip=%s registered (phone %s, session %s)", chip.id, chip.phone, chip.waha_session)
         return chip
+
+    def _plan_json(self, spec: ChipInput) -> dict[str, Any] | None:
+        plan = warmup.resolve(spec.warmup, spec.pacing, self.settings.warmup_default)
+        return None if plan is None else convert.to_json(plan)
 
     def get_chip(self, user_id: uuid.UUID, chip_id: str) -> Chip:
         chid = parse_uuid(chip_id, "chip_id")

@@ -64,6 +64,7 @@ class ChipInput:
     waha_api_key: str = ""
     proxy_label: str = ""
     pacing: res.Pacing = field(default_factory=res.Pacing)
+    warmup: res.WarmupPlan | None = None  # None: the default plan (warmup.py)
 
 
 class ContactRow(NamedTuple):

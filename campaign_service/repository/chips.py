@@ -15,10 +15,11 @@ from campaign_service.states import CampaignState, ChipState
 
 
 def insert(session: Session, *, user_id: uuid.UUID, display_name: str, phone: str, waha_base_url: str,
-           waha_session: str, waha_api_key: str, proxy_label: str, pacing: dict[str, Any]) -> Chip:
+           waha_session: str, waha_api_key: str, proxy_label: str, pacing: dict[str, Any],
+           warmup: dict[str, Any] | None = None) -> Chip:
     chip = Chip(id=uuid.uuid4(), user_id=user_id, display_name=display_name, phone=phone,
                 waha_base_url=waha_base_url, waha_session=waha_session, waha_api_key=waha_api_key,
-                proxy_label=proxy_label, pacing=pacing)
+                proxy_label=proxy_label, pacing=pacing, warmup=warmup)
     session.add(chip)
     session.flush()
     session.refresh(chip)

@@ -75,6 +75,9 @@ class BurstingLane(SendingLane):
                 self.burst_stop = True  # the burst ends after its current request
                 raise
             i += done
+            # warm-up: the registered sends that never left stop counting (SliceOver: not sent)
+            await self.env.pacer.return_burst(self.chip, self.limits, token, done + (
+                0 if failure is None or isinstance(failure, SliceOver) else 1), n)
             if len(self.reports) >= self.report_batch:
                 await self.flush_later()
             if failure is not None:

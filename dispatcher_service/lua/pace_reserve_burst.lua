@@ -1,12 +1,14 @@
 -- Full speed (the lane's gap is always 0): pass the fence and take up to k sends in ONE step, under
 -- one in-flight token that the lane holds for a short burst of sequential sends. Caps and the window
 -- are checked for the burst as a whole; each send of it is logged for the caps (score now).
--- KEYS: pace, pacelog, lane, fence, inflight
--- ARGV: mph, mpd, run_value, token, request_ttl, k, prev_token, nwin, windows...
+-- KEYS: pace, pacelog, lane, fence, inflight[, warm]
+-- ARGV: mph, mpd, run_value, token, request_ttl, k, prev_token, nwin, windows...[, warm-up: day_seconds,
+--       start, factor, max (warmup_args), with the warm key: today's warm-up cap bounds the burst]
 -- `prev_token`: the lane's previous burst (ended, not yet released): released first.
 -- Returns 'stop', '-1' (no window within the horizon), 'slot:<t>' (nothing may leave before t:
 -- window closed or a cap reached) or 'go:<n>' (n >= 1 sends registered under token).
 -- #include release_prev
+-- #include warmup
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[7] ~= '' then release_prev(KEYS[1], KEYS[5], ARGV[7], now) end
@@ -41,6 +43,20 @@ for _, cap in ipairs({{tonumber(ARGV[1]), 3600}, {tonumber(ARGV[2]), 86400}}) do
     end
     n = math.min(n, limit - c)
   end
+end
+local wu = warmup_args(KEYS[6], 9 + 2 * math.max(0, nwin))
+local today = 0
+if wu then
+  today = math.floor(now / wu.D)
+  warmup_roll(wu.key, today)
+  local cap, used = warmup_room(wu.key, today, wu.ws, wu.wf, wu.wm)
+  if used >= cap then
+    local ns = (today + 1) * wu.D
+    redis.call('HSET', KEYS[3], 'next_send_time', tostring(ns))
+    return 'slot:' .. tostring(ns)
+  end
+  n = math.min(n, cap - used)
+  warmup_add(wu.key, today, n)
 end
 local members = {}
 for i = 1, n do

@@ -1,8 +1,8 @@
 -- Reserve a slot and, when it is due now, also pass the stop fence and take the send in one step
 -- (what fence_acquire does with a pace chip), saving two round trips per message at full speed.
--- KEYS: pace, pacelog, lane, fence, inflight
+-- KEYS: pace, pacelog, lane, fence, inflight[, warm]
 -- ARGV: gap, mph, mpd, res_token, run_value, send_token, request_ttl, min_gap, latest, prev_token, nwin,
---       windows...
+--       windows...[, warm-up: day_seconds, start, factor, max (warmup_args), with the warm key]
 -- `prev_token` (or ''): the lane's previous send of this chip, ended but not yet released; it is
 -- released first, whatever the answer (release_prev).
 -- Returns 'stop' (fence moved: nothing reserved), '-1' (no window), 'go:<slot>' (reserved AND the
@@ -19,8 +19,9 @@ if ARGV[10] ~= '' then
   if stored > now then now = stored end
 end
 if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
+local wu = warmup_args(KEYS[6], 12 + 2 * math.max(0, tonumber(ARGV[11])))
 local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-                          tonumber(ARGV[11]), 12, now)
+                          tonumber(ARGV[11]), 12, now, wu)
 if slot < 0 then return '-1' end
 redis.call('HSET', KEYS[3], 'next_send_time', tostring(slot))
 if slot > now or now > tonumber(ARGV[9]) then return 'slot:' .. tostring(slot) end

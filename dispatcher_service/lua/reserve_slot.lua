@@ -1,11 +1,14 @@
 -- Fragment (included by other scripts): the slot computation of pace_reserve and pace_reserve_send.
--- reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now) returns the reserved slot or -1;
--- windows are ARGV[woff + 2w], ARGV[woff + 2w + 1].
+-- reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now[, wu]) returns the reserved slot or -1;
+-- windows are ARGV[woff + 2w], ARGV[woff + 2w + 1]; `wu` (warmup_args) adds the warm-up cap of the
+-- slot's day: a full day pushes the slot to the next day's start.
+-- #include warmup
 --   slot = max(now, last_reserved_slot + gap, last_actual + gap)
 -- `last_actual` is when the chip's previous send ENDED, so the random gap is measured from the send
 -- WAHA really got, not from its plan: a late send pushes the next one back.
-local function reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now)
+local function reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now, wu)
   redis.call('ZREMRANGEBYSCORE', plog, '-inf', now - 86401)
+  if wu then warmup_roll(wu.key, math.floor(now / wu.D)) end
   local last = tonumber(redis.call('HGET', pace, 'last') or '0')
   local la = tonumber(redis.call('HGET', pace, 'last_actual') or '0')
   local slot = math.max(now, last + gap, la + gap)
@@ -34,7 +37,13 @@ local function reserve_slot(pace, plog, gap, mph, mpd, token, nwin, woff, now)
         end
       end
     end
+    if wu and not moved then
+      local day = math.floor(slot / wu.D)
+      local cap, used = warmup_room(wu.key, day, wu.ws, wu.wf, wu.wm)
+      if used >= cap then slot = (day + 1) * wu.D; moved = true end
+    end
     if not moved then
+      if wu then warmup_add(wu.key, math.floor(slot / wu.D), 1) end
       redis.call('HSET', pace, 'last', tostring(slot), 'last_prev', tostring(last), 'last_token', token)
       redis.call('ZADD', plog, slot, token)
       redis.call('EXPIRE', pace, 172800)

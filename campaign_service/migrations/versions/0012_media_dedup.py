@@ -1,7 +1,7 @@
 """campaign_media.sha256 and .kind: content stored once per sha256 per user, type sniffed from the bytes
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-10 06:00:00
 
 Rows stay per campaign; rows of one user with the same content share one file (their `path`), so
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0012'
-down_revision: str | None = '0010'
+down_revision: str | None = '0011'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
