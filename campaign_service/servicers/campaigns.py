@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, timedelta
@@ -20,17 +18,13 @@ from campaign_service.ops.preview import PreviewContact
 from campaign_service.ops.watch import Snapshot
 from campaign_service.relay.payloads import EventRow
 from campaign_service.servicers import idem, media_upload, unwrap
+from campaign_service.servicers.streams import into_thread
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
 from whago.campaign.v1 import resources_pb2 as res
 
-#: gRPC can hand a handler the end of a client stream that was in fact cancelled (RST_STREAM),
-#: with the cancellation itself surfacing a moment later. ImportContacts waits this long for it
-#: before committing, so a broken upload is never kept as if it were complete.
-END_OF_STREAM_GRACE = 0.05
 IMPORT_BACKLOG = 8  # chunks read ahead of the import
-_END, _BROKEN = object(), object()
 
 
 def campaign_input(c: res.Campaign) -> CampaignInput:
@@ -104,42 +98,14 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
 
     async def ImportContacts(self, request_iterator: AsyncIterator[cs.ImportContactsRequest],
                              context: grpc.aio.ServicerContext[Any, Any]) -> cs.ImportContactsResponse:
-        """The upload is read on the event loop and handed, chunk by chunk, to the import running
-        in a thread (one transaction). A cancelled call cancels this coroutine: the import then
-        raises inside its transaction, so a broken upload is never kept as if it were complete."""
+        """The upload feeds the import running in a thread, one transaction (see streams.py)."""
         uid = auth.current_user_id()
-        loop = asyncio.get_running_loop()
-        handoff: queue.SimpleQueue[ImportChunk | object] = queue.SimpleQueue()
-        cancelled = threading.Event()
 
-        def chunks() -> Iterator[ImportChunk]:
-            while True:
-                item = handoff.get()
-                if item is _END:
-                    break
-                if item is _BROKEN:
-                    raise errors.Cancelled("the client ended the stream early; nothing was imported")
-                assert isinstance(item, ImportChunk)
-                yield item
-            if cancelled.wait(END_OF_STREAM_GRACE):  # raised inside the import transaction: rollback
-                raise errors.Cancelled("the client cancelled the upload; nothing was imported")
+        def run(requests: Iterator[cs.ImportContactsRequest]) -> Any:
+            return self.ops.contacts.import_contacts(
+                uid, (ImportChunk(r.campaign_id, r.contacts, r.default_region) for r in requests))
 
-        job = loop.run_in_executor(None, self.ops.contacts.import_contacts, uid, chunks())
-        try:
-            try:
-                async for req in request_iterator:
-                    while handoff.qsize() > IMPORT_BACKLOG and not job.done():
-                        await asyncio.sleep(0.002)  # the import is behind: read no further ahead
-                    handoff.put(ImportChunk(req.campaign_id, req.contacts, req.default_region))
-            except Exception:
-                handoff.put(_BROKEN)
-            else:
-                handoff.put(_END)
-            r = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            cancelled.set()
-            handoff.put(_BROKEN)
-            raise
+        r = await into_thread(request_iterator, run, backlog=IMPORT_BACKLOG, nothing_kept="nothing was imported")
         return cs.ImportContactsResponse(
             imported_count=r.imported, duplicate_count=r.duplicates, rejected_count=r.rejected_count,
             total_contacts=r.total_contacts,
