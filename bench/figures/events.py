@@ -179,7 +179,7 @@ def fig_watch(ctx: Ctx) -> None:
     stream = outbox.campaign_stream(camp.id)
     events = 40
     sent: dict[int, float] = {}
-    lags: list[float] = []
+    arrivals: list[tuple[int, float]] = []
     counts = {"snapshots": 0, "events": 0, "errors": 0}
 
     async def run() -> tuple[int, int]:
@@ -199,11 +199,8 @@ def fig_watch(ctx: Ctx) -> None:
                         if started == watchers:
                             ready.set()
                         continue
-                    now = time.time()
-                    t = sent.get(m.event.id)
-                    if t is not None:
-                        lags.append((now - t) * 1000)
-                    counts["events"] += 1
+                    arrivals.append((m.event.id, time.time()))  # matched to commit times at the end: an
+                    counts["events"] += 1  # event can reach a watcher before its emitter's await returns
                     if m.event.data["n"] == events - 1:
                         call.cancel()
                         return
@@ -229,6 +226,7 @@ def fig_watch(ctx: Ctx) -> None:
 
     with RssSampler(pid) as sampler:
         threads, rss = asyncio.run(run())
+    lags = [(at - sent[eid]) * 1000 for eid, at in arrivals if eid in sent]
     r.value = pct(lags, 99)
     expected = watchers * events
     r.details = {"watchers": watchers, "events": events, "deliveries": len(lags), "expected": expected,
