@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from campaign_service import audit, auth, config
 from campaign_service.db import migrate
@@ -64,53 +67,60 @@ def cmd_create_user(settings: config.Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _transaction(settings: config.Settings) -> Iterator[Session]:
+    """One transaction on a one-connection engine, disposed after (each command is one process)."""
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            yield s
+    finally:
+        db.dispose()
+
+
+def _user_id(raw: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        print(f"--user-id: not a user id: {raw!r}", file=sys.stderr)
+        return None
+
+
 def cmd_seal_chip_keys(settings: config.Settings, args: argparse.Namespace) -> int:
     """Seal every chip WAHA API key under the first of WHAGO_SECRET_KEYS: keys stored before sealing
     existed, or under a key being rotated out."""
     box = SecretBox(settings.secret_keys)
-    db = Database(settings.database_url, pool_size=1)
-    try:
-        with db.transaction() as s:
-            chips = s.execute(select(Chip).where(Chip.waha_api_key != "").with_for_update()).scalars().all()
-            for chip in chips:
-                chip.waha_api_key = box.reseal(chip.waha_api_key)
-    finally:
-        db.dispose()
+    with _transaction(settings) as s:
+        chips = s.execute(select(Chip).where(Chip.waha_api_key != "").with_for_update()).scalars().all()
+        for chip in chips:
+            chip.waha_api_key = box.reseal(chip.waha_api_key)
     print(f"{len(chips)} chip API keys sealed", file=sys.stderr)
     return 0
 
 
 def cmd_set_limits(settings: config.Settings, args: argparse.Namespace) -> int:
     """Per-user quotas and RPC rate over the defaults (a negative value puts the default back)."""
-    try:
-        user_id = uuid.UUID(args.user_id)
-    except ValueError:
-        print("--user-id must be a UUID", file=sys.stderr)
+    user_id = _user_id(args.user_id)
+    if user_id is None:
         return 2
-    db = Database(settings.database_url, pool_size=1)
-    try:
-        with db.transaction() as s:
-            row = s.get(UserLimits, user_id) or UserLimits(user_id=user_id)
-            for name in ("campaigns", "contacts_per_campaign", "chips", "rpc_per_second"):
-                value = getattr(args, name)
-                if value is not None:
-                    setattr(row, name, None if value < 0 else value)
-            s.add(row)
-            audit.record(s, user_id=user_id, action="user.set_limits", entity_type="user", entity_id=str(user_id),
-                         description="Limits set by the operator.", actor=audit.OPERATOR,
-                         extra_data={n: getattr(row, n) for n in ("campaigns", "contacts_per_campaign", "chips",
-                                                                  "rpc_per_second")})
-    finally:
-        db.dispose()
+    names = ("campaigns", "contacts_per_campaign", "chips", "rpc_per_second")
+    with _transaction(settings) as s:
+        row = s.get(UserLimits, user_id) or UserLimits(user_id=user_id)
+        for name in names:
+            value = getattr(args, name)
+            if value is not None:
+                setattr(row, name, None if value < 0 else value)
+        s.add(row)
+        audit.record(s, user_id=user_id, action="user.set_limits", entity_type="user", entity_id=str(user_id),
+                     description="Limits set by the operator.", actor=audit.OPERATOR,
+                     extra_data={n: getattr(row, n) for n in names})
     print(f"limits of {user_id} set", file=sys.stderr)
     return 0
 
 
 def cmd_add_credits(settings: config.Settings, args: argparse.Namespace) -> int:
-    try:
-        user_id = uuid.UUID(args.user_id)
-    except ValueError:
-        print(f"not a user id: {args.user_id!r}", file=sys.stderr)
+    user_id = _user_id(args.user_id)
+    if user_id is None:
         return 2
     db = Database(settings.database_url, pool_size=1)
     try:
