@@ -172,7 +172,7 @@ def test_postgres_down_10s_mid_campaign_unavailable_meanwhile_reports_retried_no
     try:
         while time.monotonic() - down_at < 10:  # the outage lasts 10 s; ask all along
             try:
-                ops.campaigns.GetCampaign(cs.GetCampaignRequest(campaign_id=camp.id), metadata=ops.md, timeout=5)
+                ops.campaigns.GetCampaign(cs.GetCampaignRequest(campaign_id=camp.id), metadata=tuple(ops.md), timeout=5)
                 codes[grpc.StatusCode.OK] += 1
             except grpc.RpcError as e:
                 codes[e.code()] += 1
