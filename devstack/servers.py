@@ -161,6 +161,18 @@ class Postgres:
             check=False, capture_output=True,
         )
 
+    def stop_fast(self) -> None:
+        """Fast shutdown (pg_ctl -m fast): clients are disconnected at once, as when a database
+        server goes down under load. stop()'s smart shutdown would wait for every pooled client."""
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run([*_as_pg_user(), str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast",
+                            "-w", "-t", "30"], check=False, capture_output=True)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: smart shutdown
@@ -173,11 +185,13 @@ class Postgres:
 
 @dataclass
 class Redis:
-    """A private redis-server on 127.0.0.1:port, data kept in `root` (appendonly)."""
+    """A private redis-server on 127.0.0.1:port, data kept in `root` (appendonly). With
+    `persist=False` nothing is written to disk: a restart comes back empty (a cache-style Redis)."""
 
     root: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    persist: bool = True
 
     @property
     def url(self) -> str:
@@ -192,7 +206,7 @@ class Redis:
         log = open(self.root / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "no", "--daemonize", "no",
+             "--save", "", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "no", "--daemonize", "no",
              "--protected-mode", "yes"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -208,6 +222,6 @@ class Redis:
         self.proc = None
 
     def restart(self) -> None:
-        """Stop and start again on the same port, keeping data (append-only file)."""
+        """Stop and start again on the same port, keeping data (append-only file) if `persist`."""
         self.stop()
         self.start()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -164,6 +166,8 @@ class App:
             record["fault"] = fault.as_json()
             if fault.timeout:
                 return await self._hang(request, call, handler, fault)
+            if fault.reset:
+                return await self._reset(request, call, handler, fault)
             return fault_response(request, body, call.session, fault)
 
         if needs_working and call.session is not None and call.session.status != "WORKING":
@@ -185,6 +189,22 @@ class App:
         except TimeoutError:
             pass
         return response if response is not None else http_error(504, "sandbox: injected timeout")
+
+    async def _reset(self, request: web.Request, call: Call, handler: Handler, fault: Fault) -> web.Response:
+        """Drop the connection without an answer (a proxy or WAHA restarting under the request).
+        With ``deliver`` the message is created first: like a hang, the sender cannot tell."""
+        if fault.deliver and request.path in SEND_ENDPOINTS:
+            sess = call.session
+            if sess is not None and sess.status == "WORKING" and not sess.restricted:
+                await handler(request, call)
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # SO_LINGER 0: close() sends RST, not FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        call.record["reset"] = True
+        raise asyncio.CancelledError  # aiohttp drops a handler cancelled by a lost connection quietly
 
     # -- WAHA endpoints -------------------------------------------------------------------------
 

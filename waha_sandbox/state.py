@@ -23,11 +23,12 @@ class Fault:
     error: int | None = None  # 463 -> WhatsApp "restricted" error body
     body: Json | None = None  # a custom response body
     timeout: bool = False  # hang instead of answering
-    deliver: bool = True  # for timeouts: the message is delivered before the hang
+    reset: bool = False  # close the connection (TCP RST) instead of answering
+    deliver: bool = True  # for timeouts and resets: the message is delivered first
 
     @classmethod
     def parse(cls, raw: Json) -> Fault:
-        fields = ("status", "count", "path", "error", "body", "timeout", "deliver")
+        fields = ("status", "count", "path", "error", "body", "timeout", "reset", "deliver")
         unknown = set(raw) - set(fields)
         if unknown:
             raise ValueError(f"unknown fault option(s) {sorted(unknown)}")

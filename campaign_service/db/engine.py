@@ -112,7 +112,13 @@ class Database:
     def fetch_one(self, stmt: Prepared, *params: Any) -> tuple[Any, ...] | None:
         """The first row of a prepared read (in autocommit), as a plain tuple. Errors are raised as
         SQLAlchemy's (OperationalError etc.), like every other statement's."""
-        fairy = self.read_engine.raw_connection()
+        try:
+            fairy = self.read_engine.raw_connection()
+        except self.engine.dialect.loaded_dbapi.Error as e:
+            # The pool raises the driver's own error when it cannot connect (the database is down):
+            # wrapped like a statement's, so it maps to UNAVAILABLE rather than INTERNAL.
+            raise exc.DBAPIError.instance(stmt.execute_sql, params, e, self.engine.dialect.loaded_dbapi.Error,
+                                          connection_invalidated=True) from e
         dbapi: Any = fairy.dbapi_connection
         try:
             cur = dbapi.cursor()
