@@ -39,6 +39,10 @@ class Config:
     slice_seconds: float = field(default_factory=lambda: _float("DISPATCH_SLICE_SECONDS", 60.0))
     job_timeout: float = field(default_factory=lambda: _float("DISPATCH_JOB_TIMEOUT", 120.0))
     waha_timeout: float = field(default_factory=lambda: _float("WAHA_TIMEOUT_SECONDS", 15.0))
+    # Lane lock TTL: the owner's heartbeat renews it every quarter of it; once it lapsed, a worker's
+    # supervisor (takeover.py, scanning every DISPATCH_TAKEOVER_SCAN_SECONDS) takes the lane over.
+    lane_lock_ttl: float = field(default_factory=lambda: max(1.0, _float("DISPATCH_LANE_LOCK_TTL", 6.0)))
+    takeover_scan: float = field(default_factory=lambda: max(0.1, _float("DISPATCH_TAKEOVER_SCAN_SECONDS", 1.0)))
     max_jobs: int = field(default_factory=lambda: _int("DISPATCH_MAX_JOBS", 2000))
     log_level: str = field(default_factory=lambda: _env("WHAGO_LOG_LEVEL", "INFO"))
     # Ask WAHA whether each recipient is on WhatsApp before sending (SKIPPED when not).
