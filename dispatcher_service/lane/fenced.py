@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -81,8 +82,9 @@ class FencedLane:
         # Latest lease end of messages left leased on purpose: the lane must come back after it.
         self.revisit_at = 0.0
         # A token of this slice alone (arq may re-run the same job id after a crash while the first
-        # run is only paused): the lane hash's `owner`, checked by the fence on every request.
-        self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{uuid.uuid4().hex[:12]}",
+        # run is only paused): the lane hash's `owner`, checked by the fence on every request. The
+        # pid says which worker process runs the lane (diagnostics, `make bench` takeover).
+        self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}",
                              ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name)
         self.lock_lost = False
         self.renew_task: asyncio.Task[None] | None = None
