@@ -4,6 +4,8 @@ Crash semantics we rely on (arq 0.28 source): a running job keeps its id in the 
 `arq:in-progress:{id}` key with TTL job_timeout+10 s; if the worker dies, another worker re-runs
 the same job once that key expires. SIGTERM cancels running jobs; arq puts them back for an
 immediate re-run (retry_jobs). Abort (allow_abort_jobs) cancels a job by id via `arq:abort`.
+That re-run is only the slow path now: a lane whose owner's heartbeat stops is taken over by
+another worker's supervisor within seconds (takeover.py).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
 import redis as redis_sync
 
@@ -22,9 +23,10 @@ def _owner_pid(r: redis_sync.Redis, campaign_id: str, chip_id: str, timeout: flo
     """The pid of the worker process holding the lane (its lock token is job/pid-nonce)."""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.05) + 1):
-        owner = r.hget(keys.lane(campaign_id, chip_id), "owner")
-        if owner:
-            return int(owner.decode().rsplit("/", 1)[1].split("-", 1)[0])
+        raw: Any = r.hget(keys.lane(campaign_id, chip_id), "owner")
+        if raw:
+            owner = raw.decode() if isinstance(raw, bytes) else str(raw)
+            return int(owner.rsplit("/", 1)[1].split("-", 1)[0])
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
