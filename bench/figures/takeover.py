@@ -41,7 +41,7 @@ def fig_takeover(ctx: Ctx) -> None:
     api = ctx.api()
     rd = redis_sync.Redis.from_url(st.env["REDIS_URL"])
     # Job timeout 300 s: arq itself would re-run a dead worker's job only after 310 s.
-    env = {**st.env, **st.worker_env, "DISPATCH_JOB_TIMEOUT": "300"}
+    env = {**st.env, **st.worker_env, "DISPATCH_JOB_TIMEOUT": "300", "WHAGO_LOG_LEVEL": "INFO"}
     workers: list[ServiceProcess] = []
     samples: list[float] = []
     dup = 0

@@ -18,6 +18,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if #KEYS >= 3 then redis.call('HSET', KEYS[3], 'owner', ARGV[1]) end
   beat()
   return 1
 end
