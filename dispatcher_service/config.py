@@ -42,6 +42,10 @@ class Config:
     # The WAHA servers lanes may call with a chip's key ("host" or "host:port", comma-separated); the
     # same setting as campaign_service's, which refuses other URLs at registration.
     waha_hosts: str = field(default_factory=lambda: _env("WHAGO_WAHA_HOSTS", "127.0.0.1:3000,localhost:3000,waha:3000"))
+    # Lane lock TTL: the owner's heartbeat renews it every quarter of it; once it lapsed, a worker's
+    # supervisor (takeover.py, scanning every DISPATCH_TAKEOVER_SCAN_SECONDS) takes the lane over.
+    lane_lock_ttl: float = field(default_factory=lambda: max(1.0, _float("DISPATCH_LANE_LOCK_TTL", 6.0)))
+    takeover_scan: float = field(default_factory=lambda: max(0.1, _float("DISPATCH_TAKEOVER_SCAN_SECONDS", 1.0)))
     max_jobs: int = field(default_factory=lambda: _int("DISPATCH_MAX_JOBS", 2000))
     log_level: str = field(default_factory=lambda: _env("WHAGO_LOG_LEVEL", "INFO"))
     # Ask WAHA whether each recipient is on WhatsApp before sending (SKIPPED when not).

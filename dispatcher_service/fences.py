@@ -81,19 +81,25 @@ class Fences:
         return r.decode() if isinstance(r, bytes) else str(r)
 
     async def acquire(self, campaign_id: str, epoch: int, request_ttl: float,
-                      pace_chip: str | None = None, min_gap: float = 0.0) -> str | float:
+                      pace_chip: str | None = None, min_gap: float = 0.0,
+                      owner: tuple[str, str] | None = None) -> str | float:
         """Atomically: fence still run:epoch -> register an in-flight token and return it.
 
         With `pace_chip`, also enforce the chip's minimum gap since the end of its last send (and
         no other send of the chip in flight): returns the seconds to wait (float) instead of a token
         when it is too early. Release such a token with `release(..., pace_chip=...)`.
-        Raises Stopped when the fence moved.
+        With `owner` (lane key, owner token), also that the lane was not taken over (fence_ok).
+        Raises Stopped when the fence moved or the lane has another owner.
         """
         token = uuid.uuid4().hex
         ks = [keys.fence(campaign_id), keys.inflight(campaign_id)]
         if pace_chip is not None:
             ks.append(keys.pace(pace_chip))
-        r = await self._acquire(keys=ks, args=[run_value(epoch), token, request_ttl, min_gap])
+        rv = run_value(epoch)
+        if owner is not None:
+            ks.append(owner[0])
+            rv = f"{rv}#{owner[1]}"
+        r = await self._acquire(keys=ks, args=[rv, token, request_ttl, min_gap])
         s = r.decode() if isinstance(r, bytes) else str(r)
         if s == "ok":
             return token

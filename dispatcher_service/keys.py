@@ -3,9 +3,12 @@
 whago:dispatch:{c}          hash  epoch, state, request (serialized StartDispatchRequest), updated
 whago:fence:{c}             str   "run:{epoch}" while lanes may send, "stop:{epoch}" after Pause/Cancel
 whago:inflight:{c}          zset  token -> expiry (unix s) of WAHA requests in flight for the campaign
-whago:lane:{c}:{chip}       hash  state, sent, failed, next_send_time, last_error, epoch, job
-whago:lanelock:{c}:{chip}   str   job id holding the lane (short TTL, renewed)
+whago:lane:{c}:{chip}       hash  state, sent, failed, next_send_time, last_error, epoch, job, owner (the
+                                  lock token the fence lets send), lease_until (leases its owner may hold)
+whago:lanelock:{c}:{chip}   str   owner token (job id + nonce) holding the lane (short TTL, heartbeat)
 whago:lanewant:{c}:{chip}   str   "1" when a slice found the lane busy and wants a follow-up
+whago:lanebeats:{queue}     zset  "{c}:{chip}" -> lock expiry (ms) of running lanes: the owners' heartbeats,
+                                  scanned by takeover.py for lanes whose owner went silent
 whago:jobs:{c}              set   arq job ids enqueued for the campaign (revoke/abort bookkeeping)
 whago:jobseq:{c}:{chip}     int   INCR source of the slice number n in job ids
 whago:pace:{chip}           hash  last (last reserved slot), last_actual (end of the last send), busy_until/
@@ -43,6 +46,10 @@ def lane_lock(c: str, chip: str) -> str:
 
 def lane_want(c: str, chip: str) -> str:
     return f"{PREFIX}:lanewant:{c}:{chip}"
+
+
+def lane_beats(queue: str) -> str:
+    return f"{PREFIX}:lanebeats:{queue}"
 
 
 def jobs(c: str) -> str:

@@ -41,32 +41,49 @@ def _s(v: bytes | str | None) -> str:
 
 @dataclass
 class LaneLock:
+    """A lane's lock: one slice at a time, held under a short TTL that the owner's heartbeat renews.
+
+    With `queue`, the lock also takes over the lane for fencing: acquiring writes the owner token
+    into the lane hash (fence_ok lets only that owner's requests leave) and every acquire/renew
+    records the expiry in the heartbeat zset that takeover.py scans for silent owners."""
+
     redis: ArqRedis
     campaign_id: str
     chip_id: str
     owner: str
     ttl_ms: int = 20_000
+    queue: str = ""
 
     def __post_init__(self) -> None:
         self._lock = scripts.register(self.redis, "lane_lock")
         self._renew = scripts.register(self.redis, "lane_lock_renew")
         self._unlock = scripts.register(self.redis, "lane_unlock")
+        self.member = beat_member(self.campaign_id, self.chip_id)
 
     def _keys(self) -> list[str]:
-        return [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
+        ks = [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
+        if self.queue:
+            ks += [keys.lane(self.campaign_id, self.chip_id), keys.lane_beats(self.queue)]
+        return ks
 
     async def acquire(self) -> bool:
-        r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms)])
+        r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms), self.member])
         return int(r) == 1
 
     async def renew(self) -> bool:
-        r = await self._renew(keys=self._keys()[:1], args=[self.owner, str(self.ttl_ms)])
+        ks = self._keys()
+        r = await self._renew(keys=[ks[0], *ks[3:]], args=[self.owner, str(self.ttl_ms), self.member])
         return int(r) == 1
 
     async def release(self) -> bool:
         """Unlock; True when another slice asked for the lane meanwhile (caller re-enqueues)."""
-        r = await self._unlock(keys=self._keys(), args=[self.owner])
+        r = await self._unlock(keys=self._keys(), args=[self.owner, self.member])
         return int(r) == 1
+
+
+def beat_member(campaign_id: str, chip_id: str) -> str:
+    """A lane's member in the heartbeat zset (ids are UUIDs: no colon inside)."""
+    return f"{campaign_id}:{chip_id}"
 
 
 def _lane_proto(chip_id: str, h: dict[str, str]) -> pb.Lane:

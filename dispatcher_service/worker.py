@@ -4,6 +4,8 @@ Crash semantics we rely on (arq 0.28 source): a running job keeps its id in the 
 `arq:in-progress:{id}` key with TTL job_timeout+10 s; if the worker dies, another worker re-runs
 the same job once that key expires. SIGTERM cancels running jobs; arq puts them back for an
 immediate re-run (retry_jobs). Abort (allow_abort_jobs) cancels a job by id via `arq:abort`.
+That re-run is only the slow path now: a lane whose owner's heartbeat stops is taken over by
+another worker's supervisor within seconds (takeover.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from arq.connections import RedisSettings
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, keys, logs, metrics
+from dispatcher_service import eventloop, keys, logs, metrics, takeover
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lane.common import WorkerEnv
 from dispatcher_service.lane.loop import run_lane
@@ -72,11 +74,23 @@ class ResilientWorker(Worker):
 
     async def main(self) -> None:
         self._listener = asyncio.ensure_future(self._listen_wake())
+        supervisor = asyncio.ensure_future(self._supervise())
         try:
             await super().main()
         finally:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)  # ended before close() shuts the pool
+            supervisor.cancel()
+            # ended before close() shuts the pool
+            await asyncio.gather(self._listener, supervisor, return_exceptions=True)
+
+    async def _supervise(self) -> None:
+        """Take over lanes whose owner's heartbeat stopped (takeover.py), once on_startup made the env."""
+        for _ in range(1_000_000):
+            env: WorkerEnv | None = self.ctx.get("env")
+            if env is not None:
+                await takeover.Supervisor(env.store, CFG.lane_lock_ttl, CFG.takeover_scan).run()
+                return
+            await asyncio.sleep(0.1)
 
     async def _listen_wake(self) -> None:
         """Subscribe to the wake channel for the worker's life; resubscribe after a Redis outage."""

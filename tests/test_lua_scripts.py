@@ -17,7 +17,7 @@ from dispatcher_service import scripts
 
 T = TypeVar("T")
 SCRIPTS = sorted(p.stem for p in scripts.LUA_DIR.glob("*.lua"))
-FRAGMENTS = {"release_prev", "reserve_slot"}
+FRAGMENTS = {"release_prev", "reserve_slot", "fence_ok"}
 
 
 def run(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
@@ -213,4 +213,28 @@ def test_lane_lock_renew_and_unlock(redis_server: RedisServer) -> None:
         assert await r.exists(lock, want) == 0
         assert await call(r, "lane_lock", [lock, want], ["b", 10_000]) == 1
         assert await call(r, "lane_unlock", [lock, want], ["b"]) == 0         # nobody else wanted it
+    run(redis_server, go)
+
+
+def test_lane_takeover_fences_the_old_owner_in_the_step_that_takes_the_send(redis_server: RedisServer) -> None:
+    """Takeover (takeover.py): the heartbeat zset, the claim, and fence_ok refusing a stale owner."""
+    async def go(r: Redis) -> None:
+        lock, want, lane, beats, fence, infl = k("lock"), k("want"), k("lane"), k("beats"), k("fence"), k("inf")
+        await r.set(fence, "run:3")
+        assert await call(r, "lane_lock", [lock, want, lane, beats], ["a", 200, "c:x"]) == 1
+        assert await r.hget(lane, "owner") == "a" and await r.zscore(beats, "c:x") is not None
+        assert await call(r, "fence_acquire", [fence, infl, lane], ["run:3#a", "t1", 5, 0]) == "ok"
+        assert await call(r, "fence_acquire", [fence, infl], ["run:3", "t0", 5, 0]) == "ok"  # no owner given
+        assert await call(r, "lane_takeover_claim", [beats, lock], ["c:x", 5000]) == 0   # a still beats
+        await asyncio.sleep(0.25)                                                         # a goes silent
+        assert await call(r, "lane_takeover_claim", [beats, lock], ["c:x", 5000]) == 1
+        assert await call(r, "lane_takeover_claim", [beats, lock], ["c:x", 5000]) == 0   # claimed once
+        assert await call(r, "lane_lock", [lock, want, lane, beats], ["b", 10_000, "c:x"]) == 1
+        assert await call(r, "fence_acquire", [fence, infl, lane], ["run:3#a", "t2", 5, 0]) == "stop"
+        assert await call(r, "lane_lock_renew", [lock, beats], ["a", 10_000, "c:x"]) == 0
+        assert await call(r, "fence_acquire", [fence, infl, lane], ["run:3#b", "t3", 5, 0]) == "ok"
+        await r.hset(lane, "lease_until", "1")
+        assert await call(r, "lane_unlock", [lock, want, lane, beats], ["b", "c:x"]) == 0
+        assert await r.zscore(beats, "c:x") is None and await r.hget(lane, "lease_until") is None
+        assert await call(r, "lane_takeover_claim", [beats, lock], ["c:x", 5000]) == -1  # ended cleanly
     run(redis_server, go)

@@ -13,6 +13,7 @@ from bench.figures.events import fig_watch, fig_webhooks
 from bench.figures.lanes import fig_cancel, fig_lanes, fig_lease
 from bench.figures.reads import fig_get, fig_list
 from bench.figures.scale import fig_scale
+from bench.figures.takeover import fig_takeover
 
 FIGURES: dict[str, Callable[[Ctx], None]] = {
     "import": fig_import,
@@ -28,4 +29,5 @@ FIGURES: dict[str, Callable[[Ctx], None]] = {
     "webhooks": fig_webhooks,
     "watch": fig_watch,
     "scale": fig_scale,
+    "takeover": fig_takeover,
 }

@@ -32,7 +32,6 @@ MAX_BATCH = 50
 # Bursting lanes lease (and report) in larger batches: at full speed each lease and report costs the
 # campaign service and PostgreSQL more per call than per message.
 MAX_BATCH_BURST = 200
-LOCK_RENEW_SECONDS = 5.0
 FENCE_POLL_SECONDS = 1.0
 # Batches grow from this size. With DISPATCH_MESSAGE_IDS=waha, a batch's new-message-id requests run
 # concurrently, this many under one fence token: all of a chunk start together, so the token's TTL

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -80,8 +82,14 @@ class FencedLane:
         self.last_check = 0.0  # monotonic time of the lane's last number check
         # Latest lease end of messages left leased on purpose: the lane must come back after it.
         self.revisit_at = 0.0
-        self.lock = LaneLock(env.redis, campaign_id, chip_id, job_id)
+        # A token of this slice alone (arq may re-run the same job id after a crash while the first
+        # run is only paused): the lane hash's `owner`, checked by the fence on every request. The
+        # pid says which worker process runs the lane (diagnostics, `make bench` takeover).
+        self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}",
+                             ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name)
         self.lock_lost = False
+        self.renew_task: asyncio.Task[None] | None = None
+        self.lease_until = 0.0  # lease end written ahead into the lane hash (a takeover's revisit)
         self.last_error = ""
         self.wait_reason = ""  # why the slice ended early (SliceOver), for ReportLaneWait
         # Whether WAHA's engine sends under the id we give it, so that a lookup by that id settles an
@@ -94,7 +102,7 @@ class FencedLane:
         self.lane_key = keys_mod.lane(campaign_id, chip_id)
         self.fence_key = keys_mod.fence(campaign_id)
         self.inflight_key = keys_mod.inflight(campaign_id)
-        self.run_value = fences_mod.run_value(epoch)
+        self.run_value = f"{fences_mod.run_value(epoch)}#{self.lock.owner}"  # fence_ok: fence + owner
         # Full speed (no minimum gap): an ended send's token waits for the next reservation to
         # release it (the release marks the chip's last send END; later is only more conservative).
         self.fold_release = self.limits.interval_min <= 0
@@ -126,7 +134,8 @@ class FencedLane:
                 raise fences_mod.Stopped(self.c)
             r = await self.env.fences.acquire(
                 self.c, self.epoch, self.cfg.waha_timeout + 2,
-                pace_chip=self.chip if min_gap is not None else None, min_gap=min_gap or 0.0)
+                pace_chip=self.chip if min_gap is not None else None, min_gap=min_gap or 0.0,
+                owner=(self.lane_key, self.lock.owner))
             if isinstance(r, str):
                 token = r
                 break

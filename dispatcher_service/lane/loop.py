@@ -30,7 +30,6 @@ from dispatcher_service.lane.common import (
     ID_CHUNK,
     LANE_WAIT_MAX_SECONDS,
     LANE_WAIT_REPORT_SECONDS,
-    LOCK_RENEW_SECONDS,
     MAX_BATCH,
     MAX_BATCH_BURST,
     PREFETCH_AHEAD_SECONDS,
@@ -43,11 +42,17 @@ from dispatcher_service.lane.common import (
     answer_id,
 )
 from dispatcher_service.logs import lane_ctx
+from dispatcher_service.store import aw
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.lane")
+
+
+def metrics_takeover(ctx: str, until: float) -> None:
+    """Log a slice that took its lane over from an owner that died holding leases."""
+    log.info("%s took the lane over; the dead owner's leases are retaken after %.1fs", ctx, until - time.time())
 
 
 class Lane(BurstingLane):
@@ -69,7 +74,8 @@ class Lane(BurstingLane):
                 outcome = "busy"
                 return outcome
             locked = True
-            renew = asyncio.ensure_future(self._renew_lock())
+            renew = self.renew_task = asyncio.ensure_future(self._renew_lock())
+            await self._took_over()
             await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
                                           job=self.job_id, queued="")
             log.info("%s slice start job=%s", self.ctx, self.job_id)
@@ -87,13 +93,26 @@ class Lane(BurstingLane):
             return outcome
         finally:
             metrics.slice_ended(outcome)
-            if renew is not None:
-                renew.cancel()
-            await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
+            try:  # the heartbeat goes on while the slice cleans up (reports can take seconds)
+                await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
+            finally:
+                if renew is not None:
+                    renew.cancel()
+
+    async def _took_over(self) -> None:
+        """A lane whose last owner died holding leases (its `lease_until` is left: a clean unlock
+        clears it) comes back once they expired, so they are re-leased and looked up, not lost."""
+        until = float((await self.env.store.lane_hash(self.c, self.chip)).get("lease_until") or 0)
+        if until > time.time():
+            self.revisit_at = max(self.revisit_at, until)
+            metrics_takeover(self.ctx, until)
 
     async def _renew_lock(self) -> None:
-        for _ in range(100_000):
-            await asyncio.sleep(LOCK_RENEW_SECONDS)
+        """The owner's heartbeat: renew the lock every quarter of its TTL; once it is not ours any
+        more (taken over while we were paused or cut off), nothing of ours may leave."""
+        every = max(0.05, self.cfg.lane_lock_ttl / 4)
+        for _ in range(10_000_000):
+            await asyncio.sleep(every)
             try:
                 if not await self.lock.renew():
                     log.warning("%s lane lock lost; stopping sends", self.ctx)
@@ -125,6 +144,11 @@ class Lane(BurstingLane):
         id; a message with an earlier attempt's id (to look up), media or an existence check goes
         the careful way (_batch_send)."""
         k = 0 if self.cfg.check_exists else n if self.remaining_hint is None else min(n, self.remaining_hint)
+        # Written ahead of the lease: should this slice die holding it, a takeover knows until when.
+        until = time.time() + lease_s + 2.0
+        if until > self.lease_until:
+            self.lease_until = until
+            await aw(self.env.redis.hset(self.lane_key, "lease_until", f"{until:.3f}"))
         ids = await self._new_ids(k) if k > 0 else []
         resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
         for m in resp.messages:
@@ -281,12 +305,14 @@ class Lane(BurstingLane):
             if not current:
                 state = pb.LANE_STATE_STOPPED
             lane = await store.lane_hash(self.c, self.chip)
-            mine = not lane.get("epoch") or int(lane["epoch"]) <= self.epoch
+            mine = (not lane.get("epoch") or int(lane["epoch"]) <= self.epoch) and not self.lock_lost
             if locked and mine:
                 fields: dict[str, str | int | float] = {"state": state}
                 if self.last_error:
                     fields["last_error"] = self.last_error
                 await store.set_lane(self.c, self.chip, **fields)
+            if self.renew_task is not None:
+                self.renew_task.cancel()
             wanted = await self.lock.release() if locked else False
             if wanted:  # a slice (maybe of a newer epoch) found us busy: make sure the lane goes on
                 jid = await store.ensure_lane(self.c, self.chip)
@@ -294,8 +320,8 @@ class Lane(BurstingLane):
             if cancelled:
                 return  # arq re-runs this very job (shutdown) or it was aborted by a stop
             await store.job_done(self.c, self.job_id)
-            if not current or outcome in ("stopped", "chip_failed"):
-                return
+            if not current or outcome in ("stopped", "chip_failed") or self.lock_lost:
+                return  # (lock lost: the lane's new owner goes on)
             # Messages left leased (uncertain outcome) by this or an earlier slice: come back when
             # their lease expired so they are looked up, or the campaign would never complete.
             revisit = max(self.revisit_at, float(lane.get("revisit_at") or 0))

@@ -9,10 +9,11 @@
 -- window closed or a cap reached) or 'go:<n>' (n >= 1 sends registered under token).
 -- #include release_prev
 -- #include warmup
+-- #include fence_ok
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[7] ~= '' then release_prev(KEYS[1], KEYS[5], ARGV[7], now) end
-if redis.call('GET', KEYS[4]) ~= ARGV[3] then return 'stop' end
+if not fence_ok(KEYS[4], KEYS[3], ARGV[3]) then return 'stop' end  -- takeover: fence + lane owner
 local nwin = tonumber(ARGV[8])
 if nwin >= 0 then
   local inside, nxt = false, -1

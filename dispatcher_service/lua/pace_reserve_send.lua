@@ -9,6 +9,7 @@
 -- send is registered under send_token) or 'slot:<slot>' (reserved for later: sleep, then acquire).
 -- #include reserve_slot
 -- #include release_prev
+-- #include fence_ok
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[10] ~= '' then
@@ -18,7 +19,7 @@ if ARGV[10] ~= '' then
   local stored = tonumber(tostring(now))
   if stored > now then now = stored end
 end
-if redis.call('GET', KEYS[4]) ~= ARGV[5] then return 'stop' end
+if not fence_ok(KEYS[4], KEYS[3], ARGV[5]) then return 'stop' end  -- takeover: fence + lane owner
 local wu = warmup_args(KEYS[6], 12 + 2 * math.max(0, tonumber(ARGV[11])))
 local slot = reserve_slot(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
                           tonumber(ARGV[11]), 12, now, wu)
