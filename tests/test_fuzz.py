@@ -35,7 +35,7 @@ from tests.conftest import SANDBOX_API_KEY, WEBHOOK_HMAC_KEY
 from tests.fuzz import messages
 from tests.helpers import Ops, phones, user_id
 
-EXAMPLES = int(os.environ.get("WHAGO_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("WHAGO_FUZZ_EXAMPLES", "8"))
 INTERNAL = {"whago.campaign.v1.DeliveryService"}
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED,
          grpc.StatusCode.DATA_LOSS}
