@@ -259,7 +259,7 @@ def event(ev: EventRow) -> events_pb2.Event:
 
 
 def event_row(e: Event) -> EventRow:
-    return EventRow(e.id, e.user_id, e.stream, e.seq, e.type, e.data, e.created_at)
+    return EventRow.of(e)
 
 
 def webhook_endpoint(ep: WebhookEndpoint) -> wh.WebhookEndpoint:

@@ -132,7 +132,7 @@ class WatchHub:
         rows = await asyncio.get_running_loop().run_in_executor(self._executor, fetch)
         self.fetches += 1
         for r in rows:
-            ev = EventRow(r.id, r.user_id, r.stream, r.seq, r.type, r.data, r.created_at)
+            ev = EventRow.of(r)
             if ev.stream in self._cursor:
                 self._cursor[ev.stream] = max(self._cursor[ev.stream], ev.seq)
             for w in list(self._watchers.get(ev.stream, ())):

@@ -7,7 +7,6 @@ import gc
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC
 from typing import Any
 
 import aiohttp
@@ -23,6 +22,7 @@ from bench.core import (
 from bench.figures.prep import (
     cleanup,
     settle,
+    start_and_time,
 )
 from bench.stack import SANDBOX_API_KEY
 from dispatcher_service import eventloop
@@ -115,21 +115,12 @@ def _dispatch_once(ctx: Ctx, n: int, spy_path: str | None) -> dict[str, Any]:
     settle(st)  # the seeding's own upkeep (analyze of the new contacts) is not Dispatch either
     out: dict[str, Any] = {}
     cpu0 = st.cpu()
-    t0, wall0 = time.perf_counter(), time.time()
+    wall0 = time.time()
     spy = PySpy(st.pid("worker"), 8, spy_path) if spy_path else None
     try:
         if spy is not None:
             spy.__enter__()
-        api.start(camp.id)
-        c = api.wait(camp.id, lambda c: c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED,
-                                                    res.CAMPAIGN_STATE_PAUSED), timeout=max(120.0, n / 5),
-                     poll=0.25)
-        observed, wall1 = time.perf_counter() - t0, time.time()
-        # The end is the campaign's own complete_time (same host clock), not when a poll saw it: a
-        # 20 ms poll cost campaign_service ~1.3 ms CPU per GetCampaign (~3% of this 2-core machine
-        # taken from the run it measures) and still quantized the end to 20 ms.
-        done = c.complete_time.ToDatetime(tzinfo=UTC).timestamp() if c.HasField("complete_time") else 0.0
-        secs = done - wall0 if wall0 < done <= wall1 else observed
+        c, secs = start_and_time(api, camp.id, n)
         cpu1 = st.cpu()
         if spy is not None:
             spy.__exit__()
@@ -143,7 +134,7 @@ def _dispatch_once(ctx: Ctx, n: int, spy_path: str | None) -> dict[str, Any]:
         if len(ts) > 1:
             out.update(first_send_after_start_s=ts[0] - wall0, completed_after_last_send_s=wall0 + secs - ts[-1],
                        send_window_rate=(len(ts) - 1) / max(ts[-1] - ts[0], 1e-6))
-        out.update(rate=c.sent_count / secs, seconds=secs, seen_by_poll_seconds=observed,
+        out.update(rate=c.sent_count / secs, seconds=secs,
                    state=res.CampaignState.Name(c.state), sent=c.sent_count, failed=c.failed_count,
                    sandbox_sends=len(sends),
                    sandbox_requests=len([q for q in sb.requests() if q["session"] in sessions]))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC
+
 import grpc
 
 from bench.api import (
@@ -62,3 +65,17 @@ def cleanup(api: Api, campaign_id: str) -> None:
             op(campaign_id)
         except grpc.RpcError:
             pass
+
+
+def start_and_time(api: Api, campaign_id: str, n: int) -> tuple[res.Campaign, float]:
+    """StartCampaign, then wait for the end: (the final campaign, seconds from just before Start to
+    the campaign's own complete_time). The end is complete_time (same host clock), not when a poll
+    saw it: a 20 ms poll cost campaign_service ~1.3 ms CPU per GetCampaign (~3% of this 2-core
+    machine taken from the run it measures) and still quantized the end to 20 ms."""
+    t0, wall0 = time.perf_counter(), time.time()
+    api.start(campaign_id)
+    c = api.wait(campaign_id, lambda c: c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED,
+                                                    res.CAMPAIGN_STATE_PAUSED), timeout=max(120.0, n / 5), poll=0.25)
+    observed, wall1 = time.perf_counter() - t0, time.time()
+    done = c.complete_time.ToDatetime(tzinfo=UTC).timestamp() if c.HasField("complete_time") else 0.0
+    return c, done - wall0 if wall0 < done <= wall1 else observed

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import UTC
 from typing import Any
 
 from bench.api import seed_contacts
 from bench.core import Ctx, rate_ratio
-from bench.figures.prep import cleanup, settle
+from bench.figures.prep import cleanup, settle, start_and_time
 from bench.stack import Stack, cpu_seconds
 from devstack.procs import ServiceProcess
 from devstack.servers import free_port
@@ -68,15 +67,8 @@ def _run_once(ctx: Ctx, n: int, replicas: list[ServiceProcess]) -> dict[str, Any
     pids = {"campaign": st.pid("campaign")} | {f"replica{i + 2}": p.proc.pid for i, p in enumerate(replicas)
                                                 if p.proc is not None}
     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
-    t0, wall0 = time.perf_counter(), time.time()
     try:
-        api.start(camp.id)
-        c = api.wait(camp.id, lambda c: c.state in (res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_CANCELLED,
-                                                    res.CAMPAIGN_STATE_PAUSED), timeout=max(120.0, n / 5),
-                     poll=0.25)
-        observed, wall1 = time.perf_counter() - t0, time.time()
-        done = c.complete_time.ToDatetime(tzinfo=UTC).timestamp() if c.HasField("complete_time") else 0.0
-        secs = done - wall0 if wall0 < done <= wall1 else observed
+        c, secs = start_and_time(api, camp.id, n)
         out: dict[str, Any] = {
             "rate": c.sent_count / secs, "seconds": round(secs, 3), "sent": c.sent_count,
             "state": res.CampaignState.Name(c.state),

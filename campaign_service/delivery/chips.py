@@ -32,7 +32,6 @@ from campaign_service.delivery.common import (
     PAUSED,
     PENDING,
     RUNNING,
-    StatusEvent,
     bounded_lock_wait,
     parse_uuid,
     set_lock_timeout,
@@ -107,8 +106,7 @@ WHERE m.id = nb.id AND m.state = {PENDING:d}
 RETURNING m.id""")
 
 
-def redistribute(s: Session, campaign_id: uuid.UUID, chip_id: uuid.UUID, campaign_state: int,
-                 why: str, status: list[StatusEvent]) -> str:
+def redistribute(s: Session, campaign_id: uuid.UUID, chip_id: uuid.UUID, campaign_state: int, why: str) -> str:
     """Move the campaign's PENDING messages off chip_id. Returns "moved", "paused" or "".
 
     Targets are the campaign's ACTIVE chips. With none, an UNAVAILABLE chip (session not WORKING,
@@ -122,12 +120,9 @@ def redistribute(s: Session, campaign_id: uuid.UUID, chip_id: uuid.UUID, campaig
             return ""
         params["states"] = [CHIP_ACTIVE, CHIP_UNAVAILABLE]
     if s.execute(_TARGETS, params).scalar_one() == 0:
-        if campaign_state == RUNNING:
-            ev = transitions.auto_pause(s, campaign_id, NO_CHIP_LEFT, "campaign.auto_pause")
-            if ev is not None:
-                ev.extra["chip_id"] = str(chip_id)
-                status.append(ev)
-                return "paused"
+        if campaign_state == RUNNING and transitions.auto_pause(
+                s, campaign_id, NO_CHIP_LEFT, "campaign.auto_pause") is not None:
+            return "paused"
         return ""
     moved = len(s.execute(_REDISTRIBUTE, params).all())
     if moved:
@@ -160,7 +155,6 @@ def validate(chip_id: str, state: int) -> uuid.UUID:
 def report_chip_state(db: Database, chip_id: str, state: int, reason: str) -> ChipStateResult:
     """Record the chip's state; redistribute or auto-pause when it leaves rotation."""
     chip = validate(chip_id, state)
-    status: list[StatusEvent] = []
     with bounded_lock_wait("ReportChipState"), db.transaction() as s:
         set_lock_timeout(s)
         row = s.execute(_UPDATE_CHIP, {"st": state, "reason": reason, "chip": str(chip)}).one_or_none()
@@ -185,7 +179,7 @@ def report_chip_state(db: Database, chip_id: str, state: int, reason: str) -> Ch
             for c in s.execute(_CANDIDATES, {"uid": row.user_id, "chip": str(chip)}).all():
                 if c.state not in (RUNNING, PAUSED):
                     continue
-                done = redistribute(s, c.id, chip, c.state, why, status)
+                done = redistribute(s, c.id, chip, c.state, why)
                 if done == "moved":
                     result.redistributed_campaign_ids.append(str(c.id))
                 elif done == "paused":

@@ -43,7 +43,6 @@ from campaign_service.delivery.common import (
     COUNTERS,
     RUNNING,
     SET_LOCK_TIMEOUT,
-    StatusEvent,
     bounded_lock_wait,
     counter_deltas,
     lock_timeout_param,
@@ -226,19 +225,16 @@ def _remember_checks(s: Session, user_id: uuid.UUID, cid: uuid.UUID, reports: li
 def report_deliveries(db: Database, campaign_id: str, reports: list[Report]) -> ReportResult:
     """Apply the reports in one transaction (with their events: progress, completion, auto-pause)."""
     cid = validate(campaign_id, reports)
-    status: list[StatusEvent] = []
     with bounded_lock_wait("ReportDeliveries"), db.transaction() as s:
-        result = _apply(s, cid, campaign_id, reports, status)
-    return result
+        return _apply(s, cid, campaign_id, reports)
 
 
 def apply_in_transaction(s: Session, cid: uuid.UUID, reports: list[Report]) -> ReportResult:
     """Apply reports inside the caller's transaction (the lease's opt-out skips, delivery/opt_out.py)."""
-    return _apply(s, cid, str(cid), reports, [])
+    return _apply(s, cid, str(cid), reports)
 
 
-def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
-           status: list[StatusEvent]) -> ReportResult:
+def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) -> ReportResult:
     params = {"cid": str(cid)}
     counting = any(r.outcome != ATTEMPTING for r in reports)
     if counting:
@@ -275,14 +271,12 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report],
         if state == RUNNING and deltas["pending_count"] < 0 and row.pending_count <= 0:
             ev = transitions.complete_if_done(s, cid)
             if ev is not None:
-                status.append(ev)
                 state = ev.state
         threshold = _max_failures(row.settings)
         if state == RUNNING and threshold > 0 and deltas["failed_count"] > 0 and row.failed_count >= threshold:
             ev = transitions.auto_pause(
                 s, cid, f"auto-paused: {row.failed_count} failures (threshold {threshold})", "campaign.auto_pause")
             if ev is not None:
-                status.append(ev)
                 state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
         if state != COMPLETED:
             outbox.campaign_progress(s, cid)

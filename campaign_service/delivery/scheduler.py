@@ -47,7 +47,6 @@ from campaign_service.delivery.common import (
     RUNNING,
     SCHEDULED,
     SENDING,
-    StatusEvent,
     is_lock_timeout,
     set_lock_timeout,
 )
@@ -263,7 +262,6 @@ class Scheduler:
             pairs = [(r.cid, r.chip) for r in s.execute(_UNUSABLE, {"n": self.config.batch})]
         swept: list[str] = []
         for cid, chip in pairs:
-            status: list[StatusEvent] = []
             try:
                 with self.db.transaction() as s:
                     set_lock_timeout(s)
@@ -272,7 +270,7 @@ class Scheduler:
                     if camp is None or camp.state != RUNNING:
                         continue
                     back = len(s.execute(_UNLEASE, {"cid": str(cid), "chip": str(chip)}).all())
-                    done = chips.redistribute(s, cid, chip, camp.state, "chip out of rotation (sweep)", status)
+                    done = chips.redistribute(s, cid, chip, camp.state, "chip out of rotation (sweep)")
             except Exception as exc:
                 if not is_lock_timeout(exc):
                     raise

@@ -69,5 +69,4 @@ class WatchOps(OpsBase):
     def events(self, stream: str, after: int, upto: int) -> list[EventRow]:
         """A stream's events in (after, upto], for a watcher of a campaign that is already final."""
         with self.db.session() as s:
-            return [EventRow(r.id, r.user_id, r.stream, r.seq, r.type, r.data, r.created_at)
-                    for r in s.execute(_RANGE, {"s": stream, "after": after, "upto": upto})]
+            return [EventRow.of(r) for r in s.execute(_RANGE, {"s": stream, "after": after, "upto": upto})]

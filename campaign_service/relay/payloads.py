@@ -32,6 +32,11 @@ class EventRow:
     data: dict[str, Any]
     created_at: datetime
 
+    @classmethod
+    def of(cls, r: Any) -> EventRow:
+        """From a row (or ORM object) with the events table's columns."""
+        return cls(r.id, r.user_id, r.stream, r.seq, r.type, r.data, r.created_at)
+
     @property
     def webhook_id(self) -> str:
         """Stable across retries and redeliveries: receivers de-duplicate on it."""

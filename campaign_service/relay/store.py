@@ -37,8 +37,7 @@ _MARK = text("UPDATE events SET relayed_at = now() WHERE id = ANY(CAST(:ids AS b
 def relay_batch(db: Database, publish: Callable[[list[EventRow]], None], limit: int = 500) -> int:
     """Fan out up to `limit` outbox rows in one transaction; returns how many."""
     with db.transaction() as s:
-        rows = [EventRow(r.id, r.user_id, r.stream, r.seq, r.type, r.data, r.created_at)
-                for r in s.execute(_TAKE, {"n": limit})]
+        rows = [EventRow.of(r) for r in s.execute(_TAKE, {"n": limit})]
         if not rows:
             return 0
         publish(rows)
