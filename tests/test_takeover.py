@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
@@ -66,7 +67,7 @@ def start_on_one_worker(tk: IsolatedStack, ops: Ops, sandbox_url: str, n: int
 
 
 def finish_and_check(ops: Ops, control: SandboxControl, chips: list[res.Chip], camp: res.Campaign,
-                     numbers: list[str], tk: IsolatedStack) -> None:
+                     numbers: list[str], tk: IsolatedStack) -> res.Campaign:
     try:
         done = ops.wait_final(camp.id, timeout=90)
     except AssertionError as e:
@@ -75,12 +76,25 @@ def finish_and_check(ops: Ops, control: SandboxControl, chips: list[res.Chip], c
     assert done.state == COMPLETED and done.sent_count == n and done.failed_count == 0
     assert collections.Counter(m.state for m in ops.messages(camp.id)) == {SENT: n}
     assert_each_once(control, chips, numbers)
+    return done
+
+
+def leases_written_ahead(tk: IsolatedStack, camp: res.Campaign, chips: list[res.Chip]) -> float:
+    """The latest end of the leases the lanes' owner holds (`lease_until`, written before each lease)."""
+    r = redis.Redis.from_url(tk.redis.url)
+    try:
+        return max(float(r.hget(f"whago:lane:{camp.id}:{c.id}", "lease_until") or 0) for c in chips)
+    finally:
+        r.close()
 
 
 def test_sigkilled_owner_its_lanes_send_again_from_another_worker_within_15s_each_contact_once(
         tk: IsolatedStack, api_key: str, sandbox_url: str, control: SandboxControl) -> None:
     ops = Ops(tk.campaign_channel, api_key)
     a, chips, camp, numbers = start_on_one_worker(tk, ops, sandbox_url, 160)
+    a.signal(signal.SIGSTOP)  # what it holds now is what it dies with
+    leases_end = leases_written_ahead(tk, camp, chips)
+    held = {m.chat_id for m in ops.messages(camp.id) if m.state == res.MESSAGE_STATE_SENDING}
     t_kill = time.time()
     a.kill()
     tk.workers.remove(a)
@@ -90,6 +104,12 @@ def test_sigkilled_owner_its_lanes_send_again_from_another_worker_within_15s_eac
     took = resumed_after(control, chips, t_kill)
     assert max(took) < TARGET_SECONDS, f"lanes resumed {took} s after the SIGKILL"
     finish_and_check(ops, control, chips, camp, numbers, tk)
+    # The dead owner's leased messages were retaken once it was fenced (plus a WAHA timeout), not
+    # when their leases ended (reclaim_owners).
+    assert held, "the dead owner held no leased message: the scenario did not test the reclaim"
+    last = max(s["ts"] for c in chips for s in control.sends(session=c.waha_session) if s["chat_id"] in held)
+    assert last < leases_end - 1.0, f"held messages sent {last - t_kill:.1f} s after the kill, leases ended at " \
+        f"{leases_end - t_kill:.1f} s"
 
 
 def test_sigstopped_owner_taken_over_then_sigconted_sends_nothing_more(
