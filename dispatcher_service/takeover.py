@@ -32,7 +32,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from dispatcher_service import keys, scripts
+from dispatcher_service import keys, metrics, scripts
 from dispatcher_service.store import Store, aw
 
 log = logging.getLogger("dispatcher.takeover")
@@ -73,6 +73,7 @@ class Supervisor:
             log.warning("lane %s:%s epoch=%d: owner's heartbeat stopped; takeover slice %s enqueued",
                         campaign_id, chip_id, f.epoch, jid)
             if jid:
+                metrics.TAKEOVERS.inc()
                 out.append(jid)
         return out
 

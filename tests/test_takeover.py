@@ -14,7 +14,7 @@ import redis
 
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, chat_id, wait_for
+from tests.helpers import Ops, chat_id, logged_port, scrape, value, wait_for
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -57,12 +57,13 @@ def assert_each_once(control: SandboxControl, chips: list[res.Chip], numbers: li
 
 def start_on_one_worker(tk: IsolatedStack, ops: Ops, sandbox_url: str, n: int
                         ) -> tuple[ServiceProcess, list[res.Chip], res.Campaign, list[str]]:
-    """A 2-chip campaign running on worker A only; worker B started next to it (idle)."""
+    """A 2-chip campaign running on worker A only; worker B started next to it (idle, its metrics
+    on a port of its own)."""
     a = tk.start_worker(f"takeover-a-{time.monotonic_ns()}")
     chips = [ops.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.1, 0.15)) for _ in range(2)]
     camp = ops.campaign(chips)
     numbers = ops.start_sending(camp.id, n, sent_at_least=10, timeout=60)
-    tk.start_worker(f"takeover-b-{time.monotonic_ns()}")
+    tk.start_worker(f"takeover-b-{time.monotonic_ns()}", WORKER_METRICS_LISTEN="127.0.0.1:0")
     return a, chips, camp, numbers
 
 
@@ -103,6 +104,8 @@ def test_sigkilled_owner_its_lanes_send_again_from_another_worker_within_15s_eac
              what="every lane sending again after the kill")
     took = resumed_after(control, chips, t_kill)
     assert max(took) < TARGET_SECONDS, f"lanes resumed {took} s after the SIGKILL"
+    [b] = tk.workers
+    assert value(scrape(logged_port(b)), "whago_lane_takeovers_total") >= len(chips)
     finish_and_check(ops, control, chips, camp, numbers, tk)
     # The dead owner's leased messages were retaken once it was fenced (plus a WAHA timeout), not
     # when their leases ended (reclaim_owners).
