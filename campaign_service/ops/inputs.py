@@ -129,6 +129,33 @@ class Page:
     next_page_token: str
 
 
+UPDATABLE_CHIP_PATHS = ("display_name", "proxy_label", "pacing", "warmup", "waha_api_key", "waha_base_url",
+                        "waha_session")
+
+
+def chip_mask_paths(mask: field_mask_pb2.FieldMask | None, chip: res.Chip) -> list[str]:
+    """UpdateChip's paths: the mask's, or (AIP-134) every updatable field set in `chip`."""
+    if mask is None or not mask.paths:
+        set_messages = {p for p, on in (("pacing", chip.HasField("pacing")), ("warmup", chip.HasField("warmup"))) if on}
+        paths = [p for p in UPDATABLE_CHIP_PATHS if p in set_messages or
+                 (p not in ("pacing", "warmup") and bool(getattr(chip, p)))]
+        if not paths:
+            raise errors.InvalidArgument([("update_mask", "no field to update")])
+        return paths
+    out: list[str] = []
+    for p in mask.paths:
+        if p == "*":
+            out.extend(UPDATABLE_CHIP_PATHS)
+        elif p in UPDATABLE_CHIP_PATHS:
+            out.append(p)
+        elif p == "phone":
+            raise errors.InvalidArgument([("update_mask", "phone is immutable: a new number is a new chip")])
+        else:
+            raise errors.InvalidArgument([("update_mask", f"unknown or read-only path {p[:100]!r}; updatable: "
+                                           f"{', '.join(UPDATABLE_CHIP_PATHS)}")])
+    return list(dict.fromkeys(out))
+
+
 def mask_paths(mask: field_mask_pb2.FieldMask | None, patch: CampaignInput, *, settings_set: bool) -> list[str]:
     """The update paths: the mask's, or (AIP-134) every populated updatable field when it is empty.
     Unknown or output-only paths are INVALID_ARGUMENT on update_mask."""
