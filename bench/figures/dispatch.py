@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from bench.figures.prep import (
     settle,
     start_and_time,
 )
+from bench.stack import cpu_seconds
 from whago.campaign.v1 import resources_pb2 as res
 
 # -- 4. Dispatch throughput -------------------------------------------------------------------------
@@ -37,7 +39,7 @@ def _dispatch_once(ctx: Ctx, n: int, spy_path: str | None) -> dict[str, Any]:
     camp = api.campaign(chips, name="bench dispatch", interval=(0.0, 0.0), camouflage=False)
     seed_contacts(st, camp.id, n)
     settle(st)  # the seeding's own upkeep (analyze of the new contacts) is not Dispatch either
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"load_1m": round(os.getloadavg()[0], 2)}
     cpu0 = st.cpu()
     wall0 = time.time()
     spy = PySpy(st.pid("worker"), 8, spy_path) if spy_path else None
@@ -77,13 +79,22 @@ def _spread(rates: list[float]) -> dict[str, Any]:
             "stdev": round(statistics.stdev(rates)) if len(rates) > 1 else 0, "runs": [round(x) for x in rates]}
 
 
+def _mean_cpu(per_run: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.fmean(c.get(k, 0.0) for c in per_run), 4) for k in per_run[0]} if per_run else {}
+
+
 def _loop_counted(ctx: Ctx, client: str, n: int, two: bool, errs: list[str]) -> LoopRun:
     """One baseline run, settled like ours (VACUUM ANALYZE + CHECKPOINT first), its messages
     counted by the sandbox itself: a loop that did not deliver exactly n is an error, not a rate."""
     st = ctx.stack
     sb = st.sandbox
     settle(st)
+    load = os.getloadavg()[0]
+    sandbox0, client0 = cpu_seconds(st.pid("sandbox")), time.process_time()
     run = run_loop(client, st.sandbox_url, n, two)
+    client1, sandbox1 = time.process_time(), cpu_seconds(st.pid("sandbox"))
+    run.details = {"rate": round(run.rate), "load_1m": round(load, 2), "cpu_ms_per_msg": {
+        "client": round((client1 - client0) * 1000 / n, 4), "sandbox": round((sandbox1 - sandbox0) * 1000 / n, 4)}}
     sessions = set(run.sessions)
     got = len([q for q in sb.sends() if q["session"] in sessions])
     sb.reset()
@@ -101,12 +112,15 @@ def fig_dispatch(ctx: Ctx) -> None:
     st.sandbox.reset()
     errs: list[str] = []
     base: dict[str, list[float]] = {c: [] for c in CLIENTS}
+    base_runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CLIENTS}
 
     def baseline_slot(k: int) -> None:
         """Every client once; the two fast ones in alternating order (neither always runs first)."""
         fast = FAST_CLIENTS if k % 2 == 0 else FAST_CLIENTS[::-1]
         for client in (*fast, "aiohttp"):
-            base[client].append(_loop_counted(ctx, client, n, False, errs).rate)
+            run = _loop_counted(ctx, client, n, False, errs)
+            base[client].append(run.rate)
+            base_runs[client].append(run.details)
 
     # baseline slot, then (ours, baseline slot) x DISPATCH_ROUNDS: interleaved in time.
     baseline_slot(0)
@@ -117,20 +131,26 @@ def fig_dispatch(ctx: Ctx) -> None:
     # The baseline is the faster of the two lean clients (by mean over every slot), all its runs.
     best = max(FAST_CLIENTS, key=lambda c: statistics.fmean(base[c]))
     ours_rates = [run["rate"] for run in runs]
-    rate_ratio(r, statistics.fmean(ours_rates), statistics.fmean(base[best]), 0.7)
+    base_rate = statistics.fmean(base[best])
+    rate_ratio(r, statistics.fmean(ours_rates), base_rate, 0.7)
     r.details.update(
         baseline_client=best, ours=_spread(ours_rates), baseline=_spread(base[best]),
-        clients={c: _spread(v) for c, v in base.items()},
+        clients={c: _spread(v) for c, v in base.items()}, baseline_runs=base_runs,
+        ours_load_1m=[run["load_1m"] for run in runs],
         # the figure as it was measured before issue 18 (aiohttp baseline, same runs of ours)
         aiohttp_baseline_rate=round(statistics.fmean(base["aiohttp"])),
         aiohttp_ratio=round(statistics.fmean(ours_rates) / statistics.fmean(base["aiohttp"]), 3),
         runs=runs)
+    # CPU per message of each process, mean of the runs: ours (worker, campaign_service, PostgreSQL,
+    # Redis, sandbox) next to the baseline's (its client, the sandbox): the design's cost in full.
+    r.details["cpu_ms_per_msg"] = _mean_cpu([run["cpu_ms_per_msg"] for run in runs])
+    r.details["baseline_cpu_ms_per_msg"] = _mean_cpu([d["cpu_ms_per_msg"] for d in base_runs[best]])
     first = runs[0]
-    for key in ("cpu_ms_per_msg", "first_send_after_start_s", "send_window_rate", "pyspy_worker"):
+    for key in ("first_send_after_start_s", "send_window_rate", "pyspy_worker"):
         if key in first:
             r.details[key] = first[key]
     floor = _loop_counted(ctx, best, n, True, errs)
-    r.details.update(floor_two_requests_rate=floor.rate, floor_ratio=floor.rate / r.baseline)
+    r.details.update(floor_two_requests_rate=floor.rate, floor_ratio=floor.rate / base_rate)
     # For reference, not the figure: the same run with the worker asking WAHA for every message id
     # (DISPATCH_MESSAGE_IDS=waha, two WAHA requests per message; its ceiling is the floor loop above).
     st.start_worker(**{**st.worker_env, "DISPATCH_MESSAGE_IDS": "waha"})
@@ -138,7 +158,7 @@ def fig_dispatch(ctx: Ctx) -> None:
         waha_ids = _dispatch_once(ctx, n, None)
     finally:
         st.start_worker(**{k: v for k, v in st.worker_env.items() if k != "DISPATCH_MESSAGE_IDS"})
-    r.details.update(waha_ids_rate=waha_ids["rate"], waha_ids_ratio=waha_ids["rate"] / r.baseline,
+    r.details.update(waha_ids_rate=waha_ids["rate"], waha_ids_ratio=waha_ids["rate"] / base_rate,
                      waha_ids_cpu_ms_per_msg=waha_ids.get("cpu_ms_per_msg"),
                      waha_ids_sandbox_requests=waha_ids.get("sandbox_requests"))
     errs += [run["error"] for run in runs if "error" in run]

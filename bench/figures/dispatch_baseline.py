@@ -13,7 +13,8 @@ import gc
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -38,6 +39,7 @@ class LoopRun:
     seconds: float
     sent: int
     sessions: list[str]
+    details: dict[str, Any] = field(default_factory=dict)  # what results.json shows of the run
 
     @property
     def rate(self) -> float:
