@@ -243,7 +243,7 @@ def render(text: str, values: Mapping[str, str], seed: int) -> Rendered:
 class _LazyRandom:
     """random.Random(seed), created on the first draw."""
 
-    __slots__ = ("seed", "rng")
+    __slots__ = ("rng", "seed")
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
