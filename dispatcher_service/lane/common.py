@@ -29,6 +29,8 @@ NOT_ON_WHATSAPP = "NOT_ON_WHATSAPP"
 # Number checks (WAHA check-exists) are paced at a quarter of the chip's minimum gap, at most this.
 CHECK_GAP_MAX = 1.0
 MAX_BATCH = 50
+# LeaseMessagesResponse.remaining counts a lane's PENDING messages up to max(max_messages, this).
+REMAINING_COUNTED = 200
 # Bursting lanes lease (and report) in larger batches: at full speed each lease and report costs the
 # campaign service and PostgreSQL a transaction (a commit, the campaign row, four or five small
 # statements) besides its per-message work; 400 (was 200) halves those at 10 messages per
