@@ -194,6 +194,9 @@ class Store:
 
     async def incr_lane(self, campaign_id: str, chip_id: str, sent: int, failed: int) -> None:
         k = keys.lane(campaign_id, chip_id)
+        if not (sent and failed):  # the common case: one counter, one command (no MULTI/EXEC)
+            await aw(self.redis.hincrby(k, "sent" if sent else "failed", sent or failed))
+            return
         async with self.redis.pipeline(transaction=True) as p:
             if sent:
                 p.hincrby(k, "sent", sent)

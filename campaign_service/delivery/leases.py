@@ -29,7 +29,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.templates import render_message, template_parts
+from campaign_service.templates import contact_values, render, template_parts
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -134,7 +134,7 @@ SELECT count(*) FROM (
 """)
 
 # `remaining` is counted up to remaining_cap(n): a lane only needs to size its next batch (at most
-# 200 messages, or twice a small batch while it ramps up) and to know whether work is left.
+# 400 messages, or a few times a small batch while it ramps up) and to know whether work is left.
 # Counting a big campaign's whole lane on every lease cost ~40 ms per lease (200k PENDING per
 # lane), more than the lease itself; up to 1000 still cost ~1.3 ms of a 200-message lease's ~8.
 # The count starts after the batch just leased (`after`: its highest seq): the PENDING entries
@@ -212,7 +212,8 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
                                                          "count_cap": remaining_cap(max_messages),
                                                          "after": rows[-1].seq if rows else 0}).scalar_one()
-        parts = [template_parts(camp.templates, r.template_index) for r in rows]
+        by_index = {i: template_parts(camp.templates, i) for i in {r.template_index for r in rows}}
+        parts = [by_index[r.template_index] for r in rows]
         media = _media(s, cid, {m for _, m in parts if m is not None})
         checked: dict[str, tuple[bool, str]] = {}
         if camp.verify and rows:
@@ -220,8 +221,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                        for c in s.execute(_CHECKED, {"u": camp.user_id, "phones": [r.phone for r in rows]})}
         leased = [
             LeasedMessage(message_id=r.id, chat_id=_chat_id(r.chat_id, checked.get(r.phone)), phone=r.phone,
-                          text=render_message(camp.templates, r.template_index, r.contact_id, r.name, r.phone,
-                                              r.variables).text,
+                          text=render(txt, contact_values(r.name, r.phone, r.variables), r.contact_id).text,
                           media=media.get(mid) if mid is not None else None,
                           waha_message_id=r.waha_message_id, attempts=r.attempts,
                           lease_expires_at=r.lease_expires_at,

@@ -5,7 +5,7 @@ errors to rich statuses are done by `campaign_service.interceptors`."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -24,6 +24,15 @@ def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     t = timestamp_pb2.Timestamp()
     t.FromDatetime(dt)
     return t
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _when(t: timestamp_pb2.Timestamp) -> datetime:
+    """Timestamp.ToDatetime(tzinfo=UTC), exactly (to the microsecond, truncated), at a fraction of its
+    cost: a report of hundreds of outcomes converts one per outcome."""
+    return _EPOCH + timedelta(seconds=t.seconds, microseconds=t.nanos // 1000)
 
 
 def media_pb(m: leases.MediaInfo) -> res.Media:
@@ -74,7 +83,7 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
         items = [reports.Report(
             message_id=reports.parse_message_id(r.message_id, i), outcome=int(r.outcome),
             waha_message_id=r.waha_message_id, failure_reason=r.failure_reason,
-            time=r.time.ToDatetime(tzinfo=UTC) if r.HasField("time") else None,
+            time=_when(r.time) if r.HasField("time") else None,
             checked=(r.number_exists, r.checked_chat_id) if r.number_checked else None)
             for i, r in enumerate(request.reports)]
         out = reports.report_deliveries(self.db, request.campaign_id, items)

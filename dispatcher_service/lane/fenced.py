@@ -116,6 +116,7 @@ class FencedLane:
         self.release_timer: asyncio.TimerHandle | None = None
         # PENDING messages of the lane after the last lease: no more ids are taken than can be used.
         self.remaining_hint: int | None = None
+        self.remaining_capped = False  # the count reached its cap: at least that many are left
         # The next batch, being prepared while the current one is sent (its messages are in `held`).
         self.prefetch: asyncio.Task[Prepared] | None = None
 

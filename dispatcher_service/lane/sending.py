@@ -105,7 +105,7 @@ class SendingLane(ChipHealthLane):
         """n message ids for sends about to be leased: made here (DISPATCH_MESSAGE_IDS=local, no WAHA
         request), or asked of WAHA (new-message-id) in fenced chunks of concurrent requests."""
         if self.cfg.message_ids == "local":
-            return [message_ids.new_message_id() for _ in range(n)]
+            return message_ids.new_message_ids(n)
         out: list[str] = []
 
         async def chunk(size: int) -> list[str | BaseException]:
