@@ -80,6 +80,9 @@ class Settings:
     # Chip warm-up (warmup.py): whether a chip registered without a plan gets the default plan.
     warmup_default: bool = field(default_factory=lambda: os.environ.get(
         "WHAGO_WARMUP_DEFAULT", "on").strip().lower() not in ("off", "0", "false", "no"))
+    # DeleteCampaign removes up to this many contacts + messages in its own transaction; a bigger
+    # campaign's rows are purged in the background after its row is gone (purge.py).
+    delete_inline_rows: int = field(default_factory=lambda: _int_env("WHAGO_DELETE_INLINE_ROWS", 50_000))
 
 
 def load() -> Settings:

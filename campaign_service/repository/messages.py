@@ -1,5 +1,5 @@
 """Campaign messages: created set-based at Start, failed set-based at Cancel, deleted in one
-statement at Delete."""
+statement at Delete (a big campaign's in batches after it, repository/purges.py)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def count_open(session: Session, campaign_id: uuid.UUID) -> int:
     return int(session.execute(text(
         f"SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
         {"c": campaign_id}).scalar_one())
+
+
+def count(session: Session, campaign_id: uuid.UUID) -> int:
+    return int(session.execute(text("SELECT count(*) FROM campaign_messages WHERE campaign_id = :c"),
+                               {"c": campaign_id}).scalar_one())
 
 
 def delete_all(session: Session, campaign_id: uuid.UUID) -> int:

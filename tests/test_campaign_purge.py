@@ -1,0 +1,116 @@
+"""DeleteCampaign of a big campaign (over WHAGO_DELETE_INLINE_ROWS contacts + messages): the campaign
+is gone at once, its rows are purged in the background (campaign_service/purge.py), counts exact."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from campaign_service.db.engine import Database
+from campaign_service.repository import purges as purges_repo
+from tests.conftest import SANDBOX_API_KEY
+from tests.helpers import Api, phones
+from tests.test_campaign_support import SLOW, engine  # noqa: F401 - fixtures
+from whago.campaign.v1 import campaign_service_pb2 as cs
+
+
+def rows_of(engine: sa.Engine, campaign_id: str) -> tuple[int, int, int]:  # noqa: F811
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text(  # type: ignore[return-value]
+            "SELECT (SELECT count(*) FROM campaign_messages WHERE campaign_id = :c),"
+            " (SELECT count(*) FROM campaign_contacts WHERE campaign_id = :c),"
+            " (SELECT count(*) FROM campaign_purges WHERE campaign_id = :c)"), {"c": campaign_id}).one())
+
+
+@pytest.fixture(scope="module")
+def purging(isolated_stack: Callable[..., Any], sandbox_url: str) -> Any:
+    """A stack whose campaign_service purges any campaign of more than 10 rows in the background."""
+    return isolated_stack("purge", workers=0, WHAGO_DELETE_INLINE_ROWS="10")
+
+
+def test_big_delete_is_not_found_at_once_and_purged_after(purging: Any, create_user: Callable[..., str],
+                                                          engine: sa.Engine, sandbox_url: str) -> None:  # noqa: F811
+    api = Api(purging.campaign_channel, create_user())
+    chips = [api.chip(sandbox_url, SANDBOX_API_KEY, interval=SLOW) for _ in range(2)]
+    c = api.campaign(chips, name="big", interval=SLOW)
+    assert api.import_phones(c.id, phones(25)).imported_count == 25
+    api.start(c.id)
+    api.cancel(c.id)
+    out = api.campaigns.DeleteCampaign(cs.DeleteCampaignRequest(campaign_id=c.id), metadata=api.md)
+    assert (out.deleted_contacts, out.deleted_messages) == (25, 25)
+    with pytest.raises(grpc.RpcError) as err:
+        api.get(c.id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert c.id not in {x.id for x in api.campaigns.ListCampaigns(
+        cs.ListCampaignsRequest(page_size=100), metadata=api.md).campaigns}
+    with pytest.raises(grpc.RpcError) as err:
+        api.start(c.id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while rows_of(engine, c.id) != (0, 0, 0):
+        assert time.monotonic() < deadline, rows_of(engine, c.id)
+        time.sleep(0.1)
+    want = f"25 messages deleted from campaign {c.id} (removed in the background)"
+    for _ in range(50):
+        if want in purging.campaign.tail(400):
+            break
+        time.sleep(0.1)
+    assert want in purging.campaign.tail(400)
+
+
+def test_small_delete_stays_in_the_transaction(purging: Any, create_user: Callable[..., str],
+                                               engine: sa.Engine, sandbox_url: str) -> None:  # noqa: F811
+    api = Api(purging.campaign_channel, create_user())
+    c = api.campaign([], name="small", interval=SLOW)
+    assert api.import_phones(c.id, phones(4)).imported_count == 4  # 4 rows <= 10: deleted inline
+    out = api.campaigns.DeleteCampaign(cs.DeleteCampaignRequest(campaign_id=c.id), metadata=api.md)
+    assert (out.deleted_contacts, out.deleted_messages) == (4, 0)
+    assert rows_of(engine, c.id) == (0, 0, 0)
+
+
+def test_purge_batch_removes_a_bounded_batch_and_then_the_queue_entry(database_url: str,
+                                                                      engine: sa.Engine) -> None:  # noqa: F811
+    """Rows of a campaign id with no campaign row (what a Delete leaves), 12 messages and 5 contacts,
+    purged 7 rows at a time: 7 messages, 5 messages + 2 contacts, 3 contacts and done. One
+    transaction holds the queue row, so the servers' purgers skip it meanwhile."""
+    cid = uuid.uuid4()
+    db = Database(database_url, pool_size=1)
+    try:
+        with db.transaction() as s:
+            purges_repo.queue(s, cid)
+            s.execute(sa.text("INSERT INTO campaign_contacts (campaign_id, phone, chat_id, row_no)"
+                              " SELECT :c, '5511' || g, '5511' || g || '@c.us', g FROM generate_series(1, 5) g"),
+                      {"c": cid})
+            s.execute(sa.text("INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, seq)"
+                              " SELECT :c, g, :c, g FROM generate_series(1, 12) g"), {"c": cid})
+            steps = []
+            while (step := purges_repo.purge_batch(s, 7)) is not None:
+                if step.campaign_id != cid:  # another test's queued campaign: not ours to look at
+                    continue
+                steps.append((step.messages, step.contacts, step.done))
+                if step.done:
+                    break
+        assert steps == [(7, 0, False), (5, 2, False), (0, 3, True)]
+        assert rows_of(engine, str(cid)) == (0, 0, 0)
+    finally:
+        db.dispose()
+
+
+def test_delete_of_a_big_draft_counts_its_contacts(purging: Any, create_user: Callable[..., str],
+                                                   engine: sa.Engine) -> None:  # noqa: F811
+    api = Api(purging.campaign_channel, create_user())
+    c = api.campaign([], name="draft", interval=SLOW)
+    assert api.import_phones(c.id, phones(12)).imported_count == 12
+    out = api.campaigns.DeleteCampaign(cs.DeleteCampaignRequest(campaign_id=c.id), metadata=api.md)
+    assert (out.deleted_contacts, out.deleted_messages) == (12, 0)
+    assert api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=10), metadata=api.md).campaigns == []
+    deadline = time.monotonic() + 30
+    while rows_of(engine, c.id) != (0, 0, 0):
+        assert time.monotonic() < deadline, rows_of(engine, c.id)
+        time.sleep(0.1)
