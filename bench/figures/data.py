@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,11 +191,15 @@ def fig_million(ctx: Ctx) -> None:
     runs = {size: _million_run(ctx, api, size) for size in dict.fromkeys((small, n))}
     big = runs[n]
     start.value, start.met, start.error = big.start_s, big.start_ok and big.start_s <= 10.0, big.start_error
+    start.baseline, start.ratio_kind = big.one_statement_s, "time ours/one INSERT ... SELECT (reference)"
+    start.ratio = big.start_s / big.one_statement_s if big.one_statement_s > 0 else None
     delete.value = big.delete_s
     delete.met = not big.delete_error and big.delete_s <= 2.0
     delete.error = big.delete_error
     mem.value, mem.met = big.rss_growth_mb, big.rss_growth_mb < 150
     sizes = {f"{size}": vars(run) for size, run in runs.items()}
+    start.details["settings"] = {k: os.environ.get(k, "default") for k in (
+        "WHAGO_START_PARALLEL", "WHAGO_START_PARALLEL_MIN", "WHAGO_DELETE_INLINE_ROWS")}
     for row, key in ((start, "start_s"), (delete, "delete_s"), (mem, "rss_growth_mb")):
         row.details["runs"] = sizes
         if small != n and getattr(runs[small], key) > 0:
@@ -205,6 +210,7 @@ def fig_million(ctx: Ctx) -> None:
 class _MillionRun:
     contacts: int
     seed_s: float = 0.0
+    one_statement_s: float = 0.0  # the same messages by one INSERT ... SELECT (rolled back)
     start_s: float = 0.0
     start_ok: bool = False
     start_error: str | None = None
@@ -224,8 +230,17 @@ def _million_run(ctx: Ctx, api: Api, n: int) -> _MillionRun:
     st = ctx.stack
     out = _MillionRun(n)
     settle(st)  # the previous run's purge leaves dead rows: vacuumed before, not during, this run
-    camp, _ = startable(ctx, api, 10, f"bench million {n}")
+    camp, chips = startable(ctx, api, 10, f"bench million {n}")
     out.seed_s, _ = timed(lambda: seed_contacts(st, camp.id, n))
+    # Reference in the same run (the machine is shared): the `start` figure's baseline, one
+    # INSERT ... SELECT of the same messages, rolled back (and vacuumed away before ours).
+    checkpoint(st)
+    with st.db() as conn, conn.cursor() as cur:
+        t0 = time.perf_counter()
+        round_robin_insert(cur, camp.id, [ch.id for ch in chips])
+        out.one_statement_s = time.perf_counter() - t0
+        conn.rollback()
+    settle(st)
     pid = st.pid("campaign")
     before = read_status_kb(pid, "VmRSS")
     hwm_reset = reset_hwm(pid)
