@@ -109,14 +109,24 @@ class Api:
         return c
 
 
-def copy_rows(cur: object, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """COPY rows (text format) into table through psycopg2's copy_expert."""
+def copy_buffer(rows: Iterable[Sequence[object]]) -> io.StringIO:
+    """Rows in COPY text format, ready to send."""
     buf = io.StringIO()
     for r in rows:
         buf.write("\t".join("\\N" if v is None else str(v).replace("\\", "\\\\").replace("\t", " ") for v in r))
         buf.write("\n")
     buf.seek(0)
+    return buf
+
+
+def copy_send(cur: object, table: str, columns: Sequence[str], buf: io.StringIO) -> None:
+    """COPY a buffer of copy_buffer into table through psycopg2's copy_expert."""
     cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", buf)  # type: ignore[attr-defined]
+
+
+def copy_rows(cur: object, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """COPY rows (text format) into table through psycopg2's copy_expert."""
+    copy_send(cur, table, columns, copy_buffer(rows))
 
 
 CONTACT_COLUMNS = ("campaign_id", "phone", "chat_id", "name", "variables", "row_no")

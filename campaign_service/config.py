@@ -80,6 +80,13 @@ class Settings:
     # Chip warm-up (warmup.py): whether a chip registered without a plan gets the default plan.
     warmup_default: bool = field(default_factory=lambda: os.environ.get(
         "WHAGO_WARMUP_DEFAULT", "on").strip().lower() not in ("off", "0", "false", "no"))
+    # StartCampaign of a campaign of at least start_parallel_min contacts writes its messages over
+    # start_parallel PostgreSQL connections at once (ops/start_messages.py); 1: one statement.
+    start_parallel: int = field(default_factory=lambda: _int_env("WHAGO_START_PARALLEL", 2))
+    start_parallel_min: int = field(default_factory=lambda: _int_env("WHAGO_START_PARALLEL_MIN", 200_000))
+    # DeleteCampaign removes up to this many contacts + messages in its own transaction; a bigger
+    # campaign's rows are purged in the background after its row is gone (purge.py).
+    delete_inline_rows: int = field(default_factory=lambda: _int_env("WHAGO_DELETE_INLINE_ROWS", 50_000))
 
 
 def load() -> Settings:

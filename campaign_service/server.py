@@ -31,6 +31,7 @@ from campaign_service.dispatch import DispatcherClient
 from campaign_service.interceptors import KeyCache, ServerInterceptor
 from campaign_service.limits import RateLimiter
 from campaign_service.ops import Operations
+from campaign_service.purge import Purger
 from campaign_service.relay.listener import Listener
 from campaign_service.relay.service import Relay
 from campaign_service.repository import users as users_repo
@@ -104,6 +105,7 @@ class App:
                                       options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 64)
         self.health = health_aio.HealthServicer()
         self.scheduler: delivery_scheduler.Scheduler | None = None
+        self.purger = Purger(self.db)
         self._stopped = False
         campaigns_servicer.add_to_server(self.server, self.ops, self.hub)
         chips_servicer.add_to_server(self.server, self.ops)
@@ -140,6 +142,7 @@ class App:
         await self.server.start()
         metrics.serve(self.settings.metrics_listen)
         self.scheduler = delivery_scheduler.start(self.db, self.settings)
+        self.purger.start()
         self.hub.start()
         await self.relay.start()
         dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -169,6 +172,7 @@ class App:
                 await loop.run_in_executor(None, self.scheduler.stop)
             except Exception as exc:
                 log.warning("scheduler stop failed: %s", exc)
+        await loop.run_in_executor(None, self.purger.stop)
         if self.listener is not None:
             await loop.run_in_executor(None, self.listener.stop)
         await self.server.stop(grace)

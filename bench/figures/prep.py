@@ -51,6 +51,22 @@ def sql_delete_campaign(stack: Stack, campaign_id: str) -> None:
         cur.execute("DELETE FROM campaigns WHERE id = %s", (campaign_id,))
 
 
+def wait_purged(stack: Stack, campaign_id: str, timeout: float) -> float:
+    """Seconds until a deleted campaign's contacts and messages are all gone (campaign_service purges
+    a big campaign's rows in the background after DeleteCampaign); -1.0 after `timeout` or when rows
+    are left once its queue entry is gone. Polls the queue only: counting rows between dead index
+    entries on every poll cost PostgreSQL seconds."""
+    t0 = time.perf_counter()
+    while stack.sql("SELECT count(*) FROM campaign_purges WHERE campaign_id = %s", (campaign_id,))[0][0]:
+        if time.perf_counter() - t0 > timeout:
+            return -1.0
+        time.sleep(0.1)
+    done = time.perf_counter() - t0
+    left = stack.sql("SELECT (SELECT count(*) FROM campaign_messages WHERE campaign_id = %s)"
+                     " + (SELECT count(*) FROM campaign_contacts WHERE campaign_id = %s)", (campaign_id, campaign_id))
+    return -1.0 if left[0][0] else done
+
+
 def startable(ctx: Ctx, api: Api, chips: int, name: str) -> tuple[res.Campaign, list[res.Chip]]:
     """A campaign on `chips` sandbox chips with a 3600 s pace (chip and campaign), so Start
     reaches the dispatcher but lanes stay idle."""

@@ -120,7 +120,9 @@ class Campaign(Base):
 class Contact(Base):
     __tablename__ = "campaign_contacts"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"), nullable=False)
+    # No foreign key (migration 0014): creators hold the campaign row locked; rows of a deleted
+    # campaign are purged after it (campaign_purges).
+    campaign_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
     # E.164 digits without "+".
     phone: Mapped[str] = mapped_column(Text, nullable=False)
     chat_id: Mapped[str] = mapped_column(Text, nullable=False)
@@ -135,7 +137,8 @@ class Contact(Base):
 class Message(Base):
     __tablename__ = "campaign_messages"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"), nullable=False)
+    # No foreign key, as for contacts (migration 0014): the per-row check was half of a big Start.
+    campaign_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
     contact_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     chip_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
     state: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="1")
@@ -159,6 +162,14 @@ class Message(Base):
         # Messages carrying a WAHA id: how a WhatsApp receipt finds its message (migration 0005).
         Index("ix_messages_waha_id", "waha_message_id", postgresql_where=text("waha_message_id IS NOT NULL")),
     )
+
+
+class CampaignPurge(Base):
+    """A deleted campaign whose contacts and messages are still being removed in batches (0014)."""
+
+    __tablename__ = "campaign_purges"
+    campaign_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    queued_at: Mapped[datetime] = _now()
 
 
 class DeliveryLane(Base):

@@ -31,6 +31,7 @@ from campaign_service.db.models import Campaign, Chip
 from campaign_service.dispatch import Lane, lane_for
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
+from campaign_service.ops import start_messages
 from campaign_service.ops.base import OpsBase, utcnow
 from campaign_service.ops.inputs import CANCEL_REASON, Idem, Replayed
 from campaign_service.repository import campaigns as campaigns_repo
@@ -40,6 +41,7 @@ from campaign_service.repository import credits as credits_repo
 from campaign_service.repository import idempotency
 from campaign_service.repository import messages as messages_repo
 from campaign_service.repository import suppressions as suppressions_repo
+from campaign_service.repository.messages import StartPlan
 from campaign_service.secrets_box import SecretBox
 from campaign_service.states import ChipState
 from whago.campaign.v1 import resources_pb2 as res
@@ -57,61 +59,71 @@ class CampaignLifecycle(OpsBase):
     def start_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
                        ) -> Campaign | Replayed:
         """DRAFT/SCHEDULED -> RUNNING: create one message per contact (round-robin over the usable
-        chips, one statement), reserve one credit per message (one RESERVE ledger entry), commit,
-        then StartDispatch (compensated if it fails)."""
+        chips, one statement, or several in parallel for a big campaign: start_messages.py), reserve
+        one credit per message (one RESERVE ledger entry), commit, then StartDispatch (compensated
+        if it fails)."""
         cid = parse_uuid(campaign_id, "campaign_id")
-        with self.db.transaction() as s:
-            if (r := self._replay(s, user_id, idem)) is not None:
-                return r
-            c = self._campaign(s, user_id, cid, lock=True)
-            lifecycle.check(Op.START, c.state)
-            templates = convert.templates_from_json(c.templates)
-            if not templates:
-                raise errors.FailedPrecondition("NO_TEMPLATES", "the campaign needs at least one template to start",
-                                                {"campaign_id": str(cid)})
-            if c.total_contacts <= 0:
-                raise errors.FailedPrecondition("NO_CONTACTS", "the campaign has no contacts: import some first",
-                                                {"campaign_id": str(cid)})
-            self._check_variables(s, c, templates)
-            chips = chips_repo.usable(s, user_id, c.chip_ids)
-            if not chips:
-                raise errors.FailedPrecondition(
-                    "NO_USABLE_CHIP", "no usable chip: register a chip or choose ACTIVE chips in chip_ids",
-                    {"campaign_id": str(cid)})
-            settings = convert.settings_from_json(c.settings)
-            lanes = self._lanes(chips, settings)
-            # A cheap early refusal; the reservation below (after the messages exist, so the users
-            # row stays locked only until commit) is the exact check under concurrent Starts.
-            suppressed = suppressions_repo.suppressed_contacts(s, user_id, cid)  # suppression
-            have = credits_repo.balance(s, user_id)
-            if have is None or have.available < c.total_contacts - len(suppressed):
-                raise _insufficient(c.total_contacts - len(suppressed), have.available if have else 0)
-            created = messages_repo.create_for_start(
-                s, cid, [ch.id for ch in chips], message_templates.weight_pattern([t.weight for t in templates]),
-                settings.shuffle_contacts)
-            # suppression: messages to suppressed numbers are SKIPPED (OPTED_OUT) and reserve nothing.
-            skipped = suppressions_repo.skip_contacts(s, cid, suppressed)
-            created -= skipped
-            # One credit per message created (the rows, not the counter, are the truth).
-            if credits_repo.reserve(s, user_id, cid, created, f"start of campaign '{c.name}': {created} message(s)"
-                                    ) is None:
-                now = credits_repo.balance(s, user_id)
-                raise _insufficient(created, now.available if now else 0)
-            before = _Snapshot.of(c)
-            c.state = int(State.RUNNING)
-            c.state_reason = ""
-            c.started_at = utcnow()
-            c.pending_count = created
-            c.skipped_count += skipped  # suppression
-            c.dispatch_epoch += 1
-            campaigns_repo.touch(s, c)
-            self._campaign_changed(s, c, action="campaign.start", event=outbox.CAMPAIGN_STARTED,
-                                   description=f"Campaign '{c.name}' started.",
-                                   extra={"campaign_name": c.name, "status": State(before.state).name,
-                                          "messages": created, "chips": [str(ch.id) for ch in chips],
-                                          "skipped_opted_out": skipped,
-                                          "epoch": c.dispatch_epoch})
-            self._remember(s, user_id, idem, c)
+        apart = False  # messages committed apart from this transaction (start_messages)
+        try:
+            with self.db.transaction() as s:
+                if (r := self._replay(s, user_id, idem)) is not None:
+                    return r
+                c = self._campaign(s, user_id, cid, lock=True)
+                lifecycle.check(Op.START, c.state)
+                templates = convert.templates_from_json(c.templates)
+                if not templates:
+                    raise errors.FailedPrecondition("NO_TEMPLATES", "the campaign needs at least one template to start",
+                                                    {"campaign_id": str(cid)})
+                if c.total_contacts <= 0:
+                    raise errors.FailedPrecondition("NO_CONTACTS", "the campaign has no contacts: import some first",
+                                                    {"campaign_id": str(cid)})
+                self._check_variables(s, c, templates)
+                chips = chips_repo.usable(s, user_id, c.chip_ids)
+                if not chips:
+                    raise errors.FailedPrecondition(
+                        "NO_USABLE_CHIP", "no usable chip: register a chip or choose ACTIVE chips in chip_ids",
+                        {"campaign_id": str(cid)})
+                settings = convert.settings_from_json(c.settings)
+                lanes = self._lanes(chips, settings)
+                # A cheap early refusal; the reservation below (after the messages exist, so the users
+                # row stays locked only until commit) is the exact check under concurrent Starts.
+                suppressed = suppressions_repo.suppressed_contacts(s, user_id, cid)  # suppression
+                have = credits_repo.balance(s, user_id)
+                if have is None or have.available < c.total_contacts - len(suppressed):
+                    raise _insufficient(c.total_contacts - len(suppressed), have.available if have else 0)
+                plan = StartPlan(cid, [ch.id for ch in chips],
+                                 message_templates.weight_pattern([t.weight for t in templates]),
+                                 settings.shuffle_contacts)
+                parts, minimum = self.settings.start_parallel, self.settings.start_parallel_min
+                apart = start_messages.is_parallel(c.total_contacts, parts, minimum)
+                created = start_messages.write(self.db, s, plan, c.total_contacts, parts, minimum)
+                # suppression: messages to suppressed numbers are SKIPPED (OPTED_OUT) and reserve nothing.
+                skipped = suppressions_repo.skip_contacts(s, cid, suppressed)
+                created -= skipped
+                # One credit per message created (the rows, not the counter, are the truth).
+                if credits_repo.reserve(s, user_id, cid, created, f"start of campaign '{c.name}': {created} message(s)"
+                                        ) is None:
+                    now = credits_repo.balance(s, user_id)
+                    raise _insufficient(created, now.available if now else 0)
+                before = _Snapshot.of(c)
+                c.state = int(State.RUNNING)
+                c.state_reason = ""
+                c.started_at = utcnow()
+                c.pending_count = created
+                c.skipped_count += skipped  # suppression
+                c.dispatch_epoch += 1
+                campaigns_repo.touch(s, c)
+                self._campaign_changed(s, c, action="campaign.start", event=outbox.CAMPAIGN_STARTED,
+                                       description=f"Campaign '{c.name}' started.",
+                                       extra={"campaign_name": c.name, "status": State(before.state).name,
+                                              "messages": created, "chips": [str(ch.id) for ch in chips],
+                                              "skipped_opted_out": skipped,
+                                              "epoch": c.dispatch_epoch})
+                self._remember(s, user_id, idem, c)
+        except BaseException:
+            if apart:
+                start_messages.discard(self.db, cid)
+            raise
         log.info("campaign=%s start: %d messages over %d chips, epoch %d", cid, created, len(chips),
                  c.dispatch_epoch)
         self.db.stats.changed("campaign_messages", created)

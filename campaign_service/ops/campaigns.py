@@ -33,6 +33,7 @@ from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import contacts as contacts_repo
 from campaign_service.repository import media as media_repo
 from campaign_service.repository import messages as messages_repo
+from campaign_service.repository import purges as purges_repo
 from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.campaigns")
@@ -202,7 +203,9 @@ class CampaignCrud(OpsBase):
     def delete_campaign(self, user_id: uuid.UUID, campaign_id: str, etag: str = "", idem: Idem | None = None
                         ) -> DeleteResult | Replayed:
         """The seed's Delete, in one transaction: status check, revoke jobs (CancelDispatch), media rows,
-        messages, contacts, audit event, the campaign; files go after commit."""
+        messages, contacts, audit event, the campaign; files go after commit. A campaign of more than
+        `delete_inline_rows` rows has its contacts and messages counted and queued for the purge
+        thread instead (purge.py): the campaign is gone at commit all the same."""
         cid = parse_uuid(campaign_id, "campaign_id")
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
@@ -227,10 +230,18 @@ class CampaignCrud(OpsBase):
             media_repo.lock_paths(s, paths)
             unused = media_repo.unused_paths(s, paths)
             log.info("%d media deleted from campaign %s (%d files unused)", len(paths), cid, len(unused))
-            n_messages = messages_repo.delete_all(s, cid)
-            log.info("%d messages deleted from campaign %s", n_messages, cid)
-            n_contacts = contacts_repo.delete_all(s, cid)
-            log.info("%d contacts deleted from campaign %s", n_contacts, cid)
+            # One message per contact at most, so total_contacts bounds the rows (contacts and
+            # messages are only created under this row's lock, which we hold: the counts are exact).
+            rows = c.total_contacts * (2 if c.started_at is not None else 1)
+            purged = rows > self.settings.delete_inline_rows
+            if purged:
+                n_messages, n_contacts = messages_repo.count(s, cid), contacts_repo.count(s, cid)
+                purges_repo.queue(s, cid)
+            else:
+                n_messages, n_contacts = messages_repo.delete_all(s, cid), contacts_repo.delete_all(s, cid)
+            later = " (removed in the background)" if purged else ""
+            log.info("%d messages deleted from campaign %s%s", n_messages, cid, later)
+            log.info("%d contacts deleted from campaign %s%s", n_contacts, cid, later)
             self._campaign_changed(s, c, action="campaign.delete", event=outbox.CAMPAIGN_DELETED,
                                    description=f"Campaign '{c.name}' deleted.",
                                    extra={"campaign_name": c.name, "status": state_name,
@@ -242,8 +253,9 @@ class CampaignCrud(OpsBase):
             result = DeleteResult(str(cid), n_contacts, n_messages, len(paths), revoked, len(unused))
             self._remember(s, user_id, idem, result)
         log.info("campaign %s deleted", cid)
-        self.db.stats.changed("campaign_messages", n_messages)
-        self.db.stats.changed("campaign_contacts", n_contacts)
+        if not purged:
+            self.db.stats.changed("campaign_messages", n_messages)
+            self.db.stats.changed("campaign_contacts", n_contacts)
         self._remove_files(cid, unused)
         return result
 

@@ -1,34 +1,57 @@
 """Campaign messages: created set-based at Start, failed set-based at Cancel, deleted in one
-statement at Delete."""
+statement at Delete (a big campaign's in batches after it, repository/purges.py)."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
 from campaign_service.states import MessageState as M
 
 
-def create_for_start(session: Session, campaign_id: uuid.UUID, chip_ids: Sequence[uuid.UUID],
-                     template_pattern: Sequence[int], shuffle: bool) -> int:
-    """One PENDING message per contact in ONE statement: send order seq = rn over row_no (or random()),
-    chip = chip_ids[(rn-1) % n], template by weight: template_pattern[contact_hash(contact id) % len]
-    (templates.pick_template, the same in SQL). Returns the number created."""
-    order = "random()" if shuffle else "row_no, id"
-    pattern = list(template_pattern) or [0]
-    result = session.execute(text(
+def _start_insert(shuffle: bool) -> TextClause:
+    """One PENDING message per contact numbered rn in (lo, hi]: send order seq = rn over row_no (or a
+    seeded hash of the contact id: every part of a parallel Start must see the same order), chip =
+    chip_ids[(rn-1) % n], template by weight: template_pattern[contact_hash(contact id) % len]
+    (templates.pick_template, the same in SQL)."""
+    order = "hashint8extended(id, :seed), id" if shuffle else "row_no, id"
+    return text(
         "INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, state, seq, template_index)"
         f" SELECT :c, t.id, (CAST(:chips AS uuid[]))[((t.rn - 1) % :n) + 1], {M.PENDING:d}, t.rn,"
         "        (CAST(:pattern AS int[]))[((t.id % 2147483647) * 48271 % 2147483647) % :plen + 1]"
         f" FROM (SELECT id, row_number() OVER (ORDER BY {order}) AS rn"
-        "       FROM campaign_contacts WHERE campaign_id = :c) t"),
-        {"c": campaign_id, "chips": [str(c) for c in chip_ids], "n": len(chip_ids), "pattern": pattern,
-         "plen": len(pattern)})
+        "       FROM campaign_contacts WHERE campaign_id = :c) t"
+        " WHERE t.rn > :lo AND t.rn <= :hi")
+
+
+_START_INSERT = {shuffle: _start_insert(shuffle) for shuffle in (False, True)}
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What Start creates: its messages' chips, template pattern and order."""
+
+    campaign_id: uuid.UUID
+    chip_ids: Sequence[uuid.UUID]
+    template_pattern: Sequence[int]
+    shuffle: bool
+    seed: int = field(default_factory=lambda: secrets.randbits(62))
+
+    def params(self, lo: int, hi: int) -> dict[str, object]:
+        pattern = list(self.template_pattern) or [0]
+        return {"c": self.campaign_id, "chips": [str(c) for c in self.chip_ids], "n": len(self.chip_ids),
+                "pattern": pattern, "plen": len(pattern), "seed": self.seed, "lo": lo, "hi": hi}
+
+
+def create_for_start(session: Session, plan: StartPlan, lo: int = 0, hi: int = 2**62) -> int:
+    """The messages numbered (lo, hi] (all by default) in ONE statement; returns how many."""
+    result = session.execute(_START_INSERT[plan.shuffle], plan.params(lo, hi))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -59,6 +82,11 @@ def count_open(session: Session, campaign_id: uuid.UUID) -> int:
     return int(session.execute(text(
         f"SELECT count(*) FROM campaign_messages WHERE campaign_id = :c AND state IN ({M.PENDING:d}, {M.SENDING:d})"),
         {"c": campaign_id}).scalar_one())
+
+
+def count(session: Session, campaign_id: uuid.UUID) -> int:
+    return int(session.execute(text("SELECT count(*) FROM campaign_messages WHERE campaign_id = :c"),
+                               {"c": campaign_id}).scalar_one())
 
 
 def delete_all(session: Session, campaign_id: uuid.UUID) -> int:
