@@ -1,11 +1,12 @@
 """Stop figures: CancelCampaign and PauseCampaign under a constant ~1,000 running lanes.
 
 The load never falls during the samples: every cancelled campaign is replaced at once by a fresh
-running one (on its own fresh chips), and every paused campaign is resumed one step later while the
-next one is paused, so `lanes` lanes keep sending (at 1 s per chip) around every sample. Each chip
-is one sandbox session of one campaign only, so a request is attributed to its campaign by session:
-any request of a stopped campaign that arrives at the sandbox after its RPC returned (for Pause:
-before its Resume was called) breaks the stop fence and errs the row."""
+running one (on chips that rested REST_STEPS steps), and every paused campaign is resumed one step
+later while the next one is paused, so `lanes` lanes keep sending (at 1 s per chip) around every
+sample. A chip is one sandbox session, used by one campaign at a time, so a request is attributed
+to its campaign by session: any request of a stopped campaign's sessions that arrives at the
+sandbox after its RPC returned and before those chips' next campaign was started (Pause: before its
+Resume was called) breaks the stop fence and errs the row."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ from bench.api import CONTACT_COLUMNS, Api, contact_tuples, copy_rows
 from bench.core import Ctx, PySpy, Result, pct
 from bench.figures.prep import cleanup
 from devstack.procs import REPO, service_env
+from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
-from whago.campaign.v1 import resources_pb2 as res
 
 TARGET_MS = 250.0
 INTERVAL_S = 1.0  # chip and campaign pacing: the `lanes` figure's 1 s
 LATENCY_MS = 20  # sandbox latency per request, so sends are in flight when a stop comes
 STEP_GAP_S = 0.25  # between two samples (after the replacement started)
 ACTIVE_WINDOW_S = 2.0  # a lane is "running" at a sample when its session had a request this long before
+REST_STEPS = 10  # Cancel: steps a cancelled campaign's chips rest before the next campaign uses them
 
 
 @dataclass
@@ -68,17 +70,20 @@ def _seed(ctx: Ctx, ids: list[str], per: int) -> None:
         cur.execute("VACUUM ANALYZE campaign_contacts")
 
 
-def _build(ctx: Ctx, api: Api, count: int, chips_per: int, per_chip: int, mode: str) -> list[Camp]:
-    """`count` DRAFT campaigns of `chips_per` fresh sandbox chips each (paced at INTERVAL_S), seeded."""
+def _build(ctx: Ctx, api: Api, count: int, sets: int, chips_per: int, per_chip: int, mode: str) -> list[Camp]:
+    """`count` seeded DRAFT campaigns over `sets` sets of `chips_per` sandbox chips (paced at
+    INTERVAL_S): campaign k on set k % sets, so a set rests between two campaigns."""
     st = ctx.stack
     iv = (INTERVAL_S, INTERVAL_S)
-
-    def one(k: int) -> Camp:
-        chips = [api.chip(st.sandbox_url, interval=iv) for _ in range(chips_per)]
-        c = api.campaign(chips, name=f"bench {mode} {k}", interval=iv, camouflage=False)
-        return Camp(c.id, {ch.waha_session for ch in chips})
-
     with futures.ThreadPoolExecutor(8) as pool:
+        chips = list(pool.map(lambda _: api.chip(st.sandbox_url, interval=iv), range(sets * chips_per)))
+        chip_sets = [chips[i * chips_per:(i + 1) * chips_per] for i in range(sets)]
+
+        def one(k: int) -> Camp:
+            cl = chip_sets[k % sets]
+            c = api.campaign(cl, name=f"bench {mode} {k}", interval=iv, camouflage=False)
+            return Camp(c.id, {ch.waha_session for ch in cl})
+
         camps = list(pool.map(one, range(count)))
     _seed(ctx, [c.id for c in camps], chips_per * per_chip)
     return camps
@@ -120,14 +125,16 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
     st = ctx.stack
     sb = st.sandbox
     api = ctx.api()
-    # Cancel: a fresh campaign replaces each cancelled one, so it needs `want` more; a campaign lives
-    # ~`running` steps. Pause: one more than `running`, each paused one step in `running + 1`.
-    total = running + want + 5 if mode == "cancel" else running + 1
+    # Cancel: a fresh campaign replaces each cancelled one (`want` more campaigns), on a chip set
+    # that rested REST_STEPS steps: the cancelled campaign's late window lasts until its chips'
+    # next campaign starts. A campaign lives ~`running` steps. Pause: one campaign more than
+    # `running`; each is paused one step in `running + 1`, its late window lasting until its Resume.
+    total, sets = (running + want + 5, running + REST_STEPS) if mode == "cancel" else (running + 1, running + 1)
     per_chip = 100 if mode == "cancel" else 200  # messages per lane: more than a lane sends in the figure
-    _set_limits(ctx, api, total * chips_per)
+    _set_limits(ctx, api, sets * chips_per)
     st.start_worker(DISPATCH_MAX_JOBS=str(max(2000, 2 * lanes + 200)))
     t_setup = time.perf_counter()
-    camps = _build(ctx, api, total, chips_per, per_chip, mode)
+    camps = _build(ctx, api, total, sets, chips_per, per_chip, mode)
     setup_s = time.perf_counter() - t_setup
     sb.reset()
     sb.configure(latency_ms=LATENCY_MS)
@@ -140,11 +147,7 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         for c in first:
             api.start(c.id)
             c.started = True
-        deadline = time.monotonic() + 60
-        for c in first:
-            api.wait(c.id, lambda x: x.sent_count > 0 or x.state != res.CAMPAIGN_STATE_RUNNING,
-                     timeout=max(1.0, deadline - time.monotonic()), poll=0.1)
-        time.sleep(2 * INTERVAL_S)  # every lane past its first send: the steady state
+        r.details["ramp"] = _ramp(sb, first, running * chips_per)
         spare = iter(camps[running:])
         live = list(first)  # FIFO: the oldest running campaign is stopped next
         paused: Sample | None = None
@@ -159,6 +162,8 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
                     w0, w1, ms, got = _timed(lambda c=c: api.cancel(c.id))  # type: ignore[misc]
                     s = Sample(c, w0, w1, ms, had_work=got.failed_count > 0)
                     nxt = next(spare)
+                    if len(samples) >= REST_STEPS:  # nxt runs on the chips of this earlier sample's campaign
+                        samples[len(samples) - REST_STEPS].until = time.time()
                     _, _, start_ms, _ = _timed(lambda n=nxt: api.start(n.id))  # type: ignore[misc]
                     nxt.started = True
                     other_ms["start_replacement"].append(start_ms)
@@ -200,6 +205,23 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
             list(pool.map(lambda c: _cleanup(api, c), camps))
         sb.reset()
         st.start_worker()  # back to the stack's usual worker
+
+
+def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 180.0) -> list[tuple[float, int]]:
+    """Wait for the steady state: nearly every lane sending (a request in the last ACTIVE_WINDOW_S)
+    twice in a row. Returns the ramp (seconds, lanes active); raises when it never gets there."""
+    sessions = set().union(*(c.sessions for c in camps))
+    t0 = time.monotonic()
+    ramp: list[tuple[float, int]] = []
+    ok = 0
+    for _ in range(int(timeout / ACTIVE_WINDOW_S) + 1):
+        time.sleep(ACTIVE_WINDOW_S)
+        seen = {q["session"] for q in sb.requests(since=time.time() - ACTIVE_WINDOW_S)} & sessions
+        ramp.append((round(time.monotonic() - t0, 1), len(seen)))
+        ok = ok + 1 if len(seen) >= 0.95 * lanes else 0
+        if ok >= 2:
+            return ramp
+    raise RuntimeError(f"lanes never all sending: ramp (s, active of {lanes}) {ramp}")
 
 
 def _cleanup(api: Api, c: Camp) -> None:
