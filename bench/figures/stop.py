@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,7 +24,6 @@ import grpc
 from bench.api import CONTACT_COLUMNS, Api, contact_tuples, copy_rows
 from bench.core import Ctx, PySpy, Result, pct
 from bench.figures.prep import cleanup
-from devstack.procs import REPO, service_env
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
 
@@ -39,6 +36,7 @@ INTERVAL = (4.0, 6.0)
 LATENCY_MS = 20  # sandbox latency per request, so sends are in flight when a stop comes
 STEP_GAP_S = 0.25  # between two samples (after the replacement started)
 ACTIVE_WINDOW_S = 8.0  # a lane is "running" at a sample when its session had a request this long before
+TENANTS = 10  # users the campaigns are spread over (a campaign's chips are its owner's)
 REST_STEPS = 10  # Cancel: steps a cancelled campaign's chips rest before the next campaign uses them
 
 
@@ -48,6 +46,7 @@ class Camp:
 
     id: str
     sessions: set[str]
+    api: Api
     started: bool = False
 
 
@@ -74,19 +73,21 @@ def _seed(ctx: Ctx, ids: list[str], per: int) -> None:
         cur.execute("VACUUM ANALYZE campaign_contacts")
 
 
-def _build(ctx: Ctx, api: Api, count: int, sets: int, chips_per: int, per_chip: int, mode: str) -> list[Camp]:
+def _build(ctx: Ctx, apis: list[Api], count: int, sets: int, chips_per: int, per_chip: int, mode: str
+           ) -> list[Camp]:
     """`count` seeded DRAFT campaigns over `sets` sets of `chips_per` sandbox chips (paced at
-    INTERVAL): campaign k on set k % sets, so a set rests between two campaigns."""
+    INTERVAL): campaign k on set k % sets, so a set rests between two campaigns; set i belongs to
+    tenant i % len(apis)."""
     st = ctx.stack
     iv = INTERVAL
-    with futures.ThreadPoolExecutor(8) as pool:
-        chips = list(pool.map(lambda _: api.chip(st.sandbox_url, interval=iv), range(sets * chips_per)))
-        chip_sets = [chips[i * chips_per:(i + 1) * chips_per] for i in range(sets)]
+    with futures.ThreadPoolExecutor(len(apis)) as pool:  # registrations serialize per user
+        chips = list(pool.map(lambda i: [apis[i % len(apis)].chip(st.sandbox_url, interval=iv)
+                                         for _ in range(chips_per)], range(sets)))
 
         def one(k: int) -> Camp:
-            cl = chip_sets[k % sets]
+            api, cl = apis[(k % sets) % len(apis)], chips[k % sets]
             c = api.campaign(cl, name=f"bench {mode} {k}", interval=iv, camouflage=False)
-            return Camp(c.id, {ch.waha_session for ch in cl})
+            return Camp(c.id, {ch.waha_session for ch in cl}, api)
 
         camps = list(pool.map(one, range(count)))
     _seed(ctx, [c.id for c in camps], chips_per * per_chip)
@@ -99,14 +100,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, float, Any]:
     out = fn()
     ms = (time.perf_counter() - t0) * 1000
     return w0, time.time(), ms, out
-
-
-def _set_limits(ctx: Ctx, api: Api, chips: int) -> None:
-    """The figure needs more chips than the default per-user quota (500): an operator's override."""
-    uid = ctx.stack.user_id_of(api.key)
-    subprocess.run([sys.executable, "-m", "campaign_service.admin", "set-limits", "--user-id", str(uid),
-                    "--chips", str(chips + 100)], env=service_env({"DATABASE_URL": ctx.stack.database_url}),
-                   cwd=REPO, check=True, capture_output=True, text=True, timeout=120)
 
 
 def fig_cancel(ctx: Ctx) -> None:
@@ -129,17 +122,21 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
                 "ms", f"p99 < {TARGET_MS:.0f} ms, 0 late requests")
     st = ctx.stack
     sb = st.sandbox
-    api = ctx.api()
+    ctx.api()  # services up
+    # Campaigns spread over TENANTS users: one user owning all 1,000 lanes serialized every delivery
+    # report on its users row (credit CONSUME), see the README's `cancel` row.
+    tenants = min(TENANTS, running)
+    with futures.ThreadPoolExecutor(tenants) as pool:
+        apis = [Api(st.channel, key) for key in pool.map(lambda _: st.create_user(), range(tenants))]
     # Cancel: a fresh campaign replaces each cancelled one (`want` more campaigns), on a chip set
     # that rested REST_STEPS steps: the cancelled campaign's late window lasts until its chips'
     # next campaign starts. A campaign lives ~`running` steps. Pause: one campaign more than
     # `running`; each is paused one step in `running + 1`, its late window lasting until its Resume.
     total, sets = (running + want + 5, running + REST_STEPS) if mode == "cancel" else (running + 1, running + 1)
     per_chip = 100  # messages per lane: more than a lane sends in the figure (~20)
-    _set_limits(ctx, api, sets * chips_per)
     st.start_worker(DISPATCH_MAX_JOBS=str(max(2000, 2 * lanes + 200)))
     t_setup = time.perf_counter()
-    camps = _build(ctx, api, total, sets, chips_per, per_chip, mode)
+    camps = _build(ctx, apis, total, sets, chips_per, per_chip, mode)
     setup_s = time.perf_counter() - t_setup
     sb.reset()
     sb.configure(latency_ms=LATENCY_MS)
@@ -150,7 +147,7 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
     try:
         first = camps[:running] if mode == "cancel" else camps
         for c in first:
-            api.start(c.id)
+            c.api.start(c.id)
             c.started = True
         r.details["ramp"] = _ramp(sb, first, running * chips_per)
         spare = iter(camps[running:])
@@ -164,23 +161,24 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
                     break
                 c = live.pop(0)
                 if mode == "cancel":
-                    w0, w1, ms, got = _timed(lambda c=c: api.cancel(c.id))  # type: ignore[misc]
+                    w0, w1, ms, got = _timed(lambda c=c: c.api.cancel(c.id))  # type: ignore[misc]
                     s = Sample(c, w0, w1, ms, had_work=got.failed_count > 0)
                     nxt = next(spare)
                     if len(samples) >= REST_STEPS:  # nxt runs on the chips of this earlier sample's campaign
                         samples[len(samples) - REST_STEPS].until = time.time()
-                    _, _, start_ms, _ = _timed(lambda n=nxt: api.start(n.id))  # type: ignore[misc]
+                    _, _, start_ms, _ = _timed(lambda n=nxt: n.api.start(n.id))  # type: ignore[misc]
                     nxt.started = True
                     other_ms["start_replacement"].append(start_ms)
                     live.append(nxt)
                 else:
-                    w0, w1, ms, got = _timed(lambda c=c: api.campaigns.PauseCampaign(  # type: ignore[misc]
-                        cs.PauseCampaignRequest(campaign_id=c.id), metadata=api.md, timeout=60))
+                    w0, w1, ms, got = _timed(lambda c=c: c.api.campaigns.PauseCampaign(  # type: ignore[misc]
+                        cs.PauseCampaignRequest(campaign_id=c.id), metadata=c.api.md, timeout=60))
                     s = Sample(c, w0, w1, ms, had_work=got.pending_count > 0)
                     if paused is not None:
                         p = paused
-                        p.until, _, resume_ms, _ = _timed(lambda p=p: api.campaigns.ResumeCampaign(  # type: ignore[misc]
-                            cs.ResumeCampaignRequest(campaign_id=p.campaign.id), metadata=api.md, timeout=60))
+                        p.until, _, resume_ms, _ = _timed(lambda p=p: p.campaign.api.campaigns.ResumeCampaign(  # type: ignore[misc]
+                            cs.ResumeCampaignRequest(campaign_id=p.campaign.id), metadata=p.campaign.api.md,
+                            timeout=60))
                         other_ms["resume"].append(resume_ms)
                         live.append(p.campaign)
                     paused = s
@@ -193,7 +191,8 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         _fill(r, samples, sb.requests(since=wall0), running * chips_per, errors)
         r.details.update(samples=len(samples), setup_s=round(setup_s, 1), loop_s=round(loop_s, 1),
                          lanes_running=running * chips_per, campaigns_running=running, chips_per_campaign=chips_per,
-                         messages_per_lane=per_chip, interval_s=list(INTERVAL), sandbox_latency_ms=LATENCY_MS,
+                         messages_per_lane=per_chip, tenants=len(apis), interval_s=list(INTERVAL),
+                         sandbox_latency_ms=LATENCY_MS,
                          step_gap_s=STEP_GAP_S, campaigns_used=sum(c.started for c in camps))
         for name, vals in other_ms.items():
             r.details[f"{name}_ms"] = {"p50": pct(vals, 50), "p99": pct(vals, 99), "max": max(vals)}
@@ -207,7 +206,7 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
     finally:
         sb.configure(latency_ms=0)
         with futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda c: _cleanup(api, c), camps))
+            list(pool.map(_cleanup, camps))
         sb.reset()
         st.start_worker()  # back to the stack's usual worker
 
@@ -229,9 +228,9 @@ def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 18
     raise RuntimeError(f"lanes never all sending: ramp (s, active of {lanes}) {ramp}")
 
 
-def _cleanup(api: Api, c: Camp) -> None:
+def _cleanup(c: Camp) -> None:
     try:
-        cleanup(api, c.id)
+        cleanup(c.api, c.id)
     except grpc.RpcError:
         pass
 
