@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import redis as redis_sync
 
 from bench.api import CONTACT_COLUMNS, Api, contact_tuples, copy_rows
 from bench.core import Ctx, PySpy, Result, pct
 from bench.figures.prep import cleanup
+from dispatcher_service import keys
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.dispatcher.v1 import dispatcher_service_pb2 as dpb
 
 TARGET_MS = 250.0
 # Chip and campaign pacing, random in [4 s, 6 s]: ~200 sends/s from 1,000 lanes. At the `lanes` figure's
@@ -35,7 +38,8 @@ TARGET_MS = 250.0
 INTERVAL = (4.0, 6.0)
 LATENCY_MS = 20  # sandbox latency per request, so sends are in flight when a stop comes
 STEP_GAP_S = 0.25  # between two samples (after the replacement started)
-ACTIVE_WINDOW_S = 8.0  # a lane is "running" at a sample when its session had a request this long before
+ACTIVE_WINDOW_S = 8.0  # a lane "sent lately" at a sample when its session had a request this long before
+ALIVE = (dpb.LANE_STATE_QUEUED, dpb.LANE_STATE_RUNNING)
 TENANTS = 10  # users the campaigns are spread over (a campaign's chips are its owner's)
 REST_STEPS = 10  # Cancel: steps a cancelled campaign's chips rest before the next campaign uses them
 
@@ -46,6 +50,7 @@ class Camp:
 
     id: str
     sessions: set[str]
+    chip_ids: list[str]
     api: Api
     started: bool = False
 
@@ -56,7 +61,8 @@ class Sample:
     called: float  # wall time just before the RPC
     returned: float  # wall time just after it returned
     ms: float
-    until: float = float("inf")  # late window end (Pause: when its Resume was called)
+    until: float = float("inf")  # late window end (Pause: its Resume; Cancel: its chips' next Start)
+    alive: int = 0  # lanes of the running campaigns QUEUED or RUNNING (Redis lane state) just before
     had_work: bool = False  # the campaign still had messages to send at its stop
     extra_ms: dict[str, float] = field(default_factory=dict)
 
@@ -87,7 +93,7 @@ def _build(ctx: Ctx, apis: list[Api], count: int, sets: int, chips_per: int, per
         def one(k: int) -> Camp:
             api, cl = apis[(k % sets) % len(apis)], chips[k % sets]
             c = api.campaign(cl, name=f"bench {mode} {k}", interval=iv, camouflage=False)
-            return Camp(c.id, {ch.waha_session for ch in cl}, api)
+            return Camp(c.id, {ch.waha_session for ch in cl}, [ch.id for ch in cl], api)
 
         camps = list(pool.map(one, range(count)))
     _seed(ctx, [c.id for c in camps], chips_per * per_chip)
@@ -153,12 +159,14 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         spare = iter(camps[running:])
         live = list(first)  # FIFO: the oldest running campaign is stopped next
         paused: Sample | None = None
+        rd = redis_sync.Redis.from_url(st.env["REDIS_URL"])
         t_loop = time.monotonic()
         with PySpy(st.pid("campaign"), 30, str(st.workdir / f"pyspy-{mode}-campaign.txt")) as spy_c, \
                 PySpy(st.pid("dispatcher"), 30, str(st.workdir / f"pyspy-{mode}-dispatcher.txt")) as spy_d:
             for _ in range(want * 2):
                 if len(samples) >= want or time.monotonic() - t_loop > 300:
                     break
+                alive = _alive(rd, live)
                 c = live.pop(0)
                 if mode == "cancel":
                     w0, w1, ms, got = _timed(lambda c=c: c.api.cancel(c.id))  # type: ignore[misc]
@@ -182,6 +190,7 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
                         other_ms["resume"].append(resume_ms)
                         live.append(p.campaign)
                     paused = s
+                s.alive = alive
                 samples.append(s)
                 time.sleep(STEP_GAP_S)
             if paused is not None:
@@ -212,20 +221,30 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
 
 
 def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 180.0) -> list[tuple[float, int]]:
-    """Wait for the steady state: nearly every lane sending (a request in the last ACTIVE_WINDOW_S)
-    twice in a row. Returns the ramp (seconds, lanes active); raises when it never gets there."""
+    """Wait until nearly every lane has sent (its first request reached the sandbox). Returns the
+    ramp (seconds, lanes that have sent); raises when it never gets there."""
     sessions = set().union(*(c.sessions for c in camps))
-    t0 = time.monotonic()
+    seen: set[str] = set()
+    t0, since = time.monotonic(), 0.0
     ramp: list[tuple[float, int]] = []
-    ok = 0
-    for _ in range(int(timeout / ACTIVE_WINDOW_S) + 1):
-        time.sleep(ACTIVE_WINDOW_S)
-        seen = {q["session"] for q in sb.requests(since=time.time() - ACTIVE_WINDOW_S)} & sessions
+    for _ in range(int(timeout / 2) + 1):
+        time.sleep(2.0)
+        got = sb.requests(since=since or None)
+        since = max((q["ts"] for q in got), default=since)
+        seen |= {q["session"] for q in got} & sessions
         ramp.append((round(time.monotonic() - t0, 1), len(seen)))
-        ok = ok + 1 if len(seen) >= 0.95 * lanes else 0
-        if ok >= 2:
+        if len(seen) >= 0.95 * lanes:
             return ramp
-    raise RuntimeError(f"lanes never all sending: ramp (s, active of {lanes}) {ramp}")
+    raise RuntimeError(f"lanes never all sending: ramp (s, lanes that sent, of {lanes}) {ramp}")
+
+
+def _alive(rd: redis_sync.Redis, camps: list[Camp]) -> int:
+    """Lanes of these campaigns QUEUED or RUNNING in the dispatcher's own state (one pipeline)."""
+    p = rd.pipeline(transaction=False)
+    for c in camps:
+        for chip in c.chip_ids:
+            p.hget(keys.lane(c.id, chip), "state")
+    return sum(1 for v in p.execute() if v is not None and int(v) in ALIVE)
 
 
 def _cleanup(c: Camp) -> None:
@@ -259,6 +278,8 @@ def _fill(r: Result, samples: list[Sample], reqs: list[dict[str, Any]], lanes: i
                 late_paths[q["path"]] += 1
             elif q["ts"] <= s.returned and (q.get("ts_done") or 0) >= s.called:
                 inflight_at_return += 1  # in the air when the stop came: the fence had to wait for it
+    durations = [(q["ts_done"] - q["ts"]) * 1000 for q in reqs if q.get("ts_done")]
+    alive = [s.alive for s in samples]
     active: list[int] = []
     for s in samples:  # sessions that sent just before, of campaigns not stopped at that moment
         lo = s.called - ACTIVE_WINDOW_S
@@ -270,13 +291,17 @@ def _fill(r: Result, samples: list[Sample], reqs: list[dict[str, Any]], lanes: i
                      late_requests=late, late_paths=dict(late_paths),
                      requests_in_flight_during_stop=inflight_at_return,
                      samples_with_work_left=sum(s.had_work for s in samples),
-                     lanes_active_at_sample={"min": min(active, default=0), "p50": pct(active, 50),
-                                             "max": max(active, default=0), "target": lanes},
+                     lanes_alive_at_sample={"min": min(alive, default=0), "p50": pct(alive, 50),
+                                            "max": max(alive, default=0), "target": lanes},
+                     lanes_sent_in_last_8s_at_sample={"min": min(active, default=0), "p50": pct(active, 50),
+                                                      "max": max(active, default=0)},
+                     sandbox_request_ms={"p50": pct(durations, 50), "p99": pct(durations, 99),
+                                         "max": max(durations, default=0.0)},
                      sandbox_requests=len(reqs), duplicates=sum(1 for q in reqs if q.get("duplicate")))
     if late:
         errors.append(f"{late} sandbox requests of a stopped campaign arrived after its RPC returned")
-    if active and pct(active, 50) < 0.9 * lanes:
-        errors.append(f"load not constant: median {pct(active, 50)} of {lanes} lanes active at a sample")
+    if alive and pct(alive, 50) < 0.9 * lanes:
+        errors.append(f"load not constant: median {pct(alive, 50)} of {lanes} lanes alive at a sample")
     if sum(s.had_work for s in samples) < len(samples):
         errors.append(f"{len(samples) - sum(s.had_work for s in samples)} samples stopped a campaign with no work left")
 
