@@ -155,7 +155,9 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         for c in first:
             c.api.start(c.id)
             c.started = True
-        r.details["ramp"] = _ramp(sb, first, running * chips_per)
+        ramp = r.details["ramp"] = _ramp(sb, first, running * chips_per)
+        if ramp[-1][1] < 0.95 * running * chips_per:
+            errors.append(f"only {ramp[-1][1]} of {running * chips_per} lanes had sent after {ramp[-1][0]} s")
         spare = iter(camps[running:])
         live = list(first)  # FIFO: the oldest running campaign is stopped next
         paused: Sample | None = None
@@ -220,9 +222,10 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         st.start_worker()  # back to the stack's usual worker
 
 
-def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 180.0) -> list[tuple[float, int]]:
+def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 240.0) -> list[tuple[float, int]]:
     """Wait until nearly every lane has sent (its first request reached the sandbox). Returns the
-    ramp (seconds, lanes that have sent); raises when it never gets there."""
+    ramp (seconds, lanes that have sent); the last entry short of 95% means it never got there
+    (the samples are still taken, and the row errs)."""
     sessions = set().union(*(c.sessions for c in camps))
     seen: set[str] = set()
     t0, since = time.monotonic(), 0.0
@@ -234,8 +237,8 @@ def _ramp(sb: SandboxControl, camps: list[Camp], lanes: int, timeout: float = 18
         seen |= {q["session"] for q in got} & sessions
         ramp.append((round(time.monotonic() - t0, 1), len(seen)))
         if len(seen) >= 0.95 * lanes:
-            return ramp
-    raise RuntimeError(f"lanes never all sending: ramp (s, lanes that sent, of {lanes}) {ramp}")
+            break
+    return ramp
 
 
 def _alive(rd: redis_sync.Redis, camps: list[Camp]) -> int:
