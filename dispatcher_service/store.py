@@ -325,9 +325,11 @@ class Store:
         to the campaign service, which may be holding a lock while it waits for us.
         """
         revoked = aborted = 0
-        # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
-        await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
-        jids = [_s(m) for m in await aw(self.redis.smembers(keys.jobs(campaign_id)))]
+        async with self.redis.pipeline(transaction=False) as p:  # one round trip: this is a stop's path
+            # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
+            p.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
+            p.smembers(keys.jobs(campaign_id))
+            jids = [_s(m) for m in (await p.execute())[1]]
         if not jids:
             return 0, 0
         now_ms = int(time.time() * 1000)
