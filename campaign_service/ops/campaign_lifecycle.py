@@ -175,10 +175,10 @@ class CampaignLifecycle(OpsBase):
             c = self._campaign(s, user_id, cid, lock=True)
             lifecycle.check(Op.PAUSE, c.state)
             c.dispatch_epoch += 1
+            stopped = self.dispatcher.begin_pause(str(cid), c.dispatch_epoch)
             c.state = int(State.PAUSED)
             c.state_reason = "paused by user"
             campaigns_repo.touch(s, c)
-            stopped = self.dispatcher.begin_pause(str(cid), c.dispatch_epoch)
             self._campaign_changed(s, c, action="campaign.pause", event=outbox.CAMPAIGN_PAUSED,
                                    description=f"Campaign '{c.name}' paused.",
                                    extra={"campaign_name": c.name, "status": State.RUNNING.name,
@@ -261,9 +261,9 @@ class CampaignLifecycle(OpsBase):
             lifecycle.check(Op.CANCEL, c.state)
             previous = State(c.state)
             c.dispatch_epoch += 1
-            s.flush()
             revoked = aborted = 0
             stopped = self.dispatcher.begin_cancel(str(cid), c.dispatch_epoch) if c.started_at is not None else None
+            s.flush()
             failed = messages_repo.fail_open(s, cid, CANCEL_REASON)
             if stopped is not None:
                 # Confirmed before anything else (UNAVAILABLE rolls everything back), and before the
