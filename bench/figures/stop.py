@@ -166,7 +166,7 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
         with PySpy(st.pid("campaign"), 30, str(st.workdir / f"pyspy-{mode}-campaign.txt")) as spy_c, \
                 PySpy(st.pid("dispatcher"), 30, str(st.workdir / f"pyspy-{mode}-dispatcher.txt")) as spy_d:
             for _ in range(want * 2):
-                if len(samples) >= want or time.monotonic() - t_loop > 300:
+                if len(samples) >= want or time.monotonic() - t_loop > 600:
                     break
                 alive = _alive(rd, live)
                 c = live.pop(0)
