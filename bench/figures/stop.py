@@ -46,7 +46,7 @@ REST_STEPS = 10  # Cancel: steps a cancelled campaign's chips rest before the ne
 
 @dataclass
 class Camp:
-    """One campaign of the figure: its id and its sessions (one per chip, used by no one else)."""
+    """One campaign of the figure: its id, chips and their sessions (a chip serves one campaign at a time)."""
 
     id: str
     sessions: set[str]
