@@ -97,17 +97,34 @@ class DispatcherClient:
             req, metadata=self._metadata, timeout=self._timeout))
         return resp.dispatch  # type: ignore[no-any-return]
 
-    def pause(self, campaign_id: str, epoch: int) -> dpb.Dispatch:
+    def _begin(self, name: str, campaign_id: str, fn: Callable[[dgrpc.DispatcherServiceStub], Any]
+               ) -> Callable[[], Any]:
+        """Send a call now and return what waits for its answer (errors mapped like `_call`)."""
+        fut: Any = self._call(name, campaign_id, fn)
+        return lambda: self._call(name, campaign_id, lambda _: fut.result())
+
+    def begin_pause(self, campaign_id: str, epoch: int) -> Callable[[], dpb.Dispatch]:
+        """PauseDispatch sent; the returned call waits for the confirmed stop. The caller does its
+        own transaction's work meanwhile: the stop (mostly awaiting WAHA requests in flight at the
+        worker) and the database writes then overlap instead of adding up."""
         req = dpb.PauseDispatchRequest(campaign_id=campaign_id, epoch=epoch)
-        resp: Any = self._call("PauseDispatch", campaign_id, lambda s: s.PauseDispatch(
+        wait = self._begin("PauseDispatch", campaign_id, lambda s: s.PauseDispatch.future(
             req, metadata=self._metadata, timeout=self._timeout))
-        return resp.dispatch  # type: ignore[no-any-return]
+        return lambda: wait().dispatch  # type: ignore[no-any-return]
+
+    def begin_cancel(self, campaign_id: str, epoch: int) -> Callable[[], CancelOutcome]:
+        """CancelDispatch sent; the returned call waits for the confirmed stop (see begin_pause)."""
+        req = dpb.CancelDispatchRequest(campaign_id=campaign_id, epoch=epoch)
+        wait = self._begin("CancelDispatch", campaign_id, lambda s: s.CancelDispatch.future(
+            req, metadata=self._metadata, timeout=self._timeout))
+
+        def outcome() -> CancelOutcome:
+            resp = wait()
+            return CancelOutcome(int(resp.revoked_jobs), int(resp.aborted_jobs))
+        return outcome
 
     def cancel(self, campaign_id: str, epoch: int) -> CancelOutcome:
-        req = dpb.CancelDispatchRequest(campaign_id=campaign_id, epoch=epoch)
-        resp: Any = self._call("CancelDispatch", campaign_id, lambda s: s.CancelDispatch(
-            req, metadata=self._metadata, timeout=self._timeout))
-        return CancelOutcome(int(resp.revoked_jobs), int(resp.aborted_jobs))
+        return self.begin_cancel(campaign_id, epoch)()
 
     def close(self) -> None:
         with self._lock:

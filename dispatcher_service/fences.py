@@ -118,8 +118,10 @@ class Fences:
     async def pending(self, campaign_id: str) -> int:
         return int(await self._pending(keys=[keys.inflight(campaign_id)]))
 
-    async def wait_idle(self, campaign_id: str, timeout: float, poll: float = 0.02) -> bool:
-        """Wait until no unexpired in-flight token remains; False if `timeout` ran out first."""
+    async def wait_idle(self, campaign_id: str, timeout: float, poll: float = 0.005) -> bool:
+        """Wait until no unexpired in-flight token remains; False if `timeout` ran out first.
+        Polled every 5 ms (one script call): with 20 ms it added ~10 ms on average to every stop
+        that found a request in flight, for a wait that lasts only while one is."""
         deadline = time.monotonic() + timeout
         for _ in range(int(timeout / poll) + 2):
             if await self.pending(campaign_id) == 0:

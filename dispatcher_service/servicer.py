@@ -209,11 +209,7 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
             return pb.PauseDispatchResponse(dispatch=pb.Dispatch(campaign_id=c, epoch=e,
                                                                  state=pb.DISPATCH_STATE_PAUSED))
         await self.store.set_dispatch_state(c, pb.DISPATCH_STATE_PAUSED, epoch=e)
-        for lane in req.lanes:
-            h = await self.store.lane_hash(c, lane.chip_id)
-            st = int(h.get("state") or 0)
-            if st not in (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED):
-                await self.store.set_lane(c, lane.chip_id, state=pb.LANE_STATE_STOPPED)
+        await self.store.stop_lanes(c, [lane.chip_id for lane in req.lanes])
         d = await self.store.get_dispatch(c)
         return pb.PauseDispatchResponse(dispatch=d)
 

@@ -204,6 +204,21 @@ class Store:
                 p.hincrby(k, "failed", failed)
             await p.execute()
 
+    async def stop_lanes(self, campaign_id: str, chip_ids: Sequence[str]) -> None:
+        """Pause: every lane not FINISHED or FAILED becomes STOPPED, in two round trips whatever the
+        number of lanes (one HGET and one HSET per lane, in turn, cost ~2 ms a lane under load)."""
+        async with self.redis.pipeline(transaction=False) as p:
+            for chip in chip_ids:
+                p.hget(keys.lane(campaign_id, chip), "state")
+            states = await p.execute()
+        async with self.redis.pipeline(transaction=False) as p:
+            for chip, st in zip(chip_ids, states, strict=True):
+                if int(_s(st) or 0) not in DONE_STATES:
+                    k = keys.lane(campaign_id, chip)
+                    p.hset(k, "state", str(int(pb.LANE_STATE_STOPPED)))
+                    p.expire(k, STATE_TTL_SECONDS)
+            await p.execute()
+
     async def lane_hash(self, campaign_id: str, chip_id: str) -> dict[str, str]:
         h = await aw(self.redis.hgetall(keys.lane(campaign_id, chip_id)))
         return {_s(k): _s(v) for k, v in h.items()}
@@ -313,9 +328,11 @@ class Store:
         to the campaign service, which may be holding a lock while it waits for us.
         """
         revoked = aborted = 0
-        # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
-        await self.redis.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
-        jids = [_s(m) for m in await aw(self.redis.smembers(keys.jobs(campaign_id)))]
+        async with self.redis.pipeline(transaction=False) as p:  # one round trip: this is a stop's path
+            # arq only drops abort marks of jobs it finds running; old marks would be rescanned forever.
+            p.zremrangebyscore(abort_jobs_ss, "-inf", int(time.time() * 1000) - 300_000)
+            p.smembers(keys.jobs(campaign_id))
+            jids = [_s(m) for m in (await p.execute())[1]]
         if not jids:
             return 0, 0
         now_ms = int(time.time() * 1000)

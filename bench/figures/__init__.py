@@ -10,9 +10,10 @@ from bench.core import Ctx
 from bench.figures.data import fig_delete, fig_import, fig_million, fig_start
 from bench.figures.dispatch import fig_dispatch
 from bench.figures.events import fig_watch, fig_webhooks
-from bench.figures.lanes import fig_cancel, fig_lanes, fig_lease
+from bench.figures.lanes import fig_lanes, fig_lease
 from bench.figures.reads import fig_get, fig_list
 from bench.figures.scale import fig_scale
+from bench.figures.stop import fig_cancel, fig_pause
 from bench.figures.takeover import fig_takeover
 
 FIGURES: dict[str, Callable[[Ctx], None]] = {
@@ -23,6 +24,7 @@ FIGURES: dict[str, Callable[[Ctx], None]] = {
     "get": fig_get,
     "list": fig_list,
     "cancel": fig_cancel,
+    "pause": fig_pause,
     "lanes": fig_lanes,
     "million": fig_million,
     "lease": fig_lease,

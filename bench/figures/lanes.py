@@ -1,4 +1,4 @@
-"""Lane figures: Cancel with 100 running lanes, 1,000 lanes on one worker, lease+report throughput."""
+"""Lane figures: 1,000 lanes on one worker, lease+report throughput."""
 
 from __future__ import annotations
 
@@ -28,69 +28,6 @@ from bench.stack import read_status_kb
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
 from whago.campaign.v1 import resources_pb2 as res
-
-# -- 7. CancelCampaign with 100 running lanes -------------------------------------------------------
-
-def fig_cancel(ctx: Ctx) -> None:
-    campaigns = ctx.n(20, 4)
-    chips_per = 5
-    per = ctx.n(6000, 400)  # enough that no campaign finishes before its Cancel, at full speed
-    r = ctx.row("", f"CancelCampaign, {campaigns * chips_per} running lanes ({campaigns}x{chips_per}), "
-                    "sandbox 20 ms: p99", "ms", "p99 < 500 ms, 0 late sends")
-    st = ctx.stack
-    sb = st.sandbox
-    sb.reset()
-    api = ctx.api()
-    camps: list[tuple[res.Campaign, set[str]]] = []
-    for k in range(campaigns):
-        chips = [api.chip(st.sandbox_url) for _ in range(chips_per)]
-        c = api.campaign(chips, name=f"bench cancel {k}", interval=(0.0, 0.0), camouflage=False)
-        seed_contacts(st, c.id, per)
-        camps.append((c, {ch.waha_session for ch in chips}))
-    sb.configure(latency_ms=20)
-    try:
-        for c, _ in camps:
-            api.start(c.id)
-        # Lanes busy: wait (bounded) until every campaign has sent something.
-        deadline = time.monotonic() + 30
-        for c, _ in camps:
-            api.wait(c.id, lambda x: x.sent_count > 0 or x.state != res.CAMPAIGN_STATE_RUNNING,
-                     timeout=max(1.0, deadline - time.monotonic()), poll=0.05)
-        lat: list[float] = []
-        returned: list[tuple[float, set[str]]] = []
-        running_at_cancel = 0
-        for c, sessions in camps:
-            before = api.get(c.id)
-            if before.state != res.CAMPAIGN_STATE_RUNNING:
-                continue  # finished (or auto-paused) before its turn: nothing to cancel, not a sample
-            running_at_cancel += before.pending_count > 0
-            t0 = time.perf_counter()
-            api.cancel(c.id)
-            lat.append((time.perf_counter() - t0) * 1000)
-            returned.append((time.time(), sessions))
-        time.sleep(1.5)
-        late = 0
-        late_paths: dict[str, int] = defaultdict(int)
-        reqs = sb.requests(since=min(t for t, _ in returned))
-        for t_ret, sessions in returned:
-            for q in reqs:
-                if q["session"] in sessions and q["ts"] > t_ret:
-                    late += 1
-                    late_paths[q["path"]] += 1
-        if len(lat) < campaigns // 2:
-            raise RuntimeError(f"only {len(lat)} of {campaigns} campaigns were still RUNNING at their Cancel")
-        r.value = pct(lat, 99)
-        r.met = r.value < 500.0 and late == 0
-        r.details.update(p50_ms=pct(lat, 50), max_ms=max(lat), late_requests=late, late_paths=dict(late_paths),
-                         campaigns_running_with_pending_at_cancel=running_at_cancel, contacts_per_campaign=per)
-        if late:
-            r.error = f"{late} sandbox requests arrived after CancelCampaign returned"
-    finally:
-        sb.configure(latency_ms=0)
-        for c, _ in camps:
-            cleanup(api, c.id)
-        sb.reset()
-
 
 # -- 8. 1,000 lanes at 1 s on one worker ------------------------------------------------------------
 
