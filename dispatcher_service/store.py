@@ -16,6 +16,7 @@ from arq.jobs import serialize_job
 
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys, scripts
+from dispatcher_service.redis_batch import RedisBatch
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.store")
@@ -45,7 +46,8 @@ class LaneLock:
 
     With `queue`, the lock also takes over the lane for fencing: acquiring writes the owner token
     into the lane hash (fence_ok lets only that owner's requests leave) and every acquire/renew
-    records the expiry in the heartbeat zset that takeover.py scans for silent owners."""
+    records the expiry in the heartbeat zset that takeover.py scans for silent owners; renewals are
+    the worker's, for all its lanes at once (lane/heartbeat.py)."""
 
     redis: ArqRedis
     campaign_id: str
@@ -56,23 +58,18 @@ class LaneLock:
 
     def __post_init__(self) -> None:
         self._lock = scripts.register(self.redis, "lane_lock")
-        self._renew = scripts.register(self.redis, "lane_lock_renew")
         self._unlock = scripts.register(self.redis, "lane_unlock")
         self.member = beat_member(self.campaign_id, self.chip_id)
+        self.lock_key = keys.lane_lock(self.campaign_id, self.chip_id)
 
     def _keys(self) -> list[str]:
-        ks = [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
+        ks = [self.lock_key, keys.lane_want(self.campaign_id, self.chip_id)]
         if self.queue:
             ks += [keys.lane(self.campaign_id, self.chip_id), keys.lane_beats(self.queue)]
         return ks
 
     async def acquire(self) -> bool:
         r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms), self.member])
-        return int(r) == 1
-
-    async def renew(self) -> bool:
-        ks = self._keys()
-        r = await self._renew(keys=[ks[0], *ks[3:]], args=[self.owner, str(self.ttl_ms), self.member])
         return int(r) == 1
 
     async def release(self) -> bool:
@@ -99,10 +96,10 @@ def _lane_proto(chip_id: str, h: dict[str, str]) -> pb.Lane:
 class Store:
     """Dispatch state, lane state and lane-job bookkeeping."""
 
-    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+    def __init__(self, redis: ArqRedis, queue_name: str, batch: RedisBatch | None = None) -> None:
         self.redis = redis
         self.queue = queue_name
-        self.fences = fences_mod.Fences(redis)
+        self.fences = fences_mod.Fences(redis, batch)
         self._all_done = scripts.register(redis, "lanes_all_done")
         # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
         # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory

@@ -11,9 +11,12 @@ from typing import Any, TypeVar
 from arq.connections import ArqRedis
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import keys
 from dispatcher_service.config import Config
 from dispatcher_service.delivery import DeliveryClient, ReportBatcher
+from dispatcher_service.lane.heartbeat import Heartbeats
 from dispatcher_service.pacing import Pacer
+from dispatcher_service.redis_batch import RedisBatch
 from dispatcher_service.store import Store
 from dispatcher_service.waha.transport import HttpClient
 from whago.campaign.v1 import delivery_service_pb2 as dpb
@@ -77,12 +80,17 @@ class WorkerEnv:
     fences: fences_mod.Fences = field(init=False)
     pacer: Pacer = field(init=False)
     reports: ReportBatcher = field(init=False)
+    batch: RedisBatch = field(init=False)
+    beats: Heartbeats = field(init=False)
 
     def __post_init__(self) -> None:
         self.reports = ReportBatcher(self.delivery)
-        self.store = Store(self.redis, self.cfg.queue_name)
+        self.batch = RedisBatch(self.redis)  # the lanes' per-send Redis steps, one pipeline per tick
+        self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences
-        self.pacer = Pacer(self.redis)
+        self.pacer = Pacer(self.redis, batch=self.batch)
+        self.beats = Heartbeats(self.redis, keys.lane_beats(self.cfg.queue_name), int(self.cfg.lane_lock_ttl * 1000),
+                                max(0.05, self.cfg.lane_lock_ttl / 4))
 
 
 class ChipDown(Exception):

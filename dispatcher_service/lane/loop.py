@@ -63,7 +63,6 @@ class Lane(BurstingLane):
         outcome = "error"
         defer = 5.0
         cancelled = False
-        renew: asyncio.Task[None] | None = None
         locked = False
         try:
             if not await self.env.fences.is_current(self.c, self.epoch):
@@ -74,7 +73,7 @@ class Lane(BurstingLane):
                 outcome = "busy"
                 return outcome
             locked = True
-            renew = self.renew_task = asyncio.ensure_future(self._renew_lock())
+            self.env.beats.add(self.lock, self._lock_lost)  # the worker's heartbeat keeps it from now on
             await self._took_over()
             await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
                                           job=self.job_id, queued="")
@@ -96,8 +95,7 @@ class Lane(BurstingLane):
             try:  # the heartbeat goes on while the slice cleans up (reports can take seconds)
                 await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
             finally:
-                if renew is not None:
-                    renew.cancel()
+                self.env.beats.remove(self.lock)
 
     async def _took_over(self) -> None:
         """A lane whose last owner died holding leases (its `lease_until` is left: a clean unlock
@@ -107,19 +105,11 @@ class Lane(BurstingLane):
             self.revisit_at = max(self.revisit_at, until)
             metrics_takeover(self.ctx, until)
 
-    async def _renew_lock(self) -> None:
-        """The owner's heartbeat: renew the lock every quarter of its TTL; once it is not ours any
-        more (taken over while we were paused or cut off), nothing of ours may leave."""
-        every = max(0.05, self.cfg.lane_lock_ttl / 4)
-        for _ in range(10_000_000):
-            await asyncio.sleep(every)
-            try:
-                if not await self.lock.renew():
-                    log.warning("%s lane lock lost; stopping sends", self.ctx)
-                    self.lock_lost = True
-                    return
-            except Exception as e:  # Redis hiccup: the next renewal tries again
-                log.warning("%s lock renewal failed: %s", self.ctx, e)
+    def _lock_lost(self) -> None:
+        """The heartbeat found the lock not ours any more (taken over while we were paused or cut
+        off): nothing of ours may leave."""
+        log.warning("%s lane lock lost; stopping sends", self.ctx)
+        self.lock_lost = True
 
     def _per_msg(self) -> float:
         typing_est = min(self.typing_max, 4.0) if self.typing else 0.0
@@ -311,8 +301,7 @@ class Lane(BurstingLane):
                 if self.last_error:
                     fields["last_error"] = self.last_error
                 await store.set_lane(self.c, self.chip, **fields)
-            if self.renew_task is not None:
-                self.renew_task.cancel()
+            self.env.beats.remove(self.lock)
             wanted = await self.lock.release() if locked else False
             if wanted:  # a slice (maybe of a newer epoch) found us busy: make sure the lane goes on
                 jid = await store.ensure_lane(self.c, self.chip)
