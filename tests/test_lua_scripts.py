@@ -236,6 +236,23 @@ def test_lane_lock_renew_many_renews_only_the_locks_still_held(redis_server: Red
     run(redis_server, go)
 
 
+def test_jobs_claim_takes_only_due_queued_jobs_nobody_runs(redis_server: RedisServer) -> None:
+    """The worker's batched start check (worker.py start_jobs), arq's per-job check for many."""
+    async def go(r: Redis) -> None:
+        queue = k("queue")
+        now = int(time.time() * 1000)
+        await r.zadd(queue, {"due": now - 10, "running": now - 10, "later": now + 60_000})
+        await r.set("test:ip:running", "1")
+        ids = ["due", "running", "later", "gone"]
+        got = await call(r, "jobs_claim", [queue, *(f"test:ip:{i}" for i in ids)], [5000, now, *ids])
+        assert got[0::2] == ["due"] and int(float(got[1])) == now - 10
+        assert 0 < await r.pttl("test:ip:due") <= 5000
+        assert await r.exists("test:ip:later", "test:ip:gone") == 0
+        assert await call(r, "jobs_claim", [queue, "test:ip:due"], [5000, now, "due"]) == []  # claimed once
+        await r.delete("test:ip:due", "test:ip:running")
+    run(redis_server, go)
+
+
 def test_lane_takeover_fences_the_old_owner_in_the_step_that_takes_the_send(redis_server: RedisServer) -> None:
     """Takeover (takeover.py): the heartbeat zset, the claim, and fence_ok refusing a stale owner."""
     async def go(r: Redis) -> None:
