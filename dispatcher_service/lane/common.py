@@ -3,6 +3,7 @@ constants and small helpers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,12 @@ PREFETCH_AHEAD_SECONDS = 10.0
 # A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
 # service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
 LANE_WAIT_REPORT_SECONDS = 10.0
-LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
+LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60
+# Slices of one worker in their start (lane lock, lane state, first lease) at once. 1,000 lanes
+# starting together (one claim step starts them all) made event-loop rounds of seconds: sends of
+# running lanes late, and lane locks lapsing before the heartbeat's turn came. The others wait
+# their turn before taking their lock.
+STARTING_SLICES = 64  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
 
 
 @dataclass
@@ -82,6 +88,7 @@ class WorkerEnv:
     reports: ReportBatcher = field(init=False)
     batch: RedisBatch = field(init=False)
     beats: Heartbeats = field(init=False)
+    starts: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.reports = ReportBatcher(self.delivery)
@@ -89,6 +96,7 @@ class WorkerEnv:
         self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences
         self.pacer = Pacer(self.redis, batch=self.batch)
+        self.starts = asyncio.Semaphore(STARTING_SLICES)
         self.beats = Heartbeats(self.redis, keys.lane_beats(self.cfg.queue_name), int(self.cfg.lane_lock_ttl * 1000),
                                 max(0.05, self.cfg.lane_lock_ttl / 4))
 

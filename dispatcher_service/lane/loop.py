@@ -64,6 +64,8 @@ class Lane(BurstingLane):
         defer = 5.0
         cancelled = False
         locked = False
+        await self.env.starts.acquire()
+        self.starting = True
         try:
             if not await self.env.fences.is_current(self.c, self.epoch):
                 outcome = "stopped"
@@ -91,6 +93,7 @@ class Lane(BurstingLane):
             outcome = "error"
             return outcome
         finally:
+            self._started()
             metrics.slice_ended(outcome)
             try:  # the heartbeat goes on while the slice cleans up (reports can take seconds)
                 await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
@@ -104,6 +107,12 @@ class Lane(BurstingLane):
         if until > time.time():
             self.revisit_at = max(self.revisit_at, until)
             metrics_takeover(self.ctx, until)
+
+    def _started(self) -> None:
+        """The slice's start (lock, lane state, first lease) is over: the next waiting slice may start."""
+        if self.starting:
+            self.starting = False
+            self.env.starts.release()
 
     def _lock_lost(self) -> None:
         """The heartbeat found the lock not ours any more (taken over while we were paused or cut
@@ -141,6 +150,7 @@ class Lane(BurstingLane):
             await aw(self.env.redis.hset(self.lane_key, "lease_until", f"{until:.3f}"))
         ids = await self._new_ids(k) if k > 0 else []
         resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
+        self._started()
         for m in resp.messages:
             self.held[m.message_id] = m
         if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
