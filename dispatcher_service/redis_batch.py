@@ -59,6 +59,10 @@ class RedisBatch:
     async def get(self, key: str) -> Any:
         return await self._submit(("GET", key))
 
+    async def execute(self, *cmd: Any) -> Any:
+        """Any single command (redis-py's reply conversion applies: HGETALL gives a dict)."""
+        return await self._submit(cmd)
+
     def _submit(self, cmd: Cmd) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()

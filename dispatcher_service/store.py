@@ -18,7 +18,7 @@ from arq.jobs import serialize_job
 
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys, scripts
-from dispatcher_service.redis_batch import RedisBatch
+from dispatcher_service.redis_batch import RedisBatch, run_script
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.store")
@@ -58,6 +58,7 @@ class LaneLock:
     owner: str
     ttl_ms: int = 20_000
     queue: str = ""
+    batch: RedisBatch | None = None  # a worker's lanes take and let go of their locks through it
 
     def __post_init__(self) -> None:
         self._lock = scripts.register(self.redis, "lane_lock")
@@ -72,12 +73,12 @@ class LaneLock:
         return ks
 
     async def acquire(self) -> bool:
-        r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms), self.member])
+        r = await run_script(self._lock, self._keys(), [self.owner, str(self.ttl_ms), self.member], self.batch)
         return int(r) == 1
 
     async def release(self) -> bool:
         """Unlock; True when another slice asked for the lane meanwhile (caller re-enqueues)."""
-        r = await self._unlock(keys=self._keys(), args=[self.owner, self.member])
+        r = await run_script(self._unlock, self._keys(), [self.owner, self.member], self.batch)
         return int(r) == 1
 
 
@@ -103,6 +104,9 @@ class Store:
         self.redis = redis
         self.queue = queue_name
         self.fences = fences_mod.Fences(redis, batch)
+        # A lane slice's own steps (lane state, dispatch revision, job bookkeeping): batched per
+        # event-loop tick with the other lanes' in a worker, plain calls in the dispatcher server.
+        self.cmd = batch.execute if batch is not None else redis.execute_command
         self._all_done = scripts.register(redis, "lanes_all_done")
         # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
         # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory
@@ -145,7 +149,7 @@ class Store:
 
     async def _load(self, campaign_id: str) -> Loaded | None:
         k = keys.dispatch(campaign_id)
-        rev = _s(await aw(self.redis.hget(k, "rev")))
+        rev = _s(await self.cmd("HGET", k, "rev"))
         hit = self._requests.get(campaign_id)
         if rev and hit is not None and hit[0] == rev:
             return hit[1], hit[2]
@@ -210,22 +214,15 @@ class Store:
     # -- lanes -------------------------------------------------------------------------------------
     async def set_lane(self, campaign_id: str, chip_id: str, **fields: str | int | float) -> None:
         k = keys.lane(campaign_id, chip_id)
-        async with self.redis.pipeline(transaction=False) as p:
-            p.hset(k, mapping=fields)  # type: ignore[arg-type]
-            p.expire(k, STATE_TTL_SECONDS)
-            await p.execute()
+        await asyncio.gather(self.cmd("HSET", k, *(x for kv in fields.items() for x in kv)),
+                             self.cmd("EXPIRE", k, STATE_TTL_SECONDS))
 
     async def incr_lane(self, campaign_id: str, chip_id: str, sent: int, failed: int) -> None:
         k = keys.lane(campaign_id, chip_id)
-        async with self.redis.pipeline(transaction=True) as p:
-            if sent:
-                p.hincrby(k, "sent", sent)
-            if failed:
-                p.hincrby(k, "failed", failed)
-            await p.execute()
+        await asyncio.gather(*(self.cmd("HINCRBY", k, f, n) for f, n in (("sent", sent), ("failed", failed)) if n))
 
     async def lane_hash(self, campaign_id: str, chip_id: str) -> dict[str, str]:
-        h = await aw(self.redis.hgetall(keys.lane(campaign_id, chip_id)))
+        h = await self.cmd("HGETALL", keys.lane(campaign_id, chip_id))
         return {_s(k): _s(v) for k, v in h.items()}
 
     async def lane_hashes(self, campaign_id: str, chip_ids: Sequence[str]) -> list[dict[str, str]]:
@@ -324,7 +321,7 @@ class Store:
         return n
 
     async def job_done(self, campaign_id: str, job_id: str) -> None:
-        await aw(self.redis.srem(keys.jobs(campaign_id), job_id))
+        await self.cmd("SREM", keys.jobs(campaign_id), job_id)
 
     async def stop_jobs(self, campaign_id: str) -> tuple[int, int]:
         """Revoke queued lane jobs and abort running ones (the fence already stops them from sending).

@@ -64,8 +64,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class ResilientWorker(Worker):
-    """arq Worker whose poll loop survives a Redis restart instead of exiting, does not re-check
-    the jobs it is running itself on every poll, and polls at once when woken.
+    """arq Worker whose poll loop survives a Redis restart instead of exiting, reads only newly due
+    jobs and claims them in one step (thousands of lanes on one worker), and polls at once when woken.
 
     Wake-up: whoever enqueues a job due now publishes on `keys.wake(queue)` (Store.enqueue_lanes);
     the worker listens and cuts its wait between polls short. Without it a new lane waited up to
@@ -166,12 +166,9 @@ class ResilientWorker(Worker):
         ended and is collected after this poll): skipped for free."""
         ids = [j.decode() for j in job_ids]
         ids = [j for j in ids if j not in self.tasks][:max(0, self.max_jobs - self.job_counter)]
-        if ids and self._claim is None:
-            self._claim = scripts.register(self.pool, "jobs_claim")
         for lo in range(0, len(ids), CLAIM_CHUNK):
             chunk = ids[lo:lo + CLAIM_CHUNK]
-            assert self._claim is not None
-            got = await self._claim(keys=[self.queue_name, *(in_progress_key_prefix + j for j in chunk)],
+            got = await self._claim_script()(keys=[self.queue_name, *(in_progress_key_prefix + j for j in chunk)],
                                     args=[int(self.in_progress_timeout_s * 1000), timestamp_ms(), *chunk])
             for k in range(0, len(got), 2):
                 job_id = got[k].decode() if isinstance(got[k], bytes) else str(got[k])
@@ -180,6 +177,12 @@ class ResilientWorker(Worker):
                 t = self.loop.create_task(self.run_job(job_id, int(float(got[k + 1]))))
                 t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
                 self.tasks[job_id] = t
+
+    def _claim_script(self) -> AsyncScript:
+        """jobs_claim on the worker's pool (which arq creates in main())."""
+        if self._claim is None:
+            self._claim = scripts.register(self.pool, "jobs_claim")
+        return self._claim
 
     async def _poll_iteration(self) -> None:
         self._wake.clear()  # a wake from here on is seen by the wait below

@@ -42,7 +42,6 @@ from dispatcher_service.lane.common import (
     answer_id,
 )
 from dispatcher_service.logs import lane_ctx
-from dispatcher_service.store import aw
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
@@ -147,7 +146,7 @@ class Lane(BurstingLane):
         until = time.time() + lease_s + 2.0
         if until > self.lease_until:
             self.lease_until = until
-            await aw(self.env.redis.hset(self.lane_key, "lease_until", f"{until:.3f}"))
+            await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}")
         ids = await self._new_ids(k) if k > 0 else []
         resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
         self._started()
