@@ -63,9 +63,9 @@ class Lane(BurstingLane):
         defer = 5.0
         cancelled = False
         locked = False
-        await self.env.starts.acquire()
-        self.starting = True
         try:
+            await self.env.starts.acquire()
+            self.starting = True
             if not await self.env.fences.is_current(self.c, self.epoch):
                 outcome = "stopped"
                 return outcome
