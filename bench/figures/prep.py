@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from datetime import UTC
 
@@ -16,7 +14,6 @@ from bench.core import (
     Ctx,
 )
 from bench.stack import Stack
-from devstack.procs import REPO, service_env
 from whago.campaign.v1 import resources_pb2 as res
 
 LONG_INTERVAL = (3600.0, 3600.0)  # a startable campaign that sends (almost) nothing
@@ -82,12 +79,3 @@ def start_and_time(api: Api, campaign_id: str, n: int) -> tuple[res.Campaign, fl
     observed, wall1 = time.perf_counter() - t0, time.time()
     done = c.complete_time.ToDatetime(tzinfo=UTC).timestamp() if c.HasField("complete_time") else 0.0
     return c, done - wall0 if wall0 < done <= wall1 else observed
-
-
-def lift_chip_quota(stack: Stack, api: Api, chips: int) -> None:
-    """Let the figure's user register `chips` chips (the service-wide default quota is 500), through
-    the operator's own tool (`admin set-limits`)."""
-    subprocess.run([sys.executable, "-m", "campaign_service.admin", "set-limits",
-                    "--user-id", str(stack.user_id_of(api.key)), "--chips", str(chips)],
-                   env=service_env({"DATABASE_URL": stack.database_url}), cwd=REPO, check=True,
-                   capture_output=True, text=True, timeout=120)
