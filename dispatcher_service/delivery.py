@@ -75,10 +75,11 @@ class DeliveryClient:
             raise
 
     async def lease(self, campaign_id: str, chip_id: str, epoch: int, max_messages: int, lease_seconds: int,
-                    owner: str, waha_message_ids: Sequence[str] = ()) -> dpb.LeaseMessagesResponse:
+                    owner: str, waha_message_ids: Sequence[str] = (),
+                    reclaim_owners: Sequence[str] = ()) -> dpb.LeaseMessagesResponse:
         req = dpb.LeaseMessagesRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch,
                                        max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner,
-                                       waha_message_ids=waha_message_ids)
+                                       waha_message_ids=waha_message_ids, reclaim_owners=reclaim_owners)
         return await self._call("LeaseMessages", lambda t: self.stub.LeaseMessages(
             req, metadata=self.metadata, timeout=t, wait_for_ready=True))
 

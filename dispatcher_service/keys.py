@@ -4,7 +4,9 @@ whago:dispatch:{c}          hash  epoch, state, request (serialized StartDispatc
 whago:fence:{c}             str   "run:{epoch}" while lanes may send, "stop:{epoch}" after Pause/Cancel
 whago:inflight:{c}          zset  token -> expiry (unix s) of WAHA requests in flight for the campaign
 whago:lane:{c}:{chip}       hash  state, sent, failed, next_send_time, last_error, epoch, job, owner (the
-                                  lock token the fence lets send), lease_until (leases its owner may hold)
+                                  lock token the fence lets send), lease_until + lease_owner (leases its
+                                  owner may hold, and that owner's job id), reclaim (owners taken over and
+                                  when their leases may be retaken: "<after> <job id>;...")
 whago:lanelock:{c}:{chip}   str   owner token (job id + nonce) holding the lane (short TTL, heartbeat)
 whago:lanewant:{c}:{chip}   str   "1" when a slice found the lane busy and wants a follow-up
 whago:lanebeats:{queue}     zset  "{c}:{chip}" -> lock expiry (ms) of running lanes: the owners' heartbeats,

@@ -65,6 +65,8 @@ PACING_WAIT = Histogram("whago_pacing_wait_seconds", "Waits of a lane for its ch
                         buckets=PACING_BUCKETS, registry=REGISTRY)
 JOB_RETRIES = Counter("whago_arq_job_retries_total", "arq jobs run again (job_try > 1): a crashed, timed-out or "
                       "shut-down worker's lane slice taken over.", registry=REGISTRY)
+TAKEOVERS = Counter("whago_lane_takeovers_total", "Lanes this worker's supervisor claimed after their owner's "
+                    "heartbeat lapsed (takeover slice enqueued).", registry=REGISTRY)
 
 _FAILED = {r: FAILED.labels(r) for r in ("rejected", "retries_exhausted", "waha_error", "outcome_unknown",
                                          "not_on_whatsapp")}

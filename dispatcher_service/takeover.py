@@ -13,10 +13,13 @@ the INCR in Store.enqueue_lanes), which wakes an idle worker at once.
 Fencing: the new slice's lock writes its own token into the lane hash's `owner`, and every
 request a lane lets leave passes fence_ok (fence still run:epoch AND owner still ours) in the
 same Lua step that takes the send. A stale owner that comes back is refused at its next request
-and stops (its heartbeat also finds the lock gone). The messages it had leased stay leased until
-their lease ends (it wrote that time ahead as `lease_until`): the new owner sends the lane's
-PENDING messages at once and comes back for those then; each carries its recorded WAHA id and is
-looked up before any resend, so a send that did leave is never repeated.
+and stops (its heartbeat also finds the lock gone) without releasing what it held (the new
+owner may have retaken it). The new owner sends the lane's PENDING messages at once; the dead
+owner's leased messages (it wrote `lease_until` and its job id ahead of each lease) are retaken
+one WAHA timeout + 2 s after the fence, when nothing it let leave can still be in the air
+(LeaseMessages.reclaim_owners; lane/loop.py `_took_over`), rather than when their leases end.
+Each carries its recorded WAHA id and is looked up before any resend, so a send that did leave
+is never repeated.
 
 The campaign service's watchdog (kick_stalled) stays the slower backstop (e.g. every worker dead).
 """
@@ -29,7 +32,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from dispatcher_service import keys, scripts
+from dispatcher_service import keys, metrics, scripts
 from dispatcher_service.store import Store, aw
 
 log = logging.getLogger("dispatcher.takeover")
@@ -70,6 +73,7 @@ class Supervisor:
             log.warning("lane %s:%s epoch=%d: owner's heartbeat stopped; takeover slice %s enqueued",
                         campaign_id, chip_id, f.epoch, jid)
             if jid:
+                metrics.TAKEOVERS.inc()
                 out.append(jid)
         return out
 

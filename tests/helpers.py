@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import secrets
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -15,7 +17,9 @@ import sqlalchemy as sa
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.procs import ServiceProcess
 from whago.campaign.v1 import audit_service_pb2_grpc as aud_grpc
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -204,3 +208,29 @@ def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     """(field, description) of the call's BadRequest."""
     return [(v.field, v.description) for br in error_details(err, error_details_pb2.BadRequest)
             for v in br.field_violations]
+
+
+# -- Prometheus endpoints ----------------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of a /metrics endpoint, keyed by (sample name, labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 when absent (a labelled counter has no sample before its first event)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def logged_port(p: ServiceProcess) -> int:
+    """The port a process logged for its metrics endpoint (started with port 0)."""
+    p.wait_logged("metrics on http://", timeout=30)
+    m = re.findall(r"metrics on http://[^\s:]+:(\d+)/metrics", p.log_path.read_text(errors="replace"))
+    assert m, p.tail()
+    return int(m[-1])

@@ -4,6 +4,7 @@ and an image campaign sent through the WAHA sandbox with a spec-valid sendImage 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -20,8 +21,11 @@ import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from whago_client import AsyncWhagoClient, WhagoClient, errors
+from whago_client.cli import main as cli_main
 
 from campaign_service.media_files import Kind, sniff
+from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
 from tests.helpers import Api, phones, user_id
 from waha_sandbox.control import SandboxControl
@@ -90,6 +94,11 @@ def media_rows(engine: sa.Engine, campaign_id: str) -> int:
     with engine.connect() as c:
         return int(c.execute(sa.text("SELECT count(*) FROM campaign_media WHERE campaign_id = :c"),
                              {"c": campaign_id}).scalar_one())
+
+
+@pytest.fixture()
+def target(stack: dict[str, ServiceProcess], ports: dict[str, int]) -> str:
+    return f"127.0.0.1:{ports['campaign']}"
 
 
 @pytest.fixture()
@@ -334,3 +343,47 @@ def test_the_sandbox_refuses_a_media_body_the_spec_does_not_allow(sandbox_url: s
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 400
+
+
+# -- the SDKs and the CLI --------------------------------------------------------------------------
+
+def test_sdks_stream_a_large_file_in_chunks_then_list_and_delete_it(
+        api: Api, api_key: str, engine: sa.Engine, media_dir: Path, tmp_path: Path, target: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A 20 MiB document is more than one UploadMedia may carry: the SDK streams it from the path."""
+    c = api.campaign([])
+    path = tmp_path / "catalogue.pdf"
+    big = PDF + bytes(range(256)) * (20 * 4096)
+    path.write_bytes(big)
+    with WhagoClient(target, api_key=api_key) as client:
+        m = client.upload_media(c.id, path)
+        assert (m.filename, m.mime_type, m.size_bytes, m.sha256) == (
+            "catalogue.pdf", "application/pdf", len(big), hashlib.sha256(big).hexdigest())
+        small = client.upload_media(c.id, JPEG, "a.jpg")  # bytes: one UploadMedia
+        assert {x.id for x in client.list_media(c.id)} == {m.id, small.id}
+        with pytest.raises(errors.InvalidArgument) as e:  # bytes over 16 MiB: refused before sending
+            client.upload_media(c.id, big, "x.pdf")
+        assert e.value.field_violations and e.value.field_violations[0][0] == "content"
+        assert client.delete_media(c.id, m.id).file_deleted is True
+        with pytest.raises(errors.NotFound):
+            client.delete_media(c.id, m.id)
+
+    async def via_aio() -> tuple[res.Media, cs.DeleteMediaResponse]:
+        async with AsyncWhagoClient(target, api_key=api_key) as client:
+            got = await client.upload_media(c.id, path)
+            return got, await client.delete_media(c.id, got.id)
+
+    got, gone = asyncio.run(via_aio())
+    assert got.size_bytes == len(big) and gone.media_id == got.id
+    assert [p.name for p in user_files(media_dir, user_id(engine, api_key))] == [small.sha256]
+
+    common = ["--target", target, "--api-key", api_key]
+    capsys.readouterr()
+    assert cli_main([*common, "--json", "campaigns", "upload", c.id, str(path)]) == 0
+    uploaded = json.loads(capsys.readouterr().out)
+    assert cli_main([*common, "--json", "campaigns", "media", c.id]) == 0
+    assert {x["id"] for x in json.loads(capsys.readouterr().out)} == {uploaded["id"], small.id}
+    assert cli_main([*common, "campaigns", "delete-media", c.id, uploaded["id"]]) == 0
+    assert f"deleted media {uploaded['id']}" in capsys.readouterr().out
+    assert [x.id for x in api.campaigns.ListCampaignMedia(cs.ListCampaignMediaRequest(campaign_id=c.id),
+                                                          metadata=api.md).media] == [small.id]

@@ -9,42 +9,25 @@ import contextlib
 import io
 import os
 import re
-import urllib.request
 from collections.abc import Callable, Iterator
 from unittest import mock
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from campaign_service import admin
 from campaign_service.db.migrate import upgrade
-from devstack.procs import ServiceProcess
 from devstack.servers import Postgres, free_port
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, phones, wait_for
+from tests.helpers import Ops, Samples, logged_port, phones, scrape, value, wait_for
 from tests.receiver import Receiver
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import webhook_service_pb2 as wh
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 CAMPAIGN_SVC = "whago.campaign.v1.CampaignService"
 DELIVERY_SVC = "whago.campaign.v1.DeliveryService"
 DISPATCHER_SVC = "whago.dispatcher.v1.DispatcherService"
 N = 12
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of a /metrics endpoint, keyed by (sample name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """A sample's value; 0 when absent (a labelled counter has no sample before its first event)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def rpcs(samples: Samples, service: str, method: str, code: str = "OK") -> float:
@@ -56,14 +39,6 @@ def new_user(url: str) -> str:
     with mock.patch.dict(os.environ, {"DATABASE_URL": url}), contextlib.redirect_stdout(buf):
         assert admin.main(["create-user", "--name", "metrics", "--credits", "100000"]) == 0
     return buf.getvalue().strip().splitlines()[-1]
-
-
-def logged_port(p: ServiceProcess) -> int:
-    """The port a process logged for its metrics endpoint (started with port 0)."""
-    p.wait_logged("metrics on http://", timeout=30)
-    m = re.findall(r"metrics on http://[^\s:]+:(\d+)/metrics", p.log_path.read_text(errors="replace"))
-    assert m, p.tail()
-    return int(m[-1])
 
 
 @pytest.fixture()

@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, chat_id, wait_for
+from tests.helpers import Ops, chat_id, logged_port, scrape, value, wait_for
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -56,17 +57,18 @@ def assert_each_once(control: SandboxControl, chips: list[res.Chip], numbers: li
 
 def start_on_one_worker(tk: IsolatedStack, ops: Ops, sandbox_url: str, n: int
                         ) -> tuple[ServiceProcess, list[res.Chip], res.Campaign, list[str]]:
-    """A 2-chip campaign running on worker A only; worker B started next to it (idle)."""
+    """A 2-chip campaign running on worker A only; worker B started next to it (idle, its metrics
+    on a port of its own)."""
     a = tk.start_worker(f"takeover-a-{time.monotonic_ns()}")
     chips = [ops.chip(sandbox_url, SANDBOX_API_KEY, interval=(0.1, 0.15)) for _ in range(2)]
     camp = ops.campaign(chips)
     numbers = ops.start_sending(camp.id, n, sent_at_least=10, timeout=60)
-    tk.start_worker(f"takeover-b-{time.monotonic_ns()}")
+    tk.start_worker(f"takeover-b-{time.monotonic_ns()}", WORKER_METRICS_LISTEN="127.0.0.1:0")
     return a, chips, camp, numbers
 
 
 def finish_and_check(ops: Ops, control: SandboxControl, chips: list[res.Chip], camp: res.Campaign,
-                     numbers: list[str], tk: IsolatedStack) -> None:
+                     numbers: list[str], tk: IsolatedStack) -> res.Campaign:
     try:
         done = ops.wait_final(camp.id, timeout=90)
     except AssertionError as e:
@@ -75,12 +77,25 @@ def finish_and_check(ops: Ops, control: SandboxControl, chips: list[res.Chip], c
     assert done.state == COMPLETED and done.sent_count == n and done.failed_count == 0
     assert collections.Counter(m.state for m in ops.messages(camp.id)) == {SENT: n}
     assert_each_once(control, chips, numbers)
+    return done
+
+
+def leases_written_ahead(tk: IsolatedStack, camp: res.Campaign, chips: list[res.Chip]) -> float:
+    """The latest end of the leases the lanes' owner holds (`lease_until`, written before each lease)."""
+    r = redis.Redis.from_url(tk.redis.url)
+    try:
+        return max(float(r.hget(f"whago:lane:{camp.id}:{c.id}", "lease_until") or 0) for c in chips)
+    finally:
+        r.close()
 
 
 def test_sigkilled_owner_its_lanes_send_again_from_another_worker_within_15s_each_contact_once(
         tk: IsolatedStack, api_key: str, sandbox_url: str, control: SandboxControl) -> None:
     ops = Ops(tk.campaign_channel, api_key)
     a, chips, camp, numbers = start_on_one_worker(tk, ops, sandbox_url, 160)
+    a.signal(signal.SIGSTOP)  # what it holds now is what it dies with
+    leases_end = leases_written_ahead(tk, camp, chips)
+    held = {m.chat_id for m in ops.messages(camp.id) if m.state == res.MESSAGE_STATE_SENDING}
     t_kill = time.time()
     a.kill()
     tk.workers.remove(a)
@@ -89,7 +104,15 @@ def test_sigkilled_owner_its_lanes_send_again_from_another_worker_within_15s_eac
              what="every lane sending again after the kill")
     took = resumed_after(control, chips, t_kill)
     assert max(took) < TARGET_SECONDS, f"lanes resumed {took} s after the SIGKILL"
+    [b] = tk.workers
+    assert value(scrape(logged_port(b)), "whago_lane_takeovers_total") >= len(chips)
     finish_and_check(ops, control, chips, camp, numbers, tk)
+    # The dead owner's leased messages were retaken once it was fenced (plus a WAHA timeout), not
+    # when their leases ended (reclaim_owners).
+    assert held, "the dead owner held no leased message: the scenario did not test the reclaim"
+    last = max(s["ts"] for c in chips for s in control.sends(session=c.waha_session) if s["chat_id"] in held)
+    assert last < leases_end - 1.0, f"held messages sent {last - t_kill:.1f} s after the kill, leases ended at " \
+        f"{leases_end - t_kill:.1f} s"
 
 
 def test_sigstopped_owner_taken_over_then_sigconted_sends_nothing_more(

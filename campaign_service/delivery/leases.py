@@ -33,6 +33,8 @@ from campaign_service.templates import render_message, template_parts
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
+MAX_RECLAIM_OWNERS = 8
+MAX_OWNER_LENGTH = 200
 MAX_WAHA_ID_LENGTH = 200
 
 
@@ -83,7 +85,9 @@ SELECT phone, on_whatsapp, chat_id FROM number_checks
 WHERE user_id = :u AND phone = ANY(CAST(:phones AS text[]))
   AND checked_at > now() - CASE WHEN on_whatsapp THEN interval '30 days' ELSE interval '7 days' END""")
 
-# Expired SENDING leases (a crashed or slow lane's) first in seq order together with PENDING ones.
+# Expired SENDING leases (a crashed or slow lane's), and those of owners the lane took over
+# (`reclaim`: fenced out long enough that nothing of theirs is in the air), first in seq order
+# together with PENDING ones.
 # Two locking CTEs because FOR UPDATE is not allowed directly under UNION. `m.id = ANY(ARRAY(...))`
 # pins the update to an index scan of the picked ids whatever the statistics say: right after a big
 # campaign lands in a table last analyzed nearly empty, the planner (rows=1) otherwise walked the
@@ -91,7 +95,8 @@ WHERE user_id = :u AND phone = ANY(CAST(:phones AS text[]))
 _LEASE = text(f"""
 WITH expired AS (
     SELECT id, seq, waha_message_id, template_index, true AS expired FROM campaign_messages
-    WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d} AND lease_expires_at < now()
+    WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d}
+      AND (lease_expires_at < now() OR lease_owner = ANY(CAST(:reclaim AS text[])))
     ORDER BY seq LIMIT :n FOR UPDATE SKIP LOCKED
 ), pending AS (
     SELECT id, seq, waha_message_id, template_index, false AS expired FROM campaign_messages
@@ -149,7 +154,7 @@ SELECT id, campaign_id, filename, mime_type, size_bytes, created_at, path, kind,
 WHERE campaign_id = :cid AND id = ANY(CAST(:ids AS uuid[]))""")
 
 def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: int,
-             waha_message_ids: Sequence[str] = ()) -> tuple[uuid.UUID, uuid.UUID]:
+             waha_message_ids: Sequence[str] = (), reclaim_owners: Sequence[str] = ()) -> tuple[uuid.UUID, uuid.UUID]:
     violations: list[tuple[str, str]] = []
     ids: list[uuid.UUID] = []
     for name, value in (("campaign_id", campaign_id), ("chip_id", chip_id)):
@@ -166,18 +171,25 @@ def validate(campaign_id: str, chip_id: str, max_messages: int, lease_seconds: i
     bad = next((i for i, w in enumerate(waha_message_ids) if not w or len(w) > MAX_WAHA_ID_LENGTH), None)
     if bad is not None:
         violations.append((f"waha_message_ids[{bad}]", f"must be 1-{MAX_WAHA_ID_LENGTH} characters"))
+    if len(reclaim_owners) > MAX_RECLAIM_OWNERS:
+        violations.append(("reclaim_owners", f"at most {MAX_RECLAIM_OWNERS} owners"))
+    bad = next((i for i, o in enumerate(reclaim_owners) if not o or len(o) > MAX_OWNER_LENGTH), None)
+    if bad is not None:
+        violations.append((f"reclaim_owners[{bad}]", f"must be 1-{MAX_OWNER_LENGTH} characters"))
     if violations:
         raise errors.InvalidArgument(violations)
     return ids[0], ids[1]
 
 
 def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max_messages: int,
-                   lease_seconds: int, lease_owner: str, waha_message_ids: Sequence[str] = ()) -> LeaseResult:
+                   lease_seconds: int, lease_owner: str, waha_message_ids: Sequence[str] = (),
+                   reclaim_owners: Sequence[str] = ()) -> LeaseResult:
     """Lease up to max_messages of the lane; nothing unless RUNNING under the current epoch.
 
     `waha_message_ids`: ids taken up front, recorded on the leased messages (in send order) in the
-    same statement, as ATTEMPTING would (not on messages with an earlier attempt's id, nor media)."""
-    cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds, waha_message_ids)
+    same statement, as ATTEMPTING would (not on messages with an earlier attempt's id, nor media).
+    `reclaim_owners`: earlier owners the lane took over; their leases count as expired."""
+    cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds, waha_message_ids, reclaim_owners)
     params = {"cid": str(cid), "chip": str(chip)}
     with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
         camp = s.execute(_CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
@@ -190,6 +202,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         media_idx = [i for i in range(len(templates)) if template_parts(templates, i)[1] is not None]
         lease_params = {**params, "n": max_messages, "secs": lease_seconds, "owner": lease_owner or None,
                         "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
+                        "reclaim": arrays.literal(reclaim_owners),
                         "media_idx": arrays.int_literal(media_idx)}
         rows = list(s.execute(_LEASE, lease_params))
         # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased

@@ -55,7 +55,7 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
                       ) -> dpb.LeaseMessagesResponse:
         r = leases.lease_messages(self.db, request.campaign_id, request.chip_id, request.epoch,
                                   request.max_messages, request.lease_seconds, request.lease_owner,
-                                  request.waha_message_ids)
+                                  request.waha_message_ids, request.reclaim_owners)
         # One lease statement: every message shares its expiry (converted once, not per message).
         expiries = {dt: _ts(dt) for dt in {m.lease_expires_at for m in r.messages}}
         return dpb.LeaseMessagesResponse(

@@ -50,7 +50,7 @@ from whago_client.inputs import (
     deliveries_listing,
     endpoints_listing,
     import_requests,
-    media_upload_request,
+    media_upload,
     messages_listing,
     progress_key,
     register_chip_request,
@@ -281,7 +281,14 @@ class AsyncWhagoClient:
             _async_import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)
             if isinstance(rows, AsyncIterable)
             else _as_async(import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)))
-        call = self._campaigns.ImportContacts(None, timeout=timeout, metadata=self._metadata)  # we write
+        return await self._stream_call(self._campaigns.ImportContacts, requests, timeout=timeout)
+
+    async def _stream_call(self, method: grpc.aio.StreamUnaryMultiCallable[Req, Resp],
+                           requests: AsyncIterator[Req], *, timeout: float | None) -> Resp:
+        """One client-streaming RPC written message by message: an exception raised by
+        `requests` (or our cancellation) cancels the call before the stream is half-closed, so
+        the server never commits a broken stream, and is re-raised as is."""
+        call = method(None, timeout=timeout, metadata=self._metadata)  # we write
         try:
             try:
                 async for req in requests:
@@ -310,9 +317,20 @@ class AsyncWhagoClient:
     async def upload_media(self, campaign_id: str, source: bytes | str | os.PathLike[str],
                            filename: str | None = None, mime_type: str | None = None, *,
                            request_id: str | None = None, timeout: float | None = None) -> res.Media:
-        """Upload a file (path) or raw bytes; the returned `Media.id` goes in a template."""
-        req = media_upload_request(campaign_id, source, filename, mime_type, request_id)
-        return await self._call(self._campaigns.UploadMedia, req, timeout=timeout)
+        """Upload a file (path) or raw bytes (see `WhagoClient.upload_media`: one UploadMedia,
+        or UploadMediaChunks for a path larger than one chunk, read as it goes)."""
+        upload = media_upload(campaign_id, source, filename, mime_type, request_id)
+        if isinstance(upload, cs.UploadMediaRequest):
+            return await self._call(self._campaigns.UploadMedia, upload, timeout=timeout)
+        return await self._stream_call(self._campaigns.UploadMediaChunks, _as_async(upload),
+                                       timeout=IMPORT_TIMEOUT if timeout is None else timeout)
+
+    async def delete_media(self, campaign_id: str, media_id: str, *, request_id: str | None = None,
+                           timeout: float | None = None) -> cs.DeleteMediaResponse:
+        """Delete a media file no template uses (see `WhagoClient.delete_media`)."""
+        req = cs.DeleteMediaRequest(campaign_id=campaign_id, media_id=media_id,
+                                    request_id=fresh_request_id(request_id))
+        return await self._call(self._campaigns.DeleteMedia, req, timeout=timeout)
 
     async def list_media(self, campaign_id: str, *, timeout: float | None = None) -> list[res.Media]:
         resp = await self._call(self._campaigns.ListCampaignMedia,

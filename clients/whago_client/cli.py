@@ -25,9 +25,11 @@ from whago_client.commands import (
     cmd_campaigns_contacts,
     cmd_campaigns_create,
     cmd_campaigns_delete,
+    cmd_campaigns_delete_media,
     cmd_campaigns_get,
     cmd_campaigns_import,
     cmd_campaigns_list,
+    cmd_campaigns_media,
     cmd_campaigns_messages,
     cmd_campaigns_upload,
     cmd_campaigns_watch,
@@ -180,6 +182,14 @@ def _add_campaign_data(csub: Subparsers) -> None:
     p.add_argument("file")
     p.add_argument("--filename")
     p.add_argument("--mime-type")
+
+    p = _leaf(csub, "media", cmd_campaigns_media, "list a campaign's media")
+    p.add_argument("id")
+
+    p = _leaf(csub, "delete-media", cmd_campaigns_delete_media,
+              "delete a media file no template uses (DRAFT/SCHEDULED campaigns)")
+    p.add_argument("id")
+    p.add_argument("media_id")
 
 
 def _add_chips(hsub: Subparsers) -> None:

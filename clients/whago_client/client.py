@@ -65,7 +65,7 @@ from whago_client.inputs import (
     create_campaign_request,
     credit_transactions_listing,
     import_requests,
-    media_upload_request,
+    media_upload,
     messages_listing,
     progress_key,
     register_chip_request,
@@ -304,11 +304,19 @@ class WhagoClient:
         Not retried: the stream cannot be replayed. An exception raised by `rows` cancels the
         call and is re-raised here as is.
         """
-        guard = RequestGuard(
-            import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region)
+        return self._stream_call(
+            self._campaigns.ImportContacts,
+            import_requests(campaign_id, rows, batch_size=batch_size, default_region=default_region),
+            timeout=timeout,
         )
+
+    def _stream_call(self, method: grpc.StreamUnaryMultiCallable[Req, Resp], requests: Iterator[Req], *,
+                     timeout: float | None) -> Resp:
+        """One client-streaming RPC fed lazily from `requests`: an exception raised by them
+        cancels the call (the server never commits a broken stream) and is re-raised as is."""
+        guard = RequestGuard(requests)
         try:
-            future = self._campaigns.ImportContacts.future(guard, timeout=timeout, metadata=self._metadata)
+            future = method.future(guard, timeout=timeout, metadata=self._metadata)
         except BaseException:
             guard.abandon()  # release gRPC's request thread, which waits for attach()
             raise
@@ -357,9 +365,23 @@ class WhagoClient:
         """Upload a file (path) or raw bytes; the returned `Media.id` goes in a template.
 
         For a path, `filename` defaults to its base name and `mime_type` is guessed from it.
+        Small content goes in one UploadMedia; a path larger than one chunk (4 MiB) streams
+        through UploadMediaChunks, read as it goes (documents up to 100 MB). `timeout` bounds
+        the whole upload (default: the client's, or IMPORT_TIMEOUT for a stream).
         """
-        req = media_upload_request(campaign_id, source, filename, mime_type, request_id)
-        return self._call(self._campaigns.UploadMedia, req, timeout=timeout)
+        upload = media_upload(campaign_id, source, filename, mime_type, request_id)
+        if isinstance(upload, cs.UploadMediaRequest):
+            return self._call(self._campaigns.UploadMedia, upload, timeout=timeout)
+        return self._stream_call(self._campaigns.UploadMediaChunks, upload,
+                                 timeout=IMPORT_TIMEOUT if timeout is None else timeout)
+
+    def delete_media(self, campaign_id: str, media_id: str, *, request_id: str | None = None,
+                     timeout: float | None = None) -> cs.DeleteMediaResponse:
+        """Delete a media file of a DRAFT/SCHEDULED campaign no template uses (FAILED_PRECONDITION
+        otherwise); `file_deleted` says whether the stored content went too (no other campaign of
+        yours uses it)."""
+        req = cs.DeleteMediaRequest(campaign_id=campaign_id, media_id=media_id, request_id=self._request_id(request_id))
+        return self._call(self._campaigns.DeleteMedia, req, timeout=timeout)
 
     def list_media(self, campaign_id: str, *, timeout: float | None = None) -> list[res.Media]:
         req = cs.ListCampaignMediaRequest(campaign_id=campaign_id)

@@ -245,6 +245,26 @@ def cmd_campaigns_upload(client: WhagoClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaigns_media(client: WhagoClient, args: argparse.Namespace) -> int:
+    media = client.list_media(args.id)
+    if args.json:
+        print_json_list(media)
+        return 0
+    print_table(["ID", "FILENAME", "TYPE", "BYTES"],
+                ([m.id, m.filename, m.mime_type, str(m.size_bytes)] for m in media))
+    return 0
+
+
+def cmd_campaigns_delete_media(client: WhagoClient, args: argparse.Namespace) -> int:
+    resp = client.delete_media(args.id, args.media_id)
+    if args.json:
+        print_json(resp)
+    else:
+        kept = "" if resp.file_deleted else " (the stored file stays: another campaign of yours uses it)"
+        print(f"deleted media {resp.media_id}{kept}", file=stdout())
+    return 0
+
+
 def cmd_chips_register(client: WhagoClient, args: argparse.Namespace) -> int:
     if not args.waha_key:
         raise ValueError("--waha-key is required (or set WAHA_API_KEY)")

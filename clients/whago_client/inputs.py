@@ -42,6 +42,8 @@ MessageStateLike: TypeAlias = int | str
 CreditKindLike: TypeAlias = int | str
 #: The server refuses larger uploads; checking first saves sending megabytes for nothing.
 MAX_MEDIA_BYTES = 16 * 1024 * 1024
+#: Bytes per UploadMediaChunks message (the server reads up to 4 MiB a chunk).
+MEDIA_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 
@@ -344,22 +346,48 @@ def register_chip_request(phone: str, waha_base_url: str, waha_session: str, wah
     return chs.RegisterChipRequest(chip=chip, request_id=request_id(request_id_))
 
 
-def media_upload_request(campaign_id: str, source: bytes | str | os.PathLike[str], filename: str | None,
-                         mime_type: str | None, request_id_: str | None) -> cs.UploadMediaRequest:
-    """Reads a path (or takes bytes) and refuses more than MAX_MEDIA_BYTES before sending megabytes."""
+def media_upload(campaign_id: str, source: bytes | str | os.PathLike[str], filename: str | None,
+                 mime_type: str | None, request_id_: str | None
+                 ) -> cs.UploadMediaRequest | Iterator[cs.UploadMediaChunksRequest]:
+    """One UploadMediaRequest for bytes or a small file; for a file larger than one chunk, the
+    UploadMediaChunks stream reading it chunk by chunk (never whole in memory). The server
+    enforces each kind's limit as bytes arrive; bytes over MAX_MEDIA_BYTES are refused here
+    before sending megabytes."""
+    rid = request_id(request_id_)
     if isinstance(source, bytes):
         if not filename:
             raise ValueError("filename is required when uploading bytes")
+        if len(source) > MAX_MEDIA_BYTES:
+            raise InvalidArgument("media is larger than 16 MiB",
+                                  field_violations=[("content", "at most 16 MiB; upload larger files from a path")])
         content = source
     else:
-        with open(source, "rb") as f:
-            content = f.read(MAX_MEDIA_BYTES + 1)
         filename = filename or os.path.basename(os.fspath(source))
-    if len(content) > MAX_MEDIA_BYTES:
-        raise InvalidArgument("media is larger than 16 MiB", field_violations=[("content", "at most 16 MiB")])
+        if os.path.getsize(source) > MEDIA_CHUNK_BYTES:
+            mime = mime_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            return _media_chunks(campaign_id, source, filename, mime, rid)
+        with open(source, "rb") as f:
+            content = f.read()
     mime = mime_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     return cs.UploadMediaRequest(campaign_id=campaign_id, filename=filename, mime_type=mime, content=content,
-                                 request_id=request_id(request_id_))
+                                 request_id=rid)
+
+
+def _media_chunks(campaign_id: str, path: str | os.PathLike[str], filename: str, mime: str, rid: str
+                  ) -> Iterator[cs.UploadMediaChunksRequest]:
+    """The file in MEDIA_CHUNK_BYTES pieces; the first carries what the upload is."""
+    with open(path, "rb") as f:
+        first = True
+        for piece in iter(lambda: f.read(MEDIA_CHUNK_BYTES), b""):
+            if first:
+                yield cs.UploadMediaChunksRequest(campaign_id=campaign_id, filename=filename, mime_type=mime,
+                                                  request_id=rid, content=piece)
+                first = False
+            else:
+                yield cs.UploadMediaChunksRequest(content=piece)
+        if first:  # an empty file: one chunk naming it (the server refuses it with the reason)
+            yield cs.UploadMediaChunksRequest(campaign_id=campaign_id, filename=filename, mime_type=mime,
+                                              request_id=rid)
 
 
 def progress_key(c: res.Campaign) -> tuple[int, ...]:

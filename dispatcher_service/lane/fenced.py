@@ -90,6 +90,7 @@ class FencedLane:
         self.lock_lost = False
         self.starting = False  # holds one of the worker's start places (WorkerEnv.starts) until its first lease
         self.lease_until = 0.0  # lease end written ahead into the lane hash (a takeover's revisit)
+        self.reclaim: list[tuple[float, str]] = []  # (after, owner) of owners this lane took over
         self.last_error = ""
         self.wait_reason = ""  # why the slice ended early (SliceOver), for ReportLaneWait
         # Whether WAHA's engine sends under the id we give it, so that a lookup by that id settles an

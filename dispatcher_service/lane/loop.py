@@ -22,6 +22,8 @@ import logging
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import metrics
 from dispatcher_service.delivery import DeliveryUnavailable
@@ -42,11 +44,31 @@ from dispatcher_service.lane.common import (
     answer_id,
 )
 from dispatcher_service.logs import lane_ctx
+from dispatcher_service.store import aw
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.lane")
+
+
+# A taken-over owner's leases are retaken one WAHA timeout plus this after our lock fenced it.
+RECLAIM_MARGIN_SECONDS = 2.0
+MAX_RECLAIM_OWNERS = 8
+
+
+def parse_reclaim(raw: str) -> list[tuple[float, str]]:
+    """The lane hash's `reclaim`: "<after> <owner>" pairs, ';'-separated (owners are job ids)."""
+    out: list[tuple[float, str]] = []
+    for part in raw.split(";"):
+        after, _, owner = part.strip().partition(" ")
+        if owner:
+            out.append((float(after), owner))
+    return out
+
+
+def format_reclaim(pairs: list[tuple[float, str]]) -> str:
+    return ";".join(f"{after:.3f} {owner}" for after, owner in pairs)
 
 
 def metrics_takeover(ctx: str, until: float) -> None:
@@ -101,11 +123,41 @@ class Lane(BurstingLane):
 
     async def _took_over(self) -> None:
         """A lane whose last owner died holding leases (its `lease_until` is left: a clean unlock
-        clears it) comes back once they expired, so they are re-leased and looked up, not lost."""
-        until = float((await self.env.store.lane_hash(self.c, self.chip)).get("lease_until") or 0)
-        if until > time.time():
-            self.revisit_at = max(self.revisit_at, until)
-            metrics_takeover(self.ctx, until)
+        clears it) was just fenced by our lock: whatever that owner let leave reached WAHA or
+        failed within one WAHA timeout from now. After that its leased messages are retaken
+        (LeaseMessages.reclaim_owners) and looked up by their recorded ids before any resend,
+        rather than waiting for its leases to end. Owners taken over earlier stay listed in the
+        lane hash (`reclaim`) for the slices that follow."""
+        lane = await self.env.store.lane_hash(self.c, self.chip)
+        self.reclaim = parse_reclaim(lane.get("reclaim", ""))
+        until = float(lane.get("lease_until") or 0)
+        prev = lane.get("lease_owner", "")
+        now = time.time()
+        if until <= now:
+            return
+        if prev and prev != self.job_id and all(o != prev for _, o in self.reclaim):
+            after = now + self.cfg.waha_timeout + RECLAIM_MARGIN_SECONDS
+            self.reclaim = [*self.reclaim, (after, prev)][-MAX_RECLAIM_OWNERS:]
+            await aw(self.env.redis.hset(self.lane_key, "reclaim", format_reclaim(self.reclaim)))
+            until = min(until, after)
+        self.revisit_at = max(self.revisit_at, until)
+        metrics_takeover(self.ctx, until)
+
+    async def _still_owner(self) -> bool:
+        """Does the lane hash still name our lock as its owner (no takeover fenced us out)?
+        When Redis cannot tell, no: leaving leases to expire is always safe."""
+        if self.lock_lost:
+            return False
+        try:
+            owner = await aw(self.env.redis.hget(self.lane_key, "owner"))
+        except RedisError:
+            return False
+        return (owner.decode() if isinstance(owner, bytes) else owner) == self.lock.owner
+
+    def _reclaim_owners(self) -> list[str]:
+        """Taken-over owners whose sends are all over by now (see _took_over)."""
+        now = time.time()
+        return [o for after, o in self.reclaim if after <= now]
 
     def _started(self) -> None:
         """The slice's start (lock, lane state, first lease) is over: the next waiting slice may start."""
@@ -146,9 +198,10 @@ class Lane(BurstingLane):
         until = time.time() + lease_s + 2.0
         if until > self.lease_until:
             self.lease_until = until
-            await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}")
+            await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}", "lease_owner", self.job_id)
         ids = await self._new_ids(k) if k > 0 else []
-        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids)
+        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids,
+                                             self._reclaim_owners())
         self._started()
         for m in resp.messages:
             self.held[m.message_id] = m
@@ -247,16 +300,19 @@ class Lane(BurstingLane):
 
     async def _release_held(self, reason: str) -> None:
         """Hand back what was not sent. A send that got its 201 after all is SENT; one whose answer
-        is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken)."""
+        is unknown is left leased (its recorded WAHA id is looked up when the lease is retaken).
+        A slice whose lane was taken over releases nothing: the new owner may have retaken those
+        messages already, and a RELEASED would put them back to PENDING under its feet."""
         await self._settle_prefetch()  # a prefetched batch is held too: released with the rest
         await self.release_now()
+        mine = await self._still_owner()
         for m in list(self.held.values()):
             ok = self.send_ok.get(m.message_id)
             if ok is not None:
                 self.final(m, dpb.DELIVERY_OUTCOME_SENT, waha_id=answer_id(ok) or m.waha_message_id)
-            elif m.message_id in self.maybe_sent:
-                log.info("%s message=%s outcome uncertain: left leased for a lookup on the next lease",
-                         self.ctx, m.message_id)
+            elif m.message_id in self.maybe_sent or not mine:
+                log.info("%s message=%s %s: left leased for a lookup on the next lease", self.ctx, m.message_id,
+                         "outcome uncertain" if mine else "lane taken over")
                 self._leave_leased(m)
             else:
                 self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)

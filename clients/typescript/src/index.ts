@@ -4,7 +4,7 @@
  * safe to repeat, a reconnecting WatchCampaign, and readers for the server's rich error details.
  * Everything else is the generated Connect clients as they are.
  */
-import { clone, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { clone, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import {
   Code,
@@ -17,11 +17,19 @@ import {
 } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { randomUUID } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { stat } from "node:fs/promises";
+import { basename } from "node:path";
 
 import { AuditService } from "./gen/whago/campaign/v1/audit_service_pb.js";
-import { CampaignService, type WatchCampaignResponse } from "./gen/whago/campaign/v1/campaign_service_pb.js";
+import {
+  CampaignService,
+  type UploadMediaChunksRequestSchema,
+  type WatchCampaignResponse,
+} from "./gen/whago/campaign/v1/campaign_service_pb.js";
 import { ChipService } from "./gen/whago/campaign/v1/chip_service_pb.js";
 import { CreditService } from "./gen/whago/campaign/v1/credit_service_pb.js";
+import type { Media } from "./gen/whago/campaign/v1/resources_pb.js";
 import { WebhookService } from "./gen/whago/campaign/v1/webhook_service_pb.js";
 
 export { Code, ConnectError, type CallOptions, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
@@ -72,6 +80,21 @@ export interface WatchOptions {
   maxReconnects?: number;
 }
 
+export interface UploadOptions {
+  /** File name; defaults to the path's base name (required for bytes). */
+  filename?: string;
+  /** Declared MIME type; empty lets the server decide from the bytes (it sniffs them anyway). */
+  mimeType?: string;
+  /** Idempotency key; a fresh UUID by default. */
+  requestId?: string;
+  signal?: AbortSignal;
+  /** Deadline of the whole upload, ms; default the client's. */
+  timeoutMs?: number;
+}
+
+/** Bytes per UploadMediaChunks message (the server reads up to 4 MiB a chunk). */
+export const MEDIA_CHUNK_BYTES = 4 * 1024 * 1024;
+
 export interface WhagoClient {
   readonly campaigns: Client<typeof CampaignService>;
   readonly chips: Client<typeof ChipService>;
@@ -87,6 +110,12 @@ export interface WhagoClient {
    * (a fresh snapshot comes first after each reconnect).
    */
   watchCampaign(campaignId: string, options?: WatchOptions): AsyncGenerator<WatchCampaignResponse>;
+  /**
+   * Uploads a media file for a DRAFT/SCHEDULED campaign's templates: a path (read as it goes) or
+   * bytes. Up to MEDIA_CHUNK_BYTES goes in one UploadMedia; more streams through
+   * UploadMediaChunks (documents up to 100 MB; the server checks type and limit as bytes arrive).
+   */
+  uploadMedia(campaignId: string, source: string | Uint8Array, options?: UploadOptions): Promise<Media>;
   /** Closes the HTTP/2 connection; calls in flight fail with Code.Canceled. */
   close(): void;
 }
@@ -204,7 +233,31 @@ export function createWhagoClient(options: WhagoClientOptions): WhagoClient {
     }
   }
 
+  async function uploadMedia(campaignId: string, source: string | Uint8Array, o: UploadOptions = {}): Promise<Media> {
+    const filename = o.filename ?? (typeof source === "string" ? basename(source) : "");
+    if (!filename) throw new TypeError("options.filename is required when uploading bytes");
+    const head = { campaignId, filename, mimeType: o.mimeType ?? "", requestId: o.requestId ?? randomUUID() };
+    const call: CallOptions = { signal: o.signal, timeoutMs: o.timeoutMs };
+    const size = typeof source === "string" ? (await stat(source)).size : source.byteLength;
+    if (size <= MEDIA_CHUNK_BYTES) {
+      const content = typeof source === "string" ? await readAll(source) : source;
+      return campaigns.uploadMedia({ ...head, content }, call);
+    }
+    async function* chunks(): AsyncGenerator<MessageInitShape<typeof UploadMediaChunksRequestSchema>> {
+      let first = true;
+      const pieces = typeof source === "string"
+        ? createReadStream(source, { highWaterMark: MEDIA_CHUNK_BYTES })
+        : slices(source, MEDIA_CHUNK_BYTES);
+      for await (const piece of pieces) {
+        yield first ? { ...head, content: piece as Uint8Array } : { content: piece as Uint8Array };
+        first = false;
+      }
+    }
+    return campaigns.uploadMediaChunks(chunks(), call);
+  }
+
   return {
+    uploadMedia,
     campaigns,
     chips: createClient(ChipService, transport),
     credits: createClient(CreditService, transport),
@@ -214,6 +267,16 @@ export function createWhagoClient(options: WhagoClientOptions): WhagoClient {
     watchCampaign,
     close: () => sessionManager.abort(),
   };
+}
+
+async function readAll(path: string): Promise<Uint8Array> {
+  const parts: Buffer[] = [];
+  for await (const piece of createReadStream(path)) parts.push(piece as Buffer);
+  return Buffer.concat(parts);
+}
+
+function* slices(bytes: Uint8Array, size: number): Generator<Uint8Array> {
+  for (let i = 0; i < bytes.byteLength; i += size) yield bytes.subarray(i, i + size);
 }
 
 // ------------------------------------------------------------------------- rich error details

@@ -6,7 +6,11 @@
  */
 import assert from "node:assert/strict";
 import { randomInt, randomUUID } from "node:crypto";
+import { createHash } from "node:crypto";
+import { writeFile, mkdtemp } from "node:fs/promises";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -98,6 +102,33 @@ async function watchAll(id: string, onEach: (m: WatchCampaignResponse) => Promis
 function events(seen: WatchCampaignResponse[]): Event[] {
   return seen.flatMap((m) => (m.kind.case === "event" ? [m.kind.value] : []));
 }
+
+describe("media", () => {
+  test("a large file streams in chunks, bytes go in one call, deleteMedia removes it", async () => {
+    const c = await client.campaigns.createCampaign({ campaign: { name: "ts media", templates: [{ text: "hi" }] } });
+    const pdf = Buffer.concat([Buffer.from("%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"),
+      Buffer.alloc(9 * 1024 * 1024, 7)]);
+    const path = join(await mkdtemp(join(tmpdir(), "whago-ts-")), "catalogue.pdf");
+    await writeFile(path, pdf);
+    const big = await client.uploadMedia(c.id, path);
+    assert.equal(big.filename, "catalogue.pdf");
+    assert.equal(big.mimeType, "application/pdf");
+    assert.equal(big.sizeBytes, BigInt(pdf.byteLength));
+    assert.equal(big.sha256, createHash("sha256").update(pdf).digest("hex"));
+    const jpeg = Buffer.from("ffd8ffe000104a46494600010100000100010000ffd9", "hex");
+    const small = await client.uploadMedia(c.id, jpeg, { filename: "a.jpg" });
+    assert.equal(small.mimeType, "image/jpeg");
+    const listed = await client.campaigns.listCampaignMedia({ campaignId: c.id });
+    assert.deepEqual(new Set(listed.media.map((m) => m.id)), new Set([big.id, small.id]));
+    const gone = await client.campaigns.deleteMedia({ campaignId: c.id, mediaId: big.id });
+    assert.equal(gone.fileDeleted, true);
+    const err = await rpcError(client.campaigns.deleteMedia({ campaignId: c.id, mediaId: big.id }));
+    assert.equal(err.code, Code.NotFound);
+    const bad = await rpcError(client.uploadMedia(c.id, Buffer.alloc(5 * 1024 * 1024, 1), { filename: "x.jpg",
+      mimeType: "image/jpeg" }));
+    assert.equal(bad.code, Code.InvalidArgument);
+  });
+});
 
 describe("campaign lifecycle over WatchCampaign", () => {
   test("create, start, watch (snapshot then events) and cancel", async () => {
