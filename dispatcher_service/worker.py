@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from dispatcher_service import config as config_mod
 from dispatcher_service import eventloop, keys, logs, metrics, scripts, takeover
 from dispatcher_service.delivery import DeliveryClient
-from dispatcher_service.lane.common import WorkerEnv
+from dispatcher_service.lane.common import STARTING_SLICES, WorkerEnv
 from dispatcher_service.lane.loop import run_lane
 from dispatcher_service.redis_conn import arq_settings
 from dispatcher_service.waha.transport import HttpClient
@@ -158,8 +158,9 @@ class ResilientWorker(Worker):
         """arq's start_jobs (arq 0.28), with the checks of up to CLAIM_PER_POLL jobs in one atomic
         step (lua/jobs_claim.lua) instead of a WATCH/EXISTS/ZSCORE/MULTI/EXEC exchange per job, one
         after the other (10,000 lanes starting together took that many sequential round trips).
-        Due ids wait in a backlog for the next polls beyond that: each started job runs arq's own
-        start pipeline on a connection of its own (5,000 at once opened 5,000 Redis connections).
+        Due ids wait in a backlog for the next polls beyond that, and while STARTING_SLICES slices
+        are in their start: each started job runs arq's own start pipeline on a connection of its
+        own (5,000 at once opened 5,000 Redis connections), then its lock, state and first lease.
 
         A running job stays in the queue zset until it ends; a job in self.tasks runs here (or just
         ended and is collected after this poll): skipped for free."""
@@ -167,7 +168,9 @@ class ResilientWorker(Worker):
             job_id = raw.decode()
             if job_id not in self.tasks:
                 self._backlog[job_id] = None
-        room = min(CLAIM_PER_POLL, self.max_jobs - self.job_counter)
+        env: WorkerEnv | None = self.ctx.get("env")
+        starting = env.starting if env is not None else 0
+        room = min(CLAIM_PER_POLL, self.max_jobs - self.job_counter, STARTING_SLICES - starting)
         if room <= 0 or not self._backlog:
             return
         ids = list(itertools.islice(self._backlog, room))

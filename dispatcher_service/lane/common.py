@@ -3,7 +3,6 @@ constants and small helpers."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -67,10 +66,11 @@ PREFETCH_AHEAD_SECONDS = 10.0
 # service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
 LANE_WAIT_REPORT_SECONDS = 10.0
 LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60
-# Slices of one worker in their start (lane lock, lane state, first lease) at once. 1,000 lanes
-# starting together (one claim step starts them all) made event-loop rounds of seconds: sends of
-# running lanes late, and lane locks lapsing before the heartbeat's turn came. The others wait
-# their turn before taking their lock.
+# Slices of one worker in their start (lane lock, lane state, first lease) at once: the worker
+# claims new jobs only while fewer are starting. 1,000 lanes starting together (one claim step
+# started them all) made event-loop rounds of seconds: sends of running lanes late, and lane locks
+# lapsing before the heartbeat's turn came; waiting inside the job instead ran into arq's job
+# timeout with 10,000 lanes (the leases come no faster than the campaign service answers).
 STARTING_SLICES = 64  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
 
 
@@ -88,7 +88,7 @@ class WorkerEnv:
     reports: ReportBatcher = field(init=False)
     batch: RedisBatch = field(init=False)
     beats: Heartbeats = field(init=False)
-    starts: asyncio.Semaphore = field(init=False)
+    starting: int = 0  # slices in their start (STARTING_SLICES)
 
     def __post_init__(self) -> None:
         self.reports = ReportBatcher(self.delivery)
@@ -96,7 +96,6 @@ class WorkerEnv:
         self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences
         self.pacer = Pacer(self.redis, batch=self.batch)
-        self.starts = asyncio.Semaphore(STARTING_SLICES)
         self.beats = Heartbeats(self.redis, keys.lane_beats(self.cfg.queue_name), int(self.cfg.lane_lock_ttl * 1000),
                                 max(0.05, self.cfg.lane_lock_ttl / 4))
 

@@ -88,7 +88,7 @@ class FencedLane:
         self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}",
                              ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name, batch=env.batch)
         self.lock_lost = False
-        self.starting = False  # holds one of the worker's start places (WorkerEnv.starts) until its first lease
+        self.starting = False  # counted in WorkerEnv.starting until its first lease
         self.lease_until = 0.0  # lease end written ahead into the lane hash (a takeover's revisit)
         self.reclaim: list[tuple[float, str]] = []  # (after, owner) of owners this lane took over
         self.last_error = ""

@@ -86,7 +86,7 @@ class Lane(BurstingLane):
         cancelled = False
         locked = False
         try:
-            await self.env.starts.acquire()
+            self.env.starting += 1
             self.starting = True
             if not await self.env.fences.is_current(self.c, self.epoch):
                 outcome = "stopped"
@@ -160,10 +160,10 @@ class Lane(BurstingLane):
         return [o for after, o in self.reclaim if after <= now]
 
     def _started(self) -> None:
-        """The slice's start (lock, lane state, first lease) is over: the next waiting slice may start."""
+        """The slice's start (lock, lane state, first lease) is over: the worker may claim another job."""
         if self.starting:
             self.starting = False
-            self.env.starts.release()
+            self.env.starting -= 1
 
     def _lock_lost(self) -> None:
         """The heartbeat found the lock not ours any more (taken over while we were paused or cut
