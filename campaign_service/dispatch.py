@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from campaign_service import convert, errors, pacing
+from campaign_service import convert, errors, pacing, tracing
 from campaign_service.secrets_box import SecretBox
 from whago.campaign.v1 import resources_pb2 as res
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dpb
@@ -74,7 +74,7 @@ class DispatcherClient:
         with self._lock:
             if self._stub is None:
                 self._channel = grpc.insecure_channel(self._target, options=CHANNEL_OPTIONS)
-                self._stub = dgrpc.DispatcherServiceStub(self._channel)
+                self._stub = dgrpc.DispatcherServiceStub(tracing.client_channel(self._channel))
             return self._stub
 
     def _call(self, name: str, campaign_id: str, fn: Callable[[dgrpc.DispatcherServiceStub], T]) -> T:

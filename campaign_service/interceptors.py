@@ -18,7 +18,7 @@ import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from campaign_service import auth, errors, metrics
+from campaign_service import auth, errors, metrics, tracing
 from campaign_service.limits import RateLimiter
 
 log = logging.getLogger("campaign_service.rpc")
@@ -145,7 +145,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     observer.done(code, started)
                     if token is not None:
                         reset_current(token)
-            return run
+            return tracing.traced(method, run) if tracing.enabled() else run
 
         async def principal_for(context: Any) -> Any:
             # The key lookup may query PostgreSQL: not on the event loop.
@@ -167,7 +167,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     observer.done(code, started)
                 status = err.to_status()
                 await context.abort(status.code, status.details, status.trailing_metadata)
-            return run
+            return tracing.traced_async(method, run) if tracing.enabled() else run
 
         def wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -186,7 +186,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if err is not None:
                     status = err.to_status()
                     await context.abort(status.code, status.details, status.trailing_metadata)
-            return run
+            return tracing.traced_stream(method, run) if tracing.enabled() else run
 
         def wrap_any(behavior: Callable[..., Any]) -> Callable[..., Any]:
             return wrap_async(behavior) if inspect.iscoroutinefunction(behavior) else wrap(behavior)

@@ -23,7 +23,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from campaign_service import config, limits, logs, metrics
+from campaign_service import config, limits, logs, metrics, tracing
 from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
@@ -194,6 +194,8 @@ def tune_gc() -> None:
 async def serve() -> None:
     settings = config.load()
     logs.setup(settings.log_level)
+    if tracing.setup():
+        log.info("tracing on: spans exported over OTLP/HTTP")
     app = App(settings)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,6 +210,7 @@ async def serve() -> None:
     await app.start()
     await done.wait()
     await app.stop()
+    tracing.shutdown()
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from dispatcher_service import tracing
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
 from whago.campaign.v1 import resources_pb2
@@ -56,7 +57,8 @@ class DeliveryClient:
     work that includes a call (e.g. a prefetched lease)."""
 
     def __init__(self, target: str, token: str, call_timeout: float = 30.0, retry_budget: float = 45.0) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+                                                 interceptors=tracing.client_interceptors())
         self.stub = dgrpc.DeliveryServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.call_timeout = call_timeout

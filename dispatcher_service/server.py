@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, logs, metrics, webhooks
+from dispatcher_service import eventloop, logs, metrics, tracing, webhooks
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.redis_conn import arq_client
 from dispatcher_service.servicer import DispatcherServicer
@@ -37,7 +37,9 @@ SERVER_OPTIONS = [
 
 async def serve(cfg: config_mod.Config) -> None:
     redis = arq_client(cfg.redis_url)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    if tracing.setup("dispatcher_service"):
+        log.info("tracing on: spans exported over OTLP/HTTP")
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors())
     pbg.add_DispatcherServiceServicer_to_server(DispatcherServicer(cfg, redis), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -69,6 +71,7 @@ async def serve(cfg: config_mod.Config) -> None:
     if delivery is not None:
         await delivery.close()
     await redis.aclose()
+    tracing.shutdown()
     log.info("stopped")
 
 

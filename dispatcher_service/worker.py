@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, keys, logs, metrics, scripts, takeover
+from dispatcher_service import eventloop, keys, logs, metrics, scripts, takeover, tracing
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lane.common import STARTING_SLICES, WorkerEnv
 from dispatcher_service.lane.loop import run_lane
@@ -61,6 +61,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         return
     await env.http.close()
     await env.delivery.close()
+    tracing.shutdown()
     log.info("worker %s stopped", os.getpid())
 
 
@@ -255,6 +256,7 @@ def main() -> None:
     logs.setup(CFG.log_level)
     logging.getLogger("arq.worker").setLevel(logging.WARNING if CFG.log_level.upper() != "DEBUG" else logging.DEBUG)
     eventloop.tune_gc()
+    tracing.setup("dispatcher_worker")
     eventloop.install()  # arq takes the current loop
     kwargs = {k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")}
     worker = ResilientWorker(**kwargs)

@@ -129,30 +129,46 @@ class Page:
     next_page_token: str
 
 
+UPDATABLE_CHIP_PATHS = ("display_name", "proxy_label", "pacing", "warmup", "waha_api_key", "waha_base_url",
+                        "waha_session")
+
+
+def chip_mask_paths(mask: field_mask_pb2.FieldMask | None, chip: res.Chip) -> list[str]:
+    """UpdateChip's paths: the mask's, or (AIP-134) every updatable field set in `chip`."""
+    present = {p: (chip.HasField(p) if p in ("pacing", "warmup") else bool(getattr(chip, p)))  # type: ignore[arg-type]
+               for p in UPDATABLE_CHIP_PATHS}
+    return _mask_paths(mask, present, lambda p: False,
+                       {"phone": "phone is immutable: a new number is a new chip"}, "")
+
+
 def mask_paths(mask: field_mask_pb2.FieldMask | None, patch: CampaignInput, *, settings_set: bool) -> list[str]:
-    """The update paths: the mask's, or (AIP-134) every populated updatable field when it is empty.
-    Unknown or output-only paths are INVALID_ARGUMENT on update_mask."""
+    """UpdateCampaign's paths: the mask's (settings.* sub-paths too), or (AIP-134) every populated
+    updatable field when it is empty."""
+    present = {"name": bool(patch.name), "description": bool(patch.description), "templates": bool(patch.templates),
+               "settings": settings_set, "chip_ids": bool(patch.chip_ids),
+               "schedule_time": patch.schedule_time is not None}
+    return _mask_paths(mask, present, lambda p: p.startswith("settings.") and _settings_subpath_ok(p[9:]), {},
+                       " and settings.*")
+
+
+def _mask_paths(mask: field_mask_pb2.FieldMask | None, present: dict[str, bool], sub_ok: Callable[[str], bool],
+                refused: dict[str, str], more: str) -> list[str]:
+    """The update paths of an AIP-134 mask over the updatable fields (`present`'s keys, in order):
+    "*" for all, a path `sub_ok` accepts, or INVALID_ARGUMENT on update_mask naming the problem."""
     if mask is None or not mask.paths:
-        paths = [p for p, present in (
-            ("name", bool(patch.name)), ("description", bool(patch.description)),
-            ("templates", bool(patch.templates)), ("settings", settings_set),
-            ("chip_ids", bool(patch.chip_ids)), ("schedule_time", patch.schedule_time is not None)) if present]
+        paths = [p for p, on in present.items() if on]
         if not paths:
             raise errors.InvalidArgument([("update_mask", "no field to update")])
         return paths
     out: list[str] = []
     for p in mask.paths:
         if p == "*":
-            out.extend(UPDATABLE_PATHS)
-            continue
-        if p in UPDATABLE_PATHS:
+            out.extend(present)
+        elif p in present or sub_ok(p):
             out.append(p)
-            continue
-        if p.startswith("settings.") and _settings_subpath_ok(p[len("settings."):]):
-            out.append(p)
-            continue
-        raise errors.InvalidArgument([("update_mask", f"unknown or read-only path {p!r}; updatable: "
-                                       f"{', '.join(UPDATABLE_PATHS)} and settings.*")])
+        else:
+            why = refused.get(p) or f"unknown or read-only path {p[:100]!r}; updatable: {', '.join(present)}{more}"
+            raise errors.InvalidArgument([("update_mask", why)])
     return list(dict.fromkeys(out))
 
 

@@ -27,23 +27,28 @@ def insert(session: Session, *, user_id: uuid.UUID, display_name: str, phone: st
 
 
 def same_number(session: Session, user_id: uuid.UUID, phone: str, waha_base_url: str,
-                waha_session: str) -> tuple[Chip, str] | None:
-    """A chip of the user that is the same WhatsApp number: same phone, or same WAHA server and
-    session; with the field that matched. Serialized per user (transaction-scoped advisory lock),
-    so two concurrent registrations of one number cannot both pass."""
+                waha_session: str, exclude: uuid.UUID | None = None) -> tuple[Chip, str] | None:
+    """A chip of the user (other than `exclude`) that is the same WhatsApp number: same phone, or
+    same WAHA server and session; with the field that matched. Serialized per user
+    (transaction-scoped advisory lock), so two concurrent registrations of one number cannot both
+    pass."""
     session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                     {"k": f"chips:{user_id}"})
-    rows = session.execute(select(Chip).where(
+    q = select(Chip).where(
         Chip.user_id == user_id,
         (Chip.phone == phone) | ((func.lower(Chip.waha_base_url) == waha_base_url.lower())
-                                 & (Chip.waha_session == waha_session))).limit(1)).scalars().all()
+                                 & (Chip.waha_session == waha_session)))
+    if exclude is not None:
+        q = q.where(Chip.id != exclude)
+    rows = session.execute(q.limit(1)).scalars().all()
     if not rows:
         return None
     return rows[0], "chip.phone" if rows[0].phone == phone else "chip.waha_session"
 
 
-def get(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> Chip | None:
-    return session.execute(select(Chip).where(Chip.id == chip_id, Chip.user_id == user_id)).scalar_one_or_none()
+def get(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID, lock: bool = False) -> Chip | None:
+    q = select(Chip).where(Chip.id == chip_id, Chip.user_id == user_id)
+    return session.execute(q.with_for_update() if lock else q).scalar_one_or_none()
 
 
 def page(session: Session, user_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[Chip]:
@@ -70,11 +75,14 @@ def usable(session: Session, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> li
     return list(session.execute(q.order_by(Chip.created_at, Chip.id)).scalars())
 
 
-def in_use(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID) -> list[uuid.UUID]:
-    """RUNNING/PAUSED campaigns of the user whose messages go through the chip (up to 10)."""
+def in_use(session: Session, user_id: uuid.UUID, chip_id: uuid.UUID, running_only: bool = False
+           ) -> list[uuid.UUID]:
+    """RUNNING (and PAUSED, unless `running_only`) campaigns of the user whose messages go through
+    the chip (up to 10)."""
+    states = [CampaignState.RUNNING] if running_only else [CampaignState.RUNNING, CampaignState.PAUSED]
     return list(session.execute(text(
         "SELECT c.id FROM campaigns c WHERE c.user_id = :u"
-        f" AND c.state IN ({CampaignState.RUNNING:d}, {CampaignState.PAUSED:d}) AND ("
+        f" AND c.state IN ({', '.join(str(int(x)) for x in states)}) AND ("
         " :chip = ANY(c.chip_ids) OR (cardinality(c.chip_ids) = 0 AND EXISTS ("
         "  SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = :chip)))"
         " LIMIT 10"), {"u": user_id, "chip": chip_id}).scalars())

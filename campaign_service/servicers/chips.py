@@ -10,7 +10,7 @@ from google.protobuf import empty_pb2
 from campaign_service import auth, convert, warmup
 from campaign_service.db.models import Chip
 from campaign_service.ops import Operations
-from campaign_service.ops.inputs import ChipInput
+from campaign_service.ops.inputs import ChipInput, Replayed, chip_mask_paths
 from campaign_service.servicers import idem, unwrap
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import chip_service_pb2_grpc as chs_grpc
@@ -54,6 +54,18 @@ class ChipServicer(chs_grpc.ChipServiceServicer):
             m.effective_daily_cap, m.warmup_day = t.effective_daily_cap, t.warmup_day
             out.append(m)
         return out
+
+    def UpdateChip(self, request: chs.UpdateChipRequest, context: grpc.ServicerContext) -> res.Chip:
+        c = request.chip
+        paths = chip_mask_paths(request.update_mask if request.HasField("update_mask") else None, c)
+        spec = ChipInput(display_name=c.display_name, waha_base_url=c.waha_base_url, waha_session=c.waha_session,
+                         waha_api_key=c.waha_api_key, proxy_label=c.proxy_label, pacing=c.pacing,
+                         warmup=c.warmup if c.HasField("warmup") else None)
+        out = self.ops.chips.update_chip(auth.current_user_id(), c.id, spec, paths,
+                                         idem(request.request_id, "UpdateChip", convert.chip))
+        if isinstance(out, Replayed):
+            return unwrap(out, res.Chip, convert.chip)
+        return self._with_today([out])[0]
 
     def DeleteChip(self, request: chs.DeleteChipRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         self.ops.chips.delete_chip(auth.current_user_id(), request.chip_id)

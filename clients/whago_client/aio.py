@@ -57,6 +57,7 @@ from whago_client.inputs import (
     rotate_secret_request,
     to_contact_input,
     update_campaign_request,
+    update_chip_request,
     wanted_states,
     webhook_create_request,
     webhook_update_request,
@@ -401,6 +402,19 @@ class AsyncWhagoClient:
         req = register_chip_request(phone, waha_base_url, waha_session, waha_api_key, display_name=display_name,
                                     proxy_label=proxy_label, pacing=pacing, request_id_=request_id)
         return await self._call(self._chips.RegisterChip, req, timeout=timeout)
+
+    async def update_chip(self, chip_id: str, *, display_name: str | None = None, proxy_label: str | None = None,
+                    pacing: res.Pacing | None = None, warmup: res.WarmupPlan | None = None,
+                    waha_api_key: str | None = None, waha_base_url: str | None = None,
+                    waha_session: str | None = None, request_id: str | None = None,
+                    timeout: float | None = None) -> res.Chip:
+        """Change a chip. display_name and proxy_label any time; pacing, warmup and the WAHA
+        connection (key, URL, session) only while no RUNNING campaign uses the chip
+        (FailedPrecondition CHIP_IN_USE: pause, update, resume). Only the fields given change."""
+        req = update_chip_request(chip_id, display_name=display_name, proxy_label=proxy_label, pacing=pacing,
+                                  warmup=warmup, waha_api_key=waha_api_key, waha_base_url=waha_base_url,
+                                  waha_session=waha_session, request_id_=request_id)
+        return await self._call(self._chips.UpdateChip, req, timeout=timeout)
 
     async def get_chip(self, chip_id: str, *, timeout: float | None = None) -> res.Chip:
         return await self._call(self._chips.GetChip, chs.GetChipRequest(chip_id=chip_id), timeout=timeout)

@@ -37,6 +37,7 @@ from whago_client.commands import (
     cmd_chips_get,
     cmd_chips_list,
     cmd_chips_register,
+    cmd_chips_update,
     cmd_credits_balance,
     cmd_credits_transactions,
     lifecycle,
@@ -207,6 +208,17 @@ def _add_chips(hsub: Subparsers) -> None:
         "--page-size", type=int, default=100, help=argparse.SUPPRESS)
     _leaf(hsub, "get", cmd_chips_get, "show one chip").add_argument("id")
     _leaf(hsub, "delete", cmd_chips_delete, "delete a chip").add_argument("id")
+
+    p = _leaf(hsub, "update", cmd_chips_update,
+              "change a chip (pacing, warm-up and WAHA connection only while no running campaign uses it)")
+    p.add_argument("id")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--proxy-label")
+    p.add_argument("--waha-url", help="WAHA base URL")
+    p.add_argument("--session", help="WAHA session name")
+    p.add_argument("--waha-key", help="new WAHA API key")
+    p.add_argument("--warmup", choices=["default", "off"], help="restore the default warm-up plan, or none")
+    _add_pacing(p)
 
 
 def _add_credits(groups: Subparsers) -> None:

@@ -280,6 +280,19 @@ def cmd_chips_register(client: WhagoClient, args: argparse.Namespace) -> int:
     return _show_chip(chip, args)
 
 
+def cmd_chips_update(client: WhagoClient, args: argparse.Namespace) -> int:
+    warmup = {None: None, "default": res.WarmupPlan(enabled=True), "off": res.WarmupPlan(enabled=False)}[args.warmup]
+    pacing = _pacing(args)
+    if pacing is not None:  # the options given change; the chip's other pacing fields stay
+        merged = client.get_chip(args.id).pacing
+        merged.MergeFrom(pacing)
+        pacing = merged
+    chip = client.update_chip(args.id, display_name=args.name, proxy_label=args.proxy_label, pacing=pacing,
+                              warmup=warmup, waha_api_key=args.waha_key, waha_base_url=args.waha_url,
+                              waha_session=args.session)
+    return _show_chip(chip, args)
+
+
 def _show_chip(chip: res.Chip, args: argparse.Namespace) -> int:
     if args.json:
         print_json(chip)

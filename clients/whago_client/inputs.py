@@ -346,6 +346,30 @@ def register_chip_request(phone: str, waha_base_url: str, waha_session: str, wah
     return chs.RegisterChipRequest(chip=chip, request_id=request_id(request_id_))
 
 
+def update_chip_request(chip_id: str, *, display_name: str | None, proxy_label: str | None,
+                        pacing: res.Pacing | None, warmup: res.WarmupPlan | None, waha_api_key: str | None,
+                        waha_base_url: str | None, waha_session: str | None,
+                        request_id_: str | None) -> chs.UpdateChipRequest:
+    """UpdateChip naming exactly the fields given (not None) in its update_mask."""
+    chip = res.Chip(id=chip_id)
+    paths: list[str] = []
+    for name, value in (("display_name", display_name), ("proxy_label", proxy_label), ("waha_api_key", waha_api_key),
+                        ("waha_base_url", waha_base_url), ("waha_session", waha_session)):
+        if value is not None:
+            setattr(chip, name, value)
+            paths.append(name)
+    if pacing is not None:
+        chip.pacing.CopyFrom(pacing)
+        paths.append("pacing")
+    if warmup is not None:
+        chip.warmup.CopyFrom(warmup)
+        paths.append("warmup")
+    if not paths:
+        raise ValueError("nothing to update: pass at least one field")
+    return chs.UpdateChipRequest(chip=chip, update_mask=field_mask_pb2.FieldMask(paths=paths),
+                                 request_id=request_id(request_id_))
+
+
 def media_upload(campaign_id: str, source: bytes | str | os.PathLike[str], filename: str | None,
                  mime_type: str | None, request_id_: str | None
                  ) -> cs.UploadMediaRequest | Iterator[cs.UploadMediaChunksRequest]:

@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from dispatcher_service import fences as fences_mod
-from dispatcher_service import metrics
+from dispatcher_service import metrics, tracing
 from dispatcher_service.delivery import DeliveryUnavailable
 from dispatcher_service.lane.bursts import BurstingLane
 from dispatcher_service.lane.common import (
@@ -408,4 +408,5 @@ async def run_lane(ctx: dict[str, Any], campaign_id: str, chip_id: str, epoch: i
         return "gone"
     req, spec = got
     lane = Lane(env, campaign_id, chip_id, epoch, job_id, spec, req.camouflage)
-    return await lane.run()
+    with tracing.slice_span(campaign_id, chip_id, epoch, job_id):
+        return await lane.run()
