@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from dispatcher_service import keys, scripts
+from dispatcher_service.redis_batch import RedisBatch, run_script
 
 FENCE_TTL_SECONDS = 7 * 86400
 
@@ -60,8 +61,10 @@ class StaleEpoch(Exception):
 class Fences:
     """Fence checks, in-flight registration and confirmed stops."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, batch: RedisBatch | None = None) -> None:
         self.redis = redis
+        # A worker's lanes take their per-send steps through one batcher (redis_batch.py).
+        self.batch = batch
         self._acquire = scripts.register(redis, "fence_acquire")
         self._release_send = scripts.register(redis, "fence_release_send")
         self._pending = scripts.register(redis, "fence_pending")
@@ -72,7 +75,7 @@ class Fences:
 
     async def is_current(self, campaign_id: str, epoch: int) -> bool:
         """True while lanes of `epoch` may run (for waits and loop checks; sends use `acquire`)."""
-        raw = await self.redis.get(keys.fence(campaign_id))
+        raw = await (self.batch or self.redis).get(keys.fence(campaign_id))
         return raw is not None and (raw.decode() if isinstance(raw, bytes) else raw) == run_value(epoch)
 
     async def set(self, campaign_id: str, mode: str, epoch: int, ttl: int = FENCE_TTL_SECONDS) -> str:
@@ -99,7 +102,7 @@ class Fences:
         if owner is not None:
             ks.append(owner[0])
             rv = f"{rv}#{owner[1]}"
-        r = await self._acquire(keys=ks, args=[rv, token, request_ttl, min_gap])
+        r = await run_script(self._acquire, ks, [rv, token, request_ttl, min_gap], self.batch)
         s = r.decode() if isinstance(r, bytes) else str(r)
         if s == "ok":
             return token
@@ -113,7 +116,8 @@ class Fences:
         if pace_chip is None:
             await self.redis.zrem(keys.inflight(campaign_id), token)
         else:
-            await self._release_send(keys=[keys.inflight(campaign_id), keys.pace(pace_chip)], args=[token])
+            await run_script(self._release_send, [keys.inflight(campaign_id), keys.pace(pace_chip)], [token],
+                             self.batch)
 
     async def pending(self, campaign_id: str) -> int:
         return int(await self._pending(keys=[keys.inflight(campaign_id)]))

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from dispatcher_service import keys, scripts
 from dispatcher_service.fences import Stopped
+from dispatcher_service.redis_batch import RedisBatch, run_script
 from whago.campaign.v1 import resources_pb2
 
 DEFAULT_MIN_SECONDS = 30.0  # WAHA's advice: random 30-60 s between messages
@@ -148,8 +149,9 @@ class Reservation:
 class Pacer:
     """Reserves send slots of chips in Redis."""
 
-    def __init__(self, redis: Redis, warmup_day: float | None = None) -> None:
+    def __init__(self, redis: Redis, warmup_day: float | None = None, batch: RedisBatch | None = None) -> None:
         self.redis = redis
+        self.batch = batch  # a worker's lanes reserve through one batcher (redis_batch.py)
         self.warmup_day = warmup_day or warmup_day_seconds()
         self._reserve = scripts.register(redis, "pace_reserve")
         self._reserve_send = scripts.register(redis, "pace_reserve_send")
@@ -166,7 +168,7 @@ class Pacer:
         args = [*self._args(limits, token, gap), *self._windows(limits, now), *self._warm_args(limits)]
         ks = [keys.pace(chip_id), keys.pace_log(chip_id)] + ([lane_key] if lane_key else []) \
             + self._warm_keys(chip_id, limits)
-        raw = await self._reserve(keys=ks, args=args)
+        raw = await run_script(self._reserve, ks, args, self.batch)
         slot = float(raw.decode() if isinstance(raw, bytes) else raw)
         if slot < 0:
             return None
@@ -185,8 +187,8 @@ class Pacer:
         token, send_token = uuid.uuid4().hex, uuid.uuid4().hex
         args = [*self._args(limits, token, None), run_value, send_token, request_ttl, limits.interval_min, latest,
                 prev_token or "", *self._windows(limits, None), *self._warm_args(limits)]
-        raw = await self._reserve_send(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
-                                             inflight_key, *self._warm_keys(chip_id, limits)], args=args)
+        raw = await run_script(self._reserve_send, [keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
+                                                    inflight_key, *self._warm_keys(chip_id, limits)], args, self.batch)
         r = raw.decode() if isinstance(raw, bytes) else str(raw)
         if r == "stop":
             raise Stopped(fence_key)

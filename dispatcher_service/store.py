@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -16,6 +18,7 @@ from arq.jobs import serialize_job
 
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys, scripts
+from dispatcher_service.redis_batch import RedisBatch, run_script
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.store")
@@ -25,6 +28,7 @@ LANE_FUNCTION = "run_lane"
 STATE_TTL_SECONDS = 30 * 86400
 REQUEST_CACHE_SIZE = 64
 DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
+Loaded = tuple[pb.StartDispatchRequest, dict[str, int]]  # a dispatch's request and its chip -> lane index
 
 async def aw(x: Awaitable[T] | T) -> T:
     """redis-py types its asyncio commands as `Awaitable[X] | X`; this keeps mypy honest."""
@@ -45,7 +49,8 @@ class LaneLock:
 
     With `queue`, the lock also takes over the lane for fencing: acquiring writes the owner token
     into the lane hash (fence_ok lets only that owner's requests leave) and every acquire/renew
-    records the expiry in the heartbeat zset that takeover.py scans for silent owners."""
+    records the expiry in the heartbeat zset that takeover.py scans for silent owners; renewals are
+    the worker's, for all its lanes at once (lane/heartbeat.py)."""
 
     redis: ArqRedis
     campaign_id: str
@@ -53,31 +58,27 @@ class LaneLock:
     owner: str
     ttl_ms: int = 20_000
     queue: str = ""
+    batch: RedisBatch | None = None  # a worker's lanes take and let go of their locks through it
 
     def __post_init__(self) -> None:
         self._lock = scripts.register(self.redis, "lane_lock")
-        self._renew = scripts.register(self.redis, "lane_lock_renew")
         self._unlock = scripts.register(self.redis, "lane_unlock")
         self.member = beat_member(self.campaign_id, self.chip_id)
+        self.lock_key = keys.lane_lock(self.campaign_id, self.chip_id)
 
     def _keys(self) -> list[str]:
-        ks = [keys.lane_lock(self.campaign_id, self.chip_id), keys.lane_want(self.campaign_id, self.chip_id)]
+        ks = [self.lock_key, keys.lane_want(self.campaign_id, self.chip_id)]
         if self.queue:
             ks += [keys.lane(self.campaign_id, self.chip_id), keys.lane_beats(self.queue)]
         return ks
 
     async def acquire(self) -> bool:
-        r = await self._lock(keys=self._keys(), args=[self.owner, str(self.ttl_ms), self.member])
-        return int(r) == 1
-
-    async def renew(self) -> bool:
-        ks = self._keys()
-        r = await self._renew(keys=[ks[0], *ks[3:]], args=[self.owner, str(self.ttl_ms), self.member])
+        r = await run_script(self._lock, self._keys(), [self.owner, str(self.ttl_ms), self.member], self.batch)
         return int(r) == 1
 
     async def release(self) -> bool:
         """Unlock; True when another slice asked for the lane meanwhile (caller re-enqueues)."""
-        r = await self._unlock(keys=self._keys(), args=[self.owner, self.member])
+        r = await run_script(self._unlock, self._keys(), [self.owner, self.member], self.batch)
         return int(r) == 1
 
 
@@ -99,15 +100,19 @@ def _lane_proto(chip_id: str, h: dict[str, str]) -> pb.Lane:
 class Store:
     """Dispatch state, lane state and lane-job bookkeeping."""
 
-    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+    def __init__(self, redis: ArqRedis, queue_name: str, batch: RedisBatch | None = None) -> None:
         self.redis = redis
         self.queue = queue_name
-        self.fences = fences_mod.Fences(redis)
+        self.fences = fences_mod.Fences(redis, batch)
+        # A lane slice's own steps (lane state, dispatch revision, job bookkeeping): batched per
+        # event-loop tick with the other lanes' in a worker, plain calls in the dispatcher server.
+        self.cmd = batch.execute if batch is not None else redis.execute_command
         self._all_done = scripts.register(redis, "lanes_all_done")
         # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
         # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory
         # and CPU). The revision is rewritten by every save_dispatch.
         self._requests: dict[str, tuple[str, pb.StartDispatchRequest, dict[str, int]]] = {}
+        self._fetching: dict[str, asyncio.Future[tuple[str, Loaded | None]]] = {}
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def save_dispatch(self, req: pb.StartDispatchRequest, state: int) -> None:
@@ -142,16 +147,38 @@ class Store:
         i = index.get(chip_id)
         return (req, req.lanes[i]) if i is not None else None
 
-    async def _load(self, campaign_id: str) -> tuple[pb.StartDispatchRequest, dict[str, int]] | None:
+    async def _load(self, campaign_id: str) -> Loaded | None:
         k = keys.dispatch(campaign_id)
-        rev = _s(await aw(self.redis.hget(k, "rev")))
+        rev = _s(await self.cmd("HGET", k, "rev"))
         hit = self._requests.get(campaign_id)
         if rev and hit is not None and hit[0] == rev:
             return hit[1], hit[2]
-        rev_raw, raw = await aw(self.redis.hmget(k, ["rev", "request"]))
+        # Single flight: the lanes of a campaign start together, and each fetching and parsing the
+        # request itself (~150 KB at 1,000 lanes, 1.5 MB at 10,000) cost lanes x request size in
+        # memory and CPU at once; they share one fetch. One that started before our `rev` was read
+        # may carry an older request: then we fetch again.
+        for _ in range(3):
+            fetch = self._fetching.get(campaign_id)
+            if fetch is None:
+                fetch = self._fetching[campaign_id] = asyncio.ensure_future(self._fetch(campaign_id))
+                fetch.add_done_callback(functools.partial(self._fetched, campaign_id))
+            got_rev, got = await asyncio.shield(fetch)
+            if got is None or not rev or got_rev == rev:
+                return got
+            if self._fetching.get(campaign_id) is fetch:
+                self._fetching.pop(campaign_id, None)
+        return got
+
+    def _fetched(self, campaign_id: str, fetch: asyncio.Future[tuple[str, Loaded | None]]) -> None:
+        if self._fetching.get(campaign_id) is fetch:
+            del self._fetching[campaign_id]
+
+    async def _fetch(self, campaign_id: str) -> tuple[str, Loaded | None]:
+        """(revision, (request, chip -> index)) from Redis, parsed once and cached."""
+        rev_raw, raw = await aw(self.redis.hmget(keys.dispatch(campaign_id), ["rev", "request"]))
         if not raw:
             self._requests.pop(campaign_id, None)
-            return None
+            return "", None
         req = pb.StartDispatchRequest()
         req.ParseFromString(raw if isinstance(raw, bytes) else raw.encode())
         index = {spec.chip_id: i for i, spec in enumerate(req.lanes)}
@@ -159,7 +186,7 @@ class Store:
             if len(self._requests) >= REQUEST_CACHE_SIZE:
                 self._requests.pop(next(iter(self._requests)))
             self._requests[campaign_id] = (_s(rev_raw), req, index)
-        return req, index
+        return _s(rev_raw), (req, index)
 
     async def dispatch_meta(self, campaign_id: str) -> dict[str, str]:
         h = await aw(self.redis.hgetall(keys.dispatch(campaign_id)))
@@ -187,22 +214,12 @@ class Store:
     # -- lanes -------------------------------------------------------------------------------------
     async def set_lane(self, campaign_id: str, chip_id: str, **fields: str | int | float) -> None:
         k = keys.lane(campaign_id, chip_id)
-        async with self.redis.pipeline(transaction=False) as p:
-            p.hset(k, mapping=fields)  # type: ignore[arg-type]
-            p.expire(k, STATE_TTL_SECONDS)
-            await p.execute()
+        await asyncio.gather(self.cmd("HSET", k, *(x for kv in fields.items() for x in kv)),
+                             self.cmd("EXPIRE", k, STATE_TTL_SECONDS))
 
     async def incr_lane(self, campaign_id: str, chip_id: str, sent: int, failed: int) -> None:
         k = keys.lane(campaign_id, chip_id)
-        if not (sent and failed):  # the common case: one counter, one command (no MULTI/EXEC)
-            await aw(self.redis.hincrby(k, "sent" if sent else "failed", sent or failed))
-            return
-        async with self.redis.pipeline(transaction=True) as p:
-            if sent:
-                p.hincrby(k, "sent", sent)
-            if failed:
-                p.hincrby(k, "failed", failed)
-            await p.execute()
+        await asyncio.gather(*(self.cmd("HINCRBY", k, f, n) for f, n in (("sent", sent), ("failed", failed)) if n))
 
     async def stop_lanes(self, campaign_id: str, chip_ids: Sequence[str]) -> None:
         """Pause: every lane not FINISHED or FAILED becomes STOPPED, in two round trips whatever the
@@ -220,7 +237,7 @@ class Store:
             await p.execute()
 
     async def lane_hash(self, campaign_id: str, chip_id: str) -> dict[str, str]:
-        h = await aw(self.redis.hgetall(keys.lane(campaign_id, chip_id)))
+        h = await self.cmd("HGETALL", keys.lane(campaign_id, chip_id))
         return {_s(k): _s(v) for k, v in h.items()}
 
     async def lane_hashes(self, campaign_id: str, chip_ids: Sequence[str]) -> list[dict[str, str]]:
@@ -319,7 +336,7 @@ class Store:
         return n
 
     async def job_done(self, campaign_id: str, job_id: str) -> None:
-        await aw(self.redis.srem(keys.jobs(campaign_id), job_id))
+        await self.cmd("SREM", keys.jobs(campaign_id), job_id)
 
     async def stop_jobs(self, campaign_id: str) -> tuple[int, int]:
         """Revoke queued lane jobs and abort running ones (the fence already stops them from sending).

@@ -17,7 +17,7 @@ from dispatcher_service import scripts
 
 T = TypeVar("T")
 SCRIPTS = sorted(p.stem for p in scripts.LUA_DIR.glob("*.lua"))
-FRAGMENTS = {"release_prev", "reserve_slot", "fence_ok"}
+FRAGMENTS = {"release_prev", "reserve_slot", "fence_ok", "lock_renew"}
 
 
 def run(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
@@ -213,6 +213,43 @@ def test_lane_lock_renew_and_unlock(redis_server: RedisServer) -> None:
         assert await r.exists(lock, want) == 0
         assert await call(r, "lane_lock", [lock, want], ["b", 10_000]) == 1
         assert await call(r, "lane_unlock", [lock, want], ["b"]) == 0         # nobody else wanted it
+    run(redis_server, go)
+
+
+def test_lane_lock_renew_many_renews_only_the_locks_still_held(redis_server: RedisServer) -> None:
+    """The worker's heartbeat (lane/heartbeat.py): one step for many lanes, one answer per lock."""
+    async def go(r: Redis) -> None:
+        beats, want = k("beats"), k("want")
+        locks = [k("lock") for _ in range(3)]
+        for i, lock in enumerate(locks):
+            assert await call(r, "lane_lock", [lock, want], [f"o{i}", 200]) == 1
+        await r.set(locks[1], "someone-else")                 # taken over
+        await r.delete(locks[2])                              # expired
+        got = await call(r, "lane_lock_renew_many", [beats, *locks],
+                         [10_000, "o0", "c:0", "o1", "c:1", "o2", "c:2"])
+        assert got == [1, 0, 0]
+        assert 9_000 < await r.pttl(locks[0]) <= 10_000
+        assert await r.get(locks[1]) == "someone-else" and await r.exists(locks[2]) == 0
+        assert await r.zscore(beats, "c:0") is not None
+        assert await r.zscore(beats, "c:1") is None and await r.zscore(beats, "c:2") is None
+        assert await call(r, "lane_lock_renew_many", [beats], [10_000]) == []
+    run(redis_server, go)
+
+
+def test_jobs_claim_takes_only_due_queued_jobs_nobody_runs(redis_server: RedisServer) -> None:
+    """The worker's batched start check (worker.py start_jobs), arq's per-job check for many."""
+    async def go(r: Redis) -> None:
+        queue = k("queue")
+        now = int(time.time() * 1000)
+        await r.zadd(queue, {"due": now - 10, "running": now - 10, "later": now + 60_000})
+        await r.set("test:ip:running", "1")
+        ids = ["due", "running", "later", "gone"]
+        got = await call(r, "jobs_claim", [queue, *(f"test:ip:{i}" for i in ids)], [5000, now, *ids])
+        assert got[0::2] == ["due"] and int(float(got[1])) == now - 10
+        assert 0 < await r.pttl("test:ip:due") <= 5000
+        assert await r.exists("test:ip:later", "test:ip:gone") == 0
+        assert await call(r, "jobs_claim", [queue, "test:ip:due"], [5000, now, "due"]) == []  # claimed once
+        await r.delete("test:ip:due", "test:ip:running")
     run(redis_server, go)
 
 

@@ -10,7 +10,8 @@ from bench.core import Ctx
 from bench.figures.data import fig_delete, fig_import, fig_million, fig_start
 from bench.figures.dispatch import fig_dispatch
 from bench.figures.events import fig_watch, fig_webhooks
-from bench.figures.lanes import fig_lanes, fig_lease
+from bench.figures.lane_scale import fig_lanes
+from bench.figures.lanes import fig_lease
 from bench.figures.reads import fig_get, fig_list
 from bench.figures.scale import fig_scale
 from bench.figures.stop import fig_cancel, fig_pause

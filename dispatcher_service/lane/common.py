@@ -11,9 +11,12 @@ from typing import Any, TypeVar
 from arq.connections import ArqRedis
 
 from dispatcher_service import fences as fences_mod
+from dispatcher_service import keys
 from dispatcher_service.config import Config
 from dispatcher_service.delivery import DeliveryClient, ReportBatcher
+from dispatcher_service.lane.heartbeat import Heartbeats
 from dispatcher_service.pacing import Pacer
+from dispatcher_service.redis_batch import RedisBatch
 from dispatcher_service.store import Store
 from dispatcher_service.waha.transport import HttpClient
 from whago.campaign.v1 import delivery_service_pb2 as dpb
@@ -42,9 +45,9 @@ FENCE_POLL_SECONDS = 1.0
 # (one WAHA timeout + margin) covers every one of them.
 ID_CHUNK = 10
 ID_CHUNK_BURST = 25  # bursting lanes take ids for larger batches: fewer fence round trips
-# An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
-# (one Redis call per message instead of two). Before any wait (sleep, report, lease) the lane
-# releases it at once, and a timer this soon covers every other path, so a stop waiting for
+# An ended send's in-flight token (full-speed chips, paced ones without camouflage) is released by
+# the lane's next reservation (one Redis call per message fewer). Before any wait (sleep, report,
+# lease) the lane releases it at once, and a timer this soon covers every other path, so a stop waiting for
 # in-flight requests is never held back by a lane that went quiet (50 ms here doubled the Cancel
 # p99 of `make bench`).
 FOLD_RELEASE_SECONDS = 0.005
@@ -69,7 +72,13 @@ PREFETCH_AHEAD_SECONDS_BURST = 20.0
 # A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
 # service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
 LANE_WAIT_REPORT_SECONDS = 10.0
-LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
+LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60
+# Slices of one worker in their start (lane lock, lane state, first lease) at once: the worker
+# claims new jobs only while fewer are starting. 1,000 lanes starting together (one claim step
+# started them all) made event-loop rounds of seconds: sends of running lanes late, and lane locks
+# lapsing before the heartbeat's turn came; waiting inside the job instead ran into arq's job
+# timeout with 10,000 lanes (the leases come no faster than the campaign service answers).
+STARTING_SLICES = 64  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
 
 
 @dataclass
@@ -84,12 +93,18 @@ class WorkerEnv:
     fences: fences_mod.Fences = field(init=False)
     pacer: Pacer = field(init=False)
     reports: ReportBatcher = field(init=False)
+    batch: RedisBatch = field(init=False)
+    beats: Heartbeats = field(init=False)
+    starting: int = 0  # slices in their start (STARTING_SLICES)
 
     def __post_init__(self) -> None:
         self.reports = ReportBatcher(self.delivery)
-        self.store = Store(self.redis, self.cfg.queue_name)
+        self.batch = RedisBatch(self.redis)  # the lanes' per-send Redis steps, one pipeline per tick
+        self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences
-        self.pacer = Pacer(self.redis)
+        self.pacer = Pacer(self.redis, batch=self.batch)
+        self.beats = Heartbeats(self.redis, keys.lane_beats(self.cfg.queue_name), int(self.cfg.lane_lock_ttl * 1000),
+                                max(0.05, self.cfg.lane_lock_ttl / 4))
 
 
 class ChipDown(Exception):

@@ -86,9 +86,9 @@ class FencedLane:
         # run is only paused): the lane hash's `owner`, checked by the fence on every request. The
         # pid says which worker process runs the lane (diagnostics, `make bench` takeover).
         self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}",
-                             ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name)
+                             ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name, batch=env.batch)
         self.lock_lost = False
-        self.renew_task: asyncio.Task[None] | None = None
+        self.starting = False  # counted in WorkerEnv.starting until its first lease
         self.lease_until = 0.0  # lease end written ahead into the lane hash (a takeover's revisit)
         self.reclaim: list[tuple[float, str]] = []  # (after, owner) of owners this lane took over
         self.last_error = ""
@@ -104,9 +104,13 @@ class FencedLane:
         self.fence_key = keys_mod.fence(campaign_id)
         self.inflight_key = keys_mod.inflight(campaign_id)
         self.run_value = f"{fences_mod.run_value(epoch)}#{self.lock.owner}"  # fence_ok: fence + owner
-        # Full speed (no minimum gap): an ended send's token waits for the next reservation to
-        # release it (the release marks the chip's last send END; later is only more conservative).
+        # Full speed (no minimum gap): larger batches and reports.
         self.fold_release = self.limits.interval_min <= 0
+        # An ended send's token waits for the next reservation to release it (the release marks the
+        # chip's last send END; later is only more conservative): at full speed, and for paced lanes
+        # without camouflage, whose next step after a send is that reservation (two Redis steps per
+        # message instead of three; py-spy at 1,000 lanes at 1 s: Redis was the worker's largest cost).
+        self.fold_sends = self.fold_release or not (self.seen or self.typing)
         # Bursts: every gap is 0 and nothing happens before a send (no seen/typing).
         self.burst = self.limits.interval_max <= 0 and not self.seen and not self.typing
         self.report_batch = (MAX_BATCH_BURST if self.burst else REPORT_BATCH_FAST) if self.fold_release \
@@ -156,7 +160,7 @@ class FencedLane:
             try:
                 return await fn()
             finally:
-                if pace_chip is not None and self.fold_release and self.unreleased is None:
+                if pace_chip is not None and self.fold_sends and self.unreleased is None:
                     self._defer_release(tok)
                 else:
                     await asyncio.shield(self.env.fences.release(self.c, tok, pace_chip))

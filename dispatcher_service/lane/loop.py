@@ -86,9 +86,10 @@ class Lane(BurstingLane):
         outcome = "error"
         defer = 5.0
         cancelled = False
-        renew: asyncio.Task[None] | None = None
         locked = False
         try:
+            self.env.starting += 1
+            self.starting = True
             if not await self.env.fences.is_current(self.c, self.epoch):
                 outcome = "stopped"
                 return outcome
@@ -97,7 +98,7 @@ class Lane(BurstingLane):
                 outcome = "busy"
                 return outcome
             locked = True
-            renew = self.renew_task = asyncio.ensure_future(self._renew_lock())
+            self.env.beats.add(self.lock, self._lock_lost)  # the worker's heartbeat keeps it from now on
             await self._took_over()
             await self.env.store.set_lane(self.c, self.chip, state=pb.LANE_STATE_RUNNING, epoch=self.epoch,
                                           job=self.job_id, queued="")
@@ -115,12 +116,12 @@ class Lane(BurstingLane):
             outcome = "error"
             return outcome
         finally:
+            self._started()
             metrics.slice_ended(outcome)
             try:  # the heartbeat goes on while the slice cleans up (reports can take seconds)
                 await asyncio.shield(self._cleanup(outcome, defer, cancelled, locked))
             finally:
-                if renew is not None:
-                    renew.cancel()
+                self.env.beats.remove(self.lock)
 
     async def _took_over(self) -> None:
         """A lane whose last owner died holding leases (its `lease_until` is left: a clean unlock
@@ -160,19 +161,17 @@ class Lane(BurstingLane):
         now = time.time()
         return [o for after, o in self.reclaim if after <= now]
 
-    async def _renew_lock(self) -> None:
-        """The owner's heartbeat: renew the lock every quarter of its TTL; once it is not ours any
-        more (taken over while we were paused or cut off), nothing of ours may leave."""
-        every = max(0.05, self.cfg.lane_lock_ttl / 4)
-        for _ in range(10_000_000):
-            await asyncio.sleep(every)
-            try:
-                if not await self.lock.renew():
-                    log.warning("%s lane lock lost; stopping sends", self.ctx)
-                    self.lock_lost = True
-                    return
-            except Exception as e:  # Redis hiccup: the next renewal tries again
-                log.warning("%s lock renewal failed: %s", self.ctx, e)
+    def _started(self) -> None:
+        """The slice's start (lock, lane state, first lease) is over: the worker may claim another job."""
+        if self.starting:
+            self.starting = False
+            self.env.starting -= 1
+
+    def _lock_lost(self) -> None:
+        """The heartbeat found the lock not ours any more (taken over while we were paused or cut
+        off): nothing of ours may leave."""
+        log.warning("%s lane lock lost; stopping sends", self.ctx)
+        self.lock_lost = True
 
     def _per_msg(self) -> float:
         typing_est = min(self.typing_max, 4.0) if self.typing else 0.0
@@ -204,11 +203,11 @@ class Lane(BurstingLane):
         until = time.time() + lease_s + 2.0
         if until > self.lease_until:
             self.lease_until = until
-            await aw(self.env.redis.hset(self.lane_key, mapping={"lease_until": f"{until:.3f}",
-                                                                 "lease_owner": self.job_id}))
+            await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}", "lease_owner", self.job_id)
         ids = await self._new_ids(k) if k > 0 else []
         resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids,
                                              self._reclaim_owners())
+        self._started()
         for m in resp.messages:
             self.held[m.message_id] = m
         if resp.campaign_state != rpb.CAMPAIGN_STATE_RUNNING or resp.epoch != self.epoch:
@@ -381,8 +380,7 @@ class Lane(BurstingLane):
                 if self.last_error:
                     fields["last_error"] = self.last_error
                 await store.set_lane(self.c, self.chip, **fields)
-            if self.renew_task is not None:
-                self.renew_task.cancel()
+            self.env.beats.remove(self.lock)
             wanted = await self.lock.release() if locked else False
             if wanted:  # a slice (maybe of a newer epoch) found us busy: make sure the lane goes on
                 jid = await store.ensure_lane(self.c, self.chip)
