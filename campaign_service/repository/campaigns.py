@@ -76,6 +76,11 @@ def _page_query(by_state: bool, keyset: bool) -> Select[Any]:
 _PAGES = {(s, k): _page_query(s, k) for s in (False, True) for k in (False, True)}
 
 
+def page_statement(by_state: bool, keyset: bool) -> Select[Any]:
+    """The statement `page` runs (bound parameters uid, lim, state, after_t, after_id)."""
+    return _PAGES[by_state, keyset]
+
+
 def insert(session: Session, **fields: Any) -> Campaign:
     c = Campaign(id=uuid.uuid4(), **fields)
     session.add(c)
