@@ -28,6 +28,7 @@ from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from campaign_service.db.aio import LoopReads
 from campaign_service.db.stats import StatsKeeper
 
 
@@ -97,6 +98,8 @@ class Database:
         self.read_engine = make_engine(url, max(2, pool_size // 2), isolation_level="AUTOCOMMIT")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.stats = StatsKeeper(self.engine)
+        #: Reads on the event loop (GetCampaign); opened by `await loop_reads.start()` on the loop.
+        self.loop_reads = LoopReads(url, max(2, pool_size // 2))
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

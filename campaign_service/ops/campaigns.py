@@ -127,10 +127,11 @@ class CampaignCrud(OpsBase):
         log.info("campaign=%s created (name: %s, state: %s)", c.id, c.name, state.name)
         return c
 
-    def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
-        """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view)."""
+    async def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
+        """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view). On the event
+        loop: see campaign_service.db.aio for why."""
         cid = parse_uuid(campaign_id, "campaign_id")
-        row = campaigns_repo.get_view(self.db, user_id, cid)
+        row = await campaigns_repo.get_view_on_loop(self.db.loop_reads, user_id, cid)
         if row is None:
             raise errors.NotFound("campaign", str(cid))
         return row

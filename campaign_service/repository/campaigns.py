@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
+from campaign_service.db.aio import LoopReads
 from campaign_service.db.engine import Database, Prepared
 from campaign_service.db.models import Campaign
 
@@ -105,8 +106,14 @@ def get_any(session: Session, campaign_id: uuid.UUID, *, for_update: bool = Fals
 
 
 def get_view(db: Database, user_id: uuid.UUID, campaign_id: uuid.UUID) -> CampaignView | None:
-    """The VIEW_COLUMNS of one of the user's campaigns."""
+    """The VIEW_COLUMNS of one of the user's campaigns (from a thread)."""
     row = db.fetch_one(GET_VIEW, str(campaign_id), str(user_id))
+    return None if row is None else CampaignView._make(row)
+
+
+async def get_view_on_loop(reads: LoopReads, user_id: uuid.UUID, campaign_id: uuid.UUID) -> CampaignView | None:
+    """get_view, from the event loop (the same statement)."""
+    row = await reads.fetch_one(GET_VIEW.sql, campaign_id, user_id)
     return None if row is None else CampaignView._make(row)
 
 

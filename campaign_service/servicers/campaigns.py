@@ -53,8 +53,11 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
                                                  idem(request.request_id, "CreateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
-    def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        return convert.campaign_view(self.ops.campaigns.get_campaign(auth.current_user_id(), request.campaign_id))
+    async def GetCampaign(self, request: cs.GetCampaignRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> res.Campaign:
+        """On the event loop, not the RPC thread pool (campaign_service.db.aio)."""
+        return convert.campaign_view(await self.ops.campaigns.get_campaign(auth.current_user_id(),
+                                                                           request.campaign_id))
 
     def ListCampaigns(self, request: cs.ListCampaignsRequest,
                       context: grpc.ServicerContext) -> cs.ListCampaignsResponse:
