@@ -24,11 +24,13 @@ Metadata = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class Job:
-    """What every worker calls, and for how long (after `warmup` calls of its own)."""
+    """What every worker calls, and for how long (after `warmup` calls of its own). The calls in
+    flight take the requests of `bodies` in turn, each its own: call k of worker w always sends
+    bodies[(w * concurrency + k) % len(bodies)] (distinct resources, as many clients would ask)."""
 
     target: str
     method: str  # "/package.Service/Method"
-    body: bytes
+    bodies: tuple[bytes, ...]
     metadata: Metadata
     seconds: float
     warmup: int = 20
@@ -55,19 +57,19 @@ class LoadResult:
     first_error: str
 
 
-async def _run(job: Job, concurrency: int, go: float) -> Outcome:
+async def _run(job: Job, concurrency: int, index: int, go: float) -> Outcome:
     async with grpc.aio.insecure_channel(job.target) as ch:
         call = ch.unary_unary(job.method, None, None)  # no (de)serializers: bytes in, bytes out
-        for _ in range(job.warmup):
-            await call(job.body, metadata=job.metadata, timeout=30)
+        for k in range(job.warmup):
+            await call(job.bodies[k % len(job.bodies)], metadata=job.metadata, timeout=30)
         counts = [0, 0]
         first: list[str] = []
         stop = False
 
-        async def one() -> None:
+        async def one(body: bytes) -> None:
             while not stop:
                 try:
-                    await call(job.body, metadata=job.metadata, timeout=30)
+                    await call(body, metadata=job.metadata, timeout=30)
                     counts[0] += 1
                 except grpc.aio.AioRpcError as e:
                     counts[1] += 1
@@ -76,7 +78,8 @@ async def _run(job: Job, concurrency: int, go: float) -> Outcome:
 
         await asyncio.sleep(max(0.0, go - time.time()))  # every worker starts at the same instant
         cpu0, t0 = time.process_time(), time.perf_counter()
-        tasks = [asyncio.create_task(one()) for _ in range(concurrency)]
+        tasks = [asyncio.create_task(one(job.bodies[(index * concurrency + k) % len(job.bodies)]))
+                 for k in range(concurrency)]
         await asyncio.sleep(job.seconds)
         stop = True
         await asyncio.gather(*tasks)
@@ -84,7 +87,7 @@ async def _run(job: Job, concurrency: int, go: float) -> Outcome:
                        first[0] if first else "")
 
 
-def _worker(conn: Connection, concurrency: int) -> None:
+def _worker(conn: Connection, concurrency: int, index: int) -> None:
     """A worker process: runs each (job, start time) it is sent, answers its Outcome."""
     while True:
         msg = conn.recv()
@@ -92,7 +95,7 @@ def _worker(conn: Connection, concurrency: int) -> None:
             return
         job, go = msg
         try:
-            conn.send(asyncio.run(_run(job, concurrency, go)))
+            conn.send(asyncio.run(_run(job, concurrency, index, go)))
         except Exception as e:  # reported, so the figure becomes an error row rather than a hang
             conn.send(Outcome(0, 1, 0.0, 0.0, f"{type(e).__name__}: {e}"))
 
@@ -106,9 +109,9 @@ class LoadGenerator:
         ctx = multiprocessing.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
-        for _ in range(processes):
+        for index in range(processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child, concurrency), daemon=True)
+            p = ctx.Process(target=_worker, args=(child, concurrency, index), daemon=True)
             p.start()
             child.close()
             self._conns.append(parent)

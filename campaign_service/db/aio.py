@@ -1,4 +1,4 @@
-"""Reads served on the event loop (asyncpg), for the hottest read RPC: GetCampaign.
+"""Reads served on the event loop (asyncpg), for the hottest read RPCs: GetCampaign, ListCampaigns.
 
 Why not the RPC thread pool like every other unary RPC: there a call hops loop -> thread -> loop,
 and while the thread waits for PostgreSQL psycopg2 hands the GIL to the loop and takes it back.
@@ -7,7 +7,8 @@ campaign_service CPU per GetCampaign more than the trivial servicer, of which th
 Python was a few percent. asyncpg runs the query from the loop itself (binary protocol, each
 statement prepared once per connection by its statement cache), so a read is one coroutine.
 
-Only short single-row reads belong here: anything slow would hold up every RPC on the loop.
+Only short, index-bound reads belong here: anything slow would hold up every RPC on the loop (a
+list page of 100 campaigns is ~0.6 ms of Python to render; on a thread it held the GIL as long).
 """
 
 from __future__ import annotations
@@ -56,12 +57,11 @@ class LoopReads:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._max_size,
                                                    timeout=10, reset=_keep_session)
 
-    async def fetch_one(self, sql: str, *params: Any) -> tuple[Any, ...] | None:
-        """The first row of `sql` ($1..$n placeholders), as a plain tuple."""
+    async def fetch_all(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Every row of `sql` ($1..$n placeholders), as plain tuples."""
         if self._pool is None:
             raise RuntimeError("LoopReads used before start()")
-        row = await self._pool.fetchrow(sql, *params)
-        return None if row is None else tuple(row)
+        return [tuple(r) for r in await self._pool.fetch(sql, *params)]
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -9,9 +9,10 @@ Round trips are the cost of the hot read RPCs (a Get is ~0.1 ms of SQL), so:
   retry) and SQLAlchemy then invalidates the whole pool.
 - `session()` (reads) runs the connection in autocommit for its duration: one round trip per
   statement, no BEGIN and no ROLLBACK. psycopg2 toggles autocommit client-side, with no query.
-- `fetch_one()` serves the hottest single-row reads (GetCampaign) from a server-side prepared
-  statement on a raw pooled connection: PostgreSQL skips parse and plan (~60 us of its CPU per
-  call), and Python skips building a SQLAlchemy Connection and execution context.
+- `fetch_one()` serves hot single-row reads made from threads (WatchCampaign's snapshot) from a
+  server-side prepared statement on a raw pooled connection: PostgreSQL skips parse and plan (~60 us
+  of its CPU per call), and Python skips building a SQLAlchemy Connection and execution context.
+  (GetCampaign and ListCampaigns read from the event loop instead: campaign_service/db/aio.py.)
 """
 
 from __future__ import annotations
