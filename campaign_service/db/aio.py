@@ -54,8 +54,9 @@ class LoopReads:
 
     async def start(self) -> None:
         if self._pool is None:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._max_size,
-                                                   timeout=10, reset=_keep_session)
+            # No idle-lifetime timer: asyncpg arms one (call_later) at every release otherwise.
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._max_size, timeout=10,
+                                                   reset=_keep_session, max_inactive_connection_lifetime=0)
 
     async def fetch_all(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Every row of `sql` ($1..$n placeholders), as plain tuples."""
