@@ -269,7 +269,7 @@ def _cold(ctx: Ctx, api: Api, uid: uuid.UUID, like_id: str, r_cold: Result) -> N
         (filtered if by_state else plain).append(t)
     # PostgreSQL's buffer counters reach pg_statio only when a backend flushes them, so the proof
     # of coldness is a plan: a page no call read, with where its buffers came from.
-    plan = _explain(st, uid, 0, (probe[0], uuid.UUID(probe[1])))
+    plan = _explain(st, uid, 0, (probe[0], probe[1]))
     both = plain + filtered
     r_cold.value = pct(both, 99)
     r_cold.met = True  # reported, no target
