@@ -1,10 +1,13 @@
-"""Baseline of figure 5: a trivial grpcio unary servicer with campaign_service's server model
-(grpc.aio.server running plain-function handlers on campaign_service's ElasticThreadPool as
-its migration pool, with the same CAMPAIGN_CORE_WORKERS and CAMPAIGN_MAX_WORKERS). GetCampaign
-answers a constant Campaign of the same shape, without auth,
-database or logging.
+"""Baseline of figure `get`: a trivial grpcio unary servicer with campaign_service's server model
+(grpc.aio.server with campaign_service's ElasticThreadPool as its migration pool, the same
+CAMPAIGN_CORE_WORKERS and CAMPAIGN_MAX_WORKERS, and the same GC settings, server.tune_gc).
+GetCampaign answers a constant Campaign of the same shape, without auth, database or logging.
 
-    python -m bench.trivial_server --port P [--core-workers N] [--max-workers N]
+`--mode thread` runs the handler as a plain function on the pool (as campaign_service runs its
+unary RPCs), `--mode loop` as a coroutine on the event loop (as it runs its hot reads): the
+figure compares ours with the mode our GetCampaign runs in.
+
+    python -m bench.trivial_server --port P [--mode thread|loop] [--core-workers N] [--max-workers N]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import grpc
 
 from campaign_service import config
 from campaign_service.rpc_pool import ElasticThreadPool
+from campaign_service.server import tune_gc
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import resources_pb2 as res
 
@@ -37,13 +41,17 @@ class Trivial:
     def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         return self.campaign
 
+    async def GetCampaignOnLoop(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
+        return self.campaign
 
-async def serve(port: int, core_workers: int, max_workers: int) -> None:
+
+async def serve(port: int, core_workers: int, max_workers: int, mode: str) -> None:
     server = grpc.aio.server(migration_thread_pool=ElasticThreadPool(core_workers, max_workers))
     servicer = Trivial()
+    handler = servicer.GetCampaign if mode == "thread" else servicer.GetCampaignOnLoop
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("whago.campaign.v1.CampaignService", {
         "GetCampaign": grpc.unary_unary_rpc_method_handler(
-            servicer.GetCampaign, request_deserializer=cs.GetCampaignRequest.FromString,
+            handler, request_deserializer=cs.GetCampaignRequest.FromString,
             response_serializer=res.Campaign.SerializeToString),
     }),))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -62,8 +70,10 @@ def main() -> None:
     settings = config.load()
     ap.add_argument("--max-workers", type=int, default=settings.max_workers)
     ap.add_argument("--core-workers", type=int, default=settings.core_workers)
+    ap.add_argument("--mode", choices=("thread", "loop"), default="thread")
     a = ap.parse_args()
-    asyncio.run(serve(a.port, a.core_workers, a.max_workers))
+    tune_gc()
+    asyncio.run(serve(a.port, a.core_workers, a.max_workers, a.mode))
 
 
 if __name__ == "__main__":

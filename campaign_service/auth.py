@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 from campaign_service import errors
 
+
+class NeedsLookup(Exception):
+    """Raised instead of querying PostgreSQL when the caller must not block (the event loop): the
+    answer is not cached; ask again from a thread."""
+
+
 KEY_PREFIX = "whk_"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -189,8 +190,10 @@ def _stamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return _Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
 
 
-def _campaign(c: Any, id_: str, chip_ids: Any, body: bytes) -> res.Campaign:
-    out = res.Campaign(
+def _campaign(c: Any, id_: str, chip_ids: Any, body: bytes,
+              make: Callable[..., res.Campaign] = res.Campaign) -> res.Campaign:
+    """`make` is res.Campaign, or a repeated field's `add` to build the message in place there."""
+    out = make(
         id=id_, name=c.name, description=c.description, state=c.state, state_reason=c.state_reason, chip_ids=chip_ids,
         schedule_time=_stamp(c.schedule_time), create_time=_stamp(c.created_at),
         update_time=_stamp(c.updated_at), start_time=_stamp(c.started_at), complete_time=_stamp(c.completed_at),
@@ -210,6 +213,14 @@ def campaign(c: Campaign | Any) -> res.Campaign:
 def campaign_view(row: Any) -> res.Campaign:
     """A Campaign resource from a row of campaigns_repo.VIEW_COLUMNS."""
     return _campaign(row, row.id, row.chip_ids, _bodies.from_json(row.templates_json, row.settings_json))
+
+
+def campaign_views_into(rows: Iterable[Any], into: Any) -> None:
+    """campaign_view of each row, built in place in the repeated field `into`: adding standalone
+    messages to a repeated field copies each (~15% of rendering a page of 100)."""
+    add = into.add
+    for row in rows:
+        _campaign(row, row.id, row.chip_ids, _bodies.from_json(row.templates_json, row.settings_json), add)
 
 
 def chip(c: Chip) -> res.Chip:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from campaign_service import auth, errors, metrics, tracing
+from campaign_service.db import aio
 from campaign_service.limits import RateLimiter
 
 log = logging.getLogger("campaign_service.rpc")
@@ -36,12 +37,14 @@ class KeyCache:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, auth.Principal | None]] = {}
 
-    def principal_for(self, key: str) -> auth.Principal | None:
+    def principal_for(self, key: str, cached_only: bool = False) -> auth.Principal | None:
         h = auth.hash_key(key)
         now = time.monotonic()
         hit = self._cache.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]
+        if cached_only:
+            raise auth.NeedsLookup
         user = self._lookup(h)
         if len(self._cache) > 10_000:
             self._cache.clear()
@@ -59,6 +62,8 @@ def to_service_error(exc: BaseException) -> errors.ServiceError:
         return exc
     if isinstance(exc, (OperationalError, PoolTimeout)) or (
             isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return errors.Unavailable("database unavailable, retry later")
+    if isinstance(exc, aio.CONNECTION_ERRORS):  # the same, from the reads on the event loop
         return errors.Unavailable("database unavailable, retry later")
     if isinstance(exc, redis.exceptions.ConnectionError):
         return errors.Unavailable("redis unavailable, retry later")
@@ -90,7 +95,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._limiter = limiter
         self._handlers: dict[str, Any] = {}  # method -> wrapped handler (built once per method)
 
-    def _principal(self, service: str, metadata: Any) -> auth.Principal | None:
+    def _principal(self, service: str, metadata: Any, cached_only: bool = False) -> auth.Principal | None:
+        """The caller; with `cached_only`, NeedsLookup rather than a query (key or rate not cached)."""
         if service in PUBLIC_SERVICES:
             return None
         token = auth.bearer_token(metadata)
@@ -101,13 +107,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if internal:
                 return _SERVICE_PRINCIPAL
             raise errors.PermissionDenied("the service token is for internal RPCs only")
-        principal = self._keys.principal_for(token)
+        principal = self._keys.principal_for(token, cached_only)
         if principal is None:
             raise errors.Unauthenticated("invalid API key")
         if internal:
             raise errors.PermissionDenied(f"{service} is internal: user credentials are refused")
         if self._limiter is not None and principal.user_id is not None:
-            self._limiter.take(principal.user_id)
+            self._limiter.take(principal.user_id, cached_only)
         return principal
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
@@ -148,9 +154,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return tracing.traced(method, run) if tracing.enabled() else run
 
         async def principal_for(context: Any) -> Any:
-            # The key lookup may query PostgreSQL: not on the event loop.
-            return await asyncio.get_running_loop().run_in_executor(
-                None, principal_of, service, context.invocation_metadata())
+            # From the caches on the loop; a lookup that must query PostgreSQL goes to a thread.
+            metadata = context.invocation_metadata()
+            try:
+                return principal_of(service, metadata, True)
+            except auth.NeedsLookup:
+                return await asyncio.get_running_loop().run_in_executor(None, principal_of, service, metadata)
 
         def wrap_async(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def run(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from campaign_service import errors
+from campaign_service import auth, errors
 from campaign_service.config import Settings
 
 _LIMITS = text("SELECT campaigns, contacts_per_campaign, chips, rpc_per_second FROM user_limits WHERE user_id = :u")
@@ -62,19 +62,23 @@ class RateLimiter:
         self._buckets: dict[uuid.UUID, tuple[float, float]] = {}  # user -> (tokens, at)
         self._lock = threading.Lock()
 
-    def _rate(self, user_id: uuid.UUID, now: float) -> float:
+    def _rate(self, user_id: uuid.UUID, now: float, cached_only: bool) -> float:
         hit = self._rates.get(user_id)
         if hit is not None and hit[1] > now:
             return hit[0]
+        if cached_only:
+            raise auth.NeedsLookup
         rate = self._rate_of(user_id)
         if len(self._rates) > 100_000:
             self._rates.clear()
         self._rates[user_id] = (rate, now + self._ttl)
         return rate
 
-    def take(self, user_id: uuid.UUID) -> None:
+    def take(self, user_id: uuid.UUID, cached_only: bool = False) -> None:
+        """Spend one call of the user's bucket; with `cached_only`, NeedsLookup (nothing spent)
+        when the user's rate would have to be read from PostgreSQL."""
         now = time.monotonic()
-        rate = self._rate(user_id, now)
+        rate = self._rate(user_id, now, cached_only)
         if rate <= 0:
             return
         with self._lock:

@@ -2,8 +2,9 @@
 CreditService and the internal DeliveryService on one grpc.aio server, with reflection and
 grpc.health.v1; the delivery scheduler thread; the event relay and the WatchCampaign hub as asyncio tasks.
 
-The unary handlers are plain functions run on the RPC thread pool (grpc.aio's migration pool);
-WatchCampaign is a coroutine on the event loop, so a thousand watchers cost no thread.
+The unary handlers are plain functions run on the RPC thread pool (grpc.aio's migration pool),
+except GetCampaign, a coroutine reading through asyncpg (campaign_service.db.aio); WatchCampaign
+is a coroutine on the event loop, so a thousand watchers cost no thread.
 
 SIGTERM/SIGINT: health goes NOT_SERVING, watchers are told to reconnect, in-flight RPCs get
 `grace` seconds, the engine is disposed."""
@@ -136,6 +137,7 @@ class App:
         # Work that coroutines hand to threads (key lookups, snapshots, an import's transaction)
         # runs on the same elastic pool as the unary RPCs: it grows when long imports hold threads.
         loop.set_default_executor(self.pool)
+        await self.db.loop_reads.start()
         port = self.server.add_insecure_port(self.settings.listen)
         if port == 0:
             raise RuntimeError(f"cannot listen on {self.settings.listen}")
@@ -181,6 +183,7 @@ class App:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.background.shutdown(wait=False, cancel_futures=True)
         self.dispatcher.close()
+        await self.db.loop_reads.close()
         self.db.dispose()
         log.info("campaign_service stopped")
 

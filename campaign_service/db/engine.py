@@ -9,9 +9,10 @@ Round trips are the cost of the hot read RPCs (a Get is ~0.1 ms of SQL), so:
   retry) and SQLAlchemy then invalidates the whole pool.
 - `session()` (reads) runs the connection in autocommit for its duration: one round trip per
   statement, no BEGIN and no ROLLBACK. psycopg2 toggles autocommit client-side, with no query.
-- `fetch_one()` serves the hottest single-row reads (GetCampaign) from a server-side prepared
-  statement on a raw pooled connection: PostgreSQL skips parse and plan (~60 us of its CPU per
-  call), and Python skips building a SQLAlchemy Connection and execution context.
+- `fetch_one()` serves hot single-row reads made from threads (WatchCampaign's snapshot) from a
+  server-side prepared statement on a raw pooled connection: PostgreSQL skips parse and plan (~60 us
+  of its CPU per call), and Python skips building a SQLAlchemy Connection and execution context.
+  (GetCampaign and ListCampaigns read from the event loop instead: campaign_service/db/aio.py.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from campaign_service.db.aio import LoopReads
 from campaign_service.db.stats import StatsKeeper
 
 
@@ -97,6 +99,8 @@ class Database:
         self.read_engine = make_engine(url, max(2, pool_size // 2), isolation_level="AUTOCOMMIT")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.stats = StatsKeeper(self.engine)
+        #: Reads on the event loop (GetCampaign); opened by `await loop_reads.start()` on the loop.
+        self.loop_reads = LoopReads(url, max(2, pool_size // 2))
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from functools import partial
 
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
 
 from campaign_service import convert, errors, lifecycle, limits, outbox, pacing, pagination, templates
+from campaign_service.config import Settings
+from campaign_service.db.coalesce import Coalescer
+from campaign_service.db.engine import Database
 from campaign_service.db.models import Campaign
+from campaign_service.dispatch import DispatcherClient
 from campaign_service.ids import parse_uuid
 from campaign_service.lifecycle import Op, State
 from campaign_service.ops.base import OpsBase, utcnow
@@ -41,6 +46,12 @@ log = logging.getLogger("campaign_service.campaigns")
 
 class CampaignCrud(OpsBase):
     """Create/Get/List/Update/DeleteCampaign."""
+
+    def __init__(self, db: Database, settings: Settings, dispatcher: DispatcherClient) -> None:
+        super().__init__(db, settings, dispatcher)
+        #: GetCampaigns in flight together share one query (campaign_service.db.coalesce).
+        self._views: Coalescer[campaigns_repo.ViewKey, campaigns_repo.CampaignView] = Coalescer(
+            partial(campaigns_repo.get_views_on_loop, db.loop_reads))
 
     def _validate_fields(self, spec: CampaignInput, paths: Iterable[str], prefix: str = "campaign") -> None:
         """Request-only checks (no database), for the paths being written."""
@@ -128,22 +139,23 @@ class CampaignCrud(OpsBase):
         log.info("campaign=%s created (name: %s, state: %s)", c.id, c.name, state.name)
         return c
 
-    def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
-        """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view)."""
+    async def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
+        """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view). On the event
+        loop: see campaign_service.db.aio for why."""
         cid = parse_uuid(campaign_id, "campaign_id")
-        row = campaigns_repo.get_view(self.db, user_id, cid)
+        row = await self._views.get(campaigns_repo.view_key(user_id, cid))
         if row is None:
             raise errors.NotFound("campaign", str(cid))
         return row
 
-    def list_campaigns(self, user_id: uuid.UUID, state: int, page_size: int, page_token: str) -> Page:
-        """Rows of campaigns_repo.VIEW_COLUMNS (render them with convert.campaign_view)."""
+    async def list_campaigns(self, user_id: uuid.UUID, state: int, page_size: int, page_token: str) -> Page:
+        """campaigns_repo.CampaignView rows (render them with convert.campaign_view). On the event
+        loop, like get_campaign."""
         size = pagination.page_size(page_size)
         if state and state not in State._value2member_map_:
             raise errors.InvalidArgument([("state", f"unknown state {state}")])
         after = pagination.decode_created_keyset(page_token, "campaigns", str(state))
-        with self.db.read() as conn:
-            rows = campaigns_repo.page(conn, user_id, state, size + 1, after)
+        rows = await campaigns_repo.page_on_loop(self.db.loop_reads, user_id, state, size + 1, after)
         token = ""
         if len(rows) > size:
             rows = rows[:size]

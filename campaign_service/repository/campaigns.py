@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.orm import Session
 
+from campaign_service.db.aio import LoopReads
 from campaign_service.db.engine import Database, Prepared
 from campaign_service.db.models import Campaign
 
@@ -58,7 +59,8 @@ class CampaignView(NamedTuple):
 
 assert CampaignView._fields == tuple(c.name for c in VIEW_COLUMNS)
 
-#: GetCampaign, the hottest read: prepared once per connection (see Database.fetch_one).
+#: One campaign's view from a thread (WatchCampaign's snapshot): prepared once per connection (see
+#: Database.fetch_one). GetCampaign reads GET_VIEWS from the event loop.
 GET_VIEW = Prepared("whago_get_campaign_view", str(select(*VIEW_COLUMNS).compile(dialect=postgresql.dialect()))
                     + " WHERE campaigns.id = $1 AND campaigns.user_id = $2", 2)
 
@@ -74,6 +76,20 @@ def _page_query(by_state: bool, keyset: bool) -> Select[Any]:
 
 
 _PAGES = {(s, k): _page_query(s, k) for s in (False, True) for k in (False, True)}
+
+
+def _positional(q: Select[Any]) -> tuple[str, tuple[str, ...]]:
+    """A statement as asyncpg's SQL ($1..$n) and the names of its parameters in that order."""
+    compiled = q.compile(dialect=asyncpg_dialect())
+    return str(compiled), tuple(compiled.positiontup or ())
+
+
+_PAGES_ON_LOOP = {key: _positional(q) for key, q in _PAGES.items()}
+
+
+def page_statement(by_state: bool, keyset: bool) -> Select[Any]:
+    """The statement `page_on_loop` runs (bound parameters uid, lim, state, after_t, after_id)."""
+    return _PAGES[by_state, keyset]
 
 
 def insert(session: Session, **fields: Any) -> Campaign:
@@ -100,20 +116,48 @@ def get_any(session: Session, campaign_id: uuid.UUID, *, for_update: bool = Fals
 
 
 def get_view(db: Database, user_id: uuid.UUID, campaign_id: uuid.UUID) -> CampaignView | None:
-    """The VIEW_COLUMNS of one of the user's campaigns."""
+    """The VIEW_COLUMNS of one of the user's campaigns (from a thread)."""
     row = db.fetch_one(GET_VIEW, str(campaign_id), str(user_id))
     return None if row is None else CampaignView._make(row)
 
 
-def page(conn: Connection, user_id: uuid.UUID, state: int, limit: int,
-         after: tuple[datetime, uuid.UUID] | None) -> list[Row[Any]]:
-    """VIEW_COLUMNS rows, newest first, keyset-paginated after (created_at, id)."""
+#: Many users' campaigns at once, keyed by (campaign id, owner) pairs in two arrays: the views of
+#: the pairs that exist, each followed by its owner (the pair, as text, keys the answer).
+GET_VIEWS = (str(select(*VIEW_COLUMNS, cast(_c.user_id, Text).label("owner")).compile(dialect=postgresql.dialect()))
+             + " JOIN unnest($1::uuid[], $2::uuid[]) AS k(k_id, k_user)"
+             " ON campaigns.id = k.k_id AND campaigns.user_id = k.k_user")
+
+ViewKey = tuple[str, str]  # (campaign id, user id), as text
+
+
+def view_key(user_id: uuid.UUID, campaign_id: uuid.UUID) -> ViewKey:
+    return str(campaign_id), str(user_id)
+
+
+async def get_views_on_loop(reads: LoopReads, keys: list[ViewKey]) -> dict[ViewKey, CampaignView]:
+    """The views of those of `keys` that exist, from the event loop (one query for all; see
+    campaign_service.db.coalesce)."""
+    rows = await reads.fetch_all(GET_VIEWS, [k[0] for k in keys], [k[1] for k in keys])
+    return {(r[0], r[-1]): CampaignView._make(r[:-1]) for r in rows}
+
+
+def _page_params(user_id: uuid.UUID, state: int, limit: int,
+                 after: tuple[datetime, uuid.UUID] | None) -> dict[str, Any]:
     params: dict[str, Any] = {"uid": user_id, "lim": limit}
     if state:
         params["state"] = state
     if after is not None:
         params["after_t"], params["after_id"] = after
-    return list(conn.execute(_PAGES[bool(state), after is not None], params).all())
+    return params
+
+
+async def page_on_loop(reads: LoopReads, user_id: uuid.UUID, state: int, limit: int,
+                       after: tuple[datetime, uuid.UUID] | None) -> list[CampaignView]:
+    """VIEW_COLUMNS rows, newest first, keyset-paginated after (created_at, id), from the event loop
+    (asyncpg prepares each of the four statements once per connection)."""
+    sql, names = _PAGES_ON_LOOP[bool(state), after is not None]
+    params = _page_params(user_id, state, limit, after)
+    return [CampaignView._make(r) for r in await reads.fetch_all(sql, *(params[n] for n in names))]
 
 
 def touch(session: Session, c: Campaign) -> None:

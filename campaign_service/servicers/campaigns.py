@@ -53,15 +53,20 @@ class CampaignServicer(cs_grpc.CampaignServiceServicer):
                                                  idem(request.request_id, "CreateCampaign", convert.campaign))
         return unwrap(out, res.Campaign, convert.campaign)
 
-    def GetCampaign(self, request: cs.GetCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
-        return convert.campaign_view(self.ops.campaigns.get_campaign(auth.current_user_id(), request.campaign_id))
+    async def GetCampaign(self, request: cs.GetCampaignRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> res.Campaign:
+        """On the event loop, not the RPC thread pool (campaign_service.db.aio)."""
+        return convert.campaign_view(await self.ops.campaigns.get_campaign(auth.current_user_id(),
+                                                                           request.campaign_id))
 
-    def ListCampaigns(self, request: cs.ListCampaignsRequest,
-                      context: grpc.ServicerContext) -> cs.ListCampaignsResponse:
-        page = self.ops.campaigns.list_campaigns(auth.current_user_id(), request.state, request.page_size,
-                                                 request.page_token)
-        return cs.ListCampaignsResponse(campaigns=[convert.campaign_view(c) for c in page.items],
-                                        next_page_token=page.next_page_token)
+    async def ListCampaigns(self, request: cs.ListCampaignsRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> cs.ListCampaignsResponse:
+        """On the event loop, like GetCampaign."""
+        page = await self.ops.campaigns.list_campaigns(auth.current_user_id(), request.state, request.page_size,
+                                                       request.page_token)
+        out = cs.ListCampaignsResponse(next_page_token=page.next_page_token)
+        convert.campaign_views_into(page.items, out.campaigns)
+        return out
 
     def UpdateCampaign(self, request: cs.UpdateCampaignRequest, context: grpc.ServicerContext) -> res.Campaign:
         uid = auth.current_user_id()

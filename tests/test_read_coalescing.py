@@ -1,0 +1,145 @@
+"""GetCampaign's coalesced reads (campaign_service/db/coalesce.py, repository GET_VIEWS): gets in
+flight together share one query, each waiter gets its own key's answer, tenancy holds inside a
+batch, and a failed query fails every waiter of its batch and no other. The batching itself with a
+recording fetch; the query and the RPC against the session's PostgreSQL and campaign_service."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from campaign_service.db.aio import LoopReads
+from campaign_service.db.coalesce import Coalescer
+from campaign_service.repository import campaigns as campaigns_repo
+from tests.conftest import SANDBOX_API_KEY, auth
+from tests.helpers import Ops
+from whago.campaign.v1 import campaign_service_pb2 as cs
+from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
+from whago.campaign.v1 import resources_pb2 as res
+
+
+class Recorder:
+    """A fetch that records its batches and answers key * 10 (none for 3), after `delay` s."""
+
+    def __init__(self, delay: float = 0.01, fail: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail = fail or set()
+
+    async def __call__(self, keys: list[int]) -> dict[int, int]:
+        self.batches.append(list(keys))
+        await asyncio.sleep(self.delay)
+        if self.fail & set(keys):
+            raise ConnectionError("database unavailable")
+        return {k: k * 10 for k in keys if k != 3}
+
+
+def test_gets_of_one_turn_share_one_fetch_and_each_gets_its_own_answer() -> None:
+    fetch = Recorder()
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch)
+        return await asyncio.gather(*(c.get(k) for k in [1, 2, 3, 2]))
+
+    assert asyncio.run(main()) == [10, 20, None, 20]
+    assert fetch.batches == [[1, 2, 3]]  # distinct keys, once each
+
+
+def test_gets_asked_while_a_fetch_is_in_flight_go_out_together_after_it() -> None:
+    fetch = Recorder(delay=0.05)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch)
+        first = asyncio.ensure_future(c.get(1))
+        await asyncio.sleep(0.01)  # the first fetch is in flight
+        later = [asyncio.ensure_future(c.get(k)) for k in (4, 5)]
+        await asyncio.sleep(0)
+        assert fetch.batches == [[1]], "nothing starts beside the query in flight"
+        return await asyncio.gather(first, *later)
+
+    assert asyncio.run(main()) == [10, 40, 50]
+    assert fetch.batches == [[1], [4, 5]]
+
+
+def test_a_failed_fetch_fails_its_own_waiters_only() -> None:
+    fetch = Recorder(delay=0.02, fail={7})
+
+    async def main() -> tuple[list[object], int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch)
+        failed = await asyncio.gather(c.get(7), c.get(8), return_exceptions=True)
+        return failed, await c.get(9)  # the next batch runs as usual
+
+    failed, after = asyncio.run(main())
+    assert all(isinstance(e, ConnectionError) for e in failed), failed
+    assert after == 90
+
+
+def test_a_cancelled_waiter_leaves_the_others_their_answers() -> None:
+    fetch = Recorder(delay=0.05)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch)
+        gone = asyncio.ensure_future(c.get(1))
+        kept = asyncio.ensure_future(c.get(2))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return [await kept, await c.get(1)]
+
+    assert asyncio.run(main()) == [20, 10]
+
+
+def test_a_batch_answers_each_key_for_its_owner_only(api: Ops, sandbox_url: str, database_url: str) -> None:
+    """One query for (campaign, owner), (campaign, another user), (unknown id, owner)."""
+    camp = api.campaign([api.chip(sandbox_url, SANDBOX_API_KEY)], name="coalesced")
+
+    async def main() -> dict[campaigns_repo.ViewKey, campaigns_repo.CampaignView]:
+        reads = LoopReads(database_url, 2)
+        await reads.start()
+        try:
+            owner = await reads.fetch_all("SELECT user_id::text FROM campaigns WHERE id = $1", uuid.UUID(camp.id))
+            keys = [(camp.id, owner[0][0]), (camp.id, str(uuid.uuid4())), (str(uuid.uuid4()), owner[0][0])]
+            return await campaigns_repo.get_views_on_loop(reads, keys)
+        finally:
+            await reads.close()
+
+    found = asyncio.run(main())
+    assert len(found) == 1
+    (cid, _), view = next(iter(found.items()))
+    assert cid == camp.id and view.id == camp.id and view.name == "coalesced"
+
+
+def test_concurrent_gets_of_two_users_each_see_only_their_own(
+        api: Ops, api_key: str, sandbox_url: str, create_user: Callable[..., str], ports: dict[str, int]) -> None:
+    """Many GetCampaigns at once (so they share queries), the owner's and another user's for the
+    same ids: the owner gets each campaign, the other NOT_FOUND for every one."""
+    chip = api.chip(sandbox_url, SANDBOX_API_KEY)
+    ids = [api.campaign([chip], name=f"mine {k}").id for k in range(8)]
+    other = create_user()
+
+    async def main() -> tuple[list[str], list[grpc.StatusCode]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['campaign']}") as ch:
+            stub = cs_grpc.CampaignServiceStub(ch)
+
+            async def get(cid: str, key: str) -> res.Campaign | grpc.StatusCode:
+                try:
+                    out: res.Campaign = await stub.GetCampaign(cs.GetCampaignRequest(campaign_id=cid),
+                                                               metadata=auth(key), timeout=30)
+                    return out
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+
+            calls = [get(cid, key) for _ in range(5) for cid in ids for key in (api_key, other)]
+            out = await asyncio.gather(*calls)
+        mine = [r.id for r in out if not isinstance(r, grpc.StatusCode)]
+        refused = [r for r in out if isinstance(r, grpc.StatusCode)]
+        return mine, refused
+
+    mine, refused = asyncio.run(main())
+    assert sorted(mine) == sorted(ids * 5)
+    assert refused == [grpc.StatusCode.NOT_FOUND] * (5 * len(ids))
