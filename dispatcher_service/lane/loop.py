@@ -146,15 +146,14 @@ class Lane(BurstingLane):
         metrics_takeover(self.ctx, until)
 
     async def _still_owner(self) -> bool:
-        """Does the lane hash still name our lock as its owner (no takeover fenced us out)?
-        When Redis cannot tell, no: leaving leases to expire is always safe."""
-        if self.lock_lost:
-            return False
+        """Did no other slice take the lane over? The lane hash names our lock as its owner, or no
+        owner at all (the dispatch was stopped and its state dropped: nobody can hold our messages
+        then). When Redis cannot tell, no: leaving leases to expire is always safe."""
         try:
             owner = await aw(self.env.redis.hget(self.lane_key, "owner"))
         except RedisError:
             return False
-        return (owner.decode() if isinstance(owner, bytes) else owner) == self.lock.owner
+        return owner is None or (owner.decode() if isinstance(owner, bytes) else owner) == self.lock.owner
 
     def _reclaim_owners(self) -> list[str]:
         """Taken-over owners whose sends are all over by now (see _took_over)."""
