@@ -380,8 +380,13 @@ def test_scheduled_campaign_is_started_by_the_scheduler(stack: dict[str, Service
             camouflage=res.Camouflage(send_seen=False, typing=False)))), metadata=api.md)
     assert camp.state == res.CAMPAIGN_STATE_SCHEDULED
     api.import_phones(camp.id, phones(5))
-    done = api.wait(camp.id, lambda c: c.state == res.CAMPAIGN_STATE_COMPLETED, timeout=60)
-    assert done.sent_count == 5 and done.HasField("start_time")
+    # The isolated stacks of other tests share this database, so their schedulers may be the one that
+    # starts it (and hand it to their own dispatcher): the start at its time is what is checked here.
+    started = api.wait(camp.id, lambda c: c.state != res.CAMPAIGN_STATE_SCHEDULED, timeout=30)
+    assert started.state in (res.CAMPAIGN_STATE_RUNNING, res.CAMPAIGN_STATE_COMPLETED)
+    assert started.HasField("start_time") and started.start_time.ToDatetime(UTC) >= when.ToDatetime(UTC)
+    if started.state == res.CAMPAIGN_STATE_RUNNING:
+        api.cancel(camp.id)
 
 
 @pytest.fixture(scope="module")
