@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import re
@@ -9,7 +10,7 @@ import secrets
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -18,8 +19,10 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from devstack.procs import ServiceProcess
+from devstack.servers import Redis as RedisServer
 from whago.campaign.v1 import audit_service_pb2_grpc as aud_grpc
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import campaign_service_pb2_grpc as cs_grpc
@@ -191,6 +194,7 @@ def get_dispatch(channel: grpc.Channel, token: str, campaign_id: str) -> dispatc
 
 
 D = TypeVar("D", bound=Message)
+T = TypeVar("T")
 
 
 def error_details(err: grpc.RpcError, cls: type[D]) -> list[D]:
@@ -234,3 +238,14 @@ def logged_port(p: ServiceProcess) -> int:
     m = re.findall(r"metrics on http://[^\s:]+:(\d+)/metrics", p.log_path.read_text(errors="replace"))
     assert m, p.tail()
     return int(m[-1])
+
+
+def run_with_redis(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run `fn` with an asyncio client of the test Redis (decoded strings), closed after."""
+    async def main() -> T:
+        r = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            return await fn(r)
+        finally:
+            await r.aclose()
+    return asyncio.run(main())

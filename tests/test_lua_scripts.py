@@ -6,28 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from devstack.servers import Redis as RedisServer
 from dispatcher_service import scripts
+from tests.helpers import run_with_redis
 
-T = TypeVar("T")
 SCRIPTS = sorted(p.stem for p in scripts.LUA_DIR.glob("*.lua"))
 FRAGMENTS = {"release_prev", "reserve_slot", "fence_ok", "lock_renew"}
-
-
-def run(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
-    async def main() -> T:
-        r = Redis.from_url(redis_server.url, decode_responses=True)
-        try:
-            return await fn(r)
-        finally:
-            await r.aclose()
-    return asyncio.run(main())
 
 
 def k(name: str) -> str:
@@ -44,7 +33,7 @@ def test_every_script_loads_into_redis(redis_server: RedisServer, name: str) -> 
     async def go(r: Redis) -> None:
         sha = await r.script_load(scripts.source(name))
         assert (await r.script_exists(sha)) == [True]
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_includes_put_fragments_first_once() -> None:
@@ -69,7 +58,7 @@ def test_fence_set_epoch_rules(redis_server: RedisServer) -> None:
         assert await call(r, "fence_set", [f], ["run", 4, 0]) == "new"
         await r.set(f, "garbage")
         assert await call(r, "fence_set", [f], ["run", 1, 0]) == "new"          # unparsable: overwritten
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_fence_acquire_and_pending(redis_server: RedisServer) -> None:
@@ -84,7 +73,7 @@ def test_fence_acquire_and_pending(redis_server: RedisServer) -> None:
         await asyncio.sleep(0.1)
         assert await call(r, "fence_pending", [inflight], []) == 1    # t2 expired and was dropped
         assert await r.zrange(inflight, 0, -1) == ["t1"]
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_fence_acquire_with_pace_enforces_the_gap_from_the_end_of_the_last_send(redis_server: RedisServer) -> None:
@@ -100,7 +89,7 @@ def test_fence_acquire_with_pace_enforces_the_gap_from_the_end_of_the_last_send(
         wait = await call(r, "fence_acquire", [f, inflight, pace], ["run:1", "s2", 5, 10])
         assert wait.startswith("wait:") and 9 < float(wait[5:]) <= 10  # measured from the release
         assert await call(r, "fence_acquire", [f, inflight, pace], ["run:1", "s3", 5, 0]) == "ok"  # no gap
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_fence_release_send_by_a_non_owner_keeps_the_chip_busy(redis_server: RedisServer) -> None:
@@ -113,7 +102,7 @@ def test_fence_release_send_by_a_non_owner_keeps_the_chip_busy(redis_server: Red
         assert await r.zrange(inflight, 0, -1) == ["owner"]
         assert float(await r.hget(pace, "last_actual")) > 5          # the pace still moves to now
         assert await r.ttl(pace) > 0
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_pace_reserve_gap_caps_and_lane_hash(redis_server: RedisServer) -> None:
@@ -126,7 +115,7 @@ def test_pace_reserve_gap_caps_and_lane_hash(redis_server: RedisServer) -> None:
         capped = float(await call(r, "pace_reserve", [pace, plog], [0, 2, 0, "c", -1]))
         assert capped == pytest.approx(s1 + 3600.001, abs=0.01)      # 2 per hour: after the oldest + 1 h
         assert await call(r, "pace_reserve", [pace, plog], [0, 0, 0, "d", 0]) == "-1"  # no window at all
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_pace_reserve_moves_into_a_window(redis_server: RedisServer) -> None:
@@ -135,7 +124,7 @@ def test_pace_reserve_moves_into_a_window(redis_server: RedisServer) -> None:
         start = time.time() + 100
         slot = float(await call(r, "pace_reserve", [pace, plog], [0, 0, 0, "a", 1, start, start + 50]))
         assert slot == pytest.approx(start)
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_pace_release_rolls_back_only_the_last_reservation(redis_server: RedisServer) -> None:
@@ -148,7 +137,7 @@ def test_pace_release_rolls_back_only_the_last_reservation(redis_server: RedisSe
         await call(r, "pace_release", [pace, plog], ["b"])           # the last: `last` rolls back
         assert float(await r.hget(pace, "last")) == pytest.approx(s1)
         assert await r.zcard(plog) == 0
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_pace_reserve_send_goes_stops_or_defers(redis_server: RedisServer) -> None:
@@ -166,7 +155,7 @@ def test_pace_reserve_send_goes_stops_or_defers(redis_server: RedisServer) -> No
         assert await r.zcard(inflight) == 0                           # but s1 was released first
         await r.set(f, "stop:1")
         assert await call(r, "pace_reserve_send", ks, args(0, "s3")) == "stop"
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_pace_reserve_burst_counts_caps_for_the_whole_burst(redis_server: RedisServer) -> None:
@@ -183,7 +172,7 @@ def test_pace_reserve_burst_counts_caps_for_the_whole_burst(redis_server: RedisS
         closed = await call(r, "pace_reserve_burst", ks, [0, 0, "run:1", "b3", 5, 1, "", 1,
                                                            time.time() + 100, time.time() + 200])
         assert closed.startswith("slot:")                             # window not open yet
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_lanes_all_done(redis_server: RedisServer) -> None:
@@ -196,7 +185,7 @@ def test_lanes_all_done(redis_server: RedisServer) -> None:
         assert await call(r, "lanes_all_done", lanes, [0, 4, 5]) == 0
         await r.hset(lanes[2], "state", "5")
         assert await call(r, "lanes_all_done", lanes, [2, 4, 5]) == 1
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_lane_lock_renew_and_unlock(redis_server: RedisServer) -> None:
@@ -213,7 +202,7 @@ def test_lane_lock_renew_and_unlock(redis_server: RedisServer) -> None:
         assert await r.exists(lock, want) == 0
         assert await call(r, "lane_lock", [lock, want], ["b", 10_000]) == 1
         assert await call(r, "lane_unlock", [lock, want], ["b"]) == 0         # nobody else wanted it
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_lane_lock_renew_many_renews_only_the_locks_still_held(redis_server: RedisServer) -> None:
@@ -233,7 +222,7 @@ def test_lane_lock_renew_many_renews_only_the_locks_still_held(redis_server: Red
         assert await r.zscore(beats, "c:0") is not None
         assert await r.zscore(beats, "c:1") is None and await r.zscore(beats, "c:2") is None
         assert await call(r, "lane_lock_renew_many", [beats], [10_000]) == []
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_jobs_claim_takes_only_due_queued_jobs_nobody_runs(redis_server: RedisServer) -> None:
@@ -250,7 +239,7 @@ def test_jobs_claim_takes_only_due_queued_jobs_nobody_runs(redis_server: RedisSe
         assert await r.exists("test:ip:later", "test:ip:gone") == 0
         assert await call(r, "jobs_claim", [queue, "test:ip:due"], [5000, now, "due"]) == []  # claimed once
         await r.delete("test:ip:due", "test:ip:running")
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_lane_takeover_fences_the_old_owner_in_the_step_that_takes_the_send(redis_server: RedisServer) -> None:
@@ -274,4 +263,4 @@ def test_lane_takeover_fences_the_old_owner_in_the_step_that_takes_the_send(redi
         assert await call(r, "lane_unlock", [lock, want, lane, beats], ["b", "c:x"]) == 0
         assert await r.zscore(beats, "c:x") is None and await r.hget(lane, "lease_until") is None
         assert await call(r, "lane_takeover_claim", [beats, lock], ["c:x", 5000]) == -1  # ended cleanly
-    run(redis_server, go)
+    run_with_redis(redis_server, go)

@@ -6,13 +6,12 @@ real stack with 2-second warm-up days (WARMUP_DAY_SECONDS), and GetChip's view o
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -24,25 +23,14 @@ from devstack.servers import Redis as RedisServer
 from dispatcher_service import keys, scripts
 from dispatcher_service.pacing import Limits, Pacer
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, _next_phone
+from tests.helpers import Ops, _next_phone, run_with_redis
 from tests.test_campaign_templates import field_violations
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import chip_service_pb2 as chs
 from whago.campaign.v1 import resources_pb2 as res
 
-T = TypeVar("T")
 DAY = 86400.0
 PLAN = (3, 2.0, 10)  # start, factor, max: caps 3, 6, 10, 10...
-
-
-def run(redis_server: RedisServer, fn: Callable[[Redis], Awaitable[T]]) -> T:
-    async def main() -> T:
-        r = Redis.from_url(redis_server.url, decode_responses=True)
-        try:
-            return await fn(r)
-        finally:
-            await r.aclose()
-    return asyncio.run(main())
 
 
 def chip_keys() -> tuple[str, str, str, str]:
@@ -74,7 +62,7 @@ def test_day_one_cap_then_the_next_day_at_its_start(redis_server: RedisServer) -
         assert all(t0 - 1 <= s <= time.time() + 1 for s in slots[:3])
         assert slots[3] == (today_index() + 1) * DAY
         assert await r.hget(warm, f"d:{today_index()}") == "3"
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_growth_after_sending_days_and_never_above_the_max(redis_server: RedisServer) -> None:
@@ -84,7 +72,7 @@ def test_growth_after_sending_days_and_never_above_the_max(redis_server: RedisSe
         slots = [await reserve(r, pace, plog, warm, f"t{i}") for i in range(3 + 6 + 10 + 10 + 1)]
         per_day = collections.Counter(math.floor(s / DAY) - today_index() for s in slots)
         assert [per_day[d] for d in range(5)] == [3, 6, 10, 10, 1]
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_a_day_counts_only_with_a_send(redis_server: RedisServer) -> None:
@@ -101,7 +89,7 @@ def test_a_day_counts_only_with_a_send(redis_server: RedisServer) -> None:
         # day 3 -> cap min(10, 3*4) = 10: 6 reserved, 4 more fit today, the 11th goes to tomorrow.
         slots = [await reserve(r, pace, plog, warm, f"u{i}") for i in range(5)]
         assert [math.floor(s / DAY) - today for s in slots] == [0, 0, 0, 0, 1]
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_released_reservations_give_the_day_back(redis_server: RedisServer) -> None:
@@ -124,7 +112,7 @@ def test_released_reservations_give_the_day_back(redis_server: RedisServer) -> N
         plan = res.WarmupPlan(enabled=True, start_daily_cap=2, growth_factor=2.0, max_daily_cap=8)
         assert warmup.today(plan, res.Pacing(), state, time.time(), DAY) == warmup.Today(1, 2)
         assert warmup.today(plan, res.Pacing(), state, time.time() + DAY, DAY) == warmup.Today(2, 4)
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_burst_is_bounded_by_todays_warmup_room(redis_server: RedisServer) -> None:
@@ -144,7 +132,7 @@ def test_burst_is_bounded_by_todays_warmup_room(redis_server: RedisServer) -> No
         assert await burst(keys=ks, args=[0, 0, "run:1", "b4", 5, 10, "", -1, DAY, *PLAN]) == "go:2"
         # Without the warm-up arguments the script is as before (no warm-up cap).
         assert await burst(keys=ks[:5], args=[0, 0, "run:1", "b3", 5, 10, "", -1]) == "go:10"
-    run(redis_server, go)
+    run_with_redis(redis_server, go)
 
 
 def test_cap_formula() -> None:
