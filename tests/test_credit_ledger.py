@@ -345,6 +345,10 @@ def test_sdk_and_cli(make_user: Callable[[int], User], engine: sa.Engine, sandbo
     camp = u.api.campaign([slow_chip(u.api, sandbox_url)], interval=(3600, 3600))
     u.api.start_sending(camp.id, 4)
     u.api.cancel(camp.id)
+    # A send that raced the Cancel went out before it returned, but its report (SENDING -> SENT, a
+    # RESERVE and CONSUME of 1) may land after: read the balance once no message is in flight.
+    wait_for(lambda: all(m.state not in (res.MESSAGE_STATE_PENDING, res.MESSAGE_STATE_SENDING)
+                         for m in u.api.messages(camp.id)), 30, "the raced send's report")
     target = f"127.0.0.1:{ports['campaign']}"
     with WhagoClient(target, api_key=u.key) as client:
         b = client.get_credit_balance()
