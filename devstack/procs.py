@@ -41,6 +41,11 @@ class ServiceProcess:
         return self.log_dir / f"{self.name}.log"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
+        """Launch and wait until the port (if any) accepts connections."""
+        return self.launch().wait_listening(timeout)
+
+    def launch(self) -> ServiceProcess:
+        """Launch without waiting: several processes then start up side by side (see wait_listening)."""
         if self.port is not None and port_in_use(self.port):
             raise RuntimeError(f"cannot start {self.name}: 127.0.0.1:{self.port} is already in use")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +56,9 @@ class ServiceProcess:
             env=service_env(self.env), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             start_new_session=True,
         )
+        return self
+
+    def wait_listening(self, timeout: float = 30.0) -> ServiceProcess:
         if self.port is not None:
             try:
                 wait_port(self.port, timeout)
@@ -100,11 +108,17 @@ class ServiceProcess:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.reap(time.monotonic() + timeout)
+
+    def reap(self, deadline: float) -> int | None:
+        """Wait for the exit until `deadline` (SIGKILL after it); forget the process."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         rc = self.proc.returncode
         self.proc = None
         return rc
@@ -115,3 +129,14 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+def stop_all(procs: list[ServiceProcess], timeout: float = 20.0) -> None:
+    """SIGTERM every process at once, then wait for them under one deadline: their graceful drains
+    overlap instead of adding up (SIGKILL for any still running at the deadline)."""
+    for p in procs:
+        if p.alive():
+            p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.reap(deadline)

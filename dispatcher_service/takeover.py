@@ -19,7 +19,8 @@ owner's leased messages (it wrote `lease_until` and its job id ahead of each lea
 one WAHA timeout + 2 s after the fence, when nothing it let leave can still be in the air
 (LeaseMessages.reclaim_owners; lane/loop.py `_took_over`), rather than when their leases end.
 Each carries its recorded WAHA id and is looked up before any resend, so a send that did leave
-is never repeated.
+is never repeated. A slice that ends leaving its own uncertain sends leased lists itself the
+same way (`_reclaim_own`): its next slice looks them up one WAHA timeout + 2 s later.
 
 The campaign service's watchdog (kick_stalled) stays the slower backstop (e.g. every worker dead).
 """

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from campaign_service import admin
-from devstack.procs import REPO, ServiceProcess, service_env
+from devstack.procs import REPO, ServiceProcess, service_env, stop_all
 from devstack.servers import Postgres, Redis, free_port
 from tests.helpers import Ops
 from waha_sandbox.control import SandboxControl
@@ -66,7 +66,7 @@ def postgres(workdir: Path) -> Iterator[Postgres]:
     pg = Postgres(workdir / "pg", free_port())
     pg.start(fast_unsafe=True)
     yield pg
-    pg.stop()
+    pg.stop_fast()  # the session's data is thrown away: no need to wait for every pooled client
 
 
 @pytest.fixture(scope="session")
@@ -175,9 +175,12 @@ def worker(start_worker: Callable[..., ServiceProcess]) -> ServiceProcess:
 
 @pytest.fixture(scope="session")
 def stack(campaign_server: ServiceProcess, dispatcher_server: ServiceProcess, sandbox: ServiceProcess,
-          worker: ServiceProcess) -> dict[str, ServiceProcess]:
-    """The whole stack up: both services, the sandbox and one worker."""
-    return {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
+          worker: ServiceProcess) -> Iterator[dict[str, ServiceProcess]]:
+    """The whole stack up: both services, the sandbox and one worker. At the end they are stopped
+    side by side (each fixture's own stop then finds nothing left to do)."""
+    procs = {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
+    yield procs
+    stop_all(list(procs.values()))
 
 
 def ready_channel(port: int) -> grpc.Channel:
@@ -277,11 +280,16 @@ class IsolatedStack:
 
     def start_worker(self, name: str | None = None, **extra_env: str) -> ServiceProcess:
         """Start one more arq worker on this stack's Redis; returns it once it logged "started"."""
+        p = self.launch_worker(name, **extra_env)
+        p.wait_logged(" started: ", timeout=30)
+        return p
+
+    def launch_worker(self, name: str | None = None, **extra_env: str) -> ServiceProcess:
+        """Start one more arq worker without waiting for it (several then start side by side)."""
         self._count += 1
         p = ServiceProcess(name or f"{self.name}-worker-{self._count}", "dispatcher_service.worker", [],
-                           {**self.env, **extra_env}, self.log_dir).start()
+                           {**self.env, **extra_env}, self.log_dir).launch()
         self.workers.append(p)
-        p.wait_logged(" started: ", timeout=30)
         return p
 
     def kill_workers(self) -> None:
@@ -291,14 +299,18 @@ class IsolatedStack:
         self.workers.clear()
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
+        """Stop every process of the stack, side by side (idempotent)."""
+        stop_all([*self.workers, self.dispatcher, self.campaign])
         self.workers.clear()
         self.campaign_channel.close()
         self.dispatcher_channel.close()
-        self.dispatcher.stop()
-        self.campaign.stop()
         self.redis.stop()
+
+    def __enter__(self) -> IsolatedStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @pytest.fixture(scope="session")
@@ -324,14 +336,16 @@ def isolated_stack(database_url: str, sandbox: ServiceProcess, workdir: Path
             **WEBHOOK_ENV, **SECRETS_ENV, **extra_env,
         }
         log_dir = root / "logs"
-        camp = ServiceProcess(f"{name}-campaign", "campaign_service.server", [], env, log_dir, port=cport).start()
+        camp = ServiceProcess(f"{name}-campaign", "campaign_service.server", [], env, log_dir, port=cport).launch()
         disp = ServiceProcess(f"{name}-dispatcher", "dispatcher_service.server", [], env, log_dir,
-                              port=dport).start()
+                              port=dport).launch()
+        camp.wait_listening()
+        disp.wait_listening()
         cch, dch = ready_channel(cport), ready_channel(dport)
         st = IsolatedStack(name, redis, env, log_dir, camp, disp, cch, dch)
         started.append(st)
-        for _ in range(workers):
-            st.start_worker()
+        for w in [st.launch_worker() for _ in range(workers)]:
+            w.wait_logged(" started: ", timeout=30)
         return st
 
     yield start

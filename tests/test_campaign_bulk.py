@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -33,11 +33,12 @@ def rows_of(engine: sa.Engine, campaign_id: str) -> tuple[int, int, int]:  # noq
 
 
 @pytest.fixture(scope="module")
-def purging(isolated_stack: Callable[..., Any], sandbox_url: str) -> Any:
+def purging(isolated_stack: Callable[..., Any], sandbox_url: str) -> Iterator[Any]:
     """A stack whose campaign_service starts campaigns of 10 contacts or more over 3 connections and
     purges any campaign of more than 10 rows in the background."""
-    return isolated_stack("bulk", workers=0, WHAGO_DELETE_INLINE_ROWS="10", WHAGO_START_PARALLEL_MIN="10",
-                          WHAGO_START_PARALLEL="3")
+    with isolated_stack("bulk", workers=0, WHAGO_DELETE_INLINE_ROWS="10", WHAGO_START_PARALLEL_MIN="10",
+                        WHAGO_START_PARALLEL="3") as st:
+        yield st
 
 
 def test_big_delete_is_not_found_at_once_and_purged_after(purging: Any, create_user: Callable[..., str],

@@ -39,8 +39,9 @@ PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
 
 
 @pytest.fixture(scope="module")
-def iso_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
-    return isolated_stack("guarantees")
+def iso_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
+    with isolated_stack("guarantees") as st:
+        yield st
 
 
 @pytest.fixture()
@@ -59,9 +60,10 @@ def iso_api(iso: IsolatedStack, api_key: str) -> Ops:
 
 
 @pytest.fixture(scope="module")
-def waha_ids_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
+def waha_ids_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
     """A dedicated stack whose worker asks WAHA for every message id (DISPATCH_MESSAGE_IDS=waha)."""
-    return isolated_stack("guarantees-waha-ids", DISPATCH_MESSAGE_IDS="waha")
+    with isolated_stack("guarantees-waha-ids", DISPATCH_MESSAGE_IDS="waha") as st:
+        yield st
 
 
 @pytest.fixture()
@@ -358,7 +360,11 @@ def test_send_timing_out_after_reaching_waha_is_found_by_its_id_and_not_resent(
     chat = hung[0]["chat_id"]
     assert [r for r in texts if r["chat_id"] == chat] == hung, "the uncertain send was not sent again"
     assert not any(r["duplicate"] for r in texts)
-    assert control.requests(session=chip.waha_session, path=f"/chats/{chat}/messages/"), "it was looked up"
+    lookups = control.requests(session=chip.waha_session, path=f"/chats/{chat}/messages/")
+    assert lookups, "it was looked up"
+    # by the lane's next slice once the send was over (~7 s: timeout 2 + one more + margin 2), not
+    # when its lease ended (this stack's leases last DISPATCH_JOB_TIMEOUT + 5 = 15 s)
+    assert lookups[0]["ts"] - hung[0]["ts"] < 12.0, "the uncertain send waited for its lease to end"
     delivered = [m for m in control.messages(session=chip.waha_session) if m["chatId"] == chat]
     assert len(delivered) == 1
     row = next(m for m in iso_api.messages(camp.id) if m.chat_id == chat)

@@ -160,11 +160,12 @@ def test_fake_and_mismatched_types_are_refused_and_nothing_is_stored(
 # -- limits -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_limits(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
+def small_limits(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
     """A stack whose limits are tiny (image 2 KiB, video 3 KiB, audio 3 KiB, document 64 KiB)."""
-    return isolated_stack("media-limits", workers=0, WHAGO_MEDIA_MAX_IMAGE_BYTES="2048",
-                          WHAGO_MEDIA_MAX_VIDEO_BYTES="3072", WHAGO_MEDIA_MAX_AUDIO_BYTES="3072",
-                          WHAGO_MEDIA_MAX_DOCUMENT_BYTES=str(64 * 1024))
+    with isolated_stack("media-limits", workers=0, WHAGO_MEDIA_MAX_IMAGE_BYTES="2048",
+                        WHAGO_MEDIA_MAX_VIDEO_BYTES="3072", WHAGO_MEDIA_MAX_AUDIO_BYTES="3072",
+                        WHAGO_MEDIA_MAX_DOCUMENT_BYTES=str(64 * 1024)) as st:
+        yield st
 
 
 def test_per_kind_limits_unary_and_streamed(small_limits: IsolatedStack, create_user: Callable[..., str],

@@ -111,6 +111,7 @@ def test_every_endpoint_moves_during_a_campaign(postgres: Postgres, isolated_sta
     assert value(scrape(cport), "whago_webhook_deliveries_total", outcome="delivered") == len(receiver.delivered())
     api.campaigns.ListCampaigns(cs.ListCampaignsRequest(page_size=1), metadata=api.md)
     assert rpcs(scrape(cport), CAMPAIGN_SVC, "ListCampaigns") == rpcs(c1, CAMPAIGN_SVC, "ListCampaigns") + 1
+    st.stop()  # (on a failure, the session's end stops it)
 
 
 def test_metrics_are_off_without_a_listen_address() -> None:

@@ -50,8 +50,9 @@ CHIP_GAP = (0.1, 0.2)  # paced sends: a 45-contact campaign on 3 chips lasts a f
 
 
 @pytest.fixture(scope="module")
-def rstack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
-    return isolated_stack("restarts", workers=2, **STALL_ENV)
+def rstack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
+    with isolated_stack("restarts", workers=2, **STALL_ENV) as st:
+        yield st
 
 
 @pytest.fixture()
@@ -86,8 +87,9 @@ def own_postgres(workdir: Path) -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="module")
-def pg_stack(isolated_stack: Callable[..., IsolatedStack], own_postgres: Postgres) -> IsolatedStack:
-    return isolated_stack("restarts-pg", workers=2, DATABASE_URL=own_postgres.url("whago"), **STALL_ENV)
+def pg_stack(isolated_stack: Callable[..., IsolatedStack], own_postgres: Postgres) -> Iterator[IsolatedStack]:
+    with isolated_stack("restarts-pg", workers=2, DATABASE_URL=own_postgres.url("whago"), **STALL_ENV) as st:
+        yield st
 
 
 def new_user(database_url: str) -> str:

@@ -153,10 +153,11 @@ def receiver(stack: dict[str, ServiceProcess], ports: dict[str, int], control: S
 
 
 @pytest.fixture(scope="module")
-def slow_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
+def slow_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
     """Short dispatch slices (4 s): a lane paced at 1 s per message leases a few messages at a time,
     so a number far down the list is leased (and re-checked) long after the campaign began."""
-    return isolated_stack("suppression")
+    with isolated_stack("suppression") as st:
+        yield st
 
 
 def test_mid_campaign_opt_out_via_an_inbound_waha_message(

@@ -26,8 +26,9 @@ STACK_ENV = {"DISPATCH_JOB_TIMEOUT": "60", "DISPATCH_SLICE_SECONDS": "10"}
 
 
 @pytest.fixture(scope="module")
-def tk_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
-    return isolated_stack("takeover", workers=0, **STACK_ENV)
+def tk_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
+    with isolated_stack("takeover", workers=0, **STACK_ENV) as st:
+        yield st
 
 
 @pytest.fixture()

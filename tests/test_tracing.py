@@ -72,8 +72,10 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def traced_stack(isolated_stack: Callable[..., IsolatedStack], otlp: OtlpReceiver) -> IsolatedStack:
-    return isolated_stack("tracing", workers=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, OTEL_BSP_SCHEDULE_DELAY="100")
+def traced_stack(isolated_stack: Callable[..., IsolatedStack], otlp: OtlpReceiver) -> Iterator[IsolatedStack]:
+    with isolated_stack("tracing", workers=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+                        OTEL_BSP_SCHEDULE_DELAY="100") as st:
+        yield st
 
 
 def test_a_campaign_is_traced_across_the_services(traced_stack: IsolatedStack, otlp: OtlpReceiver, api_key: str,

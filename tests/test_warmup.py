@@ -195,9 +195,10 @@ WARM_DAY = 2.0
 
 
 @pytest.fixture(scope="module")
-def warm_stack(isolated_stack: Callable[..., IsolatedStack]) -> IsolatedStack:
+def warm_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
     """Two workers, 2-second warm-up days, and warm-up on by default for new chips."""
-    return isolated_stack("warmup", workers=2, WARMUP_DAY_SECONDS=str(WARM_DAY), WHAGO_WARMUP_DEFAULT="on")
+    with isolated_stack("warmup", workers=2, WARMUP_DAY_SECONDS=str(WARM_DAY), WHAGO_WARMUP_DEFAULT="on") as st:
+        yield st
 
 
 @pytest.fixture()

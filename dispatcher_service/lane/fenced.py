@@ -82,6 +82,9 @@ class FencedLane:
         self.last_check = 0.0  # monotonic time of the lane's last number check
         # Latest lease end of messages left leased on purpose: the lane must come back after it.
         self.revisit_at = 0.0
+        # This slice left its own messages leased (an uncertain send): the next slice may retake them
+        # as soon as our sends are over, not at their lease end (see LaneSlice._reclaim_own).
+        self.left_own = False
         # A token of this slice alone (arq may re-run the same job id after a crash while the first
         # run is only paused): the lane hash's `owner`, checked by the fence on every request. The
         # pid says which worker process runs the lane (diagnostics, `make bench` takeover).

@@ -155,6 +155,15 @@ class Lane(BurstingLane):
             return False
         return owner is None or (owner.decode() if isinstance(owner, bytes) else owner) == self.lock.owner
 
+    async def _reclaim_own(self) -> None:
+        """This slice ends leaving uncertain sends leased: list its own job id in the lane hash's
+        `reclaim`, so the next slice retakes them (and looks each up by its recorded id) once
+        whatever left is over — one WAHA timeout after now, as for a takeover — not at their lease
+        end (the lane's next visit, the hash's `revisit_at`, stays for anything else)."""
+        after = time.time() + self.cfg.waha_timeout + RECLAIM_MARGIN_SECONDS
+        self.reclaim = [*(p for p in self.reclaim if p[1] != self.job_id), (after, self.job_id)][-MAX_RECLAIM_OWNERS:]
+        await aw(self.env.redis.hset(self.lane_key, "reclaim", format_reclaim(self.reclaim)))
+
     def _reclaim_owners(self) -> list[str]:
         """Taken-over owners whose sends are all over by now (see _took_over)."""
         now = time.time()
@@ -326,7 +335,7 @@ class Lane(BurstingLane):
             elif m.message_id in self.maybe_sent or not mine:
                 log.info("%s message=%s %s: left leased for a lookup on the next lease", self.ctx, m.message_id,
                          "outcome uncertain" if mine else "lane taken over")
-                self._leave_leased(m)
+                self._leave_leased(m, own=mine)
             else:
                 self.final(m, dpb.DELIVERY_OUTCOME_RELEASED, reason=reason)
         try:
@@ -394,6 +403,11 @@ class Lane(BurstingLane):
             revisit = max(self.revisit_at, float(lane.get("revisit_at") or 0))
             if revisit > float(lane.get("revisit_at") or 0):
                 await store.set_lane(self.c, self.chip, revisit_at=revisit)
+            if self.left_own and locked and mine:
+                await self._reclaim_own()
+            soon = [after for after, _ in self.reclaim if after > time.time()]
+            if soon and revisit > time.time():  # leases retakeable before they end: come back then
+                revisit = min(revisit, min(soon))
             if outcome == "finished" and revisit > time.time() - 1.0:
                 outcome, defer = "slice", max(0.0, revisit - time.time() + 1.0)
             if outcome in ("slice", "backoff", "error") and not wanted:

@@ -121,8 +121,10 @@ class ReportingLane(FencedLane):
             r.checked_chat_id = chat
         return r
 
-    def _leave_leased(self, m: dpb.LeasedMessage) -> None:
-        """Keep the lease (and the WAHA id recorded with it) and come back once it expired."""
+    def _leave_leased(self, m: dpb.LeasedMessage, own: bool = True) -> None:
+        """Keep the lease (and the WAHA id recorded with it) and come back once it expired, or
+        sooner when it is `own` (this slice's uncertain send, not a lane taken over under us)."""
         self.held.pop(m.message_id, None)
+        self.left_own = self.left_own or own
         end = ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else time.time() + 60
         self.revisit_at = max(self.revisit_at, end)
