@@ -15,12 +15,14 @@ from typing import Any
 
 import grpc
 import redis
+from google.protobuf.message import Message
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from campaign_service import auth, errors, metrics, tracing
 from campaign_service.db import aio
 from campaign_service.limits import RateLimiter
+from campaign_service.text_fields import first_nul_field
 
 log = logging.getLogger("campaign_service.rpc")
 
@@ -80,6 +82,12 @@ def _translate(method: str, exc: BaseException) -> errors.ServiceError:
     if isinstance(err, errors.Internal):
         log.exception("rpc=%s internal error", method)
     return err
+
+
+def refuse_nul(request: Any) -> None:
+    """A request message (not a client stream: imports drop NULs row by row) with a NUL in a string."""
+    if isinstance(request, Message) and (field := first_nul_field(request)) is not None:
+        raise errors.InvalidArgument([(field, "must not contain NUL (U+0000) characters")])
 
 
 def _abort(context: Any, err: errors.ServiceError) -> None:
@@ -142,6 +150,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 started, code = clock(), ok
                 try:
                     token = set_current(principal_of(service, context.invocation_metadata()))
+                    refuse_nul(request_or_iterator)
                     return behavior(request_or_iterator, context)
                 except Exception as exc:
                     err = _translate(method, exc)
@@ -166,6 +175,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 started, code = clock(), cancelled  # stays CANCELLED when the task is cancelled
                 try:
                     set_current(await principal_for(context))  # this task's own context
+                    refuse_nul(request_or_iterator)
                     result = await behavior(request_or_iterator, context)
                     code = ok
                     return result
@@ -184,6 +194,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 started, code = clock(), cancelled  # stays CANCELLED when the client goes away
                 try:
                     set_current(await principal_for(context))  # this task's own context
+                    refuse_nul(request)
                     async for item in behavior(request, context):
                         yield item
                     code = ok

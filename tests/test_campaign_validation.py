@@ -62,6 +62,11 @@ CREATE_CASES: dict[str, tuple[Callable[[], cs.CreateCampaignRequest], str]] = {
                      "campaign.settings.pacing.max_per_hour"),
     "empty template": (lambda: create_req(templates=[res.MessageTemplate(text=" ")]), "campaign.templates[0].text"),
     "schedule in the past": (lambda: create_req(schedule_time=past()), "campaign.schedule_time"),
+    # PostgreSQL text cannot hold NUL: refused before any handler runs (was INTERNAL)
+    "NUL in the name": (lambda: create_req(name="\x00"), "campaign.name"),
+    "NUL in a template": (lambda: create_req(templates=[res.MessageTemplate(text="hi"),
+                                                        res.MessageTemplate(text="a\x00b")]),
+                          "campaign.templates[1].text"),
 }
 
 

@@ -216,6 +216,12 @@ def test_opt_out_words_are_configurable_per_user(
         sup.stub.UpdateOptOutSettings(sps.UpdateOptOutSettingsRequest(settings=sps.OptOutSettings(words=[])),
                                       metadata=sup.md)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:  # the fuzz found it: NUL was an INTERNAL at the database
+        sup.stub.UpdateOptOutSettings(sps.UpdateOptOutSettingsRequest(
+            settings=sps.OptOutSettings(words=["ok", "a\x00"])), metadata=sup.md)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "settings.words[1]" in (e.value.details() or "")
+    assert list(sup.stub.GetOptOutSettings(sps.GetOptOutSettingsRequest(), metadata=sup.md).words) == [
+        "Não quero", "remover"]
     chip = api.chip(sandbox_url, SANDBOX_API_KEY)
     a, b = phones(2)
     control.inbound(chip.waha_session, a, "STOP")  # no longer one of this user's words
