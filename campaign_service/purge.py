@@ -8,9 +8,9 @@ read, lease or send them."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from campaign_service.background import BackgroundLoop
 from campaign_service.db.engine import Database
 from campaign_service.repository import purges as purges_repo
 
@@ -21,44 +21,26 @@ BATCH_ROWS = 20_000
 POLL_SECONDS = 1.0
 
 
-class Purger:
-    """One daemon thread: every `poll` seconds, purge queued campaigns until the queue is empty."""
+class Purger(BackgroundLoop):
+    """Every `poll` seconds, purge queued campaigns until the queue is empty."""
+
+    name = "campaign-purge"
 
     def __init__(self, db: Database, batch: int = BATCH_ROWS, poll: float = POLL_SECONDS) -> None:
+        super().__init__(poll, max_pause=16 * poll)
         self.db = db
         self.batch = batch
-        self.poll = poll
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> Purger:
-        self._thread = threading.Thread(target=self._loop, name="campaign-purge", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                failures = 0
-            except Exception as exc:  # the database may be down: try again later
-                failures += 1
-                log.warning("purge failed (%d in a row): %s", failures, exc)
-            self._stop.wait(self.poll * (2 ** min(failures, 4)))
+    def tick(self) -> bool:
+        self.run_once()
+        return True
 
     def run_once(self) -> int:
         """Purge until the queue is empty (or stop); returns the rows removed."""
         removed = 0
         started: dict[str, float] = {}
         totals: dict[str, list[int]] = {}
-        while not self._stop.is_set():
+        while not self.stopping:
             with self.db.transaction() as s:
                 step = purges_repo.purge_batch(s, self.batch)
             if step is None:

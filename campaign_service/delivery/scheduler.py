@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from campaign_service import audit, convert, errors, metrics, pacing
+from campaign_service.background import BackgroundLoop
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
 from campaign_service.delivery import chips, transitions
@@ -135,22 +135,22 @@ SELECT c.id, c.user_id, c.settings FROM campaigns c WHERE c.id = :cid AND {_STAL
 FOR UPDATE SKIP LOCKED""")
 
 
-class Scheduler:
+class Scheduler(BackgroundLoop):
     """The background thread; `run_once()` does one tick synchronously (tests use it)."""
+
+    name = "campaign-scheduler"
 
     def __init__(self, db: Database, settings: Settings,
                  config: SchedulerConfig | None = None, ops: Any = None, dispatcher: Any = None) -> None:
+        self.config = config or SchedulerConfig()
+        super().__init__(self.config.tick_seconds)
         self.db = db
         self.settings = settings
-        self.config = config or SchedulerConfig()
         self._dispatcher = dispatcher
         self._own_dispatcher = False
         self._ops = ops
         self._retry_at: dict[uuid.UUID, float] = {}
         self._kicked_epoch: dict[uuid.UUID, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failures = 0
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -170,44 +170,35 @@ class Scheduler:
         return self._ops
 
     def start(self) -> Scheduler:
-        self._thread = threading.Thread(target=self._loop, name="campaign-scheduler", daemon=True)
-        self._thread.start()
+        super().start()
         log.info("scheduler started: tick %.1fs, stall %.0fs, batch %d", self.config.tick_seconds,
                  self.config.stall_seconds, self.config.batch)
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop after the current job; safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         if self._own_dispatcher and self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            result = self.run_once()
-            metrics.scheduler_tick(result.started, result.swept, result.completed, result.kicked)
-            # Back off while the database is down (every job failing), up to 10 s.
-            self._failures = self._failures + 1 if result.errors >= 4 else 0
-            pause = self.config.tick_seconds * (2 ** min(self._failures, 4)) if self._failures else \
-                self.config.tick_seconds
-            self._stop.wait(max(0.0, min(pause, 10.0) - (time.monotonic() - began)))
+    def tick(self) -> bool:
+        """One tick; a failure (backing off) when every job failed: the database is down."""
+        result = self.run_once()
+        metrics.scheduler_tick(result.started, result.swept, result.completed, result.kicked)
+        return result.errors < 4
 
     def run_once(self) -> TickResult:
         out = TickResult()
         for job, bucket in ((self.start_due, out.started), (self.sweep_unusable_chips, out.swept),
                             (self.complete_finished, out.completed), (self.kick_stalled, out.kicked)):
-            if self._stop.is_set():
+            if self.stopping:
                 break
             try:
                 bucket += job()
             except Exception as exc:
                 out.errors += 1
-                if self._failures == 0:
+                if self.failures == 0:
                     log.warning("scheduler job %s failed: %s", job.__name__, exc, exc_info=not _is_db_down(exc))
         return out
 
@@ -227,7 +218,7 @@ class Scheduler:
             due = [r.id for r in s.execute(_DUE, {"n": self.config.batch})]
         started: list[str] = []
         for cid in due:
-            if self._stop.is_set() or not self._due(cid):
+            if self.stopping or not self._due(cid):
                 continue
             try:
                 c = self.ops.start_scheduled(cid)
@@ -307,7 +298,7 @@ class Scheduler:
             ids = [r.id for r in s.execute(_STALLED, {"stall": stall, "n": self.config.batch})]
         kicked: list[str] = []
         for cid in ids:
-            if self._stop.is_set() or not self._due(cid):
+            if self.stopping or not self._due(cid):
                 continue
             try:
                 if self._kick(cid, stall):
