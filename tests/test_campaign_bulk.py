@@ -148,6 +148,8 @@ def test_parallel_start_makes_one_message_per_contact_in_order_round_robin(
         conn.execute(sa.text("INSERT INTO campaign_messages (campaign_id, contact_id, chip_id, seq)"
                              " SELECT campaign_id, id, :chip, 1 FROM campaign_contacts WHERE campaign_id = :c LIMIT 3"),
                      {"c": c.id, "chip": chips[0].id})
+    shown = api.campaigns.ListCampaignMessages(cs.ListCampaignMessagesRequest(campaign_id=c.id), metadata=api.md)
+    assert list(shown.messages) == []  # a campaign not started has no messages to show
     started = api.start(c.id)
     assert (started.state, started.pending_count) == (res.CAMPAIGN_STATE_RUNNING, 40)
     rows = messages_by_seq(engine, c.id)

@@ -141,6 +141,10 @@ class ContactOps(OpsBase):
         after = self._int_cursor(cursor)
         with self.db.session() as s:
             c = self._campaign(s, user_id, cid)
+            if c.state in lifecycle.EDITABLE:
+                # Not started: it has no messages. Rows found are an interrupted Start's leftovers
+                # (cleared by the next Start or Delete).
+                return Page([], "")
             rows: list[MessageRow] = messages_repo.page(s, cid, state, size + 1, after)
         token = ""
         if len(rows) > size:
