@@ -19,6 +19,7 @@ whago:pacelog:{chip}        zset  reservation token -> slot time (rolling hour/d
 whago:warmup:{chip}        hash  done (sending days over), d:<day> (sends/reservations of a warm-up day); chip
                                   warm-up (lua/warmup.lua); read by campaign_service's GetChip (warmup.py)
 whago:wake:{queue}          channel  published when a job is enqueued to start now: workers poll at once
+whago:reply:{chip}:{id}     str   set just before an opt-out confirmation reply is sent (at most once)
 """
 
 from __future__ import annotations
@@ -81,3 +82,12 @@ def wake(queue: str) -> str:
 def job_id(c: str, chip: str, epoch: int, n: int) -> str:
     """arq job id of one lane slice; never reused (n comes from INCR)."""
     return f"lane:{c}:{chip}:{epoch}:{n}"
+
+
+def reply_job(chip: str, reply_id: str) -> str:
+    """arq job id of an opt-out confirmation reply: one per opt-out (arq refuses a second enqueue)."""
+    return f"reply:{chip}:{reply_id}"
+
+
+def reply_sent(chip: str, reply_id: str) -> str:
+    return f"{PREFIX}:reply:{chip}:{reply_id}"

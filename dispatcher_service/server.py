@@ -19,6 +19,7 @@ from dispatcher_service import eventloop, logs, metrics, tracing, webhooks
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.redis_conn import arq_client
 from dispatcher_service.servicer import DispatcherServicer
+from dispatcher_service.store import Store
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 from whago.dispatcher.v1 import dispatcher_service_pb2_grpc as pbg
 
@@ -56,7 +57,8 @@ async def serve(cfg: config_mod.Config) -> None:
     delivery: DeliveryClient | None = None
     if cfg.webhook_listen:
         delivery = DeliveryClient(cfg.campaign_target, cfg.service_token)
-        receiver = await webhooks.start(cfg.webhook_listen, delivery, cfg.webhook_hmac_key)
+        receiver = await webhooks.start(cfg.webhook_listen, delivery, cfg.webhook_hmac_key,
+                                        Store(redis, cfg.queue_name))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,12 +19,14 @@ from arq.jobs import serialize_job
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys, scripts
 from dispatcher_service.redis_batch import RedisBatch, run_script
+from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.store")
 T = TypeVar("T")
 
 LANE_FUNCTION = "run_lane"
+REPLY_FUNCTION = "send_reply"  # replies.send_reply
 STATE_TTL_SECONDS = 30 * 86400
 REQUEST_CACHE_SIZE = 64
 DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
@@ -307,6 +309,13 @@ class Store:
                 p.publish(keys.wake(self.queue), "1")  # idle workers poll now, not at their next tick
             await p.execute()
         return jids
+
+    async def enqueue_replies(self, replies: Sequence[dpb.OptOutReply]) -> None:
+        """One job per opt-out confirmation reply (replies.py); a webhook replayed for the same
+        opt-out finds its job id taken (campaign_service answers a replay no reply anyway)."""
+        for r in replies:
+            await self.redis.enqueue_job(REPLY_FUNCTION, r.SerializeToString(),
+                                         _job_id=keys.reply_job(r.chip_id, r.reply_id), _queue_name=self.queue)
 
     async def ensure_lane(self, campaign_id: str, chip_id: str) -> str | None:
         """Make sure a lane of the current epoch will run soon (redistributed work, wake-ups)."""

@@ -14,6 +14,7 @@ retries bring it again (applying one twice is harmless).
 forwarded, one ReportInboundMessages call per event, with the receiving session and number
 (`me.id`, else the payload's `to`); campaign_service decides whether it is one of the chip owner's
 opt-out words. A `message` event without a session, payload, id or sender is refused with 400.
+An opt-out it applied may come back with a confirmation reply to send: enqueued here (replies.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from dispatcher_service.delivery import DeliveryClient, DeliveryUnavailable
+from dispatcher_service.store import Store
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 
 log = logging.getLogger("dispatcher.webhooks")
@@ -82,8 +85,9 @@ def inbound_message(event: dict[str, Any]) -> dpb.InboundMessage | str | None:
 class AckReceiver:
     """The aiohttp handler and the batching of receipts into ReportAcks calls."""
 
-    def __init__(self, delivery: DeliveryClient, hmac_key: str = "") -> None:
+    def __init__(self, delivery: DeliveryClient, hmac_key: str = "", store: Store | None = None) -> None:
         self.delivery = delivery
+        self.store = store  # enqueues the opt-out confirmation replies (replies.py)
         self.hmac_key = hmac_key.encode()
         self._pending: list[tuple[dpb.MessageAck, asyncio.Future[None]]] = []
         self._flush: asyncio.TimerHandle | None = None
@@ -139,7 +143,12 @@ class AckReceiver:
         except DeliveryUnavailable as e:
             log.warning("inbound message %s not applied (WAHA will retry): %s", inbound.waha_message_id, e)
             return web.json_response({"error": "campaign service unavailable"}, status=503)
-        return web.json_response({"ok": True, "opted_out": out.opted_out})
+        if out.replies and self.store is not None:
+            try:
+                await self.store.enqueue_replies(out.replies)
+            except (RedisError, OSError) as e:  # the opt-out is applied; its confirmation is lost, not repeated
+                log.warning("confirmation reply of %s not enqueued: %s", inbound.waha_message_id, e)
+        return web.json_response({"ok": True, "opted_out": out.opted_out, "replies": len(out.replies)})
 
     def _submit(self, ack: dpb.MessageAck) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -177,10 +186,10 @@ class AckReceiver:
                 fut.set_result(None)
 
 
-async def start(listen: str, delivery: DeliveryClient, hmac_key: str) -> web.AppRunner:
+async def start(listen: str, delivery: DeliveryClient, hmac_key: str, store: Store | None = None) -> web.AppRunner:
     """Serve the receiver on `listen` (host:port) on the running loop; stop with `runner.cleanup()`."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(AckReceiver(delivery, hmac_key).app(), access_log=None)
+    runner = web.AppRunner(AckReceiver(delivery, hmac_key, store).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
     log.info("WAHA webhook receiver on http://%s%s (hmac %s)", listen, PATH, "on" if hmac_key else "off")

@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from dispatcher_service import config as config_mod
-from dispatcher_service import eventloop, keys, logs, metrics, scripts, takeover, tracing
+from dispatcher_service import eventloop, keys, logs, metrics, replies, scripts, takeover, tracing
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lane.common import STARTING_SLICES, WorkerEnv
 from dispatcher_service.lane.loop import run_lane
@@ -237,7 +237,7 @@ async def _bounded(what: str, step: Awaitable[Any], seconds: float = SHUTDOWN_RE
 class WorkerSettings:
     """arq settings (also usable as `arq dispatcher_service.worker.WorkerSettings`)."""
 
-    functions = [run_lane]
+    functions = [run_lane, replies.send_reply]
     queue_name = CFG.queue_name
     redis_settings: RedisSettings = arq_settings(CFG.redis_url)
     allow_abort_jobs = True

@@ -200,8 +200,35 @@ def test_mid_campaign_opt_out_via_an_inbound_waha_message(
     # WAHA retries a delivered webhook: applied once (even after the user removed the number).
     sup.stub.RemoveSuppression(sps.RemoveSuppressionRequest(phone=last), metadata=sup.md)
     status, out = post_signed(receiver, event)
-    assert (status, out) == (200, {"ok": True, "opted_out": 0})
+    assert (status, out) == (200, {"ok": True, "opted_out": 0, "replies": 0})
     assert digits(last) not in sup.all()
+
+
+def test_opt_out_confirmation_reply_sent_once_by_the_receiving_chip_in_its_own_pacing(
+        api: Ops, sup: Suppressions, sandbox_url: str, control: SandboxControl, receiver: str) -> None:
+    text = "Pronto: você não receberá mais mensagens deste número."
+    sup.stub.UpdateOptOutSettings(sps.UpdateOptOutSettingsRequest(
+        settings=sps.OptOutSettings(confirmation_text=text), update_mask={"paths": ["confirmation_text"]}),
+        metadata=sup.md)
+    chip = api.chip(sandbox_url, SANDBOX_API_KEY, interval=(2.0, 2.0))
+    camp = api.campaign([chip], interval=(2.0, 2.0))
+    api.import_phones(camp.id, phones(1))
+    api.start(camp.id)
+    assert api.wait_final(camp.id, timeout=30).sent_count == 1  # the chip has just sent
+    sent_at = control.sends(session=chip.waha_session)[-1]["ts"]
+
+    who = phones(1)[0]
+    event = control.inbound(chip.waha_session, digits(who), "SAIR")
+    wait_for(lambda: [s for s in control.sends(session=chip.waha_session) if s["chat_id"] == chat_id(who)], 20,
+             "the confirmation reply")
+    reply = next(s for s in control.sends(session=chip.waha_session) if s["chat_id"] == chat_id(who))
+    assert reply["body"]["text"] == text and reply["path"] == "/api/sendText"
+    assert reply["ts"] >= sent_at + 2.0 - 0.05  # a slot of the chip's pacing: its gap after the last send
+    assert sup.all() == [digits(who)]
+
+    # WAHA delivers the webhook again: the opt-out is a duplicate, and no second reply is enqueued.
+    status, out = post_signed(receiver, event)
+    assert (status, out) == (200, {"ok": True, "opted_out": 0, "replies": 0})
 
 
 def test_opt_out_words_are_configurable_per_user(

@@ -7,13 +7,14 @@ on each of the user's campaigns that messaged the number, in one transaction per
 The chip is found by its WAHA session name; when several chips (of different users, on
 different WAHA servers) share that name, the receiving number (`chip_phone`) picks among them.
 Idempotent on the WAHA message id (inbound_opt_outs): a webhook retried or replayed after the
-user removed the number does not add it again."""
+user removed the number does not add it again. A newly applied opt-out of a user who set a
+confirmation text answers a Reply for the dispatcher to send (at most once: a replay is a duplicate)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -22,8 +23,12 @@ from sqlalchemy.orm import Session
 from campaign_service import audit, errors, outbox, phones
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
+from campaign_service.db.models import Chip
+from campaign_service.dispatch import Lane, lane_for
 from campaign_service.ops.suppressions import is_opt_out
 from campaign_service.repository import suppressions as repo
+from campaign_service.secrets_box import SecretBox
+from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.delivery.inbound")
 
@@ -44,10 +49,21 @@ class Inbound(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Reply:
+    """A confirmation reply to send for a newly applied opt-out (the user set a confirmation text)."""
+
+    lane: Lane  # the receiving chip: where and how (its own pacing) the reply goes
+    chat_id: str
+    text: str
+    reply_id: str
+
+
+@dataclass(frozen=True)
 class InboundResult:
     opted_out: int
     duplicates: int
     ignored: int
+    replies: list[Reply] = field(default_factory=list)
 
 
 def _digits(value: str) -> str:
@@ -72,15 +88,17 @@ def validate(messages: list[Inbound]) -> None:
 def report_inbound(db: Database, settings: Settings, messages: list[Inbound]) -> InboundResult:
     validate(messages)
     opted = dup = ignored = 0
+    replies: list[Reply] = []
+    box = SecretBox(settings.secret_keys)
     for m in messages:
-        got = _apply_one(db, settings, m)
+        got = _apply_one(db, settings, m, box, replies)
         opted += got == "opted_out"
         dup += got == "duplicate"
         ignored += got == "ignored"
-    return InboundResult(opted, dup, ignored)
+    return InboundResult(opted, dup, ignored, replies)
 
 
-def _apply_one(db: Database, settings: Settings, m: Inbound) -> str:
+def _apply_one(db: Database, settings: Settings, m: Inbound, box: SecretBox, replies: list[Reply]) -> str:
     if len(m.text) > MAX_TEXT or not m.text.strip() or m.sender.endswith(("@g.us", "@newsletter", "@broadcast")):
         return "ignored"  # no opt-out word is that long; groups and channels are nobody's number
     sender = phones.normalize(_digits(m.sender), settings.default_region) if _digits(m.sender) else None
@@ -96,14 +114,19 @@ def _apply_one(db: Database, settings: Settings, m: Inbound) -> str:
             return "ignored"
         result = "ignored"
         for user_id in owners:
-            words = repo.settings(s, user_id).words
-            if not is_opt_out(m.text, words):
+            settings_row = repo.settings(s, user_id)
+            if not is_opt_out(m.text, settings_row.words):
                 continue
-            if not repo.claim_inbound(s, _key(m.waha_message_id, user_id, len(owners)), user_id, sender.digits):
+            key = _key(m.waha_message_id, user_id, len(owners))
+            if not repo.claim_inbound(s, key, user_id, sender.digits):
                 result = "duplicate" if result == "ignored" else result
                 continue
             _opt_out(s, user_id, sender.digits, m)
             result = "opted_out"
+            chip = s.get(Chip, next(c for c, user, _ in chips if user == user_id))
+            if settings_row.confirmation_text and chip is not None and chip.state == res.CHIP_STATE_ACTIVE:
+                replies.append(Reply(lane_for(chip, res.Pacing(), box), sender.chat_id,
+                                     settings_row.confirmation_text, key))
     return result
 
 

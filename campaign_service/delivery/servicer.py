@@ -124,7 +124,11 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
                             m.time.ToDatetime(tzinfo=UTC) if m.HasField("time") else None)
             for m in request.messages])
         return dpb.ReportInboundMessagesResponse(opted_out=out.opted_out, duplicates=out.duplicates,
-                                                 ignored=out.ignored)
+                                                 ignored=out.ignored, replies=[
+            dpb.OptOutReply(chip_id=r.lane.chip_id, waha_base_url=r.lane.waha_base_url,
+                            waha_session=r.lane.waha_session, waha_api_key=r.lane.waha_api_key,
+                            pacing=r.lane.pacing, chat_id=r.chat_id, text=r.text, reply_id=r.reply_id)
+            for r in out.replies])
 
 
 def add_to_server(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
