@@ -209,9 +209,9 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                         "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
                         "reclaim": arrays.literal(reclaim_owners),
                         "media_idx": arrays.int_literal(media_idx)}
-        rows = list(s.execute(_LEASE, lease_params))
+        rows = list(s.execute(_LEASE, lease_params).all())  # fetchall, not a fetchone per row
         # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased
-        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params)))
+        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params).all()))
         rows.sort(key=_SEQ)
         metrics.leased(len(rows), sum(1 for r in rows if r[_EXPIRED]))
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
