@@ -240,6 +240,11 @@ def render(text: str, values: Mapping[str, str], seed: int) -> Rendered:
     return Rendered(out, ".".join(taken))
 
 
+def render_text(text: str, values: Mapping[str, str], seed: int) -> str:
+    """render(...).text alone (the lease's per-message path: no record of the alternatives taken)."""
+    return "".join(_render(parse(text), values, _LazyRandom(seed), []))
+
+
 class _LazyRandom:
     """random.Random(seed), created on the first draw."""
 

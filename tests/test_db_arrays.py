@@ -22,6 +22,15 @@ def test_text_elements_round_trip(delivery_db: Database) -> None:
     assert got == AWKWARD
 
 
+def test_text_elements_without_escapes_round_trip(delivery_db: Database) -> None:
+    """The one-join path (no element has a quote or a backslash) quotes every element all the same."""
+    plain = [v for v in AWKWARD if '"' not in v and "\\" not in v]
+    with delivery_db.read() as conn:
+        got = conn.execute(text("SELECT CAST(:a AS text[]), CAST(:b AS text[])"),
+                           {"a": arrays.literal(plain), "b": arrays.literal(("", ""))}).one()
+    assert got[0] == plain and got[1] == ["", ""]
+
+
 def test_none_is_null_and_an_empty_list_is_an_empty_array(delivery_db: Database) -> None:
     with delivery_db.read() as conn:
         got = conn.execute(text("SELECT CAST(:a AS text[]), CAST(:b AS int[])"),
@@ -35,5 +44,8 @@ def test_integers_and_timestamps(delivery_db: Database) -> None:
     with delivery_db.read() as conn:
         ints, times = conn.execute(text("SELECT CAST(:i AS bigint[]), CAST(:t AS timestamptz[])"), {
             "i": arrays.int_literal([1, -2, 2**63 - 1]), "t": arrays.literal([t, None, other])}).one()
+        stamps = conn.execute(text("SELECT CAST(:t AS timestamptz[])"),
+                              {"t": arrays.timestamp_literal([t, None, other])}).scalar_one()
     assert ints == [1, -2, 2**63 - 1]
     assert times == [t, None, other]
+    assert stamps == [t, None, other]

@@ -10,7 +10,7 @@ when the CAST(:x AS type[]) is folded. Measured on a 400-row UPDATE with four su
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 
@@ -25,9 +25,24 @@ def _element(v: object) -> str:
 
 def literal(values: Iterable[object]) -> str:
     """The array literal of `values` (str, int, UUID, datetime or None), for CAST(:p AS type[])."""
-    return "{" + ",".join(_element(v) for v in values) + "}"
+    vals = values if isinstance(values, list | tuple) else list(values)
+    if not vals:
+        return "{}"
+    # Fast path, the common case on the delivery path (hex ids, empty reasons): strings only, none
+    # with a character to escape, quoted with one join instead of a function call per element
+    # (that call was ~a fifth of a 400-outcome report's Python).
+    if all(type(v) is str for v in vals):
+        plain = "".join(vals)  # type: ignore[arg-type]
+        if '"' not in plain and "\\" not in plain:
+            return '{"' + '","'.join(vals) + '"}'  # type: ignore[arg-type]
+    return "{" + ",".join(_element(v) for v in vals) + "}"
 
 
 def int_literal(values: Iterable[int]) -> str:
     """The same for integers only, without quoting (the commonest case: message ids)."""
-    return "{" + ",".join(str(int(v)) for v in values) + "}"
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+def timestamp_literal(values: Sequence[datetime | None]) -> str:
+    """The same for timestamps (ISO 8601 needs no escaping), None as NULL."""
+    return "{" + ",".join("NULL" if v is None else '"' + v.isoformat() + '"' for v in values) + "}"

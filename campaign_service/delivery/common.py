@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,14 +48,15 @@ def counter_contribution(state: int) -> dict[str, int]:
 
 
 def counter_deltas(transitions: list[tuple[int, int]]) -> dict[str, int]:
-    """Counter changes for a list of (old state, new state) message transitions."""
+    """Counter changes for a list of (old state, new state) message transitions (counted per
+    distinct pair: a report of hundreds holds one or two kinds of transition)."""
     out = dict.fromkeys(COUNTERS, 0)
-    for old, new in transitions:
+    for (old, new), n in Counter(transitions).items():
         if old == new:
             continue
         a, b = counter_contribution(old), counter_contribution(new)
         for k in COUNTERS:
-            out[k] += b[k] - a[k]
+            out[k] += n * (b[k] - a[k])
     return out
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import NamedTuple
 
 from sqlalchemy import text
@@ -29,7 +30,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.templates import contact_values, render, template_parts
+from campaign_service.templates import contact_values, render_text, template_parts
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -118,6 +119,10 @@ RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.wa
           m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired
 """)
 
+# Columns of _LEASE's RETURNING read on every row (by position: see lease_messages).
+_SEQ_COL, _TEMPLATE_INDEX, _EXPIRED = 1, 2, 12
+_SEQ = itemgetter(_SEQ_COL)
+
 _HEARTBEAT_AND_REMAINING = text(f"""
 WITH hb AS (
     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
@@ -204,31 +209,33 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                         "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
                         "reclaim": arrays.literal(reclaim_owners),
                         "media_idx": arrays.int_literal(media_idx)}
-        rows = list(s.execute(_LEASE, lease_params))
+        rows = list(s.execute(_LEASE, lease_params).all())  # fetchall, not a fetchone per row
         # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased
-        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params)))
-        rows.sort(key=lambda r: r.seq)
-        metrics.leased(len(rows), sum(1 for r in rows if r.expired))
+        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params).all()))
+        rows.sort(key=_SEQ)
+        metrics.leased(len(rows), sum(1 for r in rows if r[_EXPIRED]))
         remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
                                                          "count_cap": remaining_cap(max_messages),
-                                                         "after": rows[-1].seq if rows else 0}).scalar_one()
-        by_index = {i: template_parts(camp.templates, i) for i in {r.template_index for r in rows}}
-        parts = [by_index[r.template_index] for r in rows]
+                                                         "after": rows[-1][_SEQ_COL] if rows else 0}).scalar_one()
+        indexes = [r[_TEMPLATE_INDEX] for r in rows]
+        by_index = {i: template_parts(camp.templates, i) for i in set(indexes)}
+        parts = [by_index[i] for i in indexes]
         media = _media(s, cid, {m for _, m in parts if m is not None})
         checked: dict[str, tuple[bool, str]] = {}
         if camp.verify and rows:
             checked = {c.phone: (c.on_whatsapp, c.chat_id)
                        for c in s.execute(_CHECKED, {"u": camp.user_id, "phones": [r.phone for r in rows]})}
+        verify = camp.verify
+        # Rows unpacked in _LEASE's RETURNING order: a Row's attribute access costs ~0.4 us, and
+        # ten per message were half of this loop.
         leased = [
-            LeasedMessage(message_id=r.id, chat_id=_chat_id(r.chat_id, checked.get(r.phone)), phone=r.phone,
-                          text=render(txt, contact_values(r.name, r.phone, r.variables), r.contact_id).text,
-                          media=media.get(mid) if mid is not None else None,
-                          waha_message_id=r.waha_message_id, attempts=r.attempts,
-                          lease_expires_at=r.lease_expires_at,
-                          attempt_waha_message_id=None if r.waha_message_id else r.attempt_id,
-                          verify_number=camp.verify and r.phone not in checked,
-                          not_on_whatsapp=camp.verify and not checked.get(r.phone, (True, ""))[0])
-            for r, (txt, mid) in zip(rows, parts, strict=True)
+            LeasedMessage(message_id, _chat_id(chat_id, checked.get(phone)) if verify else chat_id, phone,
+                          render_text(txt, contact_values(name, phone, variables), contact_id),
+                          media.get(mid) if mid is not None else None, earlier, attempts, expires,
+                          None if earlier else attempt_id, verify and phone not in checked,
+                          verify and not checked.get(phone, (True, ""))[0])
+            for (message_id, _seq, _tidx, earlier, attempt_id, attempts, expires, contact_id, phone, chat_id, name,
+                 variables, _expired), (txt, mid) in zip(rows, parts, strict=True)
         ]
         return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)
 

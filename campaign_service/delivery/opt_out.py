@@ -32,6 +32,8 @@ def skip_suppressed(s: Session, cid: uuid.UUID, rows: Sequence[R], lease_again: 
     out = list(rows)
     for _ in range(MAX_ROUNDS):
         suppressed = suppressions_repo.suppressed_of_campaign_owner(s, cid, [r.phone for r in out])
+        if not suppressed:
+            return out
         skip = [r for r in out if r.phone in suppressed and r.waha_message_id is None]
         if not skip:
             return out

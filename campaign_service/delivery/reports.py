@@ -255,11 +255,12 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
             "outcomes": arrays.int_literal([r.outcome for r in batch]),
             "wahas": arrays.literal([r.waha_message_id for r in batch]),
             "reasons": arrays.literal([r.failure_reason for r in batch]),
-            "times": arrays.literal([r.time for r in batch]),
+            "times": arrays.timestamp_literal([r.time for r in batch]),
         }).all()
-        changed += [(row.old_state, row.new_state) for row in rows]
-        for row in rows:
-            first_last[row.id] = (first_last.get(row.id, (row.old_state, 0))[0], row.new_state)
+        for mid, old, new in rows:  # unpacked: a Row's attribute access costs ~0.4 us, per row and column
+            changed.append((old, new))
+            first = first_last.get(mid)
+            first_last[mid] = (old if first is None else first[0], new)
     _settle_credits(s, camp.user_id, cid, first_last.values())
     _remember_checks(s, camp.user_id, cid, reports)
     deltas = counter_deltas(changed)

@@ -31,6 +31,15 @@ from whago.campaign.v1 import delivery_service_pb2 as dpb
 log = logging.getLogger("dispatcher.lane")
 
 
+def next_burst_size(registered: int, used: int) -> int:
+    """The next burst's registrations after one that used `used` of `registered`: a little more
+    when all fitted in BURST_SECONDS, a little less than what fitted when time ran out (so most
+    bursts end by count, with nothing to give back)."""
+    if used >= registered:
+        return min(BURST, registered + max(1, registered // 4))
+    return max(1, used - max(1, used // 8))
+
+
 class BurstingLane(SendingLane):
     """Bursts of sends for lanes at full speed."""
 
@@ -49,7 +58,7 @@ class BurstingLane(SendingLane):
             try:
                 got = await self.env.pacer.reserve_burst(
                     self.chip, self.limits, self.lane_key, self.fence_key, self.inflight_key, self.run_value,
-                    self.cfg.waha_timeout + BURST_SECONDS + 2, min(BURST, len(todo) - i), prev_token=prev)
+                    self.cfg.waha_timeout + BURST_SECONDS + 2, min(self.burst_size, len(todo) - i), prev_token=prev)
             except fences_mod.Stopped:
                 raise  # the script ran: `prev` is released
             except BaseException:
@@ -75,6 +84,8 @@ class BurstingLane(SendingLane):
                 self.burst_stop = True  # the burst ends after its current request
                 raise
             i += done
+            if failure is None and not self.burst_stop:
+                self.burst_size = next_burst_size(n, done)
             # warm-up: the registered sends that never left stop counting (SliceOver: not sent)
             await self.env.pacer.return_burst(self.chip, self.limits, token, done + (
                 0 if failure is None or isinstance(failure, SliceOver) else 1), n)

@@ -60,7 +60,13 @@ REPORT_BATCH_FAST = 50
 # Full speed (gap always 0, no camouflage): one fence token covers a burst of up to BURST sequential
 # sends (one Redis step per burst instead of one per message), for at most BURST_SECONDS, so a stop
 # waiting for in-flight requests waits for at most that (the lane is aborted by then anyway).
-BURST = 25
+# A burst registers its sends with the reservation; registrations a burst did not use (it ran out of
+# BURST_SECONDS first) cost one more Redis step to give back (pace_burst_return). So each lane sizes
+# its bursts to what fitted in the time of the last ones (bursts.next_burst_size), up to BURST: a
+# lane at ~160 sends/s took 25 and used ~16, one give-back per burst, ~10% of the worker's busy
+# samples (py-spy, `make bench` dispatch under load).
+BURST = 50
+BURST_START = 10
 BURST_SECONDS = 0.1
 # Prefetch: while a batch is sent, the next one is leased, given its WAHA ids and recorded as
 # ATTEMPTING, so the sends never wait for the campaign service; only when the current batch is

@@ -15,6 +15,7 @@ from typing import Any
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys as keys_mod
 from dispatcher_service.lane.common import (
+    BURST_START,
     FENCE_POLL_SECONDS,
     FOLD_RELEASE_SECONDS,
     MAX_BATCH_BURST,
@@ -119,6 +120,8 @@ class FencedLane:
         self.report_batch = (MAX_BATCH_BURST if self.burst else REPORT_BATCH_FAST) if self.fold_release \
             else REPORT_BATCH
         self.burst_stop = False
+        # Sends registered per burst (bursts.py): what fitted the last bursts' BURST_SECONDS.
+        self.burst_size = BURST_START
         self.unreleased: str | None = None
         self.release_timer: asyncio.TimerHandle | None = None
         # PENDING messages of the lane after the last lease: no more ids are taken than can be used.

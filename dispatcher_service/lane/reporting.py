@@ -28,8 +28,10 @@ class ReportingLane(FencedLane):
         r = now_report()
         r.message_id = m.message_id
         r.outcome = outcome  # type: ignore[assignment]
-        r.waha_message_id = waha_id
-        r.failure_reason = reason
+        if waha_id:  # proto3: an unset string is "" (one field set less per message)
+            r.waha_message_id = waha_id
+        if reason:
+            r.failure_reason = reason
         if checked is not None:
             r.number_checked, (r.number_exists, r.checked_chat_id) = True, checked
         self.reports.append(r)
