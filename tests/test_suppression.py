@@ -340,6 +340,6 @@ def test_receiver_refuses_unsigned_and_malformed_message_webhooks(receiver: str)
                    {**event, "payload": {**event["payload"], "body": ["SAIR"]}}):  # type: ignore[dict-item]
         status, _ = post_signed(receiver, broken)
         assert status == 400, broken
-    assert post_signed(receiver, event) == (200, {"ok": True, "opted_out": 0})  # no chip on that session
+    assert post_signed(receiver, event) == (200, {"ok": True, "opted_out": 0, "replies": 0})  # no chip on that session
     own = {**event, "payload": {**event["payload"], "fromMe": True}}  # type: ignore[dict-item]
     assert post_signed(receiver, own)[1] == {"ignored": "not an inbound text message"}
