@@ -1,7 +1,10 @@
-"""One server interceptor for the cross-cutting parts of every RPC: authentication and the
-translation of errors into gRPC statuses. It wraps the handler's behaviour, so it runs where the
-servicer runs (the RPC thread pool for the unary handlers, the event loop for WatchCampaign) and
-can set the caller in a ContextVar there."""
+"""The cross-cutting parts of every RPC in one wrapper around each method handler: authentication,
+the per-user rate limit, metrics, the tracing span and the translation of errors into gRPC statuses.
+It wraps the handler's behaviour, so it runs where the servicer runs (the RPC thread pool for the
+unary handlers, the event loop for the coroutines) and can set the caller in a ContextVar there.
+
+Applied once per method when the server is built (campaign_service.handlers), not as a grpc.aio
+ServerInterceptor: grpc.aio runs an interceptor as two more coroutine layers on every call."""
 
 from __future__ import annotations
 
@@ -96,12 +99,13 @@ def _abort(context: Any, err: errors.ServiceError) -> None:
     context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class RpcWrapper:
+    """`wrap(method, handler)`: the handler with every cross-cutting part of an RPC around it."""
+
     def __init__(self, keys: KeyCache, service_token: str, limiter: RateLimiter | None = None) -> None:
         self._keys = keys
         self._service_token = service_token
         self._limiter = limiter
-        self._handlers: dict[str, Any] = {}  # method -> wrapped handler (built once per method)
 
     def _principal(self, service: str, metadata: Any, cached_only: bool = False) -> auth.Principal | None:
         """The caller; with `cached_only`, NeedsLookup rather than a query (key or rate not cached)."""
@@ -124,20 +128,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._limiter.take(principal.user_id, cached_only)
         return principal
 
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        method: str = details.method
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        wrapped = self._wrap(method, handler)
-        if len(self._handlers) < 1000:  # only registered methods resolve to a handler; bounded anyway
-            self._handlers[method] = wrapped
-        return wrapped
-
-    def _wrap(self, method: str, handler: Any) -> Any:
+    def wrap(self, method: str, handler: Any) -> Any:
+        """`handler` (a grpc.RpcMethodHandler of `method`, "/package.Service/Method") wrapped."""
         service = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
         principal_of = self._principal
         set_current, reset_current = auth.set_current, auth.reset_current
@@ -162,19 +154,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         reset_current(token)
             return tracing.traced(method, run) if tracing.enabled() else run
 
-        async def principal_for(context: Any) -> Any:
-            # From the caches on the loop; a lookup that must query PostgreSQL goes to a thread.
-            metadata = context.invocation_metadata()
-            try:
-                return principal_of(service, metadata, True)
-            except auth.NeedsLookup:
-                return await asyncio.get_running_loop().run_in_executor(None, principal_of, service, metadata)
+        async def principal_lookup(metadata: Any) -> Any:
+            """A caller whose key or rate is not cached: PostgreSQL is asked from a thread."""
+            return await asyncio.get_running_loop().run_in_executor(None, principal_of, service, metadata)
 
         def wrap_async(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def run(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started, code = clock(), cancelled  # stays CANCELLED when the task is cancelled
                 try:
-                    set_current(await principal_for(context))  # this task's own context
+                    metadata = context.invocation_metadata()
+                    try:  # from the caches, on the loop (no coroutine of its own: this is every call)
+                        principal = principal_of(service, metadata, True)
+                    except auth.NeedsLookup:
+                        principal = await principal_lookup(metadata)
+                    set_current(principal)  # this task's own context
                     refuse_nul(request_or_iterator)
                     result = await behavior(request_or_iterator, context)
                     code = ok
@@ -193,7 +186,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 err: errors.ServiceError | None = None
                 started, code = clock(), cancelled  # stays CANCELLED when the client goes away
                 try:
-                    set_current(await principal_for(context))  # this task's own context
+                    metadata = context.invocation_metadata()
+                    try:
+                        principal = principal_of(service, metadata, True)
+                    except auth.NeedsLookup:
+                        principal = await principal_lookup(metadata)
+                    set_current(principal)  # this task's own context
                     refuse_nul(request)
                     async for item in behavior(request, context):
                         yield item

@@ -22,14 +22,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from campaign_service import config, limits, logs, metrics, tracing
 from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
 from campaign_service.dispatch import DispatcherClient
-from campaign_service.interceptors import KeyCache, ServerInterceptor
+from campaign_service.handlers import Handlers
+from campaign_service.interceptors import KeyCache, RpcWrapper
 from campaign_service.limits import RateLimiter
 from campaign_service.ops import Operations
 from campaign_service.purge import Purger
@@ -100,24 +102,28 @@ class App:
         self.hub = WatchHub(self.db, self.background)
         self.relay = Relay(self.db, settings, self.background)
         self.listener: Listener | None = None
-        self.server = grpc.aio.server(migration_thread_pool=self.pool,
-                                      interceptors=[ServerInterceptor(self.keys, settings.service_token,
-                                                                      RateLimiter(self._rate_of))],
-                                      options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_workers * 64)
+        self.server = grpc.aio.server(migration_thread_pool=self.pool, options=SERVER_OPTIONS,
+                                      maximum_concurrent_rpcs=settings.max_workers * 64)
+        # Every service registers into `handlers`, which wraps each method once (auth, rate limit,
+        # metrics, tracing, errors) and is the server's one generic handler (see handlers.py).
+        handlers = Handlers(RpcWrapper(self.keys, settings.service_token, RateLimiter(self._rate_of)).wrap)
         self.health = health_aio.HealthServicer()
         self.scheduler: delivery_scheduler.Scheduler | None = None
         self.purger = Purger(self.db)
         self._stopped = False
-        campaigns_servicer.add_to_server(self.server, self.ops, self.hub)
-        chips_servicer.add_to_server(self.server, self.ops)
-        webhooks_servicer.add_to_server(self.server, self.ops)
-        audit_servicer.add_to_server(self.server, self.ops)
-        credits_servicer.add_to_server(self.server, self.ops)
-        suppressions_servicer.add_to_server(self.server, self.ops)
-        delivery_servicer.add_to_server(self.server, self.db, self.settings)
+        campaigns_servicer.add_to_server(handlers, self.ops, self.hub)
+        chips_servicer.add_to_server(handlers, self.ops)
+        webhooks_servicer.add_to_server(handlers, self.ops)
+        audit_servicer.add_to_server(handlers, self.ops)
+        credits_servicer.add_to_server(handlers, self.ops)
+        suppressions_servicer.add_to_server(handlers, self.ops)
+        delivery_servicer.add_to_server(handlers, self.db, self.settings)  # type: ignore[arg-type]
         names = [*SERVICE_NAMES, DELIVERY_SERVICE]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, handlers)
+        # What reflection.enable_server_reflection does for a grpc.aio server, into `handlers`.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection_aio.ReflectionServicer([*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), handlers)
+        handlers.install(self.server)
         self.service_names = names
 
     def _rate_of(self, user_id: uuid.UUID) -> float:
