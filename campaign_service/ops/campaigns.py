@@ -17,7 +17,7 @@ from campaign_service.db.coalesce import Coalescer
 from campaign_service.db.engine import Database
 from campaign_service.db.models import Campaign
 from campaign_service.dispatch import DispatcherClient
-from campaign_service.ids import parse_uuid
+from campaign_service.ids import canonical_uuid, parse_uuid
 from campaign_service.lifecycle import Op, State
 from campaign_service.ops.base import OpsBase, utcnow
 from campaign_service.ops.inputs import (
@@ -142,10 +142,10 @@ class CampaignCrud(OpsBase):
     async def get_campaign(self, user_id: uuid.UUID, campaign_id: str) -> campaigns_repo.CampaignView:
         """A row of campaigns_repo.VIEW_COLUMNS (render it with convert.campaign_view). On the event
         loop: see campaign_service.db.aio for why."""
-        cid = parse_uuid(campaign_id, "campaign_id")
+        cid = canonical_uuid(campaign_id, "campaign_id")
         row = await self._views.get(campaigns_repo.view_key(user_id, cid))
         if row is None:
-            raise errors.NotFound("campaign", str(cid))
+            raise errors.NotFound("campaign", cid)
         return row
 
     async def list_campaigns(self, user_id: uuid.UUID, state: int, page_size: int, page_token: str) -> Page:

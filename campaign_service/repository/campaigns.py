@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, text, tuple_
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
@@ -122,23 +122,23 @@ def get_view(db: Database, user_id: uuid.UUID, campaign_id: uuid.UUID) -> Campai
 
 
 #: Many users' campaigns at once, keyed by (campaign id, owner) pairs in two arrays: the views of
-#: the pairs that exist, each followed by its owner (the pair, as text, keys the answer).
-GET_VIEWS = (str(select(*VIEW_COLUMNS, cast(_c.user_id, Text).label("owner")).compile(dialect=postgresql.dialect()))
-             + " JOIN unnest($1::uuid[], $2::uuid[]) AS k(k_id, k_user)"
+#: the pairs that exist, each followed by its pair's position in the arrays (1-based).
+GET_VIEWS = (str(select(*VIEW_COLUMNS, literal_column("k.k_n")).compile(dialect=postgresql.dialect()))
+             + " JOIN unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(k_id, k_user, k_n)"
              " ON campaigns.id = k.k_id AND campaigns.user_id = k.k_user")
 
-ViewKey = tuple[str, str]  # (campaign id, user id), as text
+ViewKey = tuple[str, uuid.UUID]  # (campaign id as text, owner)
 
 
-def view_key(user_id: uuid.UUID, campaign_id: uuid.UUID) -> ViewKey:
-    return str(campaign_id), str(user_id)
+def view_key(user_id: uuid.UUID, campaign_id: str) -> ViewKey:
+    return campaign_id, user_id
 
 
 async def get_views_on_loop(reads: LoopReads, keys: list[ViewKey]) -> dict[ViewKey, CampaignView]:
     """The views of those of `keys` that exist, from the event loop (one query for all; see
     campaign_service.db.coalesce)."""
     rows = await reads.fetch_all(GET_VIEWS, [k[0] for k in keys], [k[1] for k in keys])
-    return {(r[0], r[-1]): CampaignView._make(r[:-1]) for r in rows}
+    return {keys[r[-1] - 1]: CampaignView._make(r[:-1]) for r in rows}
 
 
 def _page_params(user_id: uuid.UUID, state: int, limit: int,
