@@ -34,8 +34,15 @@ PUBLIC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRefle
                    "grpc.reflection.v1.ServerReflection")
 
 
+#: Keys up to this long are cached as they are; longer ones (none we issue is) by their hash, so a
+#: flood of huge invalid keys cannot grow the cache's memory.
+_MAX_CACHED_KEY = 128
+
+
 class KeyCache:
-    """sha256(key) -> the user's Principal, with a short TTL so revoked keys stop working quickly."""
+    """API key -> the user's Principal, with a short TTL so revoked keys stop working quickly.
+    Cached by the key itself: hashing it (what the database keeps) cost more than the rest of a
+    cached lookup, on every RPC."""
 
     def __init__(self, lookup: Callable[[str], uuid.UUID | None], ttl: float = 30.0) -> None:
         self._lookup = lookup
@@ -43,18 +50,18 @@ class KeyCache:
         self._cache: dict[str, tuple[float, auth.Principal | None]] = {}
 
     def principal_for(self, key: str, cached_only: bool = False) -> auth.Principal | None:
-        h = auth.hash_key(key)
+        ck = key if len(key) <= _MAX_CACHED_KEY else auth.hash_key(key)
         now = time.monotonic()
-        hit = self._cache.get(h)
+        hit = self._cache.get(ck)
         if hit is not None and hit[0] > now:
             return hit[1]
         if cached_only:
             raise auth.NeedsLookup
-        user = self._lookup(h)
+        user = self._lookup(auth.hash_key(key))
         if len(self._cache) > 10_000:
             self._cache.clear()
         principal = None if user is None else auth.Principal(user_id=user)
-        self._cache[h] = (now + self._ttl, principal)
+        self._cache[ck] = (now + self._ttl, principal)
         return principal
 
     def user_for(self, key: str) -> uuid.UUID | None:

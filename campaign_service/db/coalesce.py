@@ -22,7 +22,8 @@ V = TypeVar("V")
 
 class Coalescer(Generic[K, V]):
     """`await get(key)`: the value `fetch` found for the key (None when it found none). `fetch`
-    takes up to `max_batch` distinct keys and answers a dict of those it found."""
+    takes up to `max_batch` distinct keys and answers a dict of those it found. `get` hands back
+    the waiter's future itself (no coroutine around it: it is on every GetCampaign)."""
 
     def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 64,
                  parallel: int = 1) -> None:
@@ -34,12 +35,12 @@ class Coalescer(Generic[K, V]):
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def get(self, key: K) -> V | None:
+    def get(self, key: K) -> asyncio.Future[V | None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[V | None] = loop.create_future()
         self._pending.setdefault(key, []).append(fut)
         self._schedule(loop)
-        return await fut
+        return fut
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._scheduled and self._pending and self._running < self._parallel:
