@@ -3,8 +3,10 @@ CreditService and the internal DeliveryService on one grpc.aio server, with refl
 grpc.health.v1; the delivery scheduler thread; the event relay and the WatchCampaign hub as asyncio tasks.
 
 The unary handlers are plain functions run on the RPC thread pool (grpc.aio's migration pool),
-except GetCampaign, a coroutine reading through asyncpg (campaign_service.db.aio); WatchCampaign
-is a coroutine on the event loop, so a thousand watchers cost no thread.
+except GetCampaign and ListCampaigns, coroutines reading through asyncpg (campaign_service.db.aio);
+WatchCampaign is a coroutine on the event loop, so a thousand watchers cost no thread. Every
+service registers into one `Handlers` (campaign_service.handlers), which wraps each method once
+(campaign_service.interceptors) and is the server's only generic handler.
 
 SIGTERM/SIGINT: health goes NOT_SERVING, watchers are told to reconnect, in-flight RPCs get
 `grace` seconds, the engine is disposed."""

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 
+from campaign_service.interceptors import KeyCache
 from tests.conftest import SERVICE_TOKEN
 from tests.helpers import Api, phones
 from tests.test_campaign_support import (  # noqa: F401
@@ -33,6 +34,16 @@ from whago.campaign.v1 import chip_service_pb2_grpc as chs_grpc
 from whago.campaign.v1 import delivery_service_pb2 as ds
 from whago.campaign.v1 import delivery_service_pb2_grpc as ds_grpc
 from whago.campaign.v1 import resources_pb2 as res
+
+
+def test_the_key_cache_asks_once_per_key_and_holds_long_keys_by_their_hash() -> None:
+    asked: list[str] = []
+    cache = KeyCache(lambda h: asked.append(h) or None)  # type: ignore[func-returns-value]
+    long_key = "x" * 10_000
+    for key in ("whk_a", "whk_a", long_key, long_key):
+        assert cache.principal_for(key) is None
+    assert len(asked) == 2  # one database lookup per key, by sha256 as stored
+    assert all(len(k) <= 128 for k in cache._cache)  # a huge key costs the cache no more than a hash
 
 
 @pytest.mark.parametrize("metadata", [

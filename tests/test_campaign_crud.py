@@ -98,11 +98,13 @@ def test_bad_page_tokens_are_invalid_argument(api: Api) -> None:
 
 def test_update_with_mask_bumps_etag_and_keeps_other_fields(api: Api) -> None:
     c = create(api, "before", description="keep me")
+    assert api.get(c.id) == c  # rendered once: the Gets after each update must not answer this again
     out = api.campaigns.UpdateCampaign(cs.UpdateCampaignRequest(
         campaign=res.Campaign(id=c.id, name="after", description="ignored", etag=c.etag),
         update_mask=field_mask_pb2.FieldMask(paths=["name"])), metadata=api.md)
     assert out.name == "after" and out.description == "keep me"
     assert out.etag != c.etag
+    assert api.get(c.id) == out
     # settings.* subpaths merge into the stored settings
     out2 = api.campaigns.UpdateCampaign(cs.UpdateCampaignRequest(
         campaign=res.Campaign(id=c.id, settings=res.CampaignSettings(

@@ -1,17 +1,20 @@
 """GetCampaign's coalesced reads (campaign_service/db/coalesce.py, repository GET_VIEWS): gets in
 flight together share one query, each waiter gets its own key's answer, tenancy holds inside a
 batch, and a failed query fails every waiter of its batch and no other. The batching itself with a
-recording fetch; the query and the RPC against the session's PostgreSQL and campaign_service."""
+recording fetch; the query and the RPC against the session's PostgreSQL and campaign_service.
+And the rendering of a read row: reused only while the row is identical."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
+from campaign_service import convert
 from campaign_service.db.aio import LoopReads
 from campaign_service.db.coalesce import Coalescer
 from campaign_service.repository import campaigns as campaigns_repo
@@ -92,6 +95,20 @@ def test_a_cancelled_waiter_leaves_the_others_their_answers() -> None:
         return [await kept, await c.get(1)]
 
     assert asyncio.run(main()) == [20, 10]
+
+
+def test_a_rendered_campaign_is_reused_only_for_an_identical_row() -> None:
+    now = datetime.now(UTC)
+    values: dict[str, object] = {f: 0 for f in campaigns_repo.CampaignView._fields}
+    values.update(id=str(uuid.uuid4()), name="n", description="", state_reason="", templates_json="[]",
+                  settings_json="{}", chip_ids=[], schedule_time=None, created_at=now, updated_at=now,
+                  started_at=None, completed_at=None)
+    row = campaigns_repo.CampaignView(**values)  # type: ignore[arg-type]
+    first = convert.campaign_view(row)
+    assert convert.campaign_view(campaigns_repo.CampaignView(*row)) is first  # equal row, not the same object
+    sent = convert.campaign_view(row._replace(sent_count=1))  # a counter moved, version and times did not
+    assert sent is not first and sent.sent_count == 1 and first.sent_count == 0
+    assert convert.campaign_view(row._replace(name="m")).name == "m"
 
 
 def test_a_batch_answers_each_key_for_its_owner_only(api: Ops, sandbox_url: str, database_url: str) -> None:
