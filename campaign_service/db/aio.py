@@ -47,13 +47,14 @@ class LoopReads:
     service starts while PostgreSQL is still coming up). A connection that PostgreSQL closed is
     noticed by the loop as it happens and replaced at the next acquire.
 
-    One of its connections is kept out of the pool for the reads that find it free (GetCampaign's
-    coalesced batches run one at a time, so they always do): a pool acquire + release cost more
-    Python than the query's own execute."""
+    Besides the pool, one connection of its own serves the reads that find it free (GetCampaign's
+    coalesced batches run one at a time, so they nearly always do): a pool acquire + release cost
+    more Python than the query's own execute. Opened at its first read; closed on any failure or
+    cancellation of a read on it (its state is then unknown) and opened again at the next."""
 
     def __init__(self, database_url: str, max_size: int) -> None:
         self._dsn = asyncpg_dsn(database_url)
-        self._max_size = max(2, max_size)  # the kept connection, and at least one in the pool
+        self._max_size = max(1, max_size)
         self._pool: asyncpg.Pool | None = None
         self._kept: asyncpg.Connection | None = None
         self._kept_busy = False
@@ -74,25 +75,27 @@ class LoopReads:
         try:
             con = self._kept
             if con is None or con.is_closed():
-                await self._release_kept()
-                con = self._kept = await self._pool.acquire()
+                self._kept = None
+                con = self._kept = await asyncpg.connect(self._dsn, timeout=10)
             try:
                 return [tuple(r) for r in await con.fetch(sql, *params)]
-            except BaseException:  # failed or cancelled: back to the pool, as `pool.fetch` would do
-                await self._release_kept()
+            except BaseException:
+                self._kept = None
+                con.terminate()
                 raise
         finally:
             self._kept_busy = False
 
-    async def _release_kept(self) -> None:
-        con, self._kept = self._kept, None
-        if con is not None and self._pool is not None:
-            await self._pool.release(con)
-
     async def close(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            try:
+                if self._kept_busy:  # the read in flight fails as its connection drops
+                    raise ConnectionAbortedError
+                await asyncio.wait_for(kept.close(), 5)
+            except CONNECTION_ERRORS:
+                kept.terminate()
         if self._pool is not None:
-            if not self._kept_busy:  # else the read in flight releases it as it ends
-                await self._release_kept()
             pool, self._pool = self._pool, None
             try:
                 await asyncio.wait_for(pool.close(), 5)
