@@ -11,6 +11,7 @@ from sqlalchemy import text
 from campaign_service import outbox
 from campaign_service.db.engine import Database
 from campaign_service.relay import store
+from tests.helpers import wait_for
 from tests.test_delivery_fixtures import delivery_db, make_user
 
 __all__ = ["delivery_db"]
@@ -69,3 +70,36 @@ def test_retention_keeps_events_still_owed(delivery_db: Database) -> None:
                                {"e": ep}).scalars().all()
     # the delivered one went (with its delivery); the one still owed and the recent one stay
     assert left == ids[1:] and deliveries == [ids[1]]
+
+
+def test_recording_attempts_takes_the_endpoint_before_its_deliveries(delivery_db: Database) -> None:
+    """DeleteWebhookEndpoint locks the endpoint row, then (its cascade) the deliveries. The relay's
+    record() must take them in that order too: it updated the deliveries first and then waited for
+    the endpoint, which deadlocked against a Delete (seen as UNAVAILABLE by DeleteWebhookEndpoint)."""
+    user = make_user(delivery_db)
+    stream = f"campaign:{uuid.uuid4()}"
+    with delivery_db.transaction() as s:
+        ev = outbox.emit(s, user_id=user, stream=stream, type=outbox.CAMPAIGN_UPDATED, data={})
+        # Disabled: the session's live relay (same database) leaves it alone.
+        ep = s.execute(text("INSERT INTO webhook_endpoints (id, user_id, url, secret, enabled) VALUES "
+                            "(gen_random_uuid(), :u, 'http://127.0.0.1:9/', 'whsec_x', false) RETURNING id"),
+                       {"u": user}).scalar_one()
+        did = s.execute(text("INSERT INTO webhook_deliveries (endpoint_id, event_id, stream, state) VALUES "
+                             "(:e, :ev, :s, 1) RETURNING id"), {"e": ep, "ev": ev, "s": stream}).scalar_one()
+    due = store.Due(did, ep, "http://127.0.0.1:9/", ("whsec_x",), 0, None)  # type: ignore[arg-type]
+    with delivery_db.engine.connect() as delete:  # what DeleteWebhookEndpoint holds before its cascade
+        delete.execute(text("SELECT id FROM webhook_endpoints WHERE id = :e FOR UPDATE"), {"e": ep})
+        relay = threading.Thread(target=store.record, args=(
+            delivery_db, [(due, store.Outcome(500, 3, "HTTP 500", False, 5.0))], 600.0))
+        relay.start()
+        with delivery_db.engine.connect() as watch:
+            wait_for(lambda: watch.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                " AND query LIKE '%webhook_endpoints%'")).scalar_one() >= 1, 10, "the relay waiting for the endpoint")
+        # The relay waits without holding the delivery: the Delete's cascade goes through.
+        delete.execute(text("SELECT id FROM webhook_deliveries WHERE id = :d FOR UPDATE NOWAIT"), {"d": did})
+        delete.rollback()
+    relay.join(10)
+    assert not relay.is_alive()
+    with delivery_db.session() as s:
+        assert s.execute(text("SELECT attempts FROM webhook_deliveries WHERE id = :d"), {"d": did}).scalar_one() == 1

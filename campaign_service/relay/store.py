@@ -105,6 +105,10 @@ _RECORD = text(f"""
     UPDATE webhook_deliveries d SET state = r.st, attempts = d.attempts + 1, last_status_code = r.code,
            last_error = r.err, next_attempt_at = now() + make_interval(secs => r.wait), updated_at = now()
     FROM r WHERE d.id = r.id AND d.state = {PENDING:d}""")
+# Endpoints first, deliveries after: the order DeleteWebhookEndpoint takes them in (its row, then the
+# cascade to its deliveries). Updating the deliveries first deadlocked against a Delete.
+_LOCK_ENDPOINTS = text("SELECT id FROM webhook_endpoints WHERE id = ANY(CAST(:eps AS uuid[])) ORDER BY id "
+                       "FOR NO KEY UPDATE")
 _HEALTHY = text("UPDATE webhook_endpoints SET failing_since = NULL WHERE id = :e AND failing_since IS NOT NULL")
 _FAILING = text("""
     UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()) WHERE id = :e
@@ -126,6 +130,7 @@ def record(db: Database, done: Sequence[tuple[Due, Outcome]], disable_after: flo
         states.append(int(state))
         waits.append(wait)
     with db.transaction() as s:
+        s.execute(_LOCK_ENDPOINTS, {"eps": sorted({str(d.endpoint_id) for d, _ in done})})
         s.execute(_RECORD, {"ids": [d.delivery_id for d, _ in done], "states": states,
                             "codes": [o.status_code for _, o in done], "errs": [o.error[:1000] for _, o in done],
                             "waits": waits, "ms": [o.latency_ms for _, o in done]})
