@@ -25,15 +25,20 @@ from devstack.servers import Postgres
 RUNNING, PAUSED = 3, 4
 
 
-@pytest.fixture(scope="session")
-def delivery_db(postgres: Postgres) -> Iterator[Database]:
-    """The session's PostgreSQL, migrated to head (same database as `database_url`)."""
-    postgres.create_database("whago")
-    url = postgres.url("whago")
+def migrated_database(postgres: Postgres, name: str) -> Iterator[Database]:
+    """Database `name` of the session's PostgreSQL, migrated to head, for a fixture to yield from."""
+    postgres.create_database(name)
+    url = postgres.url(name)
     upgrade(url)
     db = Database(url, pool_size=20)
     yield db
     db.dispose()
+
+
+@pytest.fixture(scope="session")
+def delivery_db(postgres: Postgres) -> Iterator[Database]:
+    """The session's PostgreSQL, migrated to head (same database as `database_url`)."""
+    yield from migrated_database(postgres, "whago")
 
 
 class RecordingEvents:

@@ -22,7 +22,6 @@ from sqlalchemy import text
 from campaign_service import errors
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
-from campaign_service.db.migrate import upgrade
 from campaign_service.db.models import AuditEvent
 from campaign_service.delivery import lane_waits, leases
 from campaign_service.delivery.scheduler import Scheduler, SchedulerConfig
@@ -39,6 +38,7 @@ from tests.test_delivery_fixtures import (
     events,
     make_world,
     message_rows,
+    migrated_database,
     set_messages,
 )
 from waha_sandbox.control import SandboxControl
@@ -54,12 +54,7 @@ __all__ = ["delivery_db", "events"]
 def delivery_db(postgres: Postgres) -> Iterator[Database]:
     """A database of this module's own: the session's live campaign services (and the isolated
     stacks') share `whago`, and their watchdogs kicked these tests' aged campaigns first under load."""
-    postgres.create_database("whago_scheduler")
-    url = postgres.url("whago_scheduler")
-    upgrade(url)
-    db = Database(url, pool_size=20)
-    yield db
-    db.dispose()
+    yield from migrated_database(postgres, "whago_scheduler")
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,11 @@ def test_recording_attempts_takes_the_endpoint_before_its_deliveries(delivery_db
         relay = threading.Thread(target=store.record, args=(
             delivery_db, [(due, store.Outcome(500, 3, "HTTP 500", False, 5.0))], 600.0))
         relay.start()
+        holder = delete.execute(text("SELECT pg_backend_pid()")).scalar_one()
         with delivery_db.engine.connect() as watch:
-            wait_for(lambda: watch.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                " AND query LIKE '%webhook_endpoints%'")).scalar_one() >= 1, 10, "the relay waiting for the endpoint")
+            blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :p = ANY(pg_blocking_pids(pid))")
+            wait_for(lambda: watch.execute(blocked, {"p": holder}).scalar_one() >= 1, 10,
+                     "the relay waiting for the endpoint")
         # The relay waits without holding the delivery: the Delete's cascade goes through.
         delete.execute(text("SELECT id FROM webhook_deliveries WHERE id = :d FOR UPDATE NOWAIT"), {"d": did})
         delete.rollback()
