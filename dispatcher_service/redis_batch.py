@@ -26,6 +26,8 @@ from redis.exceptions import NoScriptError
 MAX_PIPELINE = 500
 
 Cmd = tuple[Any, ...]
+Orphan = Callable[[Any], None]  # called with the reply of a command whose caller was cancelled
+Queued = tuple[Cmd, asyncio.Future[Any], Orphan | None]
 
 
 async def run_script(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any],
@@ -52,15 +54,18 @@ async def run_script_undoable(script: AsyncScript, keys: Sequence[Any], args: Se
     token): when the caller is cancelled (arq aborting a lane at a stop) after the script left,
     `undo(reply)` runs once Redis has answered. Without it, the token of a send that never left
     held the campaign's next stop back until its expiry (17 s in `make bench`)."""
-    fut: asyncio.Future[Any] = (asyncio.ensure_future(script(keys=keys, args=args)) if batch is None
-                                else batch.script_nowait(script, keys, args))
+    def orphaned(reply: Any) -> None:
+        if (aw := undo(reply)) is not None:
+            spawn(aw)
+
+    if batch is not None:  # no extra hop: the batch hands a cancelled caller's reply to `orphaned`
+        return await batch.script(script, keys, args, orphan=orphaned)
+    fut: asyncio.Future[Any] = asyncio.ensure_future(script(keys=keys, args=args))
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        def answered(f: asyncio.Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is None and (aw := undo(f.result())) is not None:
-                spawn(aw)
-        fut.add_done_callback(answered)
+        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None
+                              else orphaned(f.result()))
         raise
 
 
@@ -69,20 +74,21 @@ class RedisBatch:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._queue: list[tuple[Cmd, asyncio.Future[Any]]] = []
+        self._queue: list[Queued] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.pipelines = 0  # (diagnostics) pipelines sent, commands sent through them
         self.commands = 0
 
-    async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any],
+                     orphan: Orphan | None = None) -> Any:
         """EVALSHA of a registered script; loaded first when Redis lost it (a restart), as redis-py
         does (NOSCRIPT: the script did not run, so running it again is safe)."""
         try:
-            return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args))
+            return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args), orphan)
         except NoScriptError:
             script.sha = await self.redis.script_load(script.script)
-            return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args))
+            return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *args), orphan)
 
     async def get(self, key: str) -> Any:
         return await self._submit(("GET", key))
@@ -118,10 +124,10 @@ class RedisBatch:
         self._submit(("EVALSHA", script.sha, len(keys), *keys, *args)).add_done_callback(first)
         return out
 
-    def _submit(self, cmd: Cmd) -> asyncio.Future[Any]:
+    def _submit(self, cmd: Cmd, orphan: Orphan | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((cmd, fut))
+        self._queue.append((cmd, fut, orphan))
         if not self._scheduled:
             self._scheduled = True
             # The task's first step runs after every callback already due in this tick (like
@@ -141,29 +147,31 @@ class RedisBatch:
             task.add_done_callback(self._tasks.discard)
         await self._run(queue[:MAX_PIPELINE])
 
-    async def _run(self, batch: list[tuple[Cmd, asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[Queued]) -> None:
         try:
             if len(batch) == 1:
-                cmd, fut = batch[0]
+                cmd = batch[0][0]
                 replies: list[Any] = [await self.redis.execute_command(*cmd)]
             else:
                 async with self.redis.pipeline(transaction=False) as p:
-                    for cmd, _ in batch:
+                    for cmd, _, _ in batch:
                         p.execute_command(*cmd)
                     replies = await p.execute(raise_on_error=False)
                 self.pipelines += 1
                 self.commands += len(batch)
         except Exception as e:  # the whole batch failed (connection lost beyond the retries)
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(e)
             return
         except BaseException:  # cancelled (shutdown): so are the callers' waits
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.cancel()
             raise
-        for (_, fut), reply in zip(batch, replies, strict=True):
+        for (_, fut, orphan), reply in zip(batch, replies, strict=True):
             if fut.done():  # its caller was cancelled; the step ran all the same
+                if orphan is not None and not isinstance(reply, Exception):
+                    orphan(reply)
                 continue
             if isinstance(reply, Exception):
                 fut.set_exception(reply)

@@ -127,6 +127,8 @@ def test_a_send_token_taken_for_a_cancelled_lane_is_released(redis_server: Redis
             fences = Fences(r, RedisBatch(r))
             c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
             await fences.run(c, 1)
+            warm = f"chip-{uuid.uuid4().hex}"  # the script loaded (a NOSCRIPT answer registers nothing)
+            await fences.release(c, str(await fences.acquire(c, 1, 30.0, pace_chip=warm, min_gap=0.0)), warm)
             lane = asyncio.ensure_future(fences.acquire(c, 1, 30.0, pace_chip=chip, min_gap=0.0))
             await asyncio.sleep(0)  # queued in the batch, not sent yet
             lane.cancel()
