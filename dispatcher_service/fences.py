@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from dispatcher_service import keys, scripts
-from dispatcher_service.redis_batch import RedisBatch, run_script
+from dispatcher_service.redis_batch import RedisBatch, run_script, run_script_undoable
 
 FENCE_TTL_SECONDS = 7 * 86400
 
+
+
+def _s(v: bytes | str | object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def run_value(epoch: int) -> str:
@@ -102,8 +106,10 @@ class Fences:
         if owner is not None:
             ks.append(owner[0])
             rv = f"{rv}#{owner[1]}"
-        r = await run_script(self._acquire, ks, [rv, token, request_ttl, min_gap], self.batch)
-        s = r.decode() if isinstance(r, bytes) else str(r)
+        r = await run_script_undoable(  # a caller cancelled after the script ran releases the token it took
+            self._acquire, ks, [rv, token, request_ttl, min_gap], self.batch,
+            lambda got: self.release(campaign_id, token, pace_chip) if _s(got) == "ok" else None)
+        s = _s(r)
         if s == "ok":
             return token
         if s.startswith("wait:"):
@@ -118,6 +124,14 @@ class Fences:
         else:
             await run_script(self._release_send, [keys.inflight(campaign_id), keys.pace(pace_chip)], [token],
                              self.batch)
+
+    def release_send_nowait(self, campaign_id: str, token: str, pace_chip: str) -> asyncio.Future[object]:
+        """release(..., pace_chip) queued in this tick's batch without waiting for it (a worker's
+        lanes): a stop draining the campaign sees it one loop iteration after the answer came."""
+        ks, args = [keys.inflight(campaign_id), keys.pace(pace_chip)], [token]
+        if self.batch is None:
+            return asyncio.ensure_future(self._release_send(keys=ks, args=args))
+        return self.batch.script_nowait(self._release_send, ks, args)
 
     async def pending(self, campaign_id: str) -> int:
         return int(await self._pending(keys=[keys.inflight(campaign_id)]))
@@ -143,14 +157,20 @@ class Fences:
         return res
 
     async def stop(self, campaign_id: str, epoch: int, timeout: float,
-                   before_drain: Callable[[], Awaitable[object]] | None = None) -> tuple[str, bool]:
-        """Guarantee 1's stop: fence to stop:epoch (from then on no lane passes `acquire`), run
-        `before_drain` (revoke queued jobs), then await the in-flight requests, at most `timeout`
-        seconds. Returns (set result 'new' or 'same', drained). Raises StaleEpoch."""
+                   alongside: Callable[[], Awaitable[object]] | None = None) -> tuple[str, bool]:
+        """Guarantee 1's stop: fence to stop:epoch (from then on no lane passes `acquire`), then await
+        the in-flight requests, at most `timeout` seconds, while `alongside` runs (revoking queued
+        jobs, marking lanes: none of it needs the drain, and the drain is what a stop mostly waits
+        for). Returns (set result 'new' or 'same', drained). Raises StaleEpoch, or what `alongside`
+        raised (after the drain)."""
         res = await self.set(campaign_id, "stop", epoch)
         if res.startswith("stale:"):
             raise StaleEpoch(campaign_id, epoch, res[6:])
-        if before_drain is not None:
-            await before_drain()
-        drained = await self.wait_idle(campaign_id, timeout)
-        return res, drained
+        if alongside is None:
+            return res, await self.wait_idle(campaign_id, timeout)
+        drained, side = await asyncio.gather(self.wait_idle(campaign_id, timeout), alongside(),
+                                             return_exceptions=True)
+        for outcome in (drained, side):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return res, bool(drained)

@@ -30,13 +30,17 @@ from redis.asyncio import Redis
 
 from dispatcher_service import keys, scripts
 from dispatcher_service.fences import Stopped
-from dispatcher_service.redis_batch import RedisBatch, run_script
+from dispatcher_service.redis_batch import RedisBatch, run_script, run_script_undoable
 from whago.campaign.v1 import resources_pb2
 
 DEFAULT_MIN_SECONDS = 30.0  # WAHA's advice: random 30-60 s between messages
 DEFAULT_MAX_SECONDS = 60.0
 HORIZON_DAYS = 8
 NO_SLOT = -1.0
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def warmup_day_seconds() -> float:
@@ -157,6 +161,7 @@ class Pacer:
         self._reserve_send = scripts.register(redis, "pace_reserve_send")
         self._release = scripts.register(redis, "pace_release")
         self._reserve_burst = scripts.register(redis, "pace_reserve_burst")
+        self._release_send = scripts.register(redis, "fence_release_send")
         self._burst_return = scripts.register(redis, "pace_burst_return")
 
     async def reserve(self, chip_id: str, limits: Limits, now: float | None = None,
@@ -174,6 +179,10 @@ class Pacer:
             return None
         return Reservation(chip_id, slot, token, limits.warmup)
 
+    async def _end_send(self, inflight_key: str, chip_id: str, send_token: str) -> None:
+        """A send registered by a reservation whose caller was cancelled: it never left (fences.release)."""
+        await run_script(self._release_send, [inflight_key, keys.pace(chip_id)], [send_token], self.batch)
+
     async def reserve_send(self, chip_id: str, limits: Limits, lane_key: str, fence_key: str, inflight_key: str,
                            run_value: str, request_ttl: float, latest: float,
                            prev_token: str | None = None) -> tuple[Reservation | None, str | None]:
@@ -187,9 +196,11 @@ class Pacer:
         token, send_token = uuid.uuid4().hex, uuid.uuid4().hex
         args = [*self._args(limits, token, None), run_value, send_token, request_ttl, limits.interval_min, latest,
                 prev_token or "", *self._windows(limits, None), *self._warm_args(limits)]
-        raw = await run_script(self._reserve_send, [keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
-                                                    inflight_key, *self._warm_keys(chip_id, limits)], args, self.batch)
-        r = raw.decode() if isinstance(raw, bytes) else str(raw)
+        raw = await run_script_undoable(
+            self._reserve_send, [keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key, inflight_key,
+                                 *self._warm_keys(chip_id, limits)], args, self.batch,
+            lambda got: self._end_send(inflight_key, chip_id, send_token) if _s(got).startswith("go:") else None)
+        r = _s(raw)
         if r == "stop":
             raise Stopped(fence_key)
         if r == "-1":
@@ -210,9 +221,11 @@ class Pacer:
         token = uuid.uuid4().hex
         args = [limits.max_per_hour, limits.max_per_day, run_value, token, request_ttl, max(1, k), prev_token or "",
                 *self._windows(limits, None), *self._warm_args(limits)]
-        raw = await self._reserve_burst(keys=[keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key,
-                                              inflight_key, *self._warm_keys(chip_id, limits)], args=args)
-        r = raw.decode() if isinstance(raw, bytes) else str(raw)
+        raw = await run_script_undoable(
+            self._reserve_burst, [keys.pace(chip_id), keys.pace_log(chip_id), lane_key, fence_key, inflight_key,
+                                  *self._warm_keys(chip_id, limits)], args, None,
+            lambda got: self._end_send(inflight_key, chip_id, token) if _s(got).startswith("go:") else None)
+        r = _s(raw)
         if r == "stop":
             raise Stopped(fence_key)
         if r == "-1":

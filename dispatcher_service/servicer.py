@@ -186,13 +186,18 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
         d = await self.store.get_dispatch(c)
         return pb.StartDispatchResponse(dispatch=d)
 
-    async def _stop(self, c: str, e: int, what: str) -> tuple[int, int]:
+    async def _stop(self, c: str, e: int, what: str,
+                    then: Callable[[], Awaitable[object]] | None = None) -> tuple[int, int]:
+        """Fence, then the drain of the requests in flight while the queued jobs are revoked and
+        `then` runs: a stop waits for the longer of the two, not for their sum."""
         jobs: list[tuple[int, int]] = []
 
-        async def revoke_jobs() -> None:
+        async def alongside() -> None:
             jobs.append(await self.store.stop_jobs(c))
+            if then is not None:
+                await then()
 
-        res, drained = await self.fences.stop(c, e, self.cfg.stop_wait_seconds, before_drain=revoke_jobs)
+        res, drained = await self.fences.stop(c, e, self.cfg.stop_wait_seconds, alongside=alongside)
         revoked, aborted = jobs[0]
         log.info("campaign=%s epoch=%d %s: fence set (%s), revoked=%d aborted=%d in-flight drained=%s",
                  c, e, what, res, revoked, aborted, drained)
@@ -203,15 +208,18 @@ class DispatcherServicer(pbg.DispatcherServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.PauseDispatchResponse:
         validate_stop(request.campaign_id, request.epoch)
         c, e = request.campaign_id, request.epoch
-        await self._stop(c, e, "PauseDispatch")
-        req = await self.store.load_request(c)
-        if req is None:
-            return pb.PauseDispatchResponse(dispatch=pb.Dispatch(campaign_id=c, epoch=e,
-                                                                 state=pb.DISPATCH_STATE_PAUSED))
-        await self.store.set_dispatch_state(c, pb.DISPATCH_STATE_PAUSED, epoch=e)
-        await self.store.stop_lanes(c, [lane.chip_id for lane in req.lanes])
-        d = await self.store.get_dispatch(c)
-        return pb.PauseDispatchResponse(dispatch=d)
+        got: list[pb.Dispatch | None] = []
+
+        async def mark_paused() -> None:
+            req = await self.store.load_request(c)
+            if req is not None:
+                await self.store.pause_lanes(c, e, [lane.chip_id for lane in req.lanes])
+            got.append(await self.store.get_dispatch(c) if req is not None else None)
+
+        await self._stop(c, e, "PauseDispatch", then=mark_paused)
+        d = got[0]
+        return pb.PauseDispatchResponse(dispatch=d if d is not None else pb.Dispatch(
+            campaign_id=c, epoch=e, state=pb.DISPATCH_STATE_PAUSED))
 
     @rpc
     async def CancelDispatch(self, request: pb.CancelDispatchRequest,

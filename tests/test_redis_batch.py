@@ -68,3 +68,79 @@ def test_an_error_reaches_only_its_caller_and_lost_scripts_are_loaded_again(redi
         finally:
             await r.aclose()
     asyncio.run(main())
+
+
+def test_a_send_released_without_waiting_is_gone_before_the_lane_awaits_anything(redis_server: RedisServer) -> None:
+    """release_send_nowait (a paced send that ended) is queued in the caller's own step: a stop
+    draining the campaign sees the token gone one pipeline later, also after Redis lost the script."""
+    async def main() -> None:
+        r = Redis.from_url(redis_server.url)
+        try:
+            fences = Fences(r, RedisBatch(r))
+            c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
+            await fences.run(c, 1)
+            for flush_scripts in (False, True):
+                token = await fences.acquire(c, 1, 5.0, pace_chip=chip, min_gap=0.0)
+                assert isinstance(token, str) and await fences.pending(c) == 1
+                if flush_scripts:
+                    await r.script_flush()
+                done = fences.release_send_nowait(c, token, chip)
+                await done
+                assert await fences.pending(c) == 0
+                assert await r.hget(keys.pace(chip), "busy_token") is None  # the chip is free again
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
+def test_concurrent_commands_are_not_serialized_by_the_connection_pool(redis_server: RedisServer) -> None:
+    """redis-py 5.3 took a pool-wide asyncio lock around every connection checkout, held across a
+    read that always yields to the event loop: concurrent commands left one per loop iteration or
+    two, and a busy worker's fence releases waited hundreds of ms behind each other (the `pause`
+    figure's tail; redis-py issue #3692). Counted in loop iterations, not time: every checkout of
+    a warm pool is done within a few."""
+    async def main() -> None:
+        r = Redis.from_url(redis_server.url)
+        pool = r.connection_pool
+        n = 40
+        try:
+            await asyncio.gather(*(r.get("k") for _ in range(n)))  # n connected connections in the pool
+            checkouts = [asyncio.ensure_future(pool.get_connection("GET")) for _ in range(n)]
+            for _ in range(8):
+                await asyncio.sleep(0)
+            done = sum(t.done() for t in checkouts)
+            for conn in await asyncio.gather(*checkouts):
+                await pool.release(conn)
+            assert done == n, f"{done} of {n} concurrent checkouts done after 8 loop iterations"
+        finally:
+            await r.aclose()
+    asyncio.run(main())
+
+
+def test_a_send_token_taken_for_a_cancelled_lane_is_released(redis_server: RedisServer) -> None:
+    """arq aborting a lane at a stop may cancel it while its fence acquire is on its way: the script
+    runs and registers the token all the same. It is released once Redis answered, instead of
+    holding the campaign's stop back until the token expires."""
+    async def main() -> None:
+        r = Redis.from_url(redis_server.url)
+        try:
+            fences = Fences(r, RedisBatch(r))
+            c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
+            await fences.run(c, 1)
+            warm = f"chip-{uuid.uuid4().hex}"  # the script loaded (a NOSCRIPT answer registers nothing)
+            await fences.release(c, str(await fences.acquire(c, 1, 30.0, pace_chip=warm, min_gap=0.0)), warm)
+            lane = asyncio.ensure_future(fences.acquire(c, 1, 30.0, pace_chip=chip, min_gap=0.0))
+            await asyncio.sleep(0)  # queued in the batch, not sent yet
+            lane.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lane
+            for _ in range(200):
+                if await r.hget(keys.pace(chip), "last_actual") is not None:  # the acquire ran, then its release
+                    break
+                await asyncio.sleep(0.01)
+            assert await r.hget(keys.pace(chip), "last_actual") is not None
+            assert await fences.pending(c) == 0
+            assert await r.hget(keys.pace(chip), "busy_token") is None
+        finally:
+            await r.aclose()
+    asyncio.run(main())

@@ -45,11 +45,10 @@ FENCE_POLL_SECONDS = 1.0
 # (one WAHA timeout + margin) covers every one of them.
 ID_CHUNK = 10
 ID_CHUNK_BURST = 25  # bursting lanes take ids for larger batches: fewer fence round trips
-# An ended send's in-flight token (full-speed chips, paced ones without camouflage) is released by
-# the lane's next reservation (one Redis call per message fewer). Before any wait (sleep, report,
-# lease) the lane releases it at once, and a timer this soon covers every other path, so a stop waiting for
-# in-flight requests is never held back by a lane that went quiet (50 ms here doubled the Cancel
-# p99 of `make bench`).
+# An ended send's in-flight token (full-speed chips) is released by the lane's next reservation
+# (one Redis call per message fewer). Before any wait (sleep, report, lease) the lane releases it
+# at once, and a timer this soon covers every other path, so a stop waiting for in-flight requests
+# is never held back by a lane that went quiet (50 ms here doubled the Cancel p99 of `make bench`).
 FOLD_RELEASE_SECONDS = 0.005
 # Outcomes reported per ReportDeliveries (ATTEMPTING already recorded each WAHA id: a crash before
 # the report is resolved by a lookup when the lease is retaken).
