@@ -261,7 +261,6 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
             changed.append((old, new))
             first = first_last.get(mid)
             first_last[mid] = (old if first is None else first[0], new)
-    _settle_credits(s, camp.user_id, cid, first_last.values())
     _remember_checks(s, camp.user_id, cid, reports)
     deltas = counter_deltas(changed)
     if any(deltas.values()):
@@ -281,4 +280,8 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
                 state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
         if state != COMPLETED:
             outbox.campaign_progress(s, cid)
+    # Last: the user's row (the balance) is the hottest lock of a tenant — every report of its
+    # campaigns and its Cancels take it — so it is held for the commit only (the ledger needs
+    # nothing from the steps above: completion and auto-pause move no credits).
+    _settle_credits(s, camp.user_id, cid, first_last.values())
     return ReportResult(state, epoch, len(changed))
