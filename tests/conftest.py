@@ -162,9 +162,9 @@ def start_worker(stack_env: dict[str, str], workdir: Path) -> Iterator[Callable[
         started.append(p)
         return p
 
+    start.started = started  # type: ignore[attr-defined]  # the stack stops them with the services
     yield start
-    for p in started:
-        p.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -175,12 +175,13 @@ def worker(start_worker: Callable[..., ServiceProcess]) -> ServiceProcess:
 
 @pytest.fixture(scope="session")
 def stack(campaign_server: ServiceProcess, dispatcher_server: ServiceProcess, sandbox: ServiceProcess,
-          worker: ServiceProcess) -> Iterator[dict[str, ServiceProcess]]:
+          worker: ServiceProcess, start_worker: Callable[..., ServiceProcess]) -> Iterator[dict[str, ServiceProcess]]:
     """The whole stack up: both services, the sandbox and one worker. At the end they are stopped
-    side by side (each fixture's own stop then finds nothing left to do)."""
+    side by side with every worker a test started (each fixture's own stop then finds nothing left
+    to do): a worker stopped after campaign_service waited for it with its last reports until killed."""
     procs = {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
     yield procs
-    stop_all(list(procs.values()))
+    stop_all([*start_worker.started, *procs.values()])  # type: ignore[attr-defined]
 
 
 def ready_channel(port: int) -> grpc.Channel:

@@ -65,3 +65,6 @@ def test_two_workers_two_campaigns_sharing_a_chip_respect_its_minimum_gap(
     assert len(per_chat) == 32 and max(per_chat.values()) == 1
     shared_sends = control.sends(session=shared.waha_session)
     assert len(shared_sends) == 16  # 8 of each campaign, round-robin
+    # Stopped while campaign_service is up: stopped at the session's end, after it, its lanes' last
+    # reports waited for the service until the 20 s SIGKILL.
+    assert w.stop() == 0
