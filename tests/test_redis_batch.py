@@ -70,15 +70,22 @@ def test_an_error_reaches_only_its_caller_and_lost_scripts_are_loaded_again(redi
     asyncio.run(main())
 
 
+
+async def running_campaign(r: Redis) -> tuple[Fences, str, str]:
+    """Fences on `r`, a fresh campaign id whose fence says run (epoch 1), and a fresh chip id."""
+    fences = Fences(r, RedisBatch(r))
+    c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
+    await fences.run(c, 1)
+    return fences, c, chip
+
+
 def test_a_send_released_without_waiting_is_gone_before_the_lane_awaits_anything(redis_server: RedisServer) -> None:
     """release_send_nowait (a paced send that ended) is queued in the caller's own step: a stop
     draining the campaign sees the token gone one pipeline later, also after Redis lost the script."""
     async def main() -> None:
         r = Redis.from_url(redis_server.url)
         try:
-            fences = Fences(r, RedisBatch(r))
-            c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
-            await fences.run(c, 1)
+            fences, c, chip = await running_campaign(r)
             for flush_scripts in (False, True):
                 token = await fences.acquire(c, 1, 5.0, pace_chip=chip, min_gap=0.0)
                 assert isinstance(token, str) and await fences.pending(c) == 1
@@ -124,9 +131,7 @@ def test_a_send_token_taken_for_a_cancelled_lane_is_released(redis_server: Redis
     async def main() -> None:
         r = Redis.from_url(redis_server.url)
         try:
-            fences = Fences(r, RedisBatch(r))
-            c, chip = f"c-{uuid.uuid4().hex}", f"chip-{uuid.uuid4().hex}"
-            await fences.run(c, 1)
+            fences, c, chip = await running_campaign(r)
             warm = f"chip-{uuid.uuid4().hex}"  # the script loaded (a NOSCRIPT answer registers nothing)
             await fences.release(c, str(await fences.acquire(c, 1, 30.0, pace_chip=warm, min_gap=0.0)), warm)
             lane = asyncio.ensure_future(fences.acquire(c, 1, 30.0, pace_chip=chip, min_gap=0.0))
