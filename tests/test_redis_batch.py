@@ -70,7 +70,6 @@ def test_an_error_reaches_only_its_caller_and_lost_scripts_are_loaded_again(redi
     asyncio.run(main())
 
 
-
 async def running_campaign(r: Redis) -> tuple[Fences, str, str]:
     """Fences on `r`, a fresh campaign id whose fence says run (epoch 1), and a fresh chip id."""
     fences = Fences(r, RedisBatch(r))
