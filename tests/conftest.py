@@ -151,20 +151,28 @@ def dispatcher_server(stack_env: dict[str, str], ports: dict[str, int], workdir:
     p.stop()
 
 
-@pytest.fixture(scope="session")
-def start_worker(stack_env: dict[str, str], workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """Factory: start another arq worker process (tests may SIGKILL it). All are stopped at the end."""
-    started: list[ServiceProcess] = []
+@dataclass
+class WorkerStarter:
+    """`start_worker(name, **env)`: another arq worker on the session's stack (tests may SIGKILL it);
+    `started` keeps them all, for the stack to stop with its services."""
 
-    def start(name: str | None = None, **extra_env: str) -> ServiceProcess:
-        p = ServiceProcess(name or f"worker-{len(started)}", "dispatcher_service.worker", [],
-                           {**stack_env, **extra_env}, workdir / "logs").start()
-        started.append(p)
+    env: dict[str, str]
+    log_dir: Path
+    started: list[ServiceProcess] = field(default_factory=list)
+
+    def __call__(self, name: str | None = None, **extra_env: str) -> ServiceProcess:
+        p = ServiceProcess(name or f"worker-{len(self.started)}", "dispatcher_service.worker", [],
+                           {**self.env, **extra_env}, self.log_dir).start()
+        self.started.append(p)
         return p
 
-    start.started = started  # type: ignore[attr-defined]  # the stack stops them with the services
-    yield start
-    stop_all(started)
+
+@pytest.fixture(scope="session")
+def start_worker(stack_env: dict[str, str], workdir: Path) -> Iterator[WorkerStarter]:
+    """Factory: start another arq worker process. All are stopped at the end."""
+    starter = WorkerStarter(stack_env, workdir / "logs")
+    yield starter
+    stop_all(starter.started)
 
 
 @pytest.fixture(scope="session")
@@ -175,13 +183,13 @@ def worker(start_worker: Callable[..., ServiceProcess]) -> ServiceProcess:
 
 @pytest.fixture(scope="session")
 def stack(campaign_server: ServiceProcess, dispatcher_server: ServiceProcess, sandbox: ServiceProcess,
-          worker: ServiceProcess, start_worker: Callable[..., ServiceProcess]) -> Iterator[dict[str, ServiceProcess]]:
+          worker: ServiceProcess, start_worker: WorkerStarter) -> Iterator[dict[str, ServiceProcess]]:
     """The whole stack up: both services, the sandbox and one worker. At the end they are stopped
     side by side with every worker a test started (each fixture's own stop then finds nothing left
     to do): a worker stopped after campaign_service waited for it with its last reports until killed."""
     procs = {"campaign": campaign_server, "dispatcher": dispatcher_server, "sandbox": sandbox, "worker": worker}
     yield procs
-    stop_all([*start_worker.started, *procs.values()])  # type: ignore[attr-defined]
+    stop_all([*start_worker.started, *procs.values()])
 
 
 def ready_channel(port: int) -> grpc.Channel:
