@@ -130,7 +130,8 @@ def completed(api: Api, engine: sa.Engine, waha_url: str) -> res.Campaign:
     produced directly in the database (every message final, state COMPLETED)."""
     c = running(api, waha_url, contacts=3, n_chips=1)
     api.pause(c.id)  # no lane touches it any more
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # the campaign row first, as the services lock (a late report deadlocked)
+        conn.execute(sa.text("SELECT 1 FROM campaigns WHERE id = :c FOR UPDATE"), {"c": c.id})
         conn.execute(sa.text("UPDATE campaign_messages SET state = 3, sent_at = now() WHERE campaign_id = :c"),
                      {"c": c.id})
         conn.execute(sa.text("UPDATE campaigns SET state = 6, completed_at = now(), sent_count = 3,"

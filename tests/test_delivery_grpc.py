@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from campaign_service.db.engine import Database
 from campaign_service.db.models import Media
+from campaign_service.states import CreditKind
 from tests.conftest import SERVICE_TOKEN, auth
 from tests.test_delivery_fixtures import (
     PAUSED,
@@ -360,3 +361,35 @@ def test_acks_bad_input_is_invalid_argument_with_the_fields(stub: dgrpc.Delivery
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(e.value) == {"acks[0].outcome", "acks[1].waha_message_id"}
     assert stub.ReportAcks(dpb.ReportAcksRequest(), metadata=SERVICE).matched == 0
+
+
+def test_sent_reports_consume_on_the_campaign_row_not_the_users_row(stub: dgrpc.DeliveryServiceStub,
+                                                                      delivery_db: Database) -> None:
+    """Every lane of a tenant reports into one users row otherwise: a report of sent messages goes
+    through while another transaction holds that row (a Start reserving, a Cancel releasing), and
+    the campaign's consumption reaches the row when it completes."""
+    w = make_world(delivery_db, contacts=2, chips=1)
+    leased = stub.LeaseMessages(lease_req(w, w.chip(0), n=2), metadata=SERVICE).messages
+
+    def sent(m: dpb.LeasedMessage) -> dpb.ReportDeliveriesRequest:
+        return dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[dpb.DeliveryReport(
+            message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_SENT, waha_message_id=m.attempt_waha_message_id)])
+
+    def reserved_and_unfolded() -> tuple[int, int]:
+        with delivery_db.session() as s:
+            return tuple(s.execute(text(  # type: ignore[return-value]
+                "SELECT u.credits_reserved, c.credits_unfolded FROM users u, campaigns c"
+                " WHERE u.id = :u AND c.id = :c"), {"u": w.user_id, "c": w.campaign_id}).one())
+
+    with delivery_db.transaction() as held:
+        held.execute(text("SELECT 1 FROM users WHERE id = :u FOR NO KEY UPDATE"), {"u": w.user_id})
+        out = stub.ReportDeliveries(sent(leased[0]), metadata=SERVICE, timeout=30)  # lock_timeout is 5 s
+        assert out.campaign_state == res.CAMPAIGN_STATE_RUNNING
+    assert reserved_and_unfolded() == (2, 1)  # the users row still holds it; the campaign row has it
+    out = stub.ReportDeliveries(sent(leased[1]), metadata=SERVICE)
+    assert out.campaign_state == res.CAMPAIGN_STATE_COMPLETED
+    assert reserved_and_unfolded() == (0, 0)  # folded at completion
+    with delivery_db.session() as s:
+        consumed = s.execute(text("SELECT sum(amount) FROM credit_transactions WHERE campaign_id = :c AND kind = :k"),
+                             {"c": w.campaign_id, "k": int(CreditKind.CONSUME)}).scalar_one()
+    assert consumed == 2

@@ -280,8 +280,8 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
                 state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
         if state != COMPLETED:
             outbox.campaign_progress(s, cid)
-    # Last: the user's row (the balance) is the hottest lock of a tenant — every report of its
-    # campaigns and its Cancels take it — so it is held for the commit only (the ledger needs
-    # nothing from the steps above: completion and auto-pause move no credits).
+    # Last: a report that sent messages only consumes on the campaign row (repository/credits.py);
+    # one with failures or late sends takes the user's row, the one lock all of a tenant's lanes
+    # share, so it is held for the commit only (completion and auto-pause move no credits).
     _settle_credits(s, camp.user_id, cid, first_last.values())
     return ReportResult(state, epoch, len(changed))

@@ -22,6 +22,7 @@ from campaign_service.delivery.common import (
     SENDING,
     StatusEvent,
 )
+from campaign_service.repository import credits as credits_repo
 
 log = logging.getLogger("campaign_service.delivery")
 
@@ -45,6 +46,7 @@ def complete_if_done(session: Session, campaign_id: uuid.UUID) -> StatusEvent | 
         WHERE id = :cid
         RETURNING sent_count, failed_count, skipped_count, total_contacts"""),
         {"st": COMPLETED, "cid": campaign_id}).one()
+    credits_repo.fold(session, row.user_id, campaign_id)
     extra = {"sent_count": counts.sent_count, "failed_count": counts.failed_count,
              "skipped_count": counts.skipped_count, "total_contacts": counts.total_contacts}
     audit.record(session, user_id=row.user_id, action="campaign.complete", entity_type="campaign",

@@ -166,6 +166,7 @@ class CampaignLifecycle(OpsBase):
             messages_repo.delete_all(s, cid)
             credits_repo.release(s, user_id, cid, unsent, "start reverted (dispatcher unavailable): "
                                  f"{unsent} message(s) removed")
+            credits_repo.fold(s, user_id, cid)
             before.restore(c)
             c.skipped_count = 0  # suppression: Start's SKIPPED (OPTED_OUT) messages are gone too
             s.flush()
@@ -285,6 +286,7 @@ class CampaignLifecycle(OpsBase):
                 log.info("dispatch jobs revoked for campaign %s (revoked=%d, aborted=%d)", cid, revoked, aborted)
             credits_repo.release(s, user_id, cid, failed.were_open,
                                  f"campaign '{c.name}' cancelled: {failed.were_open} message(s) not sent")
+            credits_repo.fold(s, user_id, cid)
             c.failed_count += failed.were_open
             c.pending_count = 0
             c.state = int(State.CANCELLED)

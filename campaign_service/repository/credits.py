@@ -7,11 +7,18 @@ serialises concurrent Starts of one user: PostgreSQL re-checks the guard on the 
 after waiting, so exactly the affordable ones pass.
 
     available (users.credits)          = GRANT - RESERVE + RELEASE
-    reserved  (users.credits_reserved) = RESERVE - CONSUME - RELEASE
+    reserved  (users.credits_reserved
+               - credits_unfolded of the user's RUNNING/PAUSED campaigns) = RESERVE - CONSUME - RELEASE
 
 Entries are aggregated per operation (one RESERVE per Start, one CONSUME and one RELEASE per batch
 of delivery reports, one RELEASE per Cancel), never one row per message. Amounts are >= 0, except
 a GRANT, which is negative when the operator removes credits.
+
+A running campaign's CONSUME (its messages sent) moves no available credit, so it does not touch the
+users row: it adds to the campaign's `credits_unfolded` (the row every delivery report locks anyway)
+and writes its ledger row; `fold` takes the sum off users.credits_reserved when the campaign leaves
+RUNNING/PAUSED (completion, Cancel, a reverted Start). Why: the users row is the one lock all of a
+tenant's lanes share; with it in every report, one tenant's 1,000 lanes queued on it (migration 0015).
 """
 
 from __future__ import annotations
@@ -22,8 +29,14 @@ from dataclasses import dataclass
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from campaign_service.db.models import CreditTransaction, User
-from campaign_service.states import CreditKind
+from campaign_service.db.models import CreditTransaction
+from campaign_service.states import CampaignState, CreditKind
+
+# States in which a campaign may hold consumed credits not yet folded into its user's row.
+_UNFOLDED_STATES = f"{CampaignState.RUNNING:d}, {CampaignState.PAUSED:d}"
+# What the user's running campaigns consumed that users.credits_reserved still counts (:u).
+_UNFOLDED = ("(SELECT COALESCE(sum(credits_unfolded), 0) FROM campaigns"
+             f" WHERE user_id = :u AND state IN ({_UNFOLDED_STATES}))")
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ WITH u AS (
     ORDER BY e.ord
     RETURNING 1
 )
-SELECT credits, credits_reserved FROM u
+SELECT credits, credits_reserved - """ + _UNFOLDED + """ AS credits_reserved FROM u
 """)
 
 
@@ -80,6 +93,42 @@ def _apply(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID | None, 
         "descriptions": [e.description for e in entries],
     }).one_or_none()
     return None if row is None else Balance(int(row.credits), int(row.credits_reserved))
+
+
+_CONSUME_ON_CAMPAIGN = text(f"""
+WITH c AS (
+    UPDATE campaigns SET credits_unfolded = credits_unfolded + :n
+    WHERE id = :c AND state IN ({_UNFOLDED_STATES}) RETURNING 1
+), t AS (
+    INSERT INTO credit_transactions (user_id, campaign_id, kind, amount, description)
+    SELECT :u, :c, {CreditKind.CONSUME:d}, :n, :d FROM c
+    RETURNING 1
+)
+SELECT count(*) FROM c
+""")
+
+_FOLD = text("""
+WITH f AS (
+    UPDATE campaigns c SET credits_unfolded = 0 FROM campaigns o
+    WHERE c.id = :c AND o.id = :c AND o.credits_unfolded <> 0
+    RETURNING o.credits_unfolded AS n
+)
+UPDATE users SET credits_reserved = credits_reserved - f.n FROM f WHERE users.id = :u
+""")
+
+
+def _consume(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, n: int, description: str) -> None:
+    """CONSUME n reserved credits of a campaign: on the campaign row while it runs (see the module's
+    docstring), on the users row otherwise (a campaign that just completed in this transaction)."""
+    if not session.execute(_CONSUME_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "n": n,
+                                                  "d": description}).scalar_one():
+        _apply(session, user_id, campaign_id, [Entry(CreditKind.CONSUME, n, description)])
+
+
+def fold(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID) -> None:
+    """Take what the campaign consumed off its user's reservation, as it leaves RUNNING/PAUSED (the
+    caller holds the campaign row). No ledger row: its CONSUME rows were written as it happened."""
+    session.execute(_FOLD, {"u": user_id, "c": campaign_id})
 
 
 def grant(session: Session, user_id: uuid.UUID, amount: int, description: str) -> Balance | None:
@@ -115,7 +164,7 @@ class Settlement:
 def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent: int, failed: int,
            skipped: int, late_sent: int) -> Settlement:
     """What a batch of delivery reports did to the reservations, as at most one CONSUME and one
-    RELEASE row (plus a RESERVE for late sends).
+    RELEASE row (plus a RESERVE and a CONSUME for late sends, on the users row).
 
     `sent`: messages that went from not final (PENDING/SENDING) to sent (SENT/DELIVERED/READ),
     `failed`/`skipped`: not final -> FAILED/SKIPPED. `late_sent`: FAILED/SKIPPED -> sent (the truth
@@ -128,14 +177,13 @@ def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent
                                {"u": user_id}).scalar_one_or_none() or 0
         charged = max(0, min(late_sent, int(have)))
     entries: list[Entry] = []
-    if charged or late_sent:
+    if charged:
         note = f"{late_sent} message(s) reported sent after their credit was released"
         if charged < late_sent:
             note += f"; {late_sent - charged} not charged (no credits available)"
-        if charged:
-            entries.append(Entry(CreditKind.RESERVE, charged, note))
-    if sent + charged:
-        entries.append(Entry(CreditKind.CONSUME, sent + charged, f"{sent + charged} message(s) sent"))
+        entries += [Entry(CreditKind.RESERVE, charged, note), Entry(CreditKind.CONSUME, charged, note)]
+    if sent:
+        _consume(session, user_id, campaign_id, sent, f"{sent} message(s) sent")
     if failed + skipped:
         parts = [f"{n} {what}" for n, what in ((failed, "failed"), (skipped, "skipped")) if n]
         entries.append(Entry(CreditKind.RELEASE, failed + skipped, "message(s) not sent: " + ", ".join(parts)))
@@ -144,10 +192,14 @@ def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent
     return Settlement(sent, failed + skipped, late_sent, charged)
 
 
+_BALANCE = f"SELECT credits, credits_reserved - {_UNFOLDED} FROM users WHERE id = :u"
+_BALANCE_READ = text(_BALANCE)
+_BALANCE_LOCKED = text(_BALANCE + " FOR UPDATE")
+
+
 def balance(session: Session, user_id: uuid.UUID, *, lock: bool = False) -> Balance | None:
-    q = select(User.credits, User.credits_reserved).where(User.id == user_id)
-    row = session.execute(q.with_for_update() if lock else q).one_or_none()
-    return None if row is None else Balance(int(row.credits), int(row.credits_reserved))
+    row = session.execute(_BALANCE_LOCKED if lock else _BALANCE_READ, {"u": user_id}).one_or_none()
+    return None if row is None else Balance(int(row[0]), int(row[1]))
 
 
 def page(session: Session, user_id: uuid.UUID, limit: int, before_id: int | None,
