@@ -247,6 +247,14 @@ class Stack:
             capture_output=True, text=True, timeout=120)
         return out.stdout.strip().splitlines()[-1]
 
+    def set_limits(self, api_key: str, **limits: int) -> None:
+        """Raise a user's quotas through the admin CLI (`set-limits`), e.g. chips=2000."""
+        flags = [x for k, v in limits.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        subprocess.run([sys.executable, "-m", "campaign_service.admin", "set-limits",
+                        "--user-id", str(self.user_id_of(api_key)), *flags],
+                       env=service_env({"DATABASE_URL": self.database_url}), cwd=REPO, check=True,
+                       capture_output=True, text=True, timeout=120)
+
     def user_id_of(self, api_key: str) -> uuid.UUID:
         import hashlib
         rows = self.sql("SELECT id FROM users WHERE api_key_hash = %s",

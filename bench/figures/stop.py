@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -40,7 +41,9 @@ LATENCY_MS = 20  # sandbox latency per request, so sends are in flight when a st
 STEP_GAP_S = 0.25  # between two samples (after the replacement started)
 ACTIVE_WINDOW_S = 8.0  # a lane "sent lately" at a sample when its session had a request this long before
 ALIVE = (dpb.LANE_STATE_QUEUED, dpb.LANE_STATE_RUNNING)
-TENANTS = 10  # users the campaigns are spread over (a campaign's chips are its owner's)
+# Users the campaigns are spread over (a campaign's chips are its owner's); BENCH_STOP_TENANTS=1 puts
+# all 1,000 lanes on one tenant (its reports then all reach one users row: see the README's `cancel`).
+TENANTS = int(os.environ.get("BENCH_STOP_TENANTS", "10"))
 REST_STEPS = 10  # Cancel: steps a cancelled campaign's chips rest before the next campaign uses them
 
 
@@ -133,13 +136,16 @@ def _stop_figure(ctx: Ctx, mode: str) -> None:
     # report on its users row (credit CONSUME), see the README's `cancel` row.
     tenants = min(TENANTS, running)
     with futures.ThreadPoolExecutor(3) as pool:  # each is a process start: 10 at once timed out at load 56
-        apis = [Api(st.channel, key) for key in pool.map(lambda _: st.create_user(), range(tenants))]
+        keys_ = list(pool.map(lambda _: st.create_user(), range(tenants)))
+        apis = [Api(st.channel, key) for key in keys_]
     # Cancel: a fresh campaign replaces each cancelled one (`want` more campaigns), on a chip set
     # that rested REST_STEPS steps: the cancelled campaign's late window lasts until its chips'
     # next campaign starts. A campaign lives ~`running` steps. Pause: one campaign more than
     # `running`; each is paused one step in `running + 1`, its late window lasting until its Resume.
     total, sets = (running + want + 5, running + REST_STEPS) if mode == "cancel" else (running + 1, running + 1)
     per_chip = 100  # messages per lane: more than a lane sends in the figure (~20)
+    for key in keys_:  # few tenants: each owns more chips and campaigns than the default quotas
+        st.set_limits(key, chips=sets * chips_per, campaigns=total + 10)
     st.start_worker(DISPATCH_MAX_JOBS=str(max(2000, 2 * lanes + 200)))
     t_setup = time.perf_counter()
     camps = _build(ctx, apis, total, sets, chips_per, per_chip, mode)
