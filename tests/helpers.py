@@ -143,14 +143,18 @@ def user_id(engine: sa.Engine, api_key: str) -> uuid.UUID:
                             {"h": key_hash(api_key)}).scalar_one()  # type: ignore[no-any-return]
 
 
-# A user's reserved credits as the ledger defines them, written out independently of
-# repository/credits.py: users.credits_reserved less what its running (RUNNING 3 / PAUSED 4)
-# campaigns consumed and have not folded yet; :u is the user. `UNFOLDED_ELSEWHERE_SQL`: a campaign
-# in any other state holding unfolded credits (a missed fold) — must count 0.
-RESERVED_SQL = ("SELECT u.credits_reserved - COALESCE((SELECT sum(c.credits_unfolded) FROM campaigns c"
-                " WHERE c.user_id = u.id AND c.state IN (3, 4)), 0) FROM users u WHERE u.id = :u")
+# A user's balance as the ledger defines it, written out independently of repository/credits.py:
+# the users row plus what its running (RUNNING 3 / PAUSED 4) campaigns settled and have not folded
+# into it yet; :u is the user. `UNFOLDED_ELSEWHERE_SQL`: a campaign in any other state still holding
+# settled credits (a missed fold) — must count 0.
+BALANCE_SQL = """
+SELECT u.credits + r.released AS available, u.credits_reserved - r.consumed - r.released AS reserved
+FROM users u, (SELECT COALESCE(sum(credits_consumed_unfolded), 0) AS consumed,
+                      COALESCE(sum(credits_released_unfolded), 0) AS released
+               FROM campaigns WHERE user_id = :u AND state IN (3, 4)) r
+WHERE u.id = :u"""
 UNFOLDED_ELSEWHERE_SQL = ("SELECT count(*) FROM campaigns WHERE user_id = :u AND state NOT IN (3, 4)"
-                          " AND credits_unfolded <> 0")
+                          " AND (credits_consumed_unfolded <> 0 OR credits_released_unfolded <> 0)")
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str | Callable[[], str],

@@ -3,12 +3,12 @@
 cancelled, failed and skipped messages release it; GetCreditBalance, ListCreditTransactions, admin
 grants. After every scenario the invariant is checked on one database snapshot:
 
-    users.credits          = GRANT - RESERVE + RELEASE  >= 0
-    reserved               = RESERVE - CONSUME - RELEASE = the user's PENDING/SENDING messages
+    available = GRANT - RESERVE + RELEASE  >= 0
+    reserved  = RESERVE - CONSUME - RELEASE = the user's PENDING/SENDING messages
 
-where reserved = users.credits_reserved less what the user's RUNNING/PAUSED campaigns consumed since
-(campaigns.credits_unfolded, folded into the users row when a campaign ends: reports of a running
-campaign never lock the users row).
+where both are the users row's counters plus what the user's RUNNING/PAUSED campaigns settled since
+(campaigns.credits_consumed_unfolded / credits_released_unfolded, folded into the users row when a
+campaign ends: reports of a running campaign never lock the users row).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from campaign_service import admin
 from campaign_service.db.migrate import alembic_config, upgrade
 from devstack.servers import Postgres
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN
-from tests.helpers import RESERVED_SQL, UNFOLDED_ELSEWHERE_SQL, Ops, phones, user_id, wait_for
+from tests.helpers import BALANCE_SQL, UNFOLDED_ELSEWHERE_SQL, Ops, phones, user_id, wait_for
 from tests.test_campaign_support import engine, fails, slow_chip  # noqa: F401 - fixtures
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import credit_service_pb2 as crs
@@ -62,8 +62,7 @@ def check_invariant(engine: sa.Engine, uid: uuid.UUID) -> Ledger:
     """The invariant, read in ONE snapshot (REPEATABLE READ): lanes may be reporting meanwhile, and
     a ledger entry commits together with the message states it accounts for."""
     with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
-        available = conn.execute(sa.text("SELECT credits FROM users WHERE id = :u"), {"u": uid}).scalar_one()
-        reserved = conn.execute(sa.text(RESERVED_SQL), {"u": uid}).scalar_one()
+        available, reserved = conn.execute(sa.text(BALANCE_SQL), {"u": uid}).one()
         unfolded_elsewhere = conn.execute(sa.text(UNFOLDED_ELSEWHERE_SQL), {"u": uid}).scalar_one()
         s = conn.execute(sa.text(f"""
             SELECT COALESCE(sum(amount) FILTER (WHERE kind = {GRANT}), 0) AS g,

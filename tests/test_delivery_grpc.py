@@ -363,33 +363,34 @@ def test_acks_bad_input_is_invalid_argument_with_the_fields(stub: dgrpc.Delivery
     assert stub.ReportAcks(dpb.ReportAcksRequest(), metadata=SERVICE).matched == 0
 
 
-def test_sent_reports_consume_on_the_campaign_row_not_the_users_row(stub: dgrpc.DeliveryServiceStub,
+def test_reports_settle_credits_on_the_campaign_row_not_the_users_row(stub: dgrpc.DeliveryServiceStub,
                                                                       delivery_db: Database) -> None:
-    """Every lane of a tenant reports into one users row otherwise: a report of sent messages goes
-    through while another transaction holds that row (a Start reserving, a Cancel releasing), and
-    the campaign's consumption reaches the row when it completes."""
-    w = make_world(delivery_db, contacts=2, chips=1)
-    leased = stub.LeaseMessages(lease_req(w, w.chip(0), n=2), metadata=SERVICE).messages
+    """Every lane of a tenant reports into one users row otherwise: a report of sent and failed
+    messages goes through while another transaction holds that row (a Start reserving, a Cancel
+    releasing), and what the campaign settled reaches the row when it completes."""
+    w = make_world(delivery_db, contacts=3, chips=1)  # 10**6 credits, 3 reserved
+    m = stub.LeaseMessages(lease_req(w, w.chip(0), n=3), metadata=SERVICE).messages
 
-    def sent(m: dpb.LeasedMessage) -> dpb.ReportDeliveriesRequest:
-        return dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[dpb.DeliveryReport(
-            message_id=m.message_id, outcome=dpb.DELIVERY_OUTCOME_SENT, waha_message_id=m.attempt_waha_message_id)])
+    def report(*outcomes: tuple[dpb.LeasedMessage, int]) -> dpb.ReportDeliveriesResponse:
+        return stub.ReportDeliveries(dpb.ReportDeliveriesRequest(campaign_id=w.cid, reports=[
+            dpb.DeliveryReport(message_id=msg.message_id, outcome=o, waha_message_id=msg.attempt_waha_message_id)
+            for msg, o in outcomes]), metadata=SERVICE, timeout=30)  # (lock_timeout is 5 s)
 
-    def reserved_and_unfolded() -> tuple[int, int]:
+    def rows() -> tuple[int, ...]:
         with delivery_db.session() as s:
-            return tuple(s.execute(text(  # type: ignore[return-value]
-                "SELECT u.credits_reserved, c.credits_unfolded FROM users u, campaigns c"
-                " WHERE u.id = :u AND c.id = :c"), {"u": w.user_id, "c": w.campaign_id}).one())
+            return tuple(s.execute(text(
+                "SELECT u.credits, u.credits_reserved, c.credits_consumed_unfolded, c.credits_released_unfolded"
+                " FROM users u, campaigns c WHERE u.id = :u AND c.id = :c"),
+                {"u": w.user_id, "c": w.campaign_id}).one())
 
     with delivery_db.transaction() as held:
         held.execute(text("SELECT 1 FROM users WHERE id = :u FOR NO KEY UPDATE"), {"u": w.user_id})
-        out = stub.ReportDeliveries(sent(leased[0]), metadata=SERVICE, timeout=30)  # lock_timeout is 5 s
+        out = report((m[0], dpb.DELIVERY_OUTCOME_SENT), (m[1], dpb.DELIVERY_OUTCOME_FAILED))
         assert out.campaign_state == res.CAMPAIGN_STATE_RUNNING
-    assert reserved_and_unfolded() == (2, 1)  # the users row still holds it; the campaign row has it
-    out = stub.ReportDeliveries(sent(leased[1]), metadata=SERVICE)
-    assert out.campaign_state == res.CAMPAIGN_STATE_COMPLETED
-    assert reserved_and_unfolded() == (0, 0)  # folded at completion
+    assert rows() == (10**6 - 3, 3, 1, 1)  # on the campaign row; the users row untouched
+    assert report((m[2], dpb.DELIVERY_OUTCOME_SENT)).campaign_state == res.CAMPAIGN_STATE_COMPLETED
+    assert rows() == (10**6 - 2, 0, 0, 0)  # folded at completion: the failed message's credit is back
     with delivery_db.session() as s:
-        consumed = s.execute(text("SELECT sum(amount) FROM credit_transactions WHERE campaign_id = :c AND kind = :k"),
-                             {"c": w.campaign_id, "k": int(CreditKind.CONSUME)}).scalar_one()
-    assert consumed == 2
+        entries = s.execute(text("SELECT kind, sum(amount) FROM credit_transactions WHERE campaign_id = :c"
+                                 " GROUP BY kind"), {"c": w.campaign_id}).all()
+    assert dict(entries) == {int(CreditKind.RESERVE): 3, int(CreditKind.CONSUME): 2, int(CreditKind.RELEASE): 1}

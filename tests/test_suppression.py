@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from devstack.procs import ServiceProcess
 from tests.conftest import SANDBOX_API_KEY, WEBHOOK_HMAC_KEY, IsolatedStack
-from tests.helpers import RESERVED_SQL, Ops, chat_id, phones, user_id, wait_for
+from tests.helpers import BALANCE_SQL, Ops, chat_id, phones, user_id, wait_for
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import audit_service_pb2 as aud
 from whago.campaign.v1 import credit_service_pb2 as crs
@@ -79,7 +79,7 @@ def ledger_holds(engine: sa.Engine, key: str) -> None:
     """reserved = the user's PENDING + SENDING messages."""
     with engine.connect() as conn:
         uid = user_id(engine, key)
-        reserved = conn.execute(sa.text(RESERVED_SQL), {"u": uid}).scalar_one()
+        reserved = conn.execute(sa.text(BALANCE_SQL), {"u": uid}).one().reserved
         open_ = conn.execute(sa.text(
             "SELECT count(*) FROM campaign_messages m JOIN campaigns c ON c.id = m.campaign_id"
             " WHERE c.user_id = :u AND m.state IN (1, 2)"), {"u": uid}).scalar_one()

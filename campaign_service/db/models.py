@@ -45,8 +45,8 @@ class User(Base):
     # sha256 hex of the API key; keys are random 32-byte tokens, so a fast hash is enough.
     api_key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     # Credit balance, denormalised from credit_transactions (repository/credits.py writes both in one
-    # transaction): credits = available, credits_reserved = held by messages not yet final, plus what
-    # running campaigns consumed since (Campaign.credits_unfolded; balance() subtracts it).
+    # transaction): credits = available, credits_reserved = held by messages not yet final, both
+    # before what running campaigns settled since (Campaign.credits_*_unfolded; see balance()).
     credits: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     credits_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     webhook_url: Mapped[str | None] = mapped_column(Text)
@@ -104,9 +104,10 @@ class Campaign(Base):
     failed_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     skipped_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     opted_out_count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")  # suppression
-    # Credits its sent messages consumed and users.credits_reserved still holds (repository/credits.py:
-    # taken off the user's row when the campaign ends, so reports never lock it; migration 0015).
-    credits_unfolded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    # Credits its delivery reports consumed / released that the users row does not show yet
+    # (repository/credits.py: folded into it when the campaign ends, so reports never lock it; 0015).
+    credits_consumed_unfolded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    credits_released_unfolded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     # Bumped by Start/Resume/Pause/Cancel: lanes of an older epoch lease nothing, and arq job ids
     # (which embed it) are never reused.
     dispatch_epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")

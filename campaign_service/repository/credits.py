@@ -1,24 +1,24 @@
 """The credit ledger: the one place that writes credit_transactions and the balance counters.
 
-Every change is one statement: the users row is updated (and, for a debit, guarded: `WHERE
+Every change is one statement: a counter row is updated (and, for a debit, guarded: `WHERE
 credits >= n`) and the ledger rows are inserted from its RETURNING, so a counter never moves
 without its entry, nor an entry without its counter. The row lock of that UPDATE is what
 serialises concurrent Starts of one user: PostgreSQL re-checks the guard on the latest row
 after waiting, so exactly the affordable ones pass.
 
-    available (users.credits)          = GRANT - RESERVE + RELEASE
-    reserved  (users.credits_reserved
-               - credits_unfolded of the user's RUNNING/PAUSED campaigns) = RESERVE - CONSUME - RELEASE
+    available = users.credits + R                          = GRANT - RESERVE + RELEASE
+    reserved  = users.credits_reserved - C - R             = RESERVE - CONSUME - RELEASE
+
+where C and R sum `credits_consumed_unfolded` / `credits_released_unfolded` over the user's
+RUNNING and PAUSED campaigns. Delivery reports settle a running campaign's messages on the campaign
+row (which every report locks anyway): its CONSUME and RELEASE entries are written as they happen,
+their counts add up there, and `fold` moves them onto the users row when the campaign leaves
+RUNNING/PAUSED (completion, Cancel, a reverted Start). Why: the users row is the one lock all of a
+tenant's lanes share; with it in every report, one tenant's 1,000 lanes queued on it (migration 0015).
 
 Entries are aggregated per operation (one RESERVE per Start, one CONSUME and one RELEASE per batch
 of delivery reports, one RELEASE per Cancel), never one row per message. Amounts are >= 0, except
 a GRANT, which is negative when the operator removes credits.
-
-A running campaign's CONSUME (its messages sent) moves no available credit, so it does not touch the
-users row: it adds to the campaign's `credits_unfolded` (the row every delivery report locks anyway)
-and writes its ledger row; `fold` takes the sum off users.credits_reserved when the campaign leaves
-RUNNING/PAUSED (completion, Cancel, a reverted Start). Why: the users row is the one lock all of a
-tenant's lanes share; with it in every report, one tenant's 1,000 lanes queued on it (migration 0015).
 """
 
 from __future__ import annotations
@@ -32,11 +32,19 @@ from sqlalchemy.orm import Session
 from campaign_service.db.models import CreditTransaction
 from campaign_service.states import CampaignState, CreditKind
 
-# States in which a campaign may hold consumed credits not yet folded into its user's row.
+# States in which a campaign may hold credits not yet folded into its user's row.
 _UNFOLDED_STATES = f"{CampaignState.RUNNING:d}, {CampaignState.PAUSED:d}"
-# What the user's running campaigns consumed that users.credits_reserved still counts (:u).
-_UNFOLDED = ("(SELECT COALESCE(sum(credits_unfolded), 0) FROM campaigns"
-             f" WHERE user_id = :u AND state IN ({_UNFOLDED_STATES}))")
+
+
+def _unfolded(column: str) -> str:
+    """What the user's (:u) running campaigns hold in `column` that the users row does not show yet."""
+    return (f"(SELECT COALESCE(sum({column}), 0) FROM campaigns"
+            f" WHERE user_id = :u AND state IN ({_UNFOLDED_STATES}))")
+
+
+_C, _R = _unfolded("credits_consumed_unfolded"), _unfolded("credits_released_unfolded")
+# The balance of the ledger's definition, from the users row `u` (a CTE or the table itself).
+_BALANCE_COLUMNS = f"u.credits + {_R} AS credits, u.credits_reserved - {_C} - {_R} AS credits_reserved"
 
 
 @dataclass(frozen=True)
@@ -52,26 +60,54 @@ class Entry:
     description: str
 
 
-_APPLY = text("""
-WITH u AS (
-    UPDATE users SET credits = credits + :d_available, credits_reserved = credits_reserved + :d_reserved
-    WHERE id = :u AND credits + :d_available >= :floor
-    RETURNING credits, credits_reserved
-), t AS (
+_ENTRIES = """
     INSERT INTO credit_transactions (user_id, campaign_id, kind, amount, description)
     SELECT :u, :c, e.kind, e.amount, e.description
-    FROM u, unnest(CAST(:kinds AS smallint[]), CAST(:amounts AS bigint[]), CAST(:descriptions AS text[]))
+    FROM {source}, unnest(CAST(:kinds AS smallint[]), CAST(:amounts AS bigint[]), CAST(:descriptions AS text[]))
          WITH ORDINALITY AS e(kind, amount, description, ord)
     ORDER BY e.ord
-    RETURNING 1
+    RETURNING 1"""
+
+_APPLY = text(f"""
+WITH u AS (
+    UPDATE users SET credits = credits + :d_available, credits_reserved = credits_reserved + :d_reserved
+    WHERE id = :u AND credits + :d_available + {_R} >= :floor
+    RETURNING credits, credits_reserved
+), t AS ({_ENTRIES.format(source="u")}
 )
-SELECT credits, credits_reserved - """ + _UNFOLDED + """ AS credits_reserved FROM u
+SELECT {_BALANCE_COLUMNS} FROM u
 """)
+
+# A running campaign's CONSUME/RELEASE entries, counted on its row (nothing when it is not running).
+_APPLY_ON_CAMPAIGN = text(f"""
+WITH c AS (
+    UPDATE campaigns SET credits_consumed_unfolded = credits_consumed_unfolded + :consumed,
+                         credits_released_unfolded = credits_released_unfolded + :released
+    WHERE id = :c AND state IN ({_UNFOLDED_STATES}) RETURNING 1
+), t AS ({_ENTRIES.format(source="c")}
+)
+SELECT count(*) FROM c
+""")
+
+_FOLD = text("""
+WITH f AS (
+    UPDATE campaigns c SET credits_consumed_unfolded = 0, credits_released_unfolded = 0 FROM campaigns o
+    WHERE c.id = :c AND o.id = :c AND (o.credits_consumed_unfolded <> 0 OR o.credits_released_unfolded <> 0)
+    RETURNING o.credits_consumed_unfolded AS consumed, o.credits_released_unfolded AS released
+)
+UPDATE users SET credits = credits + f.released, credits_reserved = credits_reserved - f.consumed - f.released
+FROM f WHERE users.id = :u
+""")
+
+
+def _entry_params(entries: list[Entry]) -> dict[str, list[int] | list[str]]:
+    return {"kinds": [int(e.kind) for e in entries], "amounts": [e.amount for e in entries],
+            "descriptions": [e.description for e in entries]}
 
 
 def _apply(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID | None, entries: list[Entry],
            floor: int = -(2**62)) -> Balance | None:
-    """Write `entries` and move the counters by their effect, if available stays >= floor (None:
+    """Write `entries` and move the users row by their effect, if available stays >= floor (None:
     nothing written, because the user does not exist or the guard failed)."""
     d_available = d_reserved = 0
     for e in entries:
@@ -87,47 +123,26 @@ def _apply(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID | None, 
             d_reserved -= e.amount
         else:
             raise ValueError(f"not a ledger entry kind: {e.kind!r}")
-    row = session.execute(_APPLY, {
-        "u": user_id, "c": campaign_id, "d_available": d_available, "d_reserved": d_reserved, "floor": floor,
-        "kinds": [int(e.kind) for e in entries], "amounts": [e.amount for e in entries],
-        "descriptions": [e.description for e in entries],
-    }).one_or_none()
+    row = session.execute(_APPLY, {"u": user_id, "c": campaign_id, "d_available": d_available,
+                                   "d_reserved": d_reserved, "floor": floor, **_entry_params(entries)}).one_or_none()
     return None if row is None else Balance(int(row.credits), int(row.credits_reserved))
 
 
-_CONSUME_ON_CAMPAIGN = text(f"""
-WITH c AS (
-    UPDATE campaigns SET credits_unfolded = credits_unfolded + :n
-    WHERE id = :c AND state IN ({_UNFOLDED_STATES}) RETURNING 1
-), t AS (
-    INSERT INTO credit_transactions (user_id, campaign_id, kind, amount, description)
-    SELECT :u, :c, {CreditKind.CONSUME:d}, :n, :d FROM c
-    RETURNING 1
-)
-SELECT count(*) FROM c
-""")
-
-_FOLD = text("""
-WITH f AS (
-    UPDATE campaigns c SET credits_unfolded = 0 FROM campaigns o
-    WHERE c.id = :c AND o.id = :c AND o.credits_unfolded <> 0
-    RETURNING o.credits_unfolded AS n
-)
-UPDATE users SET credits_reserved = credits_reserved - f.n FROM f WHERE users.id = :u
-""")
-
-
-def _consume(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, n: int, description: str) -> None:
-    """CONSUME n reserved credits of a campaign: on the campaign row while it runs (see the module's
-    docstring), on the users row otherwise (a campaign that just completed in this transaction)."""
-    if not session.execute(_CONSUME_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "n": n,
-                                                  "d": description}).scalar_one():
-        _apply(session, user_id, campaign_id, [Entry(CreditKind.CONSUME, n, description)])
+def _settle_reservations(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, entries: list[Entry]) -> None:
+    """CONSUME/RELEASE entries of a campaign's messages: on the campaign row while it runs (see the
+    module's docstring), on the users row otherwise (e.g. a campaign completed in this transaction)."""
+    consumed = sum(e.amount for e in entries if e.kind == CreditKind.CONSUME)
+    released = sum(e.amount for e in entries if e.kind == CreditKind.RELEASE)
+    if consumed + released != sum(e.amount for e in entries):
+        raise ValueError("only CONSUME and RELEASE entries settle on a campaign")
+    if not session.execute(_APPLY_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "consumed": consumed,
+                                                "released": released, **_entry_params(entries)}).scalar_one():
+        _apply(session, user_id, campaign_id, entries)
 
 
 def fold(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID) -> None:
-    """Take what the campaign consumed off its user's reservation, as it leaves RUNNING/PAUSED (the
-    caller holds the campaign row). No ledger row: its CONSUME rows were written as it happened."""
+    """Move what the campaign settled onto its user's row, as it leaves RUNNING/PAUSED (the caller
+    holds the campaign row). No ledger row: its entries were written as its reports came."""
     session.execute(_FOLD, {"u": user_id, "c": campaign_id})
 
 
@@ -173,28 +188,28 @@ def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent
     zero; what cannot be charged is named in the entry's description)."""
     charged = 0
     if late_sent > 0:
-        have = session.execute(text("SELECT credits FROM users WHERE id = :u FOR UPDATE"),
-                               {"u": user_id}).scalar_one_or_none() or 0
-        charged = max(0, min(late_sent, int(have)))
-    entries: list[Entry] = []
+        have = balance(session, user_id, lock=True)
+        charged = max(0, min(late_sent, have.available if have is not None else 0))
     if charged:
         note = f"{late_sent} message(s) reported sent after their credit was released"
         if charged < late_sent:
             note += f"; {late_sent - charged} not charged (no credits available)"
-        entries += [Entry(CreditKind.RESERVE, charged, note), Entry(CreditKind.CONSUME, charged, note)]
+        _apply(session, user_id, campaign_id, [Entry(CreditKind.RESERVE, charged, note),
+                                               Entry(CreditKind.CONSUME, charged, note)])
+    entries: list[Entry] = []
     if sent:
-        _consume(session, user_id, campaign_id, sent, f"{sent} message(s) sent")
+        entries.append(Entry(CreditKind.CONSUME, sent, f"{sent} message(s) sent"))
     if failed + skipped:
         parts = [f"{n} {what}" for n, what in ((failed, "failed"), (skipped, "skipped")) if n]
         entries.append(Entry(CreditKind.RELEASE, failed + skipped, "message(s) not sent: " + ", ".join(parts)))
     if entries:
-        _apply(session, user_id, campaign_id, entries)
+        _settle_reservations(session, user_id, campaign_id, entries)
     return Settlement(sent, failed + skipped, late_sent, charged)
 
 
-_BALANCE = f"SELECT credits, credits_reserved - {_UNFOLDED} FROM users WHERE id = :u"
+_BALANCE = f"SELECT {_BALANCE_COLUMNS} FROM users u WHERE u.id = :u"
 _BALANCE_READ = text(_BALANCE)
-_BALANCE_LOCKED = text(_BALANCE + " FOR UPDATE")
+_BALANCE_LOCKED = text(_BALANCE + " FOR UPDATE OF u")
 
 
 def balance(session: Session, user_id: uuid.UUID, *, lock: bool = False) -> Balance | None:
