@@ -105,10 +105,25 @@ def _entry_params(entries: list[Entry]) -> dict[str, list[int] | list[str]]:
             "descriptions": [e.description for e in entries]}
 
 
+_NO_FLOOR = -(2**62)
+# NO KEY UPDATE: ledger inserts of running campaigns' reports (their foreign key takes KEY SHARE on
+# this row) go on meanwhile.
+_LOCK_USER = text("SELECT 1 FROM users WHERE id = :u FOR NO KEY UPDATE")
+
+
+def _lock_user(session: Session, user_id: uuid.UUID) -> None:
+    """Lock the users row BEFORE a statement that reads the balance to guard a debit: a statement
+    that waits for the row inside gets the row's newest version but keeps its older snapshot of the
+    campaigns, and a fold committed meanwhile (campaign -> users row) would count twice."""
+    session.execute(_LOCK_USER, {"u": user_id})
+
+
 def _apply(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID | None, entries: list[Entry],
-           floor: int = -(2**62)) -> Balance | None:
+           floor: int = _NO_FLOOR) -> Balance | None:
     """Write `entries` and move the users row by their effect, if available stays >= floor (None:
     nothing written, because the user does not exist or the guard failed)."""
+    if floor > _NO_FLOOR:
+        _lock_user(session, user_id)
     d_available = d_reserved = 0
     for e in entries:
         if e.kind == CreditKind.GRANT:
@@ -207,13 +222,14 @@ def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent
     return Settlement(sent, failed + skipped, late_sent, charged)
 
 
-_BALANCE = f"SELECT {_BALANCE_COLUMNS} FROM users u WHERE u.id = :u"
-_BALANCE_READ = text(_BALANCE)
-_BALANCE_LOCKED = text(_BALANCE + " FOR UPDATE OF u")
+_BALANCE = text(f"SELECT {_BALANCE_COLUMNS} FROM users u WHERE u.id = :u")
 
 
 def balance(session: Session, user_id: uuid.UUID, *, lock: bool = False) -> Balance | None:
-    row = session.execute(_BALANCE_LOCKED if lock else _BALANCE_READ, {"u": user_id}).one_or_none()
+    """`lock`: the users row stays locked until the transaction ends (a debit guarded by this read)."""
+    if lock:
+        _lock_user(session, user_id)
+    row = session.execute(_BALANCE, {"u": user_id}).one_or_none()
     return None if row is None else Balance(int(row[0]), int(row[1]))
 
 
