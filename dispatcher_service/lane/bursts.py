@@ -89,7 +89,7 @@ class BurstingLane(SendingLane):
             # warm-up: the registered sends that never left stop counting (SliceOver: not sent)
             await self.env.pacer.return_burst(self.chip, self.limits, token, done + (
                 0 if failure is None or isinstance(failure, SliceOver) else 1), n)
-            if len(self.reports) >= self.report_batch:
+            if len(self.reports) >= self.report_batch or self.last_batch:
                 await self.flush_later()
             if failure is not None:
                 m, mid = todo[i]

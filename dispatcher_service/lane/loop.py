@@ -285,6 +285,7 @@ class Lane(BurstingLane):
                     await self.flush()
                     continue
                 self._start_prefetch(len(p.todo))
+                self.last_batch = resp.remaining == 0
                 if self.burst:
                     await self._send_bursts(p.todo)
                 else:
