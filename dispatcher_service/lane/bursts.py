@@ -36,7 +36,7 @@ def next_burst_size(registered: int, used: int) -> int:
     when all fitted in BURST_SECONDS, a little less than what fitted when time ran out (so most
     bursts end by count, with nothing to give back)."""
     if used >= registered:
-        return min(BURST, registered + max(1, registered // 4))
+        return min(BURST, registered + max(1, registered // 2))
     return max(1, used - max(1, used // 8))
 
 
