@@ -17,7 +17,7 @@ import functools
 import random
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -243,6 +243,45 @@ def render(text: str, values: Mapping[str, str], seed: int) -> Rendered:
 def render_text(text: str, values: Mapping[str, str], seed: int) -> str:
     """render(...).text alone (the lease's per-message path: no record of the alternatives taken)."""
     return "".join(_render(parse(text), values, _LazyRandom(seed), []))
+
+
+# A lease renders every message it hands out: (contact name, phone, variables, seed) -> text.
+TextRenderer = Callable[[str, str, "Mapping[str, Any] | None", int], str]
+
+
+@functools.lru_cache(maxsize=1024)
+def text_renderer(text: str) -> TextRenderer:
+    """render_text(text, contact_values(...), seed), compiled once per template. A template without
+    spintax (the seed draws nothing) looks up only the variables it names, without building the
+    contact's whole value dict per message (that and the node walk were ~40% of a 400-message
+    lease's Python time, in-process profile): same text, same defaults, same precedence."""
+    nodes = parse(text)
+    if any(isinstance(n, Choice) for n in nodes):
+        def general(name: str, phone: str, variables_: Mapping[str, Any] | None, seed: int) -> str:
+            return render_text(text, contact_values(name, phone, variables_), seed)
+        return general
+    parts = [n if isinstance(n, str) else (n.name, n.default or "") for n in nodes if not isinstance(n, Choice)]
+
+    def plain(name: str, phone: str, variables_: Mapping[str, Any] | None, seed: int) -> str:
+        out: list[str] = []
+        for p in parts:
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            var, default = p
+            out.append(_value(var, name, phone, variables_) or default)
+        return "".join(out)
+    return plain
+
+
+def _value(var: str, name: str, phone: str, variables_: Mapping[str, Any] | None) -> str:
+    """contact_values(name, phone, variables_).get(var, "") without building the dict."""
+    if var == "phone":
+        return phone
+    if name and var in ("name", "first_name"):
+        return name if var == "name" else name.split()[0]
+    v = variables_.get(var) if variables_ else None
+    return "" if v is None else str(v)
 
 
 class _LazyRandom:

@@ -30,7 +30,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.templates import contact_values, render_text, template_parts
+from campaign_service.templates import template_parts, text_renderer
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -220,6 +220,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         indexes = [r[_TEMPLATE_INDEX] for r in rows]
         by_index = {i: template_parts(camp.templates, i) for i in set(indexes)}
         parts = [by_index[i] for i in indexes]
+        renderers = {txt: text_renderer(txt) for txt, _ in by_index.values()}
         media = _media(s, cid, {m for _, m in parts if m is not None})
         checked: dict[str, tuple[bool, str]] = {}
         if camp.verify and rows:
@@ -230,7 +231,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         # ten per message were half of this loop.
         leased = [
             LeasedMessage(message_id, _chat_id(chat_id, checked.get(phone)) if verify else chat_id, phone,
-                          render_text(txt, contact_values(name, phone, variables), contact_id),
+                          renderers[txt](name, phone, variables, contact_id),
                           media.get(mid) if mid is not None else None, earlier, attempts, expires,
                           None if earlier else attempt_id, verify and phone not in checked,
                           verify and not checked.get(phone, (True, ""))[0])
