@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
-from functools import partial
 
 from google.protobuf import field_mask_pb2
 from sqlalchemy.orm import Session
@@ -51,7 +50,7 @@ class CampaignCrud(OpsBase):
         super().__init__(db, settings, dispatcher)
         #: GetCampaigns in flight together share one query (campaign_service.db.coalesce).
         self._views: Coalescer[campaigns_repo.ViewKey, campaigns_repo.CampaignView] = Coalescer(
-            partial(campaigns_repo.get_views_on_loop, db.loop_reads))
+            campaigns_repo.ChangedViews(db.loop_reads).fetch)
 
     def _validate_fields(self, spec: CampaignInput, paths: Iterable[str], prefix: str = "campaign") -> None:
         """Request-only checks (no database), for the paths being written."""
