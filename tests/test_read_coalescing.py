@@ -70,6 +70,37 @@ def test_gets_asked_while_a_fetch_is_in_flight_go_out_together_after_it() -> Non
     assert fetch.batches == [[1], [4, 5]]
 
 
+def test_a_lone_callers_reads_are_never_held() -> None:
+    """A hold far longer than the test: one caller's gets, one at a time, still go out at once."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=600.0, fill=8)
+        return [await asyncio.wait_for(c.get(k), 30) for k in (1, 2, 4)]
+
+    assert asyncio.run(main()) == [10, 20, 40]
+    assert fetch.batches == [[1], [2], [4]]
+
+
+def test_reads_that_come_together_are_held_until_the_batch_fills_or_is_due() -> None:
+    """Once batches show reads arriving together, keys asked on separate turns of the loop wait for
+    company: a batch goes out when it has `fill` keys, or `hold` after its first key."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=0.2, fill=3)
+        await asyncio.gather(*(c.get(k) for k in (1, 2, 4)))  # together: the next batches are held
+        full = []
+        for k in (6, 7, 8):  # one a turn: held until the third
+            full.append(asyncio.ensure_future(c.get(k)))
+            await asyncio.sleep(0)
+        due = asyncio.ensure_future(c.get(9))  # alone: goes out when due
+        return [*await asyncio.gather(*full), await asyncio.wait_for(due, 30)]
+
+    assert asyncio.run(main()) == [60, 70, 80, 90]
+    assert fetch.batches == [[1, 2, 4], [6, 7, 8], [9]]
+
+
 def test_a_failed_fetch_fails_its_own_waiters_only() -> None:
     fetch = Recorder(delay=0.02, fail={7})
 
