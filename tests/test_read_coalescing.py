@@ -101,6 +101,25 @@ def test_reads_that_come_together_are_held_until_the_batch_fills_or_is_due() -> 
     assert fetch.batches == [[1, 2, 4], [6, 7, 8], [9]]
 
 
+def test_a_batch_that_fell_due_makes_the_next_wait_for_one_key_fewer() -> None:
+    """Two callers, `fill` 3: once a held batch fell due with their two keys, the next goes out as
+    soon as it has two, and a third key waits for the batch after."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> None:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=0.05, fill=3)
+        await asyncio.gather(*(c.get(k) for k in (1, 2, 4)))  # together: the next batches are held
+        for keys in ((5, 6), (7, 8, 9)):
+            asked = []
+            for k in keys:  # one a turn
+                asked.append(asyncio.ensure_future(c.get(k)))
+                await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(*asked), 30)
+
+    asyncio.run(main())
+    assert fetch.batches == [[1, 2, 4], [5, 6], [7, 8], [9]]
+
+
 def test_a_failed_fetch_fails_its_own_waiters_only() -> None:
     fetch = Recorder(delay=0.02, fail={7})
 
