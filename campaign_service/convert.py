@@ -223,7 +223,7 @@ class _Rendered:
 
     def get(self, row: Any) -> res.Campaign:
         hit = self._d.get(row.id)
-        if hit is not None and hit[0] == row:
+        if hit is not None and (hit[0] is row or hit[0] == row):  # `is`: an unchanged row read again
             return hit[1]
         out = _campaign(row, row.id, row.chip_ids, _bodies.from_json(row.templates_json, row.settings_json))
         if hit is None and len(self._d) >= self._size:

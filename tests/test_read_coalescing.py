@@ -1,8 +1,9 @@
-"""GetCampaign's coalesced reads (campaign_service/db/coalesce.py, repository GET_VIEWS): gets in
+"""GetCampaign's coalesced reads (campaign_service/db/coalesce.py, repository ChangedViews): gets in
 flight together share one query, each waiter gets its own key's answer, tenancy holds inside a
 batch, and a failed query fails every waiter of its batch and no other. The batching itself with a
 recording fetch; the query and the RPC against the session's PostgreSQL and campaign_service.
-And the rendering of a read row: reused only while the row is identical."""
+And what is not decoded or rendered again: a row whose version (xmin) is the one last read, a
+rendered row only while identical."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import asyncpg
 import grpc
 import pytest
 
 from campaign_service import convert
-from campaign_service.db.aio import LoopReads
+from campaign_service.db.aio import LoopReads, asyncpg_dsn
 from campaign_service.db.coalesce import Coalescer
 from campaign_service.repository import campaigns as campaigns_repo
 from tests.conftest import SANDBOX_API_KEY, auth
@@ -66,6 +68,56 @@ def test_gets_asked_while_a_fetch_is_in_flight_go_out_together_after_it() -> Non
 
     assert asyncio.run(main()) == [10, 40, 50]
     assert fetch.batches == [[1], [4, 5]]
+
+
+def test_a_lone_callers_reads_are_never_held() -> None:
+    """A hold far longer than the test: one caller's gets, one at a time, still go out at once."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=600.0, fill=8)
+        return [await asyncio.wait_for(c.get(k), 30) for k in (1, 2, 4)]
+
+    assert asyncio.run(main()) == [10, 20, 40]
+    assert fetch.batches == [[1], [2], [4]]
+
+
+def test_reads_that_come_together_are_held_until_the_batch_fills_or_is_due() -> None:
+    """Once batches show reads arriving together, keys asked on separate turns of the loop wait for
+    company: a batch goes out when it has `fill` keys, or `hold` after its first key."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> list[int | None]:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=0.2, fill=3)
+        await asyncio.gather(*(c.get(k) for k in (1, 2, 4)))  # together: the next batches are held
+        full = []
+        for k in (6, 7, 8):  # one a turn: held until the third
+            full.append(asyncio.ensure_future(c.get(k)))
+            await asyncio.sleep(0)
+        due = asyncio.ensure_future(c.get(9))  # alone: goes out when due
+        return [*await asyncio.gather(*full), await asyncio.wait_for(due, 30)]
+
+    assert asyncio.run(main()) == [60, 70, 80, 90]
+    assert fetch.batches == [[1, 2, 4], [6, 7, 8], [9]]
+
+
+def test_a_batch_that_fell_due_makes_the_next_wait_for_one_key_fewer() -> None:
+    """Two callers, `fill` 3: once a held batch fell due with their two keys, the next goes out as
+    soon as it has two, and a third key waits for the batch after."""
+    fetch = Recorder(delay=0.001)
+
+    async def main() -> None:
+        c: Coalescer[int, int] = Coalescer(fetch, hold=0.05, fill=3)
+        await asyncio.gather(*(c.get(k) for k in (1, 2, 4)))  # together: the next batches are held
+        for keys in ((5, 6), (7, 8, 9)):
+            asked = []
+            for k in keys:  # one a turn
+                asked.append(asyncio.ensure_future(c.get(k)))
+                await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(*asked), 30)
+
+    asyncio.run(main())
+    assert fetch.batches == [[1, 2, 4], [5, 6], [7, 8], [9]]
 
 
 def test_a_failed_fetch_fails_its_own_waiters_only() -> None:
@@ -119,9 +171,9 @@ def test_a_batch_answers_each_key_for_its_owner_only(api: Ops, sandbox_url: str,
         reads = LoopReads(database_url, 2)
         await reads.start()
         try:
-            owner = await reads.fetch_all("SELECT user_id::text FROM campaigns WHERE id = $1", uuid.UUID(camp.id))
-            keys = [(camp.id, owner[0][0]), (camp.id, str(uuid.uuid4())), (str(uuid.uuid4()), owner[0][0])]
-            return await campaigns_repo.get_views_on_loop(reads, keys)
+            owner = (await reads.fetch_all("SELECT user_id FROM campaigns WHERE id = $1", uuid.UUID(camp.id)))[0][0]
+            keys = [(camp.id, owner), (camp.id, uuid.uuid4()), (str(uuid.uuid4()), owner)]
+            return await campaigns_repo.ChangedViews(reads).fetch(keys)
         finally:
             await reads.close()
 
@@ -129,6 +181,35 @@ def test_a_batch_answers_each_key_for_its_owner_only(api: Ops, sandbox_url: str,
     assert len(found) == 1
     (cid, _), view = next(iter(found.items()))
     assert cid == camp.id and view.id == camp.id and view.name == "coalesced"
+
+
+def test_a_row_is_decoded_again_only_when_its_version_moved(api: Ops, sandbox_url: str, database_url: str) -> None:
+    """The view held for an unchanged row comes back as is; any write to the row (here a counter
+    moved by another connection, no version bump) is read in full by the next fetch."""
+    camp = api.campaign([api.chip(sandbox_url, SANDBOX_API_KEY)], name="versioned")
+
+    async def main() -> list[campaigns_repo.CampaignView]:
+        reads = LoopReads(database_url, 2)
+        await reads.start()
+        try:
+            owner = (await reads.fetch_all("SELECT user_id FROM campaigns WHERE id = $1", uuid.UUID(camp.id)))[0][0]
+            views = campaigns_repo.ChangedViews(reads)
+            key = (camp.id, owner)
+            out = [(await views.fetch([key]))[key], (await views.fetch([key]))[key]]
+            writer = await asyncpg.connect(asyncpg_dsn(database_url))
+            try:
+                await writer.execute("UPDATE campaigns SET sent_count = sent_count + 1 WHERE id = $1",
+                                     uuid.UUID(camp.id))
+            finally:
+                await writer.close()
+            out.append((await views.fetch([key]))[key])
+            return out
+        finally:
+            await reads.close()
+
+    first, again, moved = asyncio.run(main())
+    assert again is first  # same row version: the held view, nothing decoded
+    assert moved is not first and moved.sent_count == first.sent_count + 1
 
 
 def test_concurrent_gets_of_two_users_each_see_only_their_own(

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from time import monotonic
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Text, bindparam, cast, delete, func, literal_column, select, text, tuple_
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
@@ -60,7 +61,7 @@ class CampaignView(NamedTuple):
 assert CampaignView._fields == tuple(c.name for c in VIEW_COLUMNS)
 
 #: One campaign's view from a thread (WatchCampaign's snapshot): prepared once per connection (see
-#: Database.fetch_one). GetCampaign reads GET_VIEWS from the event loop.
+#: Database.fetch_one). GetCampaign reads GET_CHANGED_VIEWS from the event loop.
 GET_VIEW = Prepared("whago_get_campaign_view", str(select(*VIEW_COLUMNS).compile(dialect=postgresql.dialect()))
                     + " WHERE campaigns.id = $1 AND campaigns.user_id = $2", 2)
 
@@ -121,11 +122,20 @@ def get_view(db: Database, user_id: uuid.UUID, campaign_id: uuid.UUID) -> Campai
     return None if row is None else CampaignView._make(row)
 
 
-#: Many users' campaigns at once, keyed by (campaign id, owner) pairs in two arrays: the views of
-#: the pairs that exist, each followed by its pair's position in the arrays (1-based).
-GET_VIEWS = (str(select(*VIEW_COLUMNS, literal_column("k.k_n")).compile(dialect=postgresql.dialect()))
-             + " JOIN unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(k_id, k_user, k_n)"
-             " ON campaigns.id = k.k_id AND campaigns.user_id = k.k_user")
+def _sql(expr: Any) -> str:
+    return str(expr.compile(dialect=postgresql.dialect()))
+
+
+#: Many campaigns at once by id ($1), each with its owner and its tuple version (xmin); the view
+#: columns, as one ROW, only for a campaign whose xmin is not the one given for it in $2 (0: none).
+#: An UPDATE always writes a new tuple version with its own transaction's xmin (and freezing keeps
+#: the raw xmin), so an equal xmin is the very row version read before: nothing is decoded, sent or
+#: rendered again for it — while PostgreSQL is still asked on every read.
+GET_CHANGED_VIEWS = (
+    "SELECT campaigns.id::text, campaigns.user_id, campaigns.xmin, CASE WHEN campaigns.xmin = "
+    "($2::xid[])[array_position($1::uuid[], campaigns.id)] THEN NULL ELSE ROW("
+    + ", ".join(_sql(getattr(c, "element", c)) for c in VIEW_COLUMNS)
+    + ") END FROM campaigns WHERE campaigns.id = ANY($1::uuid[])")
 
 ViewKey = tuple[str, uuid.UUID]  # (campaign id as text, owner)
 
@@ -134,11 +144,48 @@ def view_key(user_id: uuid.UUID, campaign_id: str) -> ViewKey:
     return campaign_id, user_id
 
 
-async def get_views_on_loop(reads: LoopReads, keys: list[ViewKey]) -> dict[ViewKey, CampaignView]:
-    """The views of those of `keys` that exist, from the event loop (one query for all; see
-    campaign_service.db.coalesce)."""
-    rows = await reads.fetch_all(GET_VIEWS, [k[0] for k in keys], [k[1] for k in keys])
-    return {keys[r[-1] - 1]: CampaignView._make(r[:-1]) for r in rows}
+class ChangedViews:
+    """The views of many (campaign, owner) keys in one query from the event loop (see
+    campaign_service.db.coalesce), asking PostgreSQL for the columns only of rows that changed
+    since this process last read them (GET_CHANGED_VIEWS): the last view read of each campaign is
+    kept with its xmin. An entry older than `max_age` is not offered as known (a transaction id
+    repeats only after 2^32 transactions, far more than PostgreSQL runs in that time), so an equal
+    xmin always means the same row version. Event loop only."""
+
+    def __init__(self, reads: LoopReads, size: int = 20_000, max_age: float = 600.0) -> None:
+        self._reads = reads
+        self._size = size
+        self._max_age = max_age
+        self._seen: dict[str, tuple[int, CampaignView, float]] = {}
+
+    async def fetch(self, keys: list[ViewKey]) -> dict[ViewKey, CampaignView]:
+        seen, now = self._seen, monotonic()
+        offered: dict[str, CampaignView] = {}  # the views whose xmin goes out as known
+        known: list[int] = []
+        for cid, _ in keys:
+            held = seen.get(cid)
+            if held is not None and held[2] > now:
+                offered[cid] = held[1]
+                known.append(held[0])
+            else:
+                known.append(0)
+        rows = await self._reads.fetch_all(GET_CHANGED_VIEWS, [k[0] for k in keys], known)
+        views: dict[str, tuple[uuid.UUID, CampaignView]] = {}
+        for cid, owner, xmin, cols in rows:
+            if cols is None:  # the row version offered: its view as it was when the query went out
+                view = offered[cid]
+            else:
+                view = CampaignView._make(cols)
+                if cid not in seen and len(seen) >= self._size:
+                    del seen[next(iter(seen))]  # the oldest
+                seen[cid] = (xmin, view, now + self._max_age)
+            views[cid] = (owner, view)
+        out: dict[ViewKey, CampaignView] = {}
+        for key in keys:
+            found = views.get(key[0])
+            if found is not None and found[0] == key[1]:
+                out[key] = found[1]
+        return out
 
 
 def _page_params(user_id: uuid.UUID, state: int, limit: int,
