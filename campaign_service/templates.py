@@ -222,12 +222,10 @@ class Rendered:
 
 
 def contact_values(name: str, phone: str, variables_: Mapping[str, Any] | None) -> dict[str, str]:
-    values = {k: str(v) for k, v in (variables_ or {}).items() if v is not None and str(v) != ""}
-    if name:
-        values["name"] = name
-        values["first_name"] = name.split()[0]
-    values["phone"] = phone
-    return values
+    """Every variable a contact has a value for (an empty value counts as none): its imported
+    columns and the built-ins, each as `_value` (the one rule) gives it."""
+    keys = [*(variables_ or {}), "name", "first_name", "phone"]
+    return {k: v for k in keys if (v := _value(k, name, phone, variables_))}
 
 
 def render(text: str, values: Mapping[str, str], seed: int) -> Rendered:
@@ -275,7 +273,9 @@ def text_renderer(text: str) -> TextRenderer:
 
 
 def _value(var: str, name: str, phone: str, variables_: Mapping[str, Any] | None) -> str:
-    """contact_values(name, phone, variables_).get(var, "") without building the dict."""
+    """A contact's value of `var` ("": none): the built-ins phone, and name / first_name when the
+    contact has a name, before its imported columns. text_renderer asks it per variable a template
+    names, without building contact_values' dict."""
     if var == "phone":
         return phone
     if name and var in ("name", "first_name"):

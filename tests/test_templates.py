@@ -21,6 +21,7 @@ from campaign_service.templates import (
     render_message,
     required_variables,
     template_parts,
+    text_renderer,
     validate,
     variant_count,
     weight_pattern,
@@ -127,3 +128,18 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
         return
     assert variant_count(nodes) >= 1
     render(text, ANA, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["Oi ", "{{name}}", "{{first_name|amigo}}", "{{phone}}", "{{city|?}}", "{{empty|-}}",
+                                 "{{x}}", "{a|b}", "{c|{d|e}}", r"\{", " "]), max_size=8),
+       st.sampled_from(["", "Ana Maria", "Bo"]), st.sampled_from(["5511999990000", ""]),
+       st.dictionaries(st.sampled_from(["city", "empty", "name", "first_name", "phone", "x"]),
+                       st.one_of(st.none(), st.just(""), st.just("v"), st.integers(0, 9)), max_size=4),
+       st.integers(0, 1000))
+def test_compiled_renderer_gives_the_text_render_gives(parts: list[str], name: str, phone: str,
+                                                        variables: dict[str, object], seed: int) -> None:
+    """The lease's compiled renderer (text_renderer) and render(contact_values(...)) are one rule."""
+    text = "".join(parts)
+    assert text_renderer(text)(name, phone, variables, seed) == render(text, contact_values(name, phone, variables),
+                                                                       seed).text
