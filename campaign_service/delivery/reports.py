@@ -280,8 +280,8 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
                 state, epoch = ev.state, int(ev.extra["epoch"])  # type: ignore[call-overload]
         if state != COMPLETED:
             outbox.campaign_progress(s, cid)
-    # Last: a report that sent messages only consumes on the campaign row (repository/credits.py);
-    # one with failures or late sends takes the user's row, the one lock all of a tenant's lanes
-    # share, so it is held for the commit only (completion and auto-pause move no credits).
+    # Last: a running campaign's credits settle on its own row (repository/credits.py); a late send,
+    # or the report that completed the campaign, takes the user's row, the one lock all of a
+    # tenant's lanes share, so it is held for the commit only (completion and auto-pause move no credits).
     _settle_credits(s, camp.user_id, cid, first_last.values())
     return ReportResult(state, epoch, len(changed))

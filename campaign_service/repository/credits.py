@@ -36,15 +36,12 @@ from campaign_service.states import CampaignState, CreditKind
 _UNFOLDED_STATES = f"{CampaignState.RUNNING:d}, {CampaignState.PAUSED:d}"
 
 
-def _unfolded(column: str) -> str:
-    """What the user's (:u) running campaigns hold in `column` that the users row does not show yet."""
-    return (f"(SELECT COALESCE(sum({column}), 0) FROM campaigns"
-            f" WHERE user_id = :u AND state IN ({_UNFOLDED_STATES}))")
-
-
-_C, _R = _unfolded("credits_consumed_unfolded"), _unfolded("credits_released_unfolded")
-# The balance of the ledger's definition, from the users row `u` (a CTE or the table itself).
-_BALANCE_COLUMNS = f"u.credits + {_R} AS credits, u.credits_reserved - {_C} - {_R} AS credits_reserved"
+# What the user's (:u) running campaigns settled that the users row does not show yet, one row.
+_UNFOLDED = ("(SELECT COALESCE(sum(credits_consumed_unfolded), 0) AS consumed,"
+             " COALESCE(sum(credits_released_unfolded), 0) AS released FROM campaigns"
+             f" WHERE user_id = :u AND state IN ({_UNFOLDED_STATES})) f")
+# The balance of the ledger's definition: the users row `u` (a CTE or the table) joined to _UNFOLDED.
+_BALANCE_COLUMNS = "u.credits + f.released AS credits, u.credits_reserved - f.consumed - f.released AS credits_reserved"
 
 
 @dataclass(frozen=True)
@@ -71,11 +68,11 @@ _ENTRIES = """
 _APPLY = text(f"""
 WITH u AS (
     UPDATE users SET credits = credits + :d_available, credits_reserved = credits_reserved + :d_reserved
-    WHERE id = :u AND credits + :d_available + {_R} >= :floor
+    WHERE id = :u AND credits + :d_available + (SELECT released FROM {_UNFOLDED}) >= :floor
     RETURNING credits, credits_reserved
 ), t AS ({_ENTRIES.format(source="u")}
 )
-SELECT {_BALANCE_COLUMNS} FROM u
+SELECT {_BALANCE_COLUMNS} FROM u, {_UNFOLDED}
 """)
 
 # A running campaign's CONSUME/RELEASE entries, counted on its row (nothing when it is not running).
@@ -222,7 +219,7 @@ def settle(session: Session, user_id: uuid.UUID, campaign_id: uuid.UUID, *, sent
     return Settlement(sent, failed + skipped, late_sent, charged)
 
 
-_BALANCE = text(f"SELECT {_BALANCE_COLUMNS} FROM users u WHERE u.id = :u")
+_BALANCE = text(f"SELECT {_BALANCE_COLUMNS} FROM users u, {_UNFOLDED} WHERE u.id = :u")
 
 
 def balance(session: Session, user_id: uuid.UUID, *, lock: bool = False) -> Balance | None:
