@@ -85,8 +85,11 @@ class Settings:
     start_parallel: int = field(default_factory=lambda: _int_env("WHAGO_START_PARALLEL", 2))
     start_parallel_min: int = field(default_factory=lambda: _int_env("WHAGO_START_PARALLEL_MIN", 200_000))
     # DeleteCampaign removes up to this many contacts + messages in its own transaction; a bigger
-    # campaign's rows are purged in the background after its row is gone (purge.py).
+    # campaign's rows are purged in the background after its row is gone (sweeps.py).
     delete_inline_rows: int = field(default_factory=lambda: _int_env("WHAGO_DELETE_INLINE_ROWS", 50_000))
+    # CancelCampaign fails up to this many PENDING + SENDING + FAILED messages in its own transaction;
+    # above it the PENDING ones are failed in the background after it returns (sweeps.py).
+    cancel_inline_rows: int = field(default_factory=lambda: _int_env("WHAGO_CANCEL_INLINE_ROWS", 50_000))
 
 
 def load() -> Settings:

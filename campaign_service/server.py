@@ -36,7 +36,6 @@ from campaign_service.handlers import Handlers
 from campaign_service.interceptors import KeyCache, RpcWrapper
 from campaign_service.limits import RateLimiter
 from campaign_service.ops import Operations
-from campaign_service.purge import Purger
 from campaign_service.relay.listener import Listener
 from campaign_service.relay.service import Relay
 from campaign_service.repository import users as users_repo
@@ -48,6 +47,7 @@ from campaign_service.servicers import chips as chips_servicer
 from campaign_service.servicers import credits as credits_servicer
 from campaign_service.servicers import suppressions as suppressions_servicer
 from campaign_service.servicers import webhooks as webhooks_servicer
+from campaign_service.sweeps import Sweeper
 from campaign_service.watch import WatchHub
 from whago.campaign.v1 import (
     audit_service_pb2,
@@ -111,7 +111,7 @@ class App:
         handlers = Handlers(RpcWrapper(self.keys, settings.service_token, RateLimiter(self._rate_of)).wrap)
         self.health = health_aio.HealthServicer()
         self.scheduler: delivery_scheduler.Scheduler | None = None
-        self.purger = Purger(self.db)
+        self.sweeper = Sweeper(self.db)
         self._stopped = False
         campaigns_servicer.add_to_server(handlers, self.ops, self.hub)
         chips_servicer.add_to_server(handlers, self.ops)
@@ -152,7 +152,7 @@ class App:
         await self.server.start()
         metrics.serve(self.settings.metrics_listen)
         self.scheduler = delivery_scheduler.start(self.db, self.settings)
-        self.purger.start()
+        self.sweeper.start()
         self.hub.start()
         await self.relay.start()
         dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -182,7 +182,7 @@ class App:
                 await loop.run_in_executor(None, self.scheduler.stop)
             except Exception as exc:
                 log.warning("scheduler stop failed: %s", exc)
-        await loop.run_in_executor(None, self.purger.stop)
+        await loop.run_in_executor(None, self.sweeper.stop)
         if self.listener is not None:
             await loop.run_in_executor(None, self.listener.stop)
         await self.server.stop(grace)

@@ -32,6 +32,7 @@ from bench.figures.prep import (
     sql_delete_campaign,
     startable,
     wait_purged,
+    wait_swept,
 )
 from bench.stack import read_status_kb, reset_hwm
 from whago.campaign.v1 import resources_pb2 as res
@@ -162,7 +163,7 @@ def fig_delete(ctx: Ctx) -> None:
     r.baseline = base
     checkpoint(st)
     ours, resp = timed(lambda: api.delete(camp.id))
-    # A campaign this big has its rows purged after the RPC (campaign_service/purge.py): how long
+    # A campaign this big has its rows purged after the RPC (campaign_service/sweeps.py): how long
     # that took, next to the baseline's synchronous deletes of the same rows.
     purge = wait_purged(st, camp.id, timeout=600.0)
     time_ratio(r, ours, base, 1.5)
@@ -185,6 +186,7 @@ def fig_million(ctx: Ctx) -> None:
     n = ctx.n(1_000_000, 10_000)
     small = ctx.n(100_000, 1000)
     start = ctx.row("start", f"StartCampaign {n} contacts", "s", "<= 10 s")
+    cancel = ctx.row("cancel", f"CancelCampaign {n} messages (none sent)", "s", "<= 2 s")
     delete = ctx.row("delete", f"DeleteCampaign {n} contacts + messages (after Cancel)", "s", "<= 2 s")
     mem = ctx.row("rss", f"campaign_service RSS growth over Start+Cancel+Delete of {n}", "MB", "< 150 MB")
     api = ctx.api()
@@ -193,14 +195,16 @@ def fig_million(ctx: Ctx) -> None:
     start.value, start.met, start.error = big.start_s, big.start_ok and big.start_s <= 10.0, big.start_error
     start.baseline, start.ratio_kind = big.one_statement_s, "time ours/one INSERT ... SELECT (reference)"
     start.ratio = big.start_s / big.one_statement_s if big.one_statement_s > 0 else None
+    cancel.value, cancel.error = big.cancel_s, big.cancel_error
+    cancel.met = not big.cancel_error and big.cancel_s <= 2.0
     delete.value = big.delete_s
     delete.met = not big.delete_error and big.delete_s <= 2.0
     delete.error = big.delete_error
     mem.value, mem.met = big.rss_growth_mb, big.rss_growth_mb < 150
     sizes = {f"{size}": vars(run) for size, run in runs.items()}
     start.details["settings"] = {k: os.environ.get(k, "default") for k in (
-        "WHAGO_START_PARALLEL", "WHAGO_START_PARALLEL_MIN", "WHAGO_DELETE_INLINE_ROWS")}
-    for row, key in ((start, "start_s"), (delete, "delete_s"), (mem, "rss_growth_mb")):
+        "WHAGO_START_PARALLEL", "WHAGO_START_PARALLEL_MIN", "WHAGO_DELETE_INLINE_ROWS", "WHAGO_CANCEL_INLINE_ROWS")}
+    for row, key in ((start, "start_s"), (cancel, "cancel_s"), (delete, "delete_s"), (mem, "rss_growth_mb")):
         row.details["runs"] = sizes
         if small != n and getattr(runs[small], key) > 0:
             row.details["growth"] = {"contacts": n / small, key: getattr(big, key) / getattr(runs[small], key)}
@@ -215,6 +219,8 @@ class _MillionRun:
     start_ok: bool = False
     start_error: str | None = None
     cancel_s: float = 0.0
+    sweep_s: float = 0.0  # from Cancel's return until its PENDING messages were all FAILED (background sweep)
+    cancel_error: str | None = None
     delete_s: float = 0.0
     deleted_contacts: int = 0
     deleted_messages: int = 0
@@ -255,7 +261,13 @@ def _million_run(ctx: Ctx, api: Api, n: int) -> _MillionRun:
             msgs = st.sql("SELECT count(*) FROM campaign_messages WHERE campaign_id = %s", (camp.id,))[0][0]
             if msgs != n:
                 out.start_ok, out.start_error = False, f"{msgs} messages for {n} contacts"
-            out.cancel_s, _ = timed(lambda: api.cancel(camp.id))
+            out.cancel_s, cancelled = timed(lambda: api.cancel(camp.id))
+            out.sweep_s = wait_swept(st, camp.id, timeout=600.0)
+            if cancelled.state != res.CAMPAIGN_STATE_CANCELLED or cancelled.failed_count != n:
+                out.cancel_error = (f"{res.CampaignState.Name(cancelled.state)} with {cancelled.failed_count} of {n}"
+                                    " failed after Cancel")
+            elif out.sweep_s < 0:
+                out.cancel_error = "messages still open 600 s after Cancel"
             checkpoint(st)
             out.delete_s, d = timed(lambda: api.delete(camp.id))
             deleted = True

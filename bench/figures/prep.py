@@ -67,6 +67,21 @@ def wait_purged(stack: Stack, campaign_id: str, timeout: float) -> float:
     return -1.0 if left[0][0] else done
 
 
+def wait_swept(stack: Stack, campaign_id: str, timeout: float) -> float:
+    """Seconds until a cancelled campaign's sweep is over (a big campaign's PENDING messages are failed
+    in the background after CancelCampaign); -1.0 after `timeout` or when a message is still open
+    once its queue entry is gone. Polls the queue only, like wait_purged."""
+    t0 = time.perf_counter()
+    while stack.sql("SELECT count(*) FROM campaign_cancel_sweeps WHERE campaign_id = %s", (campaign_id,))[0][0]:
+        if time.perf_counter() - t0 > timeout:
+            return -1.0
+        time.sleep(0.1)
+    done = time.perf_counter() - t0
+    left = stack.sql("SELECT count(*) FROM campaign_messages WHERE campaign_id = %s AND state IN (%s, %s)",
+                     (campaign_id, res.MESSAGE_STATE_PENDING, res.MESSAGE_STATE_SENDING))
+    return -1.0 if left[0][0] else done
+
+
 def startable(ctx: Ctx, api: Api, chips: int, name: str) -> tuple[res.Campaign, list[res.Chip]]:
     """A campaign on `chips` sandbox chips with a 3600 s pace (chip and campaign), so Start
     reaches the dispatcher but lanes stay idle."""

@@ -263,9 +263,10 @@ class CampaignLifecycle(OpsBase):
     def cancel_campaign(self, user_id: uuid.UUID, campaign_id: str, idem: Idem | None = None
                         ) -> Campaign | Replayed:
         """The seed's Cancel: CancelDispatch (the job-cancel RPC), PENDING/SENDING/FAILED -> FAILED with
-        "cancelled by user" in one statement, release of the unsent messages' credits (one RELEASE
-        ledger entry), completed_at, CANCELLED. The messages are failed while the dispatcher stops; its
-        confirmation is awaited before the credits move."""
+        "cancelled by user" in one statement (a big campaign's PENDING ones by the sweep right after,
+        sweeps.py), release of the unsent messages' credits (one RELEASE ledger entry), completed_at,
+        CANCELLED. The messages are failed while the dispatcher stops; its confirmation is awaited
+        before the credits move."""
         cid = parse_uuid(campaign_id, "campaign_id")
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:
@@ -277,7 +278,7 @@ class CampaignLifecycle(OpsBase):
             revoked = aborted = 0
             stopped = self.dispatcher.begin_cancel(str(cid), c.dispatch_epoch) if c.started_at is not None else None
             s.flush()
-            failed = messages_repo.fail_open(s, cid, CANCEL_REASON)
+            failed = messages_repo.fail_open(s, cid, CANCEL_REASON, self.settings.cancel_inline_rows)
             if stopped is not None:
                 # Confirmed before anything else (UNAVAILABLE rolls everything back), and before the
                 # users row is locked: every report of the user's other campaigns needs it.
@@ -300,8 +301,8 @@ class CampaignLifecycle(OpsBase):
                                           "failed_count": c.failed_count, "refunded_credits": failed.were_open,
                                           "revoked_jobs": revoked, "aborted_jobs": aborted})
             self._remember(s, user_id, idem, c)
-        log.info("campaign=%s CANCELLED (%d messages failed, %d credits refunded)", cid, failed.failed,
-                 failed.were_open)
+        log.info("campaign=%s CANCELLED (%d messages failed, %d of them by the sweep after, %d credits refunded)",
+                 cid, failed.failed, failed.deferred, failed.were_open)
         return c
 
     def start_scheduled(self, campaign_id: uuid.UUID) -> Campaign | None:

@@ -221,7 +221,7 @@ class CampaignCrud(OpsBase):
         """The seed's Delete, in one transaction: status check, revoke jobs (CancelDispatch), media rows,
         messages, contacts, audit event, the campaign; files go after commit. A campaign of more than
         `delete_inline_rows` rows has its contacts and messages counted and queued for the purge
-        thread instead (purge.py): the campaign is gone at commit all the same."""
+        thread instead (sweeps.py): the campaign is gone at commit all the same."""
         cid = parse_uuid(campaign_id, "campaign_id")
         with self.db.transaction() as s:
             if (r := self._replay(s, user_id, idem)) is not None:

@@ -12,7 +12,7 @@ campaign row FOR UPDATE (and no update changes campaign_id), so the check bought
 lock does not already give. Without the
 constraints a big campaign's rows can also outlive its campaign row for a moment: DeleteCampaign
 removes the campaign at once (NOT_FOUND everywhere) and queues its contacts and messages in
-campaign_purges, which campaign_service deletes in batches (campaign_service/purge.py).
+campaign_purges, which campaign_service deletes in batches (campaign_service/sweeps.py).
 """
 
 from collections.abc import Sequence
