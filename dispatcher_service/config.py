@@ -37,7 +37,10 @@ class Config:
     service_token: str = field(default_factory=lambda: _env("WHAGO_SERVICE_TOKEN", "dev-service-token"))
     queue_name: str = field(default_factory=lambda: _env("DISPATCH_QUEUE", "whago:dispatch"))
     slice_seconds: float = field(default_factory=lambda: _float("DISPATCH_SLICE_SECONDS", 60.0))
-    job_timeout: float = field(default_factory=lambda: _float("DISPATCH_JOB_TIMEOUT", 120.0))
+    # arq's job timeout: a slice's time at most. Long enough for a slow lane's slice to span several
+    # sends (lane/common.py SLICE_SENDS); a dead worker's lanes are taken over in seconds anyway
+    # (takeover.py), arq's own re-run after it is only the last backstop.
+    job_timeout: float = field(default_factory=lambda: _float("DISPATCH_JOB_TIMEOUT", 600.0))
     waha_timeout: float = field(default_factory=lambda: _float("WAHA_TIMEOUT_SECONDS", 15.0))
     # The WAHA servers lanes may call with a chip's key ("host" or "host:port", comma-separated); the
     # same setting as campaign_service's, which refuses other URLs at registration.

@@ -14,6 +14,7 @@ from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys
 from dispatcher_service.config import Config
 from dispatcher_service.delivery import DeliveryClient, ReportBatcher
+from dispatcher_service.fence_watch import FenceWatch
 from dispatcher_service.lane.heartbeat import Heartbeats
 from dispatcher_service.pacing import Pacer
 from dispatcher_service.redis_batch import RedisBatch
@@ -77,6 +78,15 @@ PREFETCH_AHEAD_SECONDS = 10.0
 # A bursting lane estimates 0.05 s per message (for its leases' length), so its full batch is 20 s
 # "ahead": it still prefetches (the prefetched lease's length counts that wait too).
 PREFETCH_AHEAD_SECONDS_BURST = 20.0
+# A paced lane's slice spans at least this many of its gaps (within the job's time, see
+# FencedLane.deadline): starting and ending a slice (arq job, lane lock, lane state, a lease, the
+# release of what it held, the next job, ReportLaneWait) costs ~10 ms of CPU over the stack, which
+# 60 s slices paid on every send of a chip paced at 30-60 s (`make bench` lanes: 1,000 lanes at
+# 30 s, 1.66 leases and 12 ms of CPU per send; 10,000 lanes could not be carried even at 60 s).
+SLICE_SENDS = 8
+# A slice of a paced lane ends this long before arq's job timeout at the latest: its last lease
+# must still cover one WAHA timeout and a margin after the slice (leasing.py `_batch`).
+SLICE_LEASE_MARGIN = 20.0
 # A slice deferring its successor at least this long (a cap or a closed window) tells the campaign
 # service until when (ReportLaneWait), so the watchdog does not restart the silent lane meanwhile.
 LANE_WAIT_REPORT_SECONDS = 10.0
@@ -103,6 +113,7 @@ class WorkerEnv:
     reports: ReportBatcher = field(init=False)
     batch: RedisBatch = field(init=False)
     beats: Heartbeats = field(init=False)
+    fence_watch: FenceWatch = field(init=False)
     starting: int = 0  # slices in their start (STARTING_SLICES)
 
     def __post_init__(self) -> None:
@@ -111,6 +122,7 @@ class WorkerEnv:
         self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences
         self.pacer = Pacer(self.redis, batch=self.batch)
+        self.fence_watch = FenceWatch(self.redis, FENCE_POLL_SECONDS)
         self.beats = Heartbeats(self.redis, keys.lane_beats(self.cfg.queue_name), int(self.cfg.lane_lock_ttl * 1000),
                                 max(0.05, self.cfg.lane_lock_ttl / 4))
 

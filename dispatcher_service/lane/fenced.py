@@ -14,13 +14,15 @@ from typing import Any
 
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys as keys_mod
+from dispatcher_service.config import Config
 from dispatcher_service.lane.common import (
     BURST_START,
-    FENCE_POLL_SECONDS,
     FOLD_RELEASE_SECONDS,
     MAX_BATCH_BURST,
     REPORT_BATCH,
     REPORT_BATCH_FAST,
+    SLICE_LEASE_MARGIN,
+    SLICE_SENDS,
     Prepared,
     SliceOver,
     T,
@@ -37,6 +39,14 @@ from whago.campaign.v1 import resources_pb2 as rpb
 from whago.dispatcher.v1 import dispatcher_service_pb2 as pb
 
 log = logging.getLogger("dispatcher.lane")
+
+
+def slice_seconds(cfg: Config, limits: Limits) -> float:
+    """DISPATCH_SLICE_SECONDS, or for a lane paced slower than that allows SLICE_SENDS of its gaps,
+    as far as the job's time leaves room for the last lease (see SLICE_SENDS)."""
+    paced = SLICE_SENDS * limits.mean_gap
+    room = cfg.job_timeout - 2 * cfg.waha_timeout - SLICE_LEASE_MARGIN
+    return max(cfg.slice_seconds, min(paced, room))
 
 
 class FencedLane:
@@ -64,9 +74,10 @@ class FencedLane:
         self.session = spec.waha_session
         self.started_wall = time.time()
         t0 = time.monotonic()
-        self.deadline = t0 + self.cfg.slice_seconds
+        self.deadline = t0 + slice_seconds(self.cfg, self.limits)
         # Nothing may be in the air when arq's job timeout fires.
         self.hard_deadline = t0 + max(self.cfg.slice_seconds, self.cfg.job_timeout - 2 * self.cfg.waha_timeout - 2)
+        self.next_send_min = 0.0  # wall time before which the chip's pace allows no send of ours
         self.held: dict[str, dpb.LeasedMessage] = {}
         self.reports: list[dpb.DeliveryReport] = []
         self.sent = 0
@@ -92,6 +103,7 @@ class FencedLane:
         self.lock = LaneLock(env.redis, campaign_id, chip_id, f"{job_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}",
                              ttl_ms=int(self.cfg.lane_lock_ttl * 1000), queue=self.cfg.queue_name, batch=env.batch)
         self.lock_lost = False
+        self.wake = asyncio.Event()  # set when the lock is lost: a sleeping lane stops at once
         self.starting = False  # counted in WorkerEnv.starting until its first lease
         self.lease_until = 0.0  # lease end written ahead into the lane hash (a takeover's revisit)
         self.reclaim: list[tuple[float, str]] = []  # (after, owner) of owners this lane took over
@@ -222,20 +234,13 @@ class FencedLane:
             await asyncio.shield(self.env.fences.release(self.c, tok, self.chip))
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep, re-checking the fence at least every second while time remains.
+        """Sleep, stopping early (Stopped) when the campaign's fence moves or the lane loses its
+        lock, noticed within a second (fence_watch.py: one poll per campaign for all sleepers).
 
-        No check after the last stretch: what follows a sleep is a fenced WAHA call (atomic check)
-        or a loop that checks the fence itself, so a check here would only cost a round trip."""
+        No check after the full sleep: what follows is a fenced WAHA call (atomic check) or a loop
+        that checks the fence itself, so a check here would only cost a round trip."""
         if seconds <= 0:
             return
         await self.release_now()
-        end = time.monotonic() + seconds
-        for _ in range(int(seconds / FENCE_POLL_SECONDS) + 3):
-            rem = end - time.monotonic()
-            if rem <= 0:
-                break
-            await asyncio.sleep(min(rem, FENCE_POLL_SECONDS))
-            if self.lock_lost:
-                raise fences_mod.Stopped(self.c)
-            if end - time.monotonic() > 0.001 and not await self.env.fences.is_current(self.c, self.epoch):
-                raise fences_mod.Stopped(self.c)
+        if self.lock_lost or await self.env.fence_watch.sleep(self.c, self.epoch, seconds, self.wake):
+            raise fences_mod.Stopped(self.c)

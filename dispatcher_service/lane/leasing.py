@@ -18,6 +18,7 @@ from dispatcher_service.lane.common import (
     REMAINING_COUNTED,
     CampaignNotRunning,
     Prepared,
+    SliceOver,
 )
 from whago.campaign.v1 import resources_pb2 as rpb
 
@@ -86,6 +87,18 @@ class LeasingLane(BurstingLane):
         if msgs and all(m.attempt_waha_message_id and not (m.verify_number or m.not_on_whatsapp) for m in msgs):
             return Prepared(resp, [(m, m.attempt_waha_message_id) for m in msgs])
         return Prepared(resp)
+
+    def _check_slot_in_slice(self) -> None:
+        """SliceOver, before leasing, when the chip's pace allows no send of ours before this slice
+        ends: a lease taken now would only be released at its first reservation (one LeaseMessages
+        and one ReportDeliveries for nothing, per slice of every paced lane)."""
+        if self.next_send_min <= 0 or self.fold_release:
+            return
+        now = time.time()
+        slice_end = now + (self.deadline - time.monotonic())
+        if self.next_send_min > slice_end:
+            lead = (self.typing_max if self.typing else 0.0) + (0.3 if self.seen else 0.0)
+            raise SliceOver(max(0.0, self.next_send_min - lead - now - 2.0), "next slot is beyond this slice")
 
     def _first_batch(self) -> int:
         """A batch leased without one prefetched: small, so the first sends leave early. A bursting

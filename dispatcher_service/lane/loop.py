@@ -162,6 +162,7 @@ class Lane(LeasingLane):
         off): nothing of ours may leave."""
         log.warning("%s lane lock lost; stopping sends", self.ctx)
         self.lock_lost = True
+        self.wake.set()
 
     async def _loop(self) -> tuple[str, float]:
         for _ in range(100_000):
@@ -177,6 +178,7 @@ class Lane(LeasingLane):
                 else:
                     if not await self.env.fences.is_current(self.c, self.epoch):
                         return "stopped", 0.0
+                    self._check_slot_in_slice()
                     p = await self._prepare(*self._batch(most=self._first_batch()))
                 resp = p.resp
                 if not resp.messages:

@@ -240,6 +240,8 @@ class SendingLane(ChipHealthLane):
                     await self.env.pacer.release(res)
                     raise
             await self._send_with_retries(m, mid)
+            # The chip's pace allows our next send no sooner (the gap runs from the end of this one).
+            self.next_send_min = time.time() + self.limits.interval_min
         finally:
             if self.pretoken is not None:  # taken with the slot but never used: free the chip and the fence
                 tok, self.pretoken = self.pretoken, None
