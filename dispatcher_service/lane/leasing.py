@@ -111,9 +111,12 @@ class LeasingLane(BurstingLane):
 
     def _start_prefetch(self, sending: int) -> None:
         """Prepare the next batch while `sending` messages go out, when they go out soon enough."""
-        ahead = sending * self._per_msg()
+        per_msg = self._per_msg()
+        ahead = sending * per_msg
         most = PREFETCH_AHEAD_SECONDS_BURST if self.burst else PREFETCH_AHEAD_SECONDS
-        if ahead > most or time.monotonic() + ahead + 1.0 >= self.deadline:
+        # The next batch's first send comes one more gap after the current batch: past the slice's
+        # end, that batch would be leased only to be released.
+        if ahead > most or time.monotonic() + ahead + max(1.0, per_msg) >= self.deadline:
             return
         # Growing batches: the first ones are small so the first sends leave early. A bursting lane
         # grows them 4x (25, 100, 400): each lease and report is a transaction with a fixed cost

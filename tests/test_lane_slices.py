@@ -1,0 +1,110 @@
+"""What a paced lane costs between its sends (issue 18, 10,000 lanes on one worker):
+- a slice of a slowly paced lane spans several of its gaps (lane/fenced.py `slice_seconds`);
+- a slice whose chip allows no further send of ours before it ends ends without leasing (a lease
+  taken then was released at its reservation: every message leased once, `attempts` = 1);
+- sleeping lanes watch their campaign's fence through one poll per campaign (fence_watch.py):
+  a stop still wakes each of them within a poll, a timeout is a plain sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+
+from devstack.servers import Redis
+from dispatcher_service import keys
+from dispatcher_service.config import Config
+from dispatcher_service.fence_watch import FenceWatch
+from dispatcher_service.fences import run_value
+from dispatcher_service.lane.fenced import slice_seconds
+from dispatcher_service.pacing import Limits
+from tests.conftest import SANDBOX_API_KEY, IsolatedStack
+from tests.helpers import Ops, phones
+from tests.test_campaign_support import engine  # noqa: F401 - fixture
+from whago.campaign.v1 import resources_pb2 as res
+
+
+@pytest.mark.parametrize(("gap", "job_timeout", "want"), [
+    (1.0, 600.0, 60.0),     # fast lanes keep DISPATCH_SLICE_SECONDS
+    (30.0, 600.0, 240.0),   # 8 gaps
+    (60.0, 600.0, 480.0),
+    (120.0, 600.0, 550.0),  # as far as the job's time leaves room for the last lease (600 - 2 x 15 - 20)
+    (60.0, 120.0, 70.0),    # a short job timeout bounds it
+    (60.0, 60.0, 60.0),     # never below DISPATCH_SLICE_SECONDS
+])
+def test_slice_of_a_paced_lane_spans_several_gaps_within_the_job(gap: float, job_timeout: float,
+                                                                  want: float) -> None:
+    cfg = Config(slice_seconds=60.0, job_timeout=job_timeout, waha_timeout=15.0)
+    assert slice_seconds(cfg, Limits(interval_min=gap, interval_max=gap)) == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def paced_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
+    """Slices of 4 s, or 8 gaps up to 30 - 2 x 2 - 20 = 6 s for a paced lane."""
+    with isolated_stack("slices", DISPATCH_JOB_TIMEOUT="30") as st:
+        yield st
+
+
+def test_paced_lane_leases_each_message_once_across_slices(
+        paced_stack: IsolatedStack, create_user: Callable[..., str], sandbox_url: str,
+        engine: sa.Engine) -> None:  # noqa: F811
+    """8 messages 1.2 s apart on one chip: two slices of 6 s (5 sends, then 3). The first slice ends
+    when the chip's next slot (6.0 s) is past its end, before leasing the 6th message."""
+    ops = Ops(paced_stack.campaign_channel, create_user())
+    chip = ops.chip(sandbox_url, SANDBOX_API_KEY, interval=(1.2, 1.2))
+    camp = ops.campaign([chip], interval=(1.2, 1.2))
+    assert ops.import_phones(camp.id, phones(8)).imported_count == 8
+    ops.start(camp.id)
+    done = ops.wait_final(camp.id, timeout=60)
+    assert done.state == res.CAMPAIGN_STATE_COMPLETED and done.sent_count == 8
+    with engine.connect() as conn:
+        attempts = sorted(conn.execute(sa.text("SELECT attempts FROM campaign_messages WHERE campaign_id = :c"),
+                                       {"c": camp.id}).scalars())
+    assert attempts == [1] * 8, f"messages leased more than once (a lease released unsent): {attempts}"
+    [worker] = paced_stack.workers
+    slices = [ln for ln in worker.tail(2000).splitlines() if f"campaign={camp.id}" in ln and "slice start" in ln]
+    assert 1 < len(slices) <= 2, slices
+
+
+def test_sleeping_lanes_wake_on_their_fence_within_a_poll(redis_server: Redis) -> None:
+    """Two lanes of campaign A and one of B sleep 30 s; A's fence moves: A's lanes wake within a
+    poll, B's sleeps on (its short sleep then times out: False); a wake event set by the lane
+    itself (lock lost) ends its sleep at once."""
+
+    async def run() -> dict[str, Any]:
+        r = aioredis.Redis.from_url(redis_server.url)
+        watch = FenceWatch(r, every=0.1)
+        a, b = "camp-a-fw", "camp-b-fw"
+        await r.set(keys.fence(a), run_value(3))
+        await r.set(keys.fence(b), run_value(1))
+        try:
+            ev_a1, ev_a2, ev_b, ev_own = (asyncio.Event() for _ in range(4))
+            t0 = time.monotonic()
+            sleeps = [asyncio.ensure_future(watch.sleep(a, 3, 30.0, ev_a1)),
+                      asyncio.ensure_future(watch.sleep(a, 3, 30.0, ev_a2)),
+                      asyncio.ensure_future(watch.sleep(b, 1, 1.0, ev_b)),
+                      asyncio.ensure_future(watch.sleep(a, 3, 30.0, ev_own))]
+            await asyncio.sleep(0.3)
+            assert not any(s.done() for s in sleeps), "a sleep ended while its fence ran"
+            ev_own.set()
+            own = await asyncio.wait_for(sleeps[3], 1.0)
+            await r.set(keys.fence(a), "stop:4")
+            woke = await asyncio.wait_for(asyncio.gather(sleeps[0], sleeps[1]), 2.0)
+            woke_after = time.monotonic() - t0
+            timed_out = await asyncio.wait_for(sleeps[2], 2.0)
+            return {"own": own, "woke": woke, "woke_after": woke_after, "b": timed_out,
+                    "left": dict(watch._sleepers)}
+        finally:
+            await r.delete(keys.fence(a), keys.fence(b))
+            await r.aclose()
+
+    out = asyncio.run(run())
+    assert out["own"] is True
+    assert out["woke"] == [True, True] and out["woke_after"] < 2.0
+    assert out["b"] is False  # its fence ran: the sleep simply ended
+    assert out["left"] == {}
