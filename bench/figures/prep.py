@@ -51,35 +51,36 @@ def sql_delete_campaign(stack: Stack, campaign_id: str) -> None:
         cur.execute("DELETE FROM campaigns WHERE id = %s", (campaign_id,))
 
 
-def wait_purged(stack: Stack, campaign_id: str, timeout: float) -> float:
-    """Seconds until a deleted campaign's contacts and messages are all gone (campaign_service purges
-    a big campaign's rows in the background after DeleteCampaign); -1.0 after `timeout` or when rows
-    are left once its queue entry is gone. Polls the queue only: counting rows between dead index
-    entries on every poll cost PostgreSQL seconds."""
+def _wait_dequeued(stack: Stack, queue: str, campaign_id: str, timeout: float, left_sql: str,
+                   left_params: tuple[object, ...]) -> float:
+    """Seconds until the campaign's entry of a background queue (campaign_purges,
+    campaign_cancel_sweeps) is gone; -1.0 after `timeout` or when `left_sql` still counts rows then.
+    Polls the queue only: counting rows between dead index entries on every poll cost PostgreSQL
+    seconds."""
     t0 = time.perf_counter()
-    while stack.sql("SELECT count(*) FROM campaign_purges WHERE campaign_id = %s", (campaign_id,))[0][0]:
+    while stack.sql(f"SELECT count(*) FROM {queue} WHERE campaign_id = %s", (campaign_id,))[0][0]:
         if time.perf_counter() - t0 > timeout:
             return -1.0
         time.sleep(0.1)
     done = time.perf_counter() - t0
-    left = stack.sql("SELECT (SELECT count(*) FROM campaign_messages WHERE campaign_id = %s)"
-                     " + (SELECT count(*) FROM campaign_contacts WHERE campaign_id = %s)", (campaign_id, campaign_id))
-    return -1.0 if left[0][0] else done
+    return -1.0 if stack.sql(left_sql, left_params)[0][0] else done
+
+
+def wait_purged(stack: Stack, campaign_id: str, timeout: float) -> float:
+    """A deleted campaign's contacts and messages all gone (campaign_service purges a big campaign's
+    rows in the background after DeleteCampaign): see _wait_dequeued."""
+    return _wait_dequeued(stack, "campaign_purges", campaign_id, timeout,
+                          "SELECT (SELECT count(*) FROM campaign_messages WHERE campaign_id = %s)"
+                          " + (SELECT count(*) FROM campaign_contacts WHERE campaign_id = %s)",
+                          (campaign_id, campaign_id))
 
 
 def wait_swept(stack: Stack, campaign_id: str, timeout: float) -> float:
-    """Seconds until a cancelled campaign's sweep is over (a big campaign's PENDING messages are failed
-    in the background after CancelCampaign); -1.0 after `timeout` or when a message is still open
-    once its queue entry is gone. Polls the queue only, like wait_purged."""
-    t0 = time.perf_counter()
-    while stack.sql("SELECT count(*) FROM campaign_cancel_sweeps WHERE campaign_id = %s", (campaign_id,))[0][0]:
-        if time.perf_counter() - t0 > timeout:
-            return -1.0
-        time.sleep(0.1)
-    done = time.perf_counter() - t0
-    left = stack.sql("SELECT count(*) FROM campaign_messages WHERE campaign_id = %s AND state IN (%s, %s)",
-                     (campaign_id, res.MESSAGE_STATE_PENDING, res.MESSAGE_STATE_SENDING))
-    return -1.0 if left[0][0] else done
+    """A cancelled campaign's messages all closed (a big campaign's PENDING ones are failed in the
+    background after CancelCampaign): see _wait_dequeued."""
+    return _wait_dequeued(stack, "campaign_cancel_sweeps", campaign_id, timeout,
+                          "SELECT count(*) FROM campaign_messages WHERE campaign_id = %s AND state IN (%s, %s)",
+                          (campaign_id, res.MESSAGE_STATE_PENDING, res.MESSAGE_STATE_SENDING))
 
 
 def startable(ctx: Ctx, api: Api, chips: int, name: str) -> tuple[res.Campaign, list[res.Chip]]:
