@@ -67,11 +67,12 @@ class LaneLock:
         self._unlock = scripts.register(self.redis, "lane_unlock")
         self.member = beat_member(self.campaign_id, self.chip_id)
         self.lock_key = keys.lane_lock(self.campaign_id, self.chip_id)
+        self.lane_key = keys.lane(self.campaign_id, self.chip_id)
 
     def _keys(self) -> list[str]:
         ks = [self.lock_key, keys.lane_want(self.campaign_id, self.chip_id)]
         if self.queue:
-            ks += [keys.lane(self.campaign_id, self.chip_id), keys.lane_beats(self.queue)]
+            ks += [self.lane_key, keys.lane_beats(self.queue)]
         return ks
 
     async def acquire(self) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
@@ -43,8 +44,13 @@ SCAN_BATCH = 100
 class Supervisor:
     """Scans the heartbeat zset of one queue and enqueues takeover slices for silent lanes."""
 
-    def __init__(self, store: Store, lock_ttl: float, scan_every: float) -> None:
+    def __init__(self, store: Store, lock_ttl: float, scan_every: float,
+                 local: Callable[[str], bool] = lambda member: False) -> None:
         self.store = store
+        # A lane a slice of this very process still beats for lapsed because our event loop was
+        # late (10,000 lanes ending together): it is not taken over from ourselves; the heartbeat's
+        # next round takes the lock back (lock_renew.lua) unless someone else took the lane.
+        self.local = local
         self.redis = store.redis
         self.beats = keys.lane_beats(store.queue)
         self.scan_every = scan_every
@@ -60,6 +66,8 @@ class Supervisor:
         out: list[str] = []
         for raw in stale:
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if self.local(member):
+                continue
             campaign_id, _, chip_id = member.partition(":")
             r = int(await self._claim(keys=[self.beats, keys.lane_lock(campaign_id, chip_id)],
                                       args=[member, self.hold_ms]))

@@ -102,7 +102,7 @@ class ResilientWorker(Worker):
         for _ in range(1_000_000):
             env: WorkerEnv | None = self.ctx.get("env")
             if env is not None:
-                await takeover.Supervisor(env.store, CFG.lane_lock_ttl, CFG.takeover_scan).run()
+                await takeover.Supervisor(env.store, CFG.lane_lock_ttl, CFG.takeover_scan, env.beats.holds).run()
                 return
             await asyncio.sleep(0.1)
 

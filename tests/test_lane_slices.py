@@ -3,7 +3,8 @@
 - a slice whose chip allows no further send of ours before it ends ends without leasing (a lease
   taken then was released at its reservation: every message leased once, `attempts` = 1);
 - sleeping lanes watch their campaign's fence through one poll per campaign (fence_watch.py):
-  a stop still wakes each of them within a poll, a timeout is a plain sleep."""
+  a stop still wakes each of them within a poll, a timeout is a plain sleep;
+- a worker too busy to beat in time does not take its own lanes over (takeover.py `local`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
+from arq.connections import ArqRedis
 
 from devstack.servers import Redis
 from dispatcher_service import keys
@@ -23,6 +25,8 @@ from dispatcher_service.fence_watch import FenceWatch
 from dispatcher_service.fences import run_value
 from dispatcher_service.lane.fenced import slice_seconds
 from dispatcher_service.pacing import Limits
+from dispatcher_service.store import Store
+from dispatcher_service.takeover import Supervisor
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
 from tests.helpers import Ops, phones
 from tests.test_campaign_support import engine  # noqa: F401 - fixture
@@ -108,3 +112,28 @@ def test_sleeping_lanes_wake_on_their_fence_within_a_poll(redis_server: Redis) -
     assert out["woke"] == [True, True] and out["woke_after"] < 2.0
     assert out["b"] is False  # its fence ran: the sleep simply ended
     assert out["left"] == {}
+
+
+def test_supervisor_leaves_a_lapsed_lane_of_its_own_process_to_its_heartbeat(redis_server: Redis) -> None:
+    """Two lanes whose beat lapsed and whose lock is gone: the one a slice of this process still
+    beats for (a late event loop, not a dead owner) is not claimed; the other is (claimed, then
+    dropped: it has no dispatch state)."""
+
+    async def run() -> tuple[float | None, float | None, float]:
+        r = ArqRedis.from_url(redis_server.url)
+        queue = f"q-{time.monotonic_ns()}"
+        beats = keys.lane_beats(queue)
+        mine, other = "camp-mine:chip-1", "camp-other:chip-2"
+        lapsed = time.time() * 1000 - 1000
+        await r.zadd(beats, {mine: lapsed, other: lapsed})
+        try:
+            sup = Supervisor(Store(r, queue), lock_ttl=6.0, scan_every=1.0, local=lambda m: m == mine)
+            assert await sup.scan() == []
+            return await r.zscore(beats, mine), await r.zscore(beats, other), lapsed
+        finally:
+            await r.delete(beats)
+            await r.aclose()
+
+    mine_score, other_score, lapsed = asyncio.run(run())
+    assert mine_score == lapsed  # left alone: its own heartbeat takes the lock back
+    assert other_score is None  # claimed, then dropped (no dispatch state to take over)

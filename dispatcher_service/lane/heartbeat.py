@@ -31,18 +31,33 @@ class Heartbeats:
         self.ttl_ms = ttl_ms
         self.every = every
         self._locks: dict[int, tuple[LaneLock, Callable[[], None]]] = {}  # by id(lock)
+        self._members: dict[str, int] = {}  # lanes (beat members) with a registered lock: how many
         self._renew = scripts.register(redis, "lane_lock_renew_many")
         self._task: asyncio.Task[None] | None = None
 
     def add(self, lock: LaneLock, on_lost: Callable[[], None]) -> None:
         """Keep `lock` alive from now on (its slice just took it)."""
+        if id(lock) not in self._locks:
+            self._members[lock.member] = self._members.get(lock.member, 0) + 1
         self._locks[id(lock)] = (lock, on_lost)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
+    def holds(self, member: str) -> bool:
+        """Is a slice of this process beating for this lane (takeover.py leaves it to us)?"""
+        return member in self._members
+
     def remove(self, lock: LaneLock) -> None:
         """The slice lets go of its lock: no more renewals (a round in flight is ignored for it)."""
-        self._locks.pop(id(lock), None)
+        if self._locks.pop(id(lock), None) is not None:
+            self._unmember(lock.member)
+
+    def _unmember(self, member: str) -> None:
+        left = self._members.get(member, 0) - 1
+        if left > 0:
+            self._members[member] = left
+        else:
+            self._members.pop(member, None)
 
     async def _run(self) -> None:
         for _ in range(10_000_000):
@@ -57,10 +72,12 @@ class Heartbeats:
         for lo in range(0, len(locks), CHUNK):
             chunk = locks[lo:lo + CHUNK]
             args: list[str | int] = [self.ttl_ms]
+            ks = [self.beats_key]
             for lock in chunk:
                 args += [lock.owner, lock.member]
+                ks += [lock.lock_key, lock.lane_key]
             try:
-                got = await self._renew(keys=[self.beats_key, *(lock.lock_key for lock in chunk)], args=args)
+                got = await self._renew(keys=ks, args=args)
             except Exception as e:  # Redis hiccup: the next round tries again (the TTL is 4 rounds)
                 log.warning("lane lock renewal of %d lanes failed: %s", len(chunk), e)
                 continue
@@ -69,4 +86,5 @@ class Heartbeats:
                     continue
                 held = self._locks.pop(id(lock), None)
                 if held is not None and held[0] is lock:  # still registered: its slice has not let go meanwhile
+                    self._unmember(lock.member)
                     held[1]()

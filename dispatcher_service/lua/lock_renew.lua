@@ -1,9 +1,19 @@
 -- Fragment (included by lane_lock_renew and lane_lock_renew_many): lock_renew(lock, beats, owner, ttl_ms,
--- member) extends a held lane lock and records its expiry in the heartbeat zset `beats` (nil: none).
--- Returns false when the lock is not ours any more (expired, or taken over: the owner must stop).
-local function lock_renew(lock, beats, owner, ttl, member)
-  if redis.call('GET', lock) ~= owner then return false end
-  redis.call('PEXPIRE', lock, ttl)
+-- member, lane) extends a held lane lock and records its expiry in the heartbeat zset `beats` (nil: none).
+-- With `lane` (the lane hash), a lock that lapsed while its owner's process was too busy to beat in
+-- time is taken back when nobody took the lane over meanwhile (the hash still names the owner: no
+-- other slice has taken the lock, so none could send; a takeover slice enqueued on the lapse then
+-- finds the lane busy and leaves it).
+-- Returns false when the lock is not ours any more (taken over, or expired without `lane`: the owner must stop).
+local function lock_renew(lock, beats, owner, ttl, member, lane)
+  local held = redis.call('GET', lock)
+  if held == owner then
+    redis.call('PEXPIRE', lock, ttl)
+  elseif not held and lane and redis.call('HGET', lane, 'owner') == owner then
+    redis.call('SET', lock, owner, 'PX', ttl)
+  else
+    return false
+  end
   if beats then
     local t = redis.call('TIME')
     redis.call('ZADD', beats, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ttl), member)
