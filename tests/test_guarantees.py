@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from dispatcher_service.waha import message_ids
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
 from tests.helpers import Ops, chat_id, get_dispatch, phones, wait_for
+from tests.test_campaign_support import engine  # noqa: F401 - fixture
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
 from whago.dispatcher.v1 import dispatcher_service_pb2 as dpb
@@ -463,6 +465,23 @@ def test_400_fails_that_message_with_the_reason_and_503_twice_is_retried_then_se
     assert rejected.state == FAILED and "400" in rejected.failure_reason, rejected
     assert retried.state == SENT and retried.waha_message_id
     assert max(sends_by_chat(control, [chip]).values()) == 1
+
+
+def test_paced_lane_leases_each_message_once_across_slices(iso_api: Ops, iso: IsolatedStack, sandbox_url: str,
+                                                          engine: sa.Engine) -> None:  # noqa: F811
+    """6 messages 1.2 s apart on one chip, slices of 4 s: a slice ends when the chip's next slot is
+    past its end, before leasing (lane/leasing.py `_check_slot_in_slice`): no message is leased,
+    released unsent and leased again (`attempts` stays 1)."""
+    chip = iso_api.chip(sandbox_url, KEY, interval=(1.2, 1.2))
+    camp = iso_api.campaign([chip], interval=(1.2, 1.2))
+    assert iso_api.import_phones(camp.id, phones(6)).imported_count == 6
+    iso_api.start(camp.id)
+    done = iso_api.wait_final(camp.id, timeout=60)
+    assert done.state == COMPLETED and done.sent_count == 6
+    with engine.connect() as conn:
+        attempts = sorted(conn.execute(sa.text("SELECT attempts FROM campaign_messages WHERE campaign_id = :c"),
+                                       {"c": camp.id}).scalars())
+    assert attempts == [1] * 6, f"messages leased more than once (a lease released unsent): {attempts}"
 
 
 def test_failure_threshold_auto_pauses_the_campaign_with_the_reason(

@@ -1,7 +1,7 @@
 """What a paced lane costs between its sends (issue 18, 10,000 lanes on one worker):
 - a slice of a slowly paced lane spans several of its gaps (lane/fenced.py `slice_seconds`);
-- a slice whose chip allows no further send of ours before it ends ends without leasing (a lease
-  taken then was released at its reservation: every message leased once, `attempts` = 1);
+- a slice whose chip allows no further send of ours before it ends ends without leasing (tested
+  in test_guarantees: every message leased once across slices);
 - sleeping lanes watch their campaign's fence through one poll per campaign (fence_watch.py):
   a stop still wakes each of them within a poll, a timeout is a plain sleep;
 - a worker too busy to beat in time does not take its own lanes over (takeover.py `local`)."""
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-import sqlalchemy as sa
 from arq.connections import ArqRedis
 
 from devstack.servers import Redis
@@ -27,10 +25,7 @@ from dispatcher_service.lane.fenced import slice_seconds
 from dispatcher_service.pacing import Limits
 from dispatcher_service.store import Store
 from dispatcher_service.takeover import Supervisor
-from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, phones
 from tests.test_campaign_support import engine  # noqa: F401 - fixture
-from whago.campaign.v1 import resources_pb2 as res
 
 
 @pytest.mark.parametrize(("gap", "job_timeout", "want"), [
@@ -45,34 +40,6 @@ def test_slice_of_a_paced_lane_spans_several_gaps_within_the_job(gap: float, job
                                                                   want: float) -> None:
     cfg = Config(slice_seconds=60.0, job_timeout=job_timeout, waha_timeout=15.0)
     assert slice_seconds(cfg, Limits(interval_min=gap, interval_max=gap)) == pytest.approx(want)
-
-
-@pytest.fixture(scope="module")
-def paced_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
-    """Slices of 4 s, or 8 gaps up to 30 - 2 x 2 - 20 = 6 s for a paced lane."""
-    with isolated_stack("slices", DISPATCH_JOB_TIMEOUT="30") as st:
-        yield st
-
-
-def test_paced_lane_leases_each_message_once_across_slices(
-        paced_stack: IsolatedStack, create_user: Callable[..., str], sandbox_url: str,
-        engine: sa.Engine) -> None:  # noqa: F811
-    """8 messages 1.2 s apart on one chip: two slices of 6 s (5 sends, then 3). The first slice ends
-    when the chip's next slot (6.0 s) is past its end, before leasing the 6th message."""
-    ops = Ops(paced_stack.campaign_channel, create_user())
-    chip = ops.chip(sandbox_url, SANDBOX_API_KEY, interval=(1.2, 1.2))
-    camp = ops.campaign([chip], interval=(1.2, 1.2))
-    assert ops.import_phones(camp.id, phones(8)).imported_count == 8
-    ops.start(camp.id)
-    done = ops.wait_final(camp.id, timeout=60)
-    assert done.state == res.CAMPAIGN_STATE_COMPLETED and done.sent_count == 8
-    with engine.connect() as conn:
-        attempts = sorted(conn.execute(sa.text("SELECT attempts FROM campaign_messages WHERE campaign_id = :c"),
-                                       {"c": camp.id}).scalars())
-    assert attempts == [1] * 8, f"messages leased more than once (a lease released unsent): {attempts}"
-    [worker] = paced_stack.workers
-    slices = [ln for ln in worker.tail(2000).splitlines() if f"campaign={camp.id}" in ln and "slice start" in ln]
-    assert 1 < len(slices) <= 2, slices
 
 
 def test_sleeping_lanes_wake_on_their_fence_within_a_poll(redis_server: Redis) -> None:
