@@ -17,6 +17,7 @@ from dispatcher_service import keys as keys_mod
 from dispatcher_service.config import Config
 from dispatcher_service.lane.common import (
     BURST_START,
+    FENCE_POLL_SECONDS,
     FOLD_RELEASE_SECONDS,
     MAX_BATCH_BURST,
     REPORT_BATCH,
@@ -242,5 +243,10 @@ class FencedLane:
         if seconds <= 0:
             return
         await self.release_now()
-        if self.lock_lost or await self.env.fence_watch.sleep(self.c, self.epoch, seconds, self.wake):
+        if seconds <= FENCE_POLL_SECONDS:  # shorter than a poll: a plain timer (lanes at full speed or 1 s)
+            await asyncio.sleep(seconds)
+            moved = False
+        else:
+            moved = await self.env.fence_watch.sleep(self.c, self.epoch, seconds, self.wake)
+        if self.lock_lost or moved:
             raise fences_mod.Stopped(self.c)
