@@ -186,7 +186,7 @@ def fig_million(ctx: Ctx) -> None:
     n = ctx.n(1_000_000, 10_000)
     small = ctx.n(100_000, 1000)
     start = ctx.row("start", f"StartCampaign {n} contacts", "s", "<= 10 s")
-    cancel = ctx.row("cancel", f"CancelCampaign {n} messages (none sent)", "s", "<= 2 s")
+    cancel = ctx.row("cancel", f"CancelCampaign {n} messages (all but the lanes' first sends open)", "s", "<= 2 s")
     delete = ctx.row("delete", f"DeleteCampaign {n} contacts + messages (after Cancel)", "s", "<= 2 s")
     mem = ctx.row("rss", f"campaign_service RSS growth over Start+Cancel+Delete of {n}", "MB", "< 150 MB")
     api = ctx.api()
@@ -263,9 +263,10 @@ def _million_run(ctx: Ctx, api: Api, n: int) -> _MillionRun:
                 out.start_ok, out.start_error = False, f"{msgs} messages for {n} contacts"
             out.cancel_s, cancelled = timed(lambda: api.cancel(camp.id))
             out.sweep_s = wait_swept(st, camp.id, timeout=600.0)
-            if cancelled.state != res.CAMPAIGN_STATE_CANCELLED or cancelled.failed_count != n:
-                out.cancel_error = (f"{res.CampaignState.Name(cancelled.state)} with {cancelled.failed_count} of {n}"
-                                    " failed after Cancel")
+            # The lanes' first sends (one per chip, paced at 3600 s) may leave before the Cancel.
+            if cancelled.state != res.CAMPAIGN_STATE_CANCELLED or cancelled.failed_count + cancelled.sent_count != n:
+                out.cancel_error = (f"{res.CampaignState.Name(cancelled.state)} with {cancelled.failed_count} failed"
+                                    f" + {cancelled.sent_count} sent of {n} after Cancel")
             elif out.sweep_s < 0:
                 out.cancel_error = "messages still open 600 s after Cancel"
             checkpoint(st)
