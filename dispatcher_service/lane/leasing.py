@@ -97,7 +97,7 @@ class LeasingLane(BurstingLane):
         now = time.time()
         slice_end = now + (self.deadline - time.monotonic())
         if self.next_send_min > slice_end:
-            lead = (self.typing_max if self.typing else 0.0) + (0.3 if self.seen else 0.0)
+            lead = self._lead(self.typing_max if self.typing else 0.0)  # the longest the next message may need
             raise SliceOver(max(0.0, self.next_send_min - lead - now - 2.0), "next slot is beyond this slice")
 
     def _first_batch(self) -> int:

@@ -195,9 +195,13 @@ class SendingLane(ChipHealthLane):
             return 0.0
         return max(0.0, min(len(m.text) / self.cps, self.typing_max))
 
+    def _lead(self, typing_s: float) -> float:
+        """How long before its slot a send's camouflage starts (sendSeen, then `typing_s` of typing)."""
+        return typing_s + (0.3 if self.seen else 0.0)
+
     async def _send_one(self, m: dpb.LeasedMessage, mid: str) -> None:
         typing_s = self._typing_seconds(m)
-        lead = typing_s + (0.3 if self.seen else 0.0)
+        lead = self._lead(typing_s)
         now = time.time()
         lease_end = ts_seconds(m.lease_expire_time) if m.HasField("lease_expire_time") else now + 60
         slice_end_wall = now + (self.deadline - time.monotonic())
