@@ -30,6 +30,7 @@ REPLY_FUNCTION = "send_reply"  # replies.send_reply
 STATE_TTL_SECONDS = 30 * 86400
 REQUEST_CACHE_SIZE = 64
 DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
+DONE_SCAN_FIRST, DONE_SCAN_GROWTH = 4, 16  # maybe_finish_dispatch's steps: 4, 64, 1024, 16384 lanes
 Loaded = tuple[pb.StartDispatchRequest, dict[str, int]]  # a dispatch's request and its chip -> lane index
 
 async def aw(x: Awaitable[T] | T) -> T:
@@ -117,6 +118,7 @@ class Store:
         # and CPU). The revision is rewritten by every save_dispatch.
         self._requests: dict[str, tuple[str, pb.StartDispatchRequest, dict[str, int]]] = {}
         self._fetching: dict[str, asyncio.Future[tuple[str, Loaded | None]]] = {}
+        self._keys: dict[str, tuple[pb.StartDispatchRequest, list[str]]] = {}  # campaign -> (request, lane keys)
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def save_dispatch(self, req: pb.StartDispatchRequest, state: int) -> None:
@@ -250,20 +252,39 @@ class Store:
         return _lane_proto(chip_id, await self.lane_hash(campaign_id, chip_id))
 
     async def maybe_finish_dispatch(self, campaign_id: str, epoch: int, chip_id: str = "") -> None:
-        """Dispatch FINISHED once every lane of the current epoch is FINISHED or FAILED."""
+        """Dispatch FINISHED once every lane of the current epoch is FINISHED or FAILED.
+
+        Lanes end in no set order (10,000 lanes: their jobs start in queue order, not in the
+        request's), so a check of every lane per lane end was quadratic: 10,000 keys built and sent
+        per check, ~15 ms of the worker's CPU, for thousands of lanes ending together. The lanes
+        are read from the caller's successor on, a few first and 16 times more each step, stopping
+        at the first one still going: most ends cost one small step, the last ones a few."""
         got = await self._load(campaign_id)
         if got is None or not await self.fences.is_current(campaign_id, epoch):
             return
         req, index = got
-        start = (index.get(chip_id, -1) + 1) % max(1, len(req.lanes))
-        # Lanes finish roughly in start order: the successor is usually still running, and one HGET
-        # says so without sending every lane key (1000 keys per finishing lane added up).
-        succ = _s(await aw(self.redis.hget(keys.lane(campaign_id, req.lanes[start].chip_id), "state")))
-        if int(succ or 0) not in DONE_STATES:
-            return
+        ks = self._lane_keys(campaign_id, req)
+        n = len(ks)
+        at = (index.get(chip_id, -1) + 1) % max(1, n)
+        seen, size = 0, DONE_SCAN_FIRST
+        while seen < n:
+            take = min(size, n - seen)
+            chunk = ks[at:at + take] + ks[:max(0, at + take - n)]
+            if int(await self._all_done(keys=chunk, args=[0, *DONE_STATES])) != 1:
+                return
+            seen, at, size = seen + take, (at + take) % n, size * DONE_SCAN_GROWTH
+        await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
+
+    def _lane_keys(self, campaign_id: str, req: pb.StartDispatchRequest) -> list[str]:
+        """The lane hash keys of a request, in its order (built once per parsed request)."""
+        hit = self._keys.get(campaign_id)
+        if hit is not None and hit[0] is req:
+            return hit[1]
         ks = [keys.lane(campaign_id, spec.chip_id) for spec in req.lanes]
-        if int(await self._all_done(keys=ks, args=[start, *DONE_STATES])) == 1:
-            await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
+        if len(self._keys) >= REQUEST_CACHE_SIZE:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[campaign_id] = (req, ks)
+        return ks
 
     # -- jobs --------------------------------------------------------------------------------------
     async def enqueue_lane(self, campaign_id: str, chip_id: str, epoch: int, defer: float = 0.0) -> str | None:
