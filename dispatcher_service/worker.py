@@ -11,6 +11,7 @@ another worker's supervisor within seconds (takeover.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -85,6 +86,7 @@ class ResilientWorker(Worker):
         self._last_full_ms = 0
         self._backlog: dict[str, None] = {}  # due job ids read, not claimed yet (insertion-ordered)
         self._claim: AsyncScript | None = None
+        self._ended: list[tuple[str, asyncio.Task[Any]]] = []  # jobs whose task ended, not reaped yet
 
     async def main(self) -> None:
         self._listener = asyncio.ensure_future(self._listen_wake())
@@ -149,11 +151,18 @@ class ResilientWorker(Worker):
             await self.start_jobs(await self._read_due())
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
-        for job_id, t in list(self.tasks.items()):
-            if t.done():
-                del self.tasks[job_id]
-                t.result()  # arq's way of surfacing an error of run_job
+        self._reap()
         await self.heart_beat()
+
+    def _reap(self) -> None:
+        """Drop the tasks of ended jobs from self.tasks. arq walks every task on every poll to find
+        them: with 10,000 lanes sleeping between their sends, 200,000 checks a second and over half
+        the worker's idle CPU; here the tasks say so themselves when they end."""
+        ended, self._ended = self._ended, []
+        for job_id, t in ended:
+            if self.tasks.get(job_id) is t:
+                del self.tasks[job_id]
+            t.result()  # arq's way of surfacing an error of run_job
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs (arq 0.28), with the checks of up to CLAIM_PER_POLL jobs in one atomic
@@ -185,7 +194,11 @@ class ResilientWorker(Worker):
             self.job_counter += 1
             t = self.loop.create_task(self.run_job(job_id, int(float(got[k + 1]))))
             t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            t.add_done_callback(functools.partial(self._job_ended, job_id))
             self.tasks[job_id] = t
+
+    def _job_ended(self, job_id: str, t: asyncio.Task[Any]) -> None:
+        self._ended.append((job_id, t))
 
     def _claim_script(self) -> AsyncScript:
         """jobs_claim on the worker's pool (which arq creates in main())."""

@@ -337,3 +337,47 @@ def test_a_job_enqueued_to_start_now_wakes_an_idle_worker_before_its_next_poll(r
     assert now_started, "the job enqueued for now did not start before the worker's next poll (no wake-up?)"
     # It was due 1 s after its enqueue; the poll that found "now" had run long before that.
     assert not later_started and waited >= 2.0
+
+
+def test_the_worker_drops_ended_jobs_and_keeps_running_ones(redis_server: RedisServer) -> None:
+    """Ended jobs leave the worker's task table at its next poll (their tasks report their end;
+    the table is not walked per poll) and a running one stays."""
+    from arq import func
+
+    from dispatcher_service.redis_conn import arq_client, arq_settings
+    from dispatcher_service.store import LANE_FUNCTION, Store
+    from dispatcher_service.worker import ResilientWorker
+
+    queue = "test:reap:" + uid()
+    hold = asyncio.Event()
+
+    async def lane(ctx: dict[str, object], campaign_id: str, chip: str, epoch: int, n: int) -> None:
+        if chip == "long":
+            await hold.wait()
+
+    async def main() -> tuple[set[str], int]:
+        worker = ResilientWorker(functions=[func(lane, name=LANE_FUNCTION)], queue_name=queue,
+                                 redis_settings=arq_settings(redis_server.url), poll_delay=0.05,
+                                 handle_signals=False, keep_result=0)
+        runner = asyncio.ensure_future(worker.main())
+        r = arq_client(redis_server.url)
+        try:
+            store = Store(r, queue)
+            await store.enqueue_lanes("c-" + uid(), ["a", "b", "c", "long"], 1)
+            for _ in range(200):  # all four started and the three short ones reaped
+                if worker.jobs_complete >= 3 and len(worker.tasks) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            left = {job_id.rsplit(":", 3)[1] for job_id in worker.tasks}
+            counter = worker.job_counter
+            hold.set()
+            return left, counter
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await worker.close()
+            await r.aclose()
+
+    left, counter = asyncio.run(main())
+    assert left == {"long"}
+    assert counter == 1
