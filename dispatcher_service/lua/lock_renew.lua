@@ -5,6 +5,12 @@
 -- other slice has taken the lock, so none could send; a takeover slice enqueued on the lapse then
 -- finds the lane busy and leaves it).
 -- Returns false when the lock is not ours any more (taken over, or expired without `lane`: the owner must stop).
+-- The heartbeat zset's score of a lane beating now: when its lock lapses (Redis TIME, ms, + ttl).
+local function beat_expiry(ttl)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ttl)
+end
+
 local function lock_renew(lock, beats, owner, ttl, member, lane)
   local held = redis.call('GET', lock)
   if held == owner then
@@ -15,8 +21,7 @@ local function lock_renew(lock, beats, owner, ttl, member, lane)
     return false
   end
   if beats then
-    local t = redis.call('TIME')
-    redis.call('ZADD', beats, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ttl), member)
+    redis.call('ZADD', beats, beat_expiry(ttl), member)
   end
   return true
 end
