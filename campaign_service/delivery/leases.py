@@ -2,8 +2,8 @@
 
 One transaction, four statements: campaign row FOR KEY SHARE (waits for a Pause/Cancel holding
 it FOR UPDATE, so a lane never leases across a stop), the lease UPDATE (FOR UPDATE SKIP LOCKED,
-so concurrent lanes and replicas never get the same message), the lane heartbeat + remaining
-count, and the media of the templates used."""
+so concurrent lanes and replicas never get the same message; it also says which numbers the owner
+suppressed), the lane heartbeat + remaining count, and the media of the templates used."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ SET state = {SENDING:d}, lease_owner = :owner, lease_expires_at = now() + make_i
 FROM picked, campaign_contacts ct
 WHERE m.id = ANY(ARRAY(SELECT id FROM picked)) AND m.id = picked.id AND ct.id = m.contact_id
 RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
-          m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired
+          m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired,
+          EXISTS (SELECT 1 FROM suppressions sp WHERE sp.user_id = :uid AND sp.phone = ct.phone) AS suppressed
 """)
 
 # Columns of _LEASE's RETURNING read on every row (by position: see lease_messages).
@@ -208,7 +209,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
         lease_params = {**params, "n": max_messages, "secs": lease_seconds, "owner": lease_owner or None,
                         "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
                         "reclaim": arrays.literal(reclaim_owners),
-                        "media_idx": arrays.int_literal(media_idx)}
+                        "media_idx": arrays.int_literal(media_idx), "uid": camp.user_id}
         rows = list(s.execute(_LEASE, lease_params).all())  # fetchall, not a fetchone per row
         # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased
         rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params).all()))
@@ -236,7 +237,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                           None if earlier else attempt_id, verify and phone not in checked,
                           verify and not checked.get(phone, (True, ""))[0])
             for (message_id, _seq, _tidx, earlier, attempt_id, attempts, expires, contact_id, phone, chat_id, name,
-                 variables, _expired), (txt, mid) in zip(rows, parts, strict=True)
+                 variables, _expired, _suppressed), (txt, mid) in zip(rows, parts, strict=True)
         ]
         return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)
 

@@ -28,13 +28,12 @@ _CLEAR_ATTEMPT = text("UPDATE campaign_messages SET waha_message_id = NULL WHERE
 
 
 def skip_suppressed(s: Session, cid: uuid.UUID, rows: Sequence[R], lease_again: Callable[[], list[R]]) -> list[R]:
-    """The leased rows (with .id, .phone, .waha_message_id = earlier attempt) minus those SKIPPED."""
+    """The leased rows (with .id, .waha_message_id = earlier attempt, .suppressed = the owner
+    suppressed its number, read by the lease statement itself: a query of its own per lease was a
+    tenth of campaign_service's time in a start of 5,000 lanes) minus those SKIPPED."""
     out = list(rows)
     for _ in range(MAX_ROUNDS):
-        suppressed = suppressions_repo.suppressed_of_campaign_owner(s, cid, [r.phone for r in out])
-        if not suppressed:
-            return out
-        skip = [r for r in out if r.phone in suppressed and r.waha_message_id is None]
+        skip = [r for r in out if r.suppressed and r.waha_message_id is None]
         if not skip:
             return out
         ids = [r.id for r in skip]

@@ -111,16 +111,6 @@ def skip_contacts(s: Session, campaign_id: uuid.UUID, contact_ids: Sequence[int]
         {"c": campaign_id, "r": OPTED_OUT, "ids": arrays.int_literal(contact_ids)}).rowcount)  # type: ignore[attr-defined]
 
 
-def suppressed_of_campaign_owner(s: Session, campaign_id: uuid.UUID, phones: Sequence[str]) -> set[str]:
-    """Which of `phones` the campaign's owner suppressed (the lease's check, one index probe each)."""
-    if not phones:
-        return set()
-    return set(s.execute(text(
-        "SELECT sp.phone FROM suppressions sp WHERE sp.user_id = (SELECT user_id FROM campaigns WHERE id = :c)"
-        " AND sp.phone = ANY(CAST(:phones AS text[]))"),
-        {"c": campaign_id, "phones": arrays.literal(sorted(set(phones)))}).scalars())
-
-
 def settings(s: Session, user_id: uuid.UUID) -> OptOutSettingsRow:
     row = s.execute(text("SELECT words, confirmation_text, updated_at FROM opt_out_settings WHERE user_id = :u"),
                     {"u": user_id}).one_or_none()
