@@ -51,6 +51,19 @@ def private_port(name: str, env_var: str, default: int) -> int:
     source port made `make run` fail right after a test run)."""
     if os.environ.get(env_var):
         return int(os.environ[env_var])
+    return _default_or_free(name, env_var, default)
+
+
+def listen_address(name: str, env_var: str, default: int) -> str:
+    """A program's listen address: `env_var` if set (used as is), else 127.0.0.1:`default`, or a
+    free port as for private_port (50052 held by a client socket's ephemeral port stopped `make run`
+    with a bind error right after a test run)."""
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    return f"127.0.0.1:{_default_or_free(name, env_var, default)}"
+
+
+def _default_or_free(name: str, env_var: str, default: int) -> int:
     if _bindable(default) or port_in_use(default):
         return default  # free, or a server listens there: starting refuses that with its own message
     port = free_port()
@@ -92,26 +105,28 @@ def secret_key() -> str:
 
 def stack_env(database_url: str, redis_url: str) -> dict[str, str]:
     """The environment every program of the stack shares (each setting overridable)."""
+    campaign = listen_address("campaign_service", "CAMPAIGN_LISTEN", 50051)
+    dispatcher = listen_address("dispatcher_service", "DISPATCHER_LISTEN", 50052)
     return {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "WHAGO_SERVICE_TOKEN": os.environ.get("WHAGO_SERVICE_TOKEN", "dev-service-token"),
-        "CAMPAIGN_LISTEN": os.environ.get("CAMPAIGN_LISTEN", "127.0.0.1:50051"),
-        "DISPATCHER_LISTEN": os.environ.get("DISPATCHER_LISTEN", "127.0.0.1:50052"),
-        "CAMPAIGN_TARGET": os.environ.get("CAMPAIGN_TARGET", "127.0.0.1:50051"),
-        "DISPATCHER_TARGET": os.environ.get("DISPATCHER_TARGET", "127.0.0.1:50052"),
+        "CAMPAIGN_LISTEN": campaign,
+        "DISPATCHER_LISTEN": dispatcher,
+        "CAMPAIGN_TARGET": os.environ.get("CAMPAIGN_TARGET", client_target(campaign)),
+        "DISPATCHER_TARGET": os.environ.get("DISPATCHER_TARGET", client_target(dispatcher)),
         "WHAGO_MEDIA_DIR": os.environ.get("WHAGO_MEDIA_DIR", str(RUN / "media")),
         # WhatsApp receipts: the sandbox posts message.ack webhooks to the dispatcher's receiver.
-        "DISPATCHER_WEBHOOK_LISTEN": os.environ.get("DISPATCHER_WEBHOOK_LISTEN", "127.0.0.1:50053"),
+        "DISPATCHER_WEBHOOK_LISTEN": listen_address("the webhook receiver", "DISPATCHER_WEBHOOK_LISTEN", 50053),
         "WAHA_WEBHOOK_HMAC_KEY": os.environ.get("WAHA_WEBHOOK_HMAC_KEY", "dev-webhook-key"),
         # The user's webhook endpoints may be on this machine (the SSRF guard refuses loopback otherwise).
         "WHAGO_WEBHOOK_ALLOW_CIDRS": os.environ.get("WHAGO_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
         # Seals the chips' WAHA API keys at rest; kept in .run/secret.key across runs.
         "WHAGO_SECRET_KEYS": os.environ.get("WHAGO_SECRET_KEYS") or secret_key(),
         # Prometheus /metrics of each program (README "Metrics"); the one worker of `make run` has its own.
-        "CAMPAIGN_METRICS_LISTEN": os.environ.get("CAMPAIGN_METRICS_LISTEN", "127.0.0.1:9101"),
-        "DISPATCHER_METRICS_LISTEN": os.environ.get("DISPATCHER_METRICS_LISTEN", "127.0.0.1:9102"),
-        "WORKER_METRICS_LISTEN": os.environ.get("WORKER_METRICS_LISTEN", "127.0.0.1:9103"),
+        "CAMPAIGN_METRICS_LISTEN": listen_address("campaign_service metrics", "CAMPAIGN_METRICS_LISTEN", 9101),
+        "DISPATCHER_METRICS_LISTEN": listen_address("dispatcher metrics", "DISPATCHER_METRICS_LISTEN", 9102),
+        "WORKER_METRICS_LISTEN": listen_address("worker metrics", "WORKER_METRICS_LISTEN", 9103),
     }
 
 
