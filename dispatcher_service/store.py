@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
@@ -31,7 +31,7 @@ STATE_TTL_SECONDS = 30 * 86400
 REQUEST_CACHE_SIZE = 64
 DONE_STATES = (pb.LANE_STATE_FINISHED, pb.LANE_STATE_FAILED)
 DONE_SCAN_FIRST, DONE_SCAN_GROWTH = 4, 16  # maybe_finish_dispatch's steps: 4, 64, 1024, 16384 lanes
-Loaded = tuple[pb.StartDispatchRequest, dict[str, int]]  # a dispatch's request and its chip -> lane index
+
 
 async def aw(x: Awaitable[T] | T) -> T:
     """redis-py types its asyncio commands as `Awaitable[X] | X`; this keeps mypy honest."""
@@ -101,6 +101,14 @@ def _lane_proto(chip_id: str, h: dict[str, str]) -> pb.Lane:
     return lane
 
 
+class Loaded(NamedTuple):
+    """A dispatch's request as parsed once per process, with what its lanes look up in it."""
+
+    request: pb.StartDispatchRequest
+    lane_of: dict[str, int]  # chip -> lane index
+    lane_keys: list[str]  # the lane hashes, in the request's order (maybe_finish_dispatch)
+
+
 class Store:
     """Dispatch state, lane state and lane-job bookkeeping."""
 
@@ -113,12 +121,11 @@ class Store:
         self.cmd = batch.execute if batch is not None else redis.execute_command
         self._all_done = scripts.register(redis, "lanes_all_done")
         self._pause_lanes = scripts.register(redis, "lanes_pause")
-        # campaign -> (revision, request, chip -> index): one parsed request per worker process, shared
+        # campaign -> (revision, Loaded): one parsed request per worker process, shared
         # read-only by all its lanes (a 1000-lane request is ~150 KB; parsing it per lane cost memory
         # and CPU). The revision is rewritten by every save_dispatch.
-        self._requests: dict[str, tuple[str, pb.StartDispatchRequest, dict[str, int]]] = {}
+        self._requests: dict[str, tuple[str, Loaded]] = {}
         self._fetching: dict[str, asyncio.Future[tuple[str, Loaded | None]]] = {}
-        self._keys: dict[str, tuple[pb.StartDispatchRequest, list[str]]] = {}  # campaign -> (request, lane keys)
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def save_dispatch(self, req: pb.StartDispatchRequest, state: int) -> None:
@@ -149,7 +156,7 @@ class Store:
         got = await self._load(campaign_id)
         if got is None:
             return None
-        req, index = got
+        req, index, _ = got
         i = index.get(chip_id)
         return (req, req.lanes[i]) if i is not None else None
 
@@ -158,7 +165,7 @@ class Store:
         rev = _s(await self.cmd("HGET", k, "rev"))
         hit = self._requests.get(campaign_id)
         if rev and hit is not None and hit[0] == rev:
-            return hit[1], hit[2]
+            return hit[1]
         # Single flight: the lanes of a campaign start together, and each fetching and parsing the
         # request itself (~150 KB at 1,000 lanes, 1.5 MB at 10,000) cost lanes x request size in
         # memory and CPU at once; they share one fetch. One that started before our `rev` was read
@@ -180,19 +187,20 @@ class Store:
             del self._fetching[campaign_id]
 
     async def _fetch(self, campaign_id: str) -> tuple[str, Loaded | None]:
-        """(revision, (request, chip -> index)) from Redis, parsed once and cached."""
+        """(revision, Loaded) from Redis, parsed once and cached."""
         rev_raw, raw = await aw(self.redis.hmget(keys.dispatch(campaign_id), ["rev", "request"]))
         if not raw:
             self._requests.pop(campaign_id, None)
             return "", None
         req = pb.StartDispatchRequest()
         req.ParseFromString(raw if isinstance(raw, bytes) else raw.encode())
-        index = {spec.chip_id: i for i, spec in enumerate(req.lanes)}
+        loaded = Loaded(req, {spec.chip_id: i for i, spec in enumerate(req.lanes)},
+                        [keys.lane(campaign_id, spec.chip_id) for spec in req.lanes])
         if rev_raw:
             if len(self._requests) >= REQUEST_CACHE_SIZE:
                 self._requests.pop(next(iter(self._requests)))
-            self._requests[campaign_id] = (_s(rev_raw), req, index)
-        return _s(rev_raw), (req, index)
+            self._requests[campaign_id] = (_s(rev_raw), loaded)
+        return _s(rev_raw), loaded
 
     async def dispatch_meta(self, campaign_id: str) -> dict[str, str]:
         h = await aw(self.redis.hgetall(keys.dispatch(campaign_id)))
@@ -262,8 +270,7 @@ class Store:
         got = await self._load(campaign_id)
         if got is None or not await self.fences.is_current(campaign_id, epoch):
             return
-        req, index = got
-        ks = self._lane_keys(campaign_id, req)
+        _, index, ks = got
         n = len(ks)
         at = (index.get(chip_id, -1) + 1) % max(1, n)
         seen, size = 0, DONE_SCAN_FIRST
@@ -274,17 +281,6 @@ class Store:
                 return
             seen, at, size = seen + take, (at + take) % n, size * DONE_SCAN_GROWTH
         await self.set_dispatch_state(campaign_id, pb.DISPATCH_STATE_FINISHED)
-
-    def _lane_keys(self, campaign_id: str, req: pb.StartDispatchRequest) -> list[str]:
-        """The lane hash keys of a request, in its order (built once per parsed request)."""
-        hit = self._keys.get(campaign_id)
-        if hit is not None and hit[0] is req:
-            return hit[1]
-        ks = [keys.lane(campaign_id, spec.chip_id) for spec in req.lanes]
-        if len(self._keys) >= REQUEST_CACHE_SIZE:
-            self._keys.pop(next(iter(self._keys)))
-        self._keys[campaign_id] = (req, ks)
-        return ks
 
     # -- jobs --------------------------------------------------------------------------------------
     async def enqueue_lane(self, campaign_id: str, chip_id: str, epoch: int, defer: float = 0.0) -> str | None:
