@@ -20,9 +20,10 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from devstack.servers import free_port
 from dispatcher_service.waha import message_ids
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
-from tests.helpers import Ops, chat_id, get_dispatch, phones, wait_for
+from tests.helpers import Ops, chat_id, get_dispatch, phones, scrape, value, wait_for
 from tests.test_campaign_support import engine  # noqa: F401 - fixture
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
@@ -32,6 +33,7 @@ SENT, FAILED, PENDING, SENDING = (res.MESSAGE_STATE_SENT, res.MESSAGE_STATE_FAIL
                                   res.MESSAGE_STATE_SENDING)
 COMPLETED, PAUSED, CANCELLED = res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_PAUSED, res.CAMPAIGN_STATE_CANCELLED
 KEY = SANDBOX_API_KEY
+DELIVERY_SVC = "whago.campaign.v1.DeliveryService"
 # Chip pacing for the failure tests: paced (one fenced send at a time) and full speed, where a lane
 # sends in bursts under one fence token and a failure ends the burst at that message.
 PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
@@ -42,7 +44,8 @@ PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
 
 @pytest.fixture(scope="module")
 def iso_stack(isolated_stack: Callable[..., IsolatedStack]) -> Iterator[IsolatedStack]:
-    with isolated_stack("guarantees") as st:
+    # campaign_service's metrics: how many LeaseMessages a campaign took
+    with isolated_stack("guarantees", CAMPAIGN_METRICS_LISTEN=f"127.0.0.1:{free_port()}") as st:
         yield st
 
 
@@ -482,6 +485,31 @@ def test_paced_lane_leases_each_message_once_across_slices(iso_api: Ops, iso: Is
         attempts = sorted(conn.execute(sa.text("SELECT attempts FROM campaign_messages WHERE campaign_id = :c"),
                                        {"c": camp.id}).scalars())
     assert attempts == [1] * 6, f"messages leased more than once (a lease released unsent): {attempts}"
+
+
+def test_lanes_whose_last_lease_drained_them_end_without_another(iso_api: Ops, iso: IsolatedStack,
+                                                                 sandbox_url: str) -> None:
+    """Two lanes of 4 messages, one at full speed, one 0.5 s apart: each lease comes back short of
+    its batch with nothing PENDING after it, so neither lane prefetches nor confirms with an empty
+    lease (lane/loop.py `_drained`): 2 LeaseMessages in all (4 before: one empty lease per lane,
+    the ~fifth transaction of a short lane's life). Every message sent once, the campaign completes."""
+    port = int(iso.env["CAMPAIGN_METRICS_LISTEN"].rsplit(":", 1)[1])
+    before = value(scrape(port), "grpc_server_handled_total", grpc_service=DELIVERY_SVC,
+                   grpc_method="LeaseMessages", grpc_code="OK")
+    fast = iso_api.chip(sandbox_url, KEY)
+    slow = iso_api.chip(sandbox_url, KEY, interval=(0.5, 0.5))
+    camp = iso_api.campaign([fast, slow])
+    assert iso_api.import_phones(camp.id, phones(8)).imported_count == 8
+    iso_api.start(camp.id)
+    done = iso_api.wait_final(camp.id, timeout=60)
+    assert done.state == COMPLETED and done.sent_count == 8
+    assert [m.attempts for m in iso_api.messages(camp.id)] == [1] * 8
+    wait_for(lambda: all(ln.state == dpb.LANE_STATE_FINISHED
+                         for ln in get_dispatch(iso.dispatcher_channel, SERVICE_TOKEN, camp.id).lanes),
+             20, "both lanes finished")
+    leases = value(scrape(port), "grpc_server_handled_total", grpc_service=DELIVERY_SVC,
+                   grpc_method="LeaseMessages", grpc_code="OK") - before
+    assert leases == 2, f"{leases:.0f} LeaseMessages for two lanes whose first lease took all their messages"
 
 
 def test_failure_threshold_auto_pauses_the_campaign_with_the_reason(

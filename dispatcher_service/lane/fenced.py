@@ -146,6 +146,13 @@ class FencedLane:
         # PENDING messages of the lane after the last lease: no more ids are taken than can be used.
         self.remaining_hint: int | None = None
         self.remaining_capped = False  # the count reached its cap: at least that many are left
+        # The last lease left nothing behind for this lane: it was not full and nothing PENDING came
+        # after it (`remaining` 0), and nothing left leased by an earlier slice could still expire
+        # into it. A lane ends then without the confirming empty lease (loop._drained).
+        self.drained = False
+        # Lease end of messages an earlier slice left leased (the lane hash's `revisit_at`, read
+        # at the slice's start): until it has passed a lease may still find them expired.
+        self.lane_revisit_at = 0.0
         # The next batch, being prepared while the current one is sent (its messages are in `held`).
         self.prefetch: asyncio.Task[Prepared] | None = None
 

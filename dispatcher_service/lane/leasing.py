@@ -24,6 +24,9 @@ from whago.campaign.v1 import resources_pb2 as rpb
 
 log = logging.getLogger("dispatcher.lane")
 
+# Leases an earlier slice left behind count as ended this long after the lane hash's `revisit_at`.
+REVISIT_MARGIN_SECONDS = 5.0
+
 
 class LeasingLane(BurstingLane):
     """Leases batches for the slice (loop.Lane) and prefetches the next one."""
@@ -66,7 +69,8 @@ class LeasingLane(BurstingLane):
             n = max(1, min(n, hint))  # WAHA's ids cost a request each: no more than can be used
         k = 0 if self.cfg.check_exists else n if hint is None or self.remaining_capped else min(n, hint)
         # Written ahead of the lease: should this slice die holding it, a takeover knows until when.
-        until = time.time() + lease_s + 2.0
+        asked = time.time()
+        until = asked + lease_s + 2.0
         if until > self.lease_until:
             self.lease_until = until
             await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}", "lease_owner", self.job_id)
@@ -82,6 +86,9 @@ class LeasingLane(BurstingLane):
         # it means "at least that many", no bound on the next batch's local ids (they would otherwise
         # run short: a 400-batch after a count capped at 200 sent half its messages the careful way).
         self.remaining_hint = resp.remaining
+        # (REVISIT_MARGIN_SECONDS: the campaign service's clock may run behind ours.)
+        self.drained = (resp.remaining == 0 and len(resp.messages) < n
+                        and self.lane_revisit_at + REVISIT_MARGIN_SECONDS < asked)
         self.remaining_capped = resp.remaining >= max(n, REMAINING_COUNTED)
         msgs = list(resp.messages)
         if msgs and all(m.attempt_waha_message_id and not (m.verify_number or m.not_on_whatsapp) for m in msgs):
@@ -110,7 +117,10 @@ class LeasingLane(BurstingLane):
         return ID_CHUNK if self.fold_release else MAX_BATCH
 
     def _start_prefetch(self, sending: int) -> None:
-        """Prepare the next batch while `sending` messages go out, when they go out soon enough."""
+        """Prepare the next batch while `sending` messages go out, when they go out soon enough and
+        the last lease did not drain the lane (nothing would come of it: see loop._drained)."""
+        if self.drained:
+            return
         per_msg = self._per_msg()
         ahead = sending * per_msg
         most = PREFETCH_AHEAD_SECONDS_BURST if self.burst else PREFETCH_AHEAD_SECONDS

@@ -41,6 +41,8 @@ class ReportingLane(FencedLane):
         metrics.message_outcome(outcome, reason)
         if outcome == dpb.DELIVERY_OUTCOME_SENT:
             self.sent += 1
+        elif outcome == dpb.DELIVERY_OUTCOME_RELEASED:
+            self.drained = False  # PENDING in the lane again: only a lease tells what is left
         elif outcome in (dpb.DELIVERY_OUTCOME_FAILED, dpb.DELIVERY_OUTCOME_UNKNOWN):
             self.failed += 1
         level = logging.DEBUG if outcome == dpb.DELIVERY_OUTCOME_SENT else logging.INFO
