@@ -18,6 +18,7 @@ Round trips are the cost of the hot read RPCs (a Get is ~0.1 ms of SQL), so:
 from __future__ import annotations
 
 import json
+import re
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import create_engine, event, exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import TextClause, create_engine, event, exc, text
+from sqlalchemy.dialects.postgresql import psycopg2 as pg_psycopg2
+from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.orm import Session, sessionmaker
 
 from campaign_service.db.aio import LoopReads
@@ -61,6 +63,7 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raise exc.DisconnectionError("connection closed by the server")  # the pool retries with a new one
 
 
+_PG = pg_psycopg2.dialect()
 _PLAN_CHANGED = "0A000"  # feature_not_supported: "cached plan must not change result type"
 
 
@@ -77,6 +80,52 @@ class Prepared:
         object.__setattr__(self, "execute_sql",
                            f"EXECUTE {self.name}({', '.join(['%s'] * self.nparams)})" if self.nparams
                            else f"EXECUTE {self.name}")
+
+
+@dataclass(frozen=True)
+class PreparedText:
+    """A hot statement of a delivery transaction (LeaseMessages, ReportDeliveries), written with
+    named parameters like any `text()`, that each connection PREPAREs once and then EXECUTEs
+    (`execute_prepared`): PostgreSQL skips parse and plan, which cost a lane's short lease more
+    backend CPU (~0.5 of ~0.85 ms, measured) than running it. Rows come back as from `text()`."""
+
+    name: str
+    prepare_sql: str
+    execute: TextClause
+
+    @classmethod
+    def of(cls, name: str, stmt: TextClause) -> PreparedText:
+        compiled = str(stmt.compile(dialect=_PG))  # %(name)s placeholders, literal % doubled
+        order: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in order:
+                order.append(m.group(1))
+            return f"${order.index(m.group(1)) + 1}"
+
+        body = re.sub(r"%\((\w+)\)s", number, compiled).replace("%%", "%")
+        args = f"({', '.join(f':{n}' for n in order)})" if order else ""
+        return cls(name, f"PREPARE {name} AS {body}", text(f"EXECUTE {name}{args}"))
+
+
+def execute_prepared(s: Session, stmt: PreparedText, params: dict[str, Any]) -> Result[Any]:
+    """Run `stmt` in the session's transaction, PREPAREd first on this connection if it is not yet
+    (PREPARE is not undone by a rollback). After an error the name is forgotten, so the next use
+    prepares it again: a migration may have changed the plan's types."""
+    fairy = s.connection().connection
+    prepared: set[str] = fairy.info.setdefault("prepared", set())
+    if stmt.name not in prepared:
+        cur = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(stmt.prepare_sql)  # no parameters: psycopg2 leaves the text as it is
+        finally:
+            cur.close()
+        prepared.add(stmt.name)
+    try:
+        return s.execute(stmt.execute, params)
+    except exc.DBAPIError:
+        prepared.discard(stmt.name)
+        raise
 
 
 def make_engine(url: str, pool_size: int = 20, **options: Any) -> Engine:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from campaign_service import errors, metrics
 from campaign_service.db import arrays
-from campaign_service.db.engine import Database
+from campaign_service.db.engine import Database, PreparedText, execute_prepared
 from campaign_service.delivery import opt_out
 from campaign_service.delivery.common import (
     PENDING,
@@ -77,9 +77,11 @@ class LeaseResult:
     remaining: int
 
 
-_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates, user_id,"
-                 " coalesce((settings->>'verifyNumbers')::boolean, false) AS verify FROM campaigns WHERE id = :cid"
-                 " FOR KEY SHARE")
+# The lease's statements are prepared once per connection (db/engine.py PreparedText).
+_CAMPAIGN = PreparedText.of("whago_lease_campaign", text(
+    f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, templates, user_id,"
+    " coalesce((settings->>'verifyNumbers')::boolean, false) AS verify FROM campaigns WHERE id = :cid"
+    " FOR KEY SHARE"))
 # Cached check-exists answers still fresh (found: 30 days, not found: 7 days).
 _CHECKED = text("""
 SELECT phone, on_whatsapp, chat_id FROM number_checks
@@ -93,7 +95,7 @@ WHERE user_id = :u AND phone = ANY(CAST(:phones AS text[]))
 # pins the update to an index scan of the picked ids whatever the statistics say: right after a big
 # campaign lands in a table last analyzed nearly empty, the planner (rows=1) otherwise walked the
 # whole primary key once per lease (20-35 s per lease seen in `make bench`).
-_LEASE = text(f"""
+_LEASE = PreparedText.of("whago_lease", text(f"""
 WITH expired AS (
     SELECT id, seq, waha_message_id, template_index, true AS expired FROM campaign_messages
     WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d}
@@ -118,13 +120,13 @@ WHERE m.id = ANY(ARRAY(SELECT id FROM picked)) AND m.id = picked.id AND ct.id = 
 RETURNING m.id, m.seq, m.template_index, picked.earlier AS waha_message_id, m.waha_message_id AS attempt_id,
           m.attempts, m.lease_expires_at, m.contact_id, ct.phone, ct.chat_id, ct.name, ct.variables, picked.expired,
           EXISTS (SELECT 1 FROM suppressions sp WHERE sp.user_id = :uid AND sp.phone = ct.phone) AS suppressed
-""")
+"""))
 
 # Columns of _LEASE's RETURNING read on every row (by position: see lease_messages).
 _SEQ_COL, _TEMPLATE_INDEX, _EXPIRED = 1, 2, 12
 _SEQ = itemgetter(_SEQ_COL)
 
-_HEARTBEAT_AND_REMAINING = text(f"""
+_HEARTBEAT_AND_REMAINING = PreparedText.of("whago_lease_heartbeat", text(f"""
 WITH hb AS (
     INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
     VALUES (:cid, :chip, now(), :secs, :owner)
@@ -137,7 +139,7 @@ SELECT count(*) FROM (
     SELECT 1 FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
       AND seq > :after
     LIMIT :count_cap) p
-""")
+"""))
 
 # `remaining` is counted up to remaining_cap(n): a lane only needs to size its next batch (at most
 # 400 messages, or a few times a small batch while it ramps up) and to know whether work is left.
@@ -198,7 +200,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
     cid, chip = validate(campaign_id, chip_id, max_messages, lease_seconds, waha_message_ids, reclaim_owners)
     params = {"cid": str(cid), "chip": str(chip)}
     with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
-        camp = s.execute(_CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
+        camp = execute_prepared(s, _CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
         if camp is None:
             raise errors.NotFound("campaign", campaign_id)
         if camp.state != RUNNING or camp.dispatch_epoch != epoch:
@@ -210,14 +212,14 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
                         "wids": arrays.literal(waha_message_ids), "nt": max(1, len(templates)),
                         "reclaim": arrays.literal(reclaim_owners),
                         "media_idx": arrays.int_literal(media_idx), "uid": camp.user_id}
-        rows = list(s.execute(_LEASE, lease_params).all())  # fetchall, not a fetchone per row
+        rows = list(execute_prepared(s, _LEASE, lease_params).all())  # fetchall, not a fetchone per row
         # suppression: messages to numbers the owner suppressed become SKIPPED (OPTED_OUT), not leased
-        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(s.execute(_LEASE, lease_params).all()))
+        rows = opt_out.skip_suppressed(s, cid, rows, lambda: list(execute_prepared(s, _LEASE, lease_params).all()))
         rows.sort(key=_SEQ)
         metrics.leased(len(rows), sum(1 for r in rows if r[_EXPIRED]))
-        remaining = s.execute(_HEARTBEAT_AND_REMAINING, {**params, "secs": lease_seconds, "owner": lease_owner or "",
-                                                         "count_cap": remaining_cap(max_messages),
-                                                         "after": rows[-1][_SEQ_COL] if rows else 0}).scalar_one()
+        remaining = execute_prepared(s, _HEARTBEAT_AND_REMAINING, {
+            **params, "secs": lease_seconds, "owner": lease_owner or "", "count_cap": remaining_cap(max_messages),
+            "after": rows[-1][_SEQ_COL] if rows else 0}).scalar_one()
         indexes = [r[_TEMPLATE_INDEX] for r in rows]
         by_index = {i: template_parts(camp.templates, i) for i in set(indexes)}
         parts = [by_index[i] for i in indexes]

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from campaign_service import errors, outbox
 from campaign_service.db import arrays
-from campaign_service.db.engine import Database
+from campaign_service.db.engine import Database, PreparedText, execute_prepared
 from campaign_service.delivery import transitions
 from campaign_service.delivery.common import (
     COMPLETED,
@@ -76,11 +76,12 @@ class ReportResult:
     applied: int
 
 
-_LOCK_CAMPAIGN = text(f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, user_id FROM campaigns WHERE id = :cid "
-                      "FOR NO KEY UPDATE")
+# The report's hot statements are prepared once per connection (db/engine.py PreparedText).
+_LOCK_CAMPAIGN = PreparedText.of("whago_report_campaign", text(
+    f"SELECT {SET_LOCK_TIMEOUT}, state, dispatch_epoch, user_id FROM campaigns WHERE id = :cid FOR NO KEY UPDATE"))
 _READ_CAMPAIGN = text("SELECT state, dispatch_epoch, user_id FROM campaigns WHERE id = :cid")
 
-_APPLY = text(f"""
+_APPLY = PreparedText.of("whago_report_apply", text(f"""
 WITH r AS (
     SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS int[]), CAST(:wahas AS text[]),
                          CAST(:reasons AS text[]), CAST(:times AS timestamptz[]))
@@ -130,13 +131,12 @@ UPDATE campaign_messages m SET
 FROM t
 WHERE m.id = ANY(CAST(:ids AS bigint[])) AND m.id = t.id AND t.new_state IS NOT NULL
 RETURNING m.id, t.old_state, m.state AS new_state
-""")
+"""))
 
 
-def _counters_sql(deltas: dict[str, int]) -> Any:
-    sets = ", ".join(f"{k} = {k} + :{k}" for k in COUNTERS)
-    return text(f"UPDATE campaigns SET {sets} WHERE id = :cid "
-                "RETURNING state, dispatch_epoch, pending_count, failed_count, settings")
+_COUNTERS = PreparedText.of("whago_report_counters", text(
+    f"UPDATE campaigns SET {', '.join(f'{k} = {k} + :{k}' for k in COUNTERS)} WHERE id = :cid "
+    "RETURNING state, dispatch_epoch, pending_count, failed_count, settings"))
 
 
 def validate(campaign_id: str, reports: list[Report]) -> uuid.UUID:
@@ -239,7 +239,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
     counting = any(r.outcome != ATTEMPTING for r in reports)
     if counting:
         # Campaign row first (lock order), bounded: a Pause/Cancel may hold it FOR UPDATE.
-        camp = s.execute(_LOCK_CAMPAIGN, {**params, **lock_timeout_param()}).one_or_none()
+        camp = execute_prepared(s, _LOCK_CAMPAIGN, {**params, **lock_timeout_param()}).one_or_none()
     else:
         # ATTEMPTING only: no campaign lock, so an attempt can always be recorded.
         camp = s.execute(_READ_CAMPAIGN, params).one_or_none()
@@ -249,7 +249,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
     changed: list[tuple[int, int]] = []
     first_last: dict[int, tuple[int, int]] = {}  # message id -> (state before the call, state after)
     for batch in _rounds(reports):
-        rows = s.execute(_APPLY, {
+        rows = execute_prepared(s, _APPLY, {
             **params,
             "ids": arrays.int_literal([r.message_id for r in batch]),
             "outcomes": arrays.int_literal([r.outcome for r in batch]),
@@ -264,7 +264,7 @@ def _apply(s: Session, cid: uuid.UUID, campaign_id: str, reports: list[Report]) 
     _remember_checks(s, camp.user_id, cid, reports)
     deltas = counter_deltas(changed)
     if any(deltas.values()):
-        row = s.execute(_counters_sql(deltas), {**params, **deltas}).one()
+        row = execute_prepared(s, _COUNTERS, {**params, **deltas}).one()
         state, epoch = row.state, row.dispatch_epoch
         # The counter decides whether to look (a drifted counter is caught by the scheduler's
         # completion sweep); the check itself recounts under the row lock.
