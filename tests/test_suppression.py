@@ -76,9 +76,10 @@ def balance(channel: grpc.Channel, key: str) -> crs.CreditBalance:
 
 
 def ledger_holds(engine: sa.Engine, key: str) -> None:
-    """reserved = the user's PENDING + SENDING messages."""
-    with engine.connect() as conn:
-        uid = user_id(engine, key)
+    """reserved = the user's PENDING + SENDING messages, both read in one snapshot (the lanes may
+    be reporting meanwhile)."""
+    uid = user_id(engine, key)
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
         reserved = conn.execute(sa.text(BALANCE_SQL), {"u": uid}).one().reserved
         open_ = conn.execute(sa.text(
             "SELECT count(*) FROM campaign_messages m JOIN campaigns c ON c.id = m.campaign_id"
