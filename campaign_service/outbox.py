@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from campaign_service.db.engine import PreparedText, execute_prepared
 from campaign_service.states import CampaignState
 
 #: Woken (NOTIFY, delivered at commit) whenever events were written: the relay and the watch hub
@@ -59,11 +60,12 @@ _INSERT = text("""
     INSERT INTO events (user_id, stream, seq, type, data) VALUES (:u, :stream, :seq, :type, CAST(:data AS jsonb))
     RETURNING id""")
 _NOTIFY = text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')")
-_PROGRESS_DUE = text("""
+# Asked by every counting ReportDeliveries: prepared once per connection (db/engine.py PreparedText).
+_PROGRESS_DUE = PreparedText.of("whago_progress_due", text("""
     INSERT INTO event_streams (stream, last_seq, progress_at) VALUES (:stream, 0, now())
     ON CONFLICT (stream) DO UPDATE SET progress_at = now()
     WHERE event_streams.progress_at IS NULL OR event_streams.progress_at <= now() - make_interval(secs => :gap)
-    RETURNING 1""")
+    RETURNING 1"""))
 
 
 def campaign_stream(campaign_id: uuid.UUID | str) -> str:
@@ -107,7 +109,7 @@ def campaign_progress(session: Session, campaign_id: uuid.UUID) -> int | None:
     PROGRESS_INTERVAL_SECONDS ago (messages move by the thousand: one event each would drown
     receivers)."""
     stream = campaign_stream(campaign_id)
-    if session.execute(_PROGRESS_DUE, {"stream": stream, "gap": PROGRESS_INTERVAL_SECONDS}).first() is None:
+    if execute_prepared(session, _PROGRESS_DUE, {"stream": stream, "gap": PROGRESS_INTERVAL_SECONDS}).first() is None:
         return None
     row = session.execute(_COUNTS, {"cid": campaign_id}).one_or_none()
     if row is None:

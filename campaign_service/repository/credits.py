@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from campaign_service.db.engine import PreparedText, execute_prepared
 from campaign_service.db.models import CreditTransaction
 from campaign_service.states import CampaignState, CreditKind
 
@@ -76,7 +77,8 @@ SELECT {_BALANCE_COLUMNS} FROM u, {_UNFOLDED}
 """)
 
 # A running campaign's CONSUME/RELEASE entries, counted on its row (nothing when it is not running).
-_APPLY_ON_CAMPAIGN = text(f"""
+# Every counting ReportDeliveries runs it: prepared once per connection (db/engine.py PreparedText).
+_APPLY_ON_CAMPAIGN = PreparedText.of("whago_credits_on_campaign", text(f"""
 WITH c AS (
     UPDATE campaigns SET credits_consumed_unfolded = credits_consumed_unfolded + :consumed,
                          credits_released_unfolded = credits_released_unfolded + :released
@@ -84,7 +86,7 @@ WITH c AS (
 ), t AS ({_ENTRIES.format(source="c")}
 )
 SELECT count(*) FROM c
-""")
+"""))
 
 _FOLD = text("""
 WITH f AS (
@@ -147,7 +149,7 @@ def _settle_reservations(session: Session, user_id: uuid.UUID, campaign_id: uuid
     released = sum(e.amount for e in entries if e.kind == CreditKind.RELEASE)
     if consumed + released != sum(e.amount for e in entries):
         raise ValueError("only CONSUME and RELEASE entries settle on a campaign")
-    if not session.execute(_APPLY_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "consumed": consumed,
+    if not execute_prepared(session, _APPLY_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "consumed": consumed,
                                                 "released": released, **_entry_params(entries)}).scalar_one():
         _apply(session, user_id, campaign_id, entries)
 
