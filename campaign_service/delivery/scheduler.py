@@ -90,11 +90,18 @@ _DUE = text(f"""
 SELECT id FROM campaigns WHERE state = {SCHEDULED:d} AND schedule_time <= now()
 ORDER BY schedule_time LIMIT :n FOR UPDATE SKIP LOCKED""")
 
+# One index probe per RUNNING campaign and open state (the LIMIT keeps each subquery a per-row
+# SubPlan, ORDER BY id makes ix_messages_campaign_state the only cheap way to answer it). Written as a
+# plain NOT EXISTS, the planner turned it into an anti-join and, with statistics from when few
+# campaigns ran and most messages were PENDING, seq-scanned campaign_messages once per running
+# campaign: 0.6-3.2 s per scheduler tick in `make bench` cancel (50 running campaigns, 280k rows).
 _FINISHED = text(f"""
 SELECT c.id FROM campaigns c
 WHERE c.state = {RUNNING:d}
-  AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
-                  AND m.state IN ({PENDING:d}, {SENDING:d}))
+  AND NOT EXISTS (SELECT 1 FROM (SELECT m.id FROM campaign_messages m WHERE m.campaign_id = c.id
+                                 AND m.state = {PENDING:d} ORDER BY m.id LIMIT 1) p)
+  AND NOT EXISTS (SELECT 1 FROM (SELECT m.id FROM campaign_messages m WHERE m.campaign_id = c.id
+                                 AND m.state = {SENDING:d} ORDER BY m.id LIMIT 1) s)
 LIMIT :n""")
 
 _UNUSABLE = text(f"""
