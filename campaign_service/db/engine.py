@@ -75,11 +75,28 @@ class Prepared:
     sql: str
     nparams: int
     execute_sql: str = field(init=False)
+    prepare_sql: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "execute_sql",
                            f"EXECUTE {self.name}({', '.join(['%s'] * self.nparams)})" if self.nparams
                            else f"EXECUTE {self.name}")
+        object.__setattr__(self, "prepare_sql", f"PREPARE {self.name} AS {self.sql}")
+
+
+def _prepared_names(fairy: Any) -> set[str]:
+    """The statements this pooled connection has PREPAREd (kept with the DBAPI connection)."""
+    names: set[str] = fairy.info.setdefault("prepared", set())
+    return names
+
+
+def _prepare_once(fairy: Any, cur: Any, name: str, prepare_sql: str) -> set[str]:
+    """PREPARE on this connection unless it already was; returns the connection's prepared names."""
+    names = _prepared_names(fairy)
+    if name not in names:
+        cur.execute(prepare_sql)  # no parameters: psycopg2 leaves the text as it is
+        names.add(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -113,14 +130,14 @@ def execute_prepared(s: Session, stmt: PreparedText, params: dict[str, Any]) -> 
     (PREPARE is not undone by a rollback). After an error the name is forgotten, so the next use
     prepares it again: a migration may have changed the plan's types."""
     fairy = s.connection().connection
-    prepared: set[str] = fairy.info.setdefault("prepared", set())
+    prepared = _prepared_names(fairy)
     if stmt.name not in prepared:
-        cur = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+        dbapi: Any = fairy.dbapi_connection
+        cur = dbapi.cursor()
         try:
-            cur.execute(stmt.prepare_sql)  # no parameters: psycopg2 leaves the text as it is
+            _prepare_once(fairy, cur, stmt.name, stmt.prepare_sql)
         finally:
             cur.close()
-        prepared.add(stmt.name)
     try:
         return s.execute(stmt.execute, params)
     except exc.DBAPIError:
@@ -176,10 +193,7 @@ class Database:
         try:
             cur = dbapi.cursor()
             try:
-                prepared: set[str] = fairy.info.setdefault("prepared", set())
-                if stmt.name not in prepared:
-                    cur.execute(f"PREPARE {stmt.name} AS {stmt.sql}")
-                    prepared.add(stmt.name)
+                _prepare_once(fairy, cur, stmt.name, stmt.prepare_sql)
                 try:
                     cur.execute(stmt.execute_sql, params)
                 except self.engine.dialect.loaded_dbapi.Error as e:
@@ -187,7 +201,7 @@ class Database:
                         raise
                     # A migration changed a column's type under the prepared plan: prepare it again.
                     cur.execute(f"DEALLOCATE {stmt.name}")
-                    cur.execute(f"PREPARE {stmt.name} AS {stmt.sql}")
+                    cur.execute(stmt.prepare_sql)
                     cur.execute(stmt.execute_sql, params)
                 row: tuple[Any, ...] | None = cur.fetchone()
                 return row
