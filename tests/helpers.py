@@ -246,6 +246,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+CAMPAIGN_SVC = "whago.campaign.v1.CampaignService"
+DELIVERY_SVC = "whago.campaign.v1.DeliveryService"
+DISPATCHER_SVC = "whago.dispatcher.v1.DispatcherService"
+
+
+def rpcs(samples: Samples, service: str, method: str, code: str = "OK") -> float:
+    """How many `service`/`method` RPCs a server answered with `code` (grpc_server_handled_total)."""
+    return value(samples, "grpc_server_handled_total", grpc_service=service, grpc_method=method, grpc_code=code)
+
+
 def logged_port(p: ServiceProcess) -> int:
     """The port a process logged for its metrics endpoint (started with port 0)."""
     p.wait_logged("metrics on http://", timeout=30)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from devstack.servers import free_port
 from dispatcher_service.waha import message_ids
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
-from tests.helpers import Ops, chat_id, get_dispatch, phones, scrape, value, wait_for
+from tests.helpers import DELIVERY_SVC, Ops, chat_id, get_dispatch, phones, rpcs, scrape, wait_for
 from tests.test_campaign_support import engine  # noqa: F401 - fixture
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
@@ -33,7 +33,6 @@ SENT, FAILED, PENDING, SENDING = (res.MESSAGE_STATE_SENT, res.MESSAGE_STATE_FAIL
                                   res.MESSAGE_STATE_SENDING)
 COMPLETED, PAUSED, CANCELLED = res.CAMPAIGN_STATE_COMPLETED, res.CAMPAIGN_STATE_PAUSED, res.CAMPAIGN_STATE_CANCELLED
 KEY = SANDBOX_API_KEY
-DELIVERY_SVC = "whago.campaign.v1.DeliveryService"
 # Chip pacing for the failure tests: paced (one fenced send at a time) and full speed, where a lane
 # sends in bursts under one fence token and a failure ends the burst at that message.
 PACED_AND_BURST = [(0.02, 0.04), (0.0, 0.0)]
@@ -494,8 +493,7 @@ def test_lanes_whose_last_lease_drained_them_end_without_another(iso_api: Ops, i
     lease (lane/loop.py `_drained`): 2 LeaseMessages in all (4 before: one empty lease per lane,
     the ~fifth transaction of a short lane's life). Every message sent once, the campaign completes."""
     port = int(iso.env["CAMPAIGN_METRICS_LISTEN"].rsplit(":", 1)[1])
-    before = value(scrape(port), "grpc_server_handled_total", grpc_service=DELIVERY_SVC,
-                   grpc_method="LeaseMessages", grpc_code="OK")
+    before = rpcs(scrape(port), DELIVERY_SVC, "LeaseMessages")
     fast = iso_api.chip(sandbox_url, KEY)
     slow = iso_api.chip(sandbox_url, KEY, interval=(0.5, 0.5))
     camp = iso_api.campaign([fast, slow])
@@ -507,8 +505,7 @@ def test_lanes_whose_last_lease_drained_them_end_without_another(iso_api: Ops, i
     wait_for(lambda: all(ln.state == dpb.LANE_STATE_FINISHED
                          for ln in get_dispatch(iso.dispatcher_channel, SERVICE_TOKEN, camp.id).lanes),
              20, "both lanes finished")
-    leases = value(scrape(port), "grpc_server_handled_total", grpc_service=DELIVERY_SVC,
-                   grpc_method="LeaseMessages", grpc_code="OK") - before
+    leases = rpcs(scrape(port), DELIVERY_SVC, "LeaseMessages") - before
     assert leases == 2, f"{leases:.0f} LeaseMessages for two lanes whose first lease took all their messages"
 
 

@@ -19,19 +19,23 @@ from campaign_service import admin
 from campaign_service.db.migrate import upgrade
 from devstack.servers import Postgres, free_port
 from tests.conftest import SANDBOX_API_KEY, IsolatedStack
-from tests.helpers import Ops, Samples, logged_port, phones, scrape, value, wait_for
+from tests.helpers import (
+    CAMPAIGN_SVC,
+    DELIVERY_SVC,
+    DISPATCHER_SVC,
+    Ops,
+    logged_port,
+    phones,
+    rpcs,
+    scrape,
+    value,
+    wait_for,
+)
 from tests.receiver import Receiver
 from whago.campaign.v1 import campaign_service_pb2 as cs
 from whago.campaign.v1 import webhook_service_pb2 as wh
 
-CAMPAIGN_SVC = "whago.campaign.v1.CampaignService"
-DELIVERY_SVC = "whago.campaign.v1.DeliveryService"
-DISPATCHER_SVC = "whago.dispatcher.v1.DispatcherService"
 N = 12
-
-
-def rpcs(samples: Samples, service: str, method: str, code: str = "OK") -> float:
-    return value(samples, "grpc_server_handled_total", grpc_service=service, grpc_method=method, grpc_code=code)
 
 
 def new_user(url: str) -> str:
