@@ -260,7 +260,11 @@ def test_dispatcher_sigkilled_while_a_cancel_is_in_flight_cancel_fails_cleanly_t
     if first is None:
         assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE, err
         assert ops.get(camp.id).state == RUNNING, "a failed Cancel changes nothing"
-        confirmed = ops.cancel(camp.id)
+        # Retried as a client does on UNAVAILABLE: campaign_service's channel to the restarted
+        # dispatcher may still be in its reconnect backoff (up to 2 s) for the first retry.
+        retried: list[res.Campaign] = []
+        wait_for(lambda: _cancel_unless_unavailable(ops, camp.id, retried), 15, "a retried Cancel confirming")
+        confirmed = retried[0]
     else:
         confirmed = first
     returned = time.time()
@@ -275,6 +279,18 @@ def test_dispatcher_sigkilled_while_a_cancel_is_in_flight_cancel_fails_cleanly_t
     final = assert_accounted(ops, control, chips, camp.id, numbers, state=CANCELLED)
     assert final.sent_count < 30
     assert {m.failure_reason for m in ops.messages(camp.id) if m.state == FAILED} <= {"cancelled by user"}
+
+
+def _cancel_unless_unavailable(ops: Ops, campaign_id: str, out: list[res.Campaign]) -> bool:
+    """One CancelCampaign: True with its answer in `out`; False on UNAVAILABLE (retry); else raise."""
+    try:
+        out.append(ops.cancel(campaign_id))
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        assert ops.get(campaign_id).state == RUNNING, "a failed Cancel changes nothing"
+        return False
+    return True
 
 
 def settled(ops: Ops, control: SandboxControl, chips: list[res.Chip], campaign_id: str) -> bool:
