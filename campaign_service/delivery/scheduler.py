@@ -21,6 +21,10 @@ Each tick, in order:
    alone: one held back by a cap or a closed window reports until when (ReportLaneWait,
    `lane_waits.py`), and is silent by design until then plus `stall_seconds`; lanes whose sending
    window is closed (or opened less than `stall_seconds` ago) are also recognised from their pacing.
+   The restart itself is watchdog.py.
+
+Jobs 2-4 read a bounded page of candidates per tick from the small tables (a `Rotation` carries
+on where the last tick stopped), then probe each candidate's messages with its ids as literals.
 """
 
 from __future__ import annotations
@@ -32,17 +36,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
-from campaign_service import audit, convert, errors, metrics, pacing
+from campaign_service import errors, metrics
 from campaign_service.background import BackgroundLoop
 from campaign_service.config import Settings
 from campaign_service.db.engine import Database
-from campaign_service.delivery import chips, transitions
+from campaign_service.delivery import chips, transitions, watchdog
 from campaign_service.delivery.common import (
     CHIP_ACTIVE,
-    CHIP_RESTRICTED,
     PENDING,
     RUNNING,
     SCHEDULED,
@@ -50,12 +54,9 @@ from campaign_service.delivery.common import (
     is_lock_timeout,
     set_lock_timeout,
 )
-from campaign_service.dispatch import DispatcherClient, Lane, lane_for
+from campaign_service.dispatch import DispatcherClient
 from campaign_service.ops.campaign_lifecycle import CampaignLifecycle
-from campaign_service.repository import chips as chips_repo
-from campaign_service.repository import messages as messages_repo
 from campaign_service.secrets_box import SecretBox
-from whago.campaign.v1 import resources_pb2 as res
 
 log = logging.getLogger("campaign_service.scheduler")
 
@@ -104,14 +105,25 @@ _HAS_OPEN = text(f"SELECT EXISTS (SELECT 1 FROM campaign_messages WHERE campaign
 FINISHED_PROBES_PER_TICK = 200
 _FIRST_ID = uuid.UUID(int=0)
 
-_UNUSABLE = text(f"""
-SELECT c.id AS cid, c.state, ch.id AS chip FROM campaigns c
+# The chip sweep: (RUNNING campaign, chip out of rotation) pairs of the campaigns' owners a page at
+# a time (small tables only), then one probe per pair with both ids as literals. Each branch is
+# ordered as only its index is (ix_messages_lane by seq; the SENDING-only ix_messages_lease_expiry
+# by expiry), so the planner reads that index whatever the statistics say: as an EXISTS, statistics
+# taken while the campaign's messages were PENDING made it seq-scan the table for a lane with none
+# left (181 ms a probe, every tick, at 2M rows), and the correlated EXISTS before it walked every
+# message of the lane, sent ones included (37 ms).
+_UNUSABLE_PAGE = text(f"""
+SELECT c.id AS cid, ch.id AS chip FROM campaigns c
 JOIN chips ch ON ch.user_id = c.user_id AND ch.state <> {CHIP_ACTIVE:d}
-WHERE c.state = {RUNNING:d}
-  AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.chip_id = ch.id
-              AND (m.state = {PENDING:d}
-                   OR (m.state = {SENDING:d} AND m.lease_expires_at < now() AND m.waha_message_id IS NULL)))
-LIMIT :n""")
+WHERE c.state = {RUNNING:d} AND (c.id, ch.id) > (:after_cid, :after_chip)
+ORDER BY c.id, ch.id LIMIT :n""")
+_LANE_HAS_MOVABLE = text(f"""
+SELECT coalesce(
+    (SELECT true FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = {PENDING:d}
+     ORDER BY seq LIMIT 1),
+    (SELECT true FROM campaign_messages WHERE campaign_id = :cid AND chip_id = :chip AND state = {SENDING:d}
+     AND lease_expires_at < now() AND waha_message_id IS NULL ORDER BY lease_expires_at LIMIT 1),
+    false)""")
 
 # Never attempted (no waha id) and the lease is gone: safe to send from another chip.
 _UNLEASE = text(f"""
@@ -124,22 +136,24 @@ WITH old AS (
 UPDATE campaign_messages m SET state = {PENDING:d}, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM old WHERE m.id = old.id RETURNING m.id""")
 
-_STALL_PREDICATE = f"""
-c.state = {RUNNING:d}
-AND c.updated_at < now() - make_interval(secs => :stall)
-AND NOT EXISTS (SELECT 1 FROM delivery_lanes l WHERE l.campaign_id = c.id
-                AND greatest(l.last_seen_at, CASE WHEN l.resume_epoch = c.dispatch_epoch THEN l.resume_at END)
-                    > now() - make_interval(secs => :stall))
-AND NOT EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id AND m.state = {SENDING:d}
-                AND m.lease_expires_at >= now())
-AND EXISTS (SELECT 1 FROM campaign_messages m WHERE m.campaign_id = c.id
-            AND (m.state = {PENDING:d} OR (m.state = {SENDING:d} AND m.lease_expires_at < now())))
-"""
+# Quiet campaigns probed per tick, and (campaign, chip) pairs of the chip sweep.
+STALL_PROBES_PER_TICK = 200
+UNUSABLE_PROBES_PER_TICK = 200
 
-_STALLED = text(f"SELECT c.id FROM campaigns c WHERE {_STALL_PREDICATE} ORDER BY c.updated_at LIMIT :n")
-_LOCK_STALLED = text(f"""
-SELECT c.id, c.user_id, c.settings FROM campaigns c WHERE c.id = :cid AND {_STALL_PREDICATE}
-FOR UPDATE SKIP LOCKED""")
+
+class Rotation:
+    """A sweep's place among the rows it probes a page per tick, in key order (the first columns of
+    the page's rows, bound as `names`): after a short page the next tick starts over, so each row
+    is probed within a rotation however many there are, at a bounded cost per tick."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.after: tuple[Any, ...] = (_FIRST_ID,) * len(names)
+
+    def page(self, s: Session, stmt: TextClause, n: int, **params: Any) -> list[Any]:
+        rows = list(s.execute(stmt, {**params, **dict(zip(self.names, self.after, strict=True)), "n": n}))
+        self.after = tuple(rows[-1][:len(self.names)]) if len(rows) == n else (_FIRST_ID,) * len(self.names)
+        return rows
 
 
 class Scheduler(BackgroundLoop):
@@ -158,7 +172,9 @@ class Scheduler(BackgroundLoop):
         self._ops = ops
         self._retry_at: dict[uuid.UUID, float] = {}
         self._kicked_epoch: dict[uuid.UUID, int] = {}
-        self._finished_after = _FIRST_ID  # the completion sweep's place among RUNNING campaigns
+        self._running = Rotation("after")  # the completion sweep's place among RUNNING campaigns
+        self._quiet = Rotation("after")  # the watchdog's among quiet ones
+        self._unusable = Rotation("after_cid", "after_chip")  # the chip sweep's among its pairs
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -258,7 +274,9 @@ class Scheduler(BackgroundLoop):
 
     def sweep_unusable_chips(self) -> list[str]:
         with self.db.session() as s:
-            pairs = [(r.cid, r.chip) for r in s.execute(_UNUSABLE, {"n": self.config.batch})]
+            page = self._unusable.page(s, _UNUSABLE_PAGE, UNUSABLE_PROBES_PER_TICK)
+            pairs = [(r.cid, r.chip) for r in page
+                     if s.execute(_LANE_HAS_MOVABLE, {"cid": r.cid, "chip": r.chip}).scalar_one()][:self.config.batch]
         swept: list[str] = []
         for cid, chip in pairs:
             try:
@@ -286,9 +304,7 @@ class Scheduler(BackgroundLoop):
         lock by transitions.complete_if_done); FINISHED_PROBES_PER_TICK of them per tick, in id order
         from where the last tick stopped."""
         with self.db.session() as s:
-            page = [r.id for r in s.execute(_RUNNING_PAGE, {"after": self._finished_after,
-                                                            "n": FINISHED_PROBES_PER_TICK})]
-            self._finished_after = page[-1] if len(page) == FINISHED_PROBES_PER_TICK else _FIRST_ID
+            page = [r.id for r in self._running.page(s, _RUNNING_PAGE, FINISHED_PROBES_PER_TICK)]
             ids = [cid for cid in page if not s.execute(_HAS_OPEN, {"cid": cid}).scalar_one()][:self.config.batch]
         done: list[str] = []
         for cid in ids:
@@ -309,7 +325,9 @@ class Scheduler(BackgroundLoop):
     def kick_stalled(self) -> list[str]:
         stall = self.config.stall_seconds
         with self.db.session() as s:
-            ids = [r.id for r in s.execute(_STALLED, {"stall": stall, "n": self.config.batch})]
+            page = [r.id for r in self._quiet.page(s, watchdog.QUIET_PAGE, STALL_PROBES_PER_TICK, stall=stall)]
+            ids = [cid for cid in page if self._due(cid)
+                   and s.execute(watchdog.HAS_STALLED_WORK, {"cid": cid}).scalar_one()][:self.config.batch]
         kicked: list[str] = []
         for cid in ids:
             if self.stopping or not self._due(cid):
@@ -326,73 +344,11 @@ class Scheduler(BackgroundLoop):
         return kicked
 
     def _kick(self, cid: uuid.UUID, stall: float) -> bool:
-        """New epoch + StartDispatch, holding the campaign row FOR UPDATE so leases wait for the
-        commit and see the new epoch; a dispatcher failure rolls the epoch back."""
-        try:
-            with self.db.transaction() as s:
-                set_lock_timeout(s)
-                c = s.execute(_LOCK_STALLED, {"cid": str(cid), "stall": stall}).one_or_none()
-                if c is None:
-                    return False
-                chip_ids = messages_repo.open_chip_ids(s, cid)
-                usable = [ch for ch in chips_repo.by_ids(s, c.user_id, chip_ids) if ch.state != CHIP_RESTRICTED]
-                if not usable:
-                    transitions.auto_pause(s, cid, chips.NO_CHIP_LEFT, "campaign.auto_pause")
-                    return False
-                settings = convert.settings_from_json(c.settings)
-                lanes = [self._lane(ch, settings) for ch in usable]
-                recheck = _window_recheck([ln.pacing for ln in lanes], stall, time.time())
-                if recheck is not None:
-                    self._later(cid, recheck)  # closed (or just opened) windows: silence is expected
-                    return False
-                floor = self._kicked_epoch.get(cid, 0) + 1
-                epoch = s.execute(text(
-                    "UPDATE campaigns SET dispatch_epoch = greatest(dispatch_epoch + 1, :floor) WHERE id = :cid "
-                    "RETURNING dispatch_epoch"), {"cid": str(cid), "floor": floor}).scalar_one()
-                s.execute(text("""
-                    INSERT INTO delivery_lanes (campaign_id, chip_id, last_seen_at, lease_seconds, lease_owner)
-                    SELECT :cid, chip, now(), 0, 'watchdog' FROM unnest(CAST(:chips AS uuid[])) AS chip
-                    ON CONFLICT (campaign_id, chip_id) DO UPDATE
-                    SET last_seen_at = now(), lease_seconds = 0, lease_owner = 'watchdog', resume_at = NULL,
-                        resume_epoch = NULL"""),
-                    {"cid": str(cid), "chips": [str(ch.id) for ch in usable]})
-                audit.record(s, user_id=c.user_id, action="campaign.dispatch_restart", entity_type="campaign",
-                             entity_id=str(cid), description="watchdog: lanes silent with work left, dispatch "
-                             "restarted", extra_data={"epoch": epoch, "chips": [str(ch.id) for ch in usable]},
-                             actor=audit.WATCHDOG)
-                self._kicked_epoch[cid] = epoch
-                self.dispatcher.start(str(cid), epoch, lanes, pacing.effective_camouflage(settings.camouflage))
-                log.warning("campaign=%s watchdog: lanes silent for %.0fs with work left, dispatch restarted "
-                            "at epoch %d over %d chips", cid, stall, epoch, len(usable))
-                return True
-        except Exception as exc:
-            if is_lock_timeout(exc):
-                return False
-            raise
-
-    def _lane(self, ch: Any, settings: Any) -> Lane:
-        return lane_for(ch, settings.pacing, SecretBox(self.settings.secret_keys))
-
-
-WINDOW_RECHECK_SECONDS = 60.0
-
-
-def _window_recheck(lane_pacing: list[res.Pacing], stall: float, now: float) -> float | None:
-    """None when some lane could have sent for the whole stall period (no sending window, or one
-    open for at least `stall` seconds): its silence means the dispatch stalled. Otherwise every lane
-    waits on a closed or just-opened window, which is silence by design (a lane defers its job to
-    the window's opening); the seconds after which to look again are returned."""
-    wait = WINDOW_RECHECK_SECONDS
-    for p in lane_pacing:
-        if not p.HasField("window"):
-            return None
-        since = pacing.window_open_since(p.window, now)
-        if since is None:
-            continue
-        if now - since >= stall:
-            return None
-        wait = min(wait, since + stall - now)
-    return max(1.0, wait)
+        r = watchdog.restart_if_stalled(self.db, cid, stall, self._kicked_epoch, self.dispatcher,
+                                        SecretBox(self.settings.secret_keys))
+        if r.recheck is not None:
+            self._later(cid, r.recheck)  # closed (or just opened) windows: silence is expected
+        return r.epoch is not None
 
 
 def _is_db_down(exc: BaseException) -> bool:
