@@ -19,6 +19,18 @@ DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"
 _MIB = 1024 * 1024
 
 
+def _flag_env(name: str, default: bool) -> bool:
+    """on/off, true/false, 1/0, yes/no; anything else is a configuration error, said at startup."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected on or off")
+
+
 def _int_env(name: str, default: int) -> int:
     return int(os.environ.get(name, str(default)))
 
@@ -38,6 +50,8 @@ class Settings:
     # RPC threads kept hot; more (up to max_workers) only while these are all stuck (see rpc_pool).
     core_workers: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_CORE_WORKERS", "4")))
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))
+    # Server-side prepared statements for the hot paths; "off" behind a pooler in transaction mode.
+    db_prepared_statements: bool = field(default_factory=lambda: _flag_env("WHAGO_DB_PREPARED_STATEMENTS", True))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))
     # Prometheus /metrics endpoint (host:port; port 0 picks one and logs it), empty = off.

@@ -92,7 +92,7 @@ class App:
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
-        self.db = Database(settings.database_url, settings.db_pool_size)
+        self.db = Database(settings.database_url, settings.db_pool_size, settings.db_prepared_statements)
         self.dispatcher = DispatcherClient(settings.dispatcher_target, settings.service_token,
                                            settings.dispatcher_timeout)
         SecretBox(settings.secret_keys)  # fail fast: without the keys no chip could be registered or dispatched

@@ -52,9 +52,12 @@ class LoopReads:
     more Python than the query's own execute. Opened at its first read; closed on any failure or
     cancellation of a read on it (its state is then unknown) and opened again at the next."""
 
-    def __init__(self, database_url: str, max_size: int) -> None:
+    def __init__(self, database_url: str, max_size: int, prepared: bool = True) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._max_size = max(1, max_size)
+        # No statement cache behind a transaction-mode pooler (see Database): asyncpg then prepares
+        # each statement unnamed, which lives no longer than the query.
+        self._connect: dict[str, Any] = {} if prepared else {"statement_cache_size": 0}
         self._pool: asyncpg.Pool | None = None
         self._kept: asyncpg.Connection | None = None
         self._kept_busy = False
@@ -63,7 +66,8 @@ class LoopReads:
         if self._pool is None:
             # No idle-lifetime timer: asyncpg arms one (call_later) at every release otherwise.
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=self._max_size, timeout=10,
-                                                   reset=_keep_session, max_inactive_connection_lifetime=0)
+                                                   reset=_keep_session, max_inactive_connection_lifetime=0,
+                                                   **self._connect)
 
     async def fetch_all(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Every row of `sql` ($1..$n placeholders), as plain tuples."""
@@ -76,7 +80,7 @@ class LoopReads:
             con = self._kept
             if con is None or con.is_closed():
                 self._kept = None
-                con = self._kept = await asyncpg.connect(self._dsn, timeout=10)
+                con = self._kept = await asyncpg.connect(self._dsn, timeout=10, **self._connect)
             try:
                 return [tuple(r) for r in await con.fetch(sql, *params)]
             except BaseException:

@@ -13,6 +13,10 @@ Round trips are the cost of the hot read RPCs (a Get is ~0.1 ms of SQL), so:
   server-side prepared statement on a raw pooled connection: PostgreSQL skips parse and plan (~60 us
   of its CPU per call), and Python skips building a SQLAlchemy Connection and execution context.
   (GetCampaign and ListCampaigns read from the event loop instead: campaign_service/db/aio.py.)
+- The delivery path's hot statements are PREPAREd once per connection too (`execute_prepared`).
+  Prepared statements need each connection to be one PostgreSQL session: behind a pooler in
+  transaction mode (PgBouncer's `pool_mode = transaction`), `Database(prepared=False)`
+  (WHAGO_DB_PREPARED_STATEMENTS=off) runs every statement as it is, at the cost of parse and plan.
 """
 
 from __future__ import annotations
@@ -76,12 +80,17 @@ class Prepared:
     nparams: int
     execute_sql: str = field(init=False)
     prepare_sql: str = field(init=False)
+    plain_sql: str = field(init=False)  # the statement itself, %s placeholders (prepared statements off)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "execute_sql",
                            f"EXECUTE {self.name}({', '.join(['%s'] * self.nparams)})" if self.nparams
                            else f"EXECUTE {self.name}")
         object.__setattr__(self, "prepare_sql", f"PREPARE {self.name} AS {self.sql}")
+        numbers = [int(n) for n in re.findall(r"\$(\d+)", self.sql)]
+        if numbers != list(range(1, self.nparams + 1)):
+            raise ValueError(f"{self.name}: placeholders must be $1..${self.nparams} once each, in order")
+        object.__setattr__(self, "plain_sql", re.sub(r"\$\d+", "%s", self.sql.replace("%", "%%")))
 
 
 def _prepared_names(fairy: Any) -> set[str]:
@@ -109,6 +118,7 @@ class PreparedText:
     name: str
     prepare_sql: str
     execute: TextClause
+    plain: TextClause  # the statement itself (prepared statements off)
 
     @classmethod
     def of(cls, name: str, stmt: TextClause) -> PreparedText:
@@ -122,7 +132,7 @@ class PreparedText:
 
         body = re.sub(r"%\((\w+)\)s", number, compiled).replace("%%", "%")
         args = f"({', '.join(f':{n}' for n in order)})" if order else ""
-        return cls(name, f"PREPARE {name} AS {body}", text(f"EXECUTE {name}{args}"))
+        return cls(name, f"PREPARE {name} AS {body}", text(f"EXECUTE {name}{args}"), stmt)
 
 
 def execute_prepared(s: Session, stmt: PreparedText, params: dict[str, Any]) -> Result[Any]:
@@ -130,6 +140,8 @@ def execute_prepared(s: Session, stmt: PreparedText, params: dict[str, Any]) -> 
     (PREPARE is not undone by a rollback). After an error the name is forgotten, so the next use
     prepares it again: a migration may have changed the plan's types."""
     fairy = s.connection().connection
+    if fairy.info.get(_UNPREPARED):
+        return s.execute(stmt.plain, params)
     prepared = _prepared_names(fairy)
     if stmt.name not in prepared:
         dbapi: Any = fairy.dbapi_connection
@@ -145,10 +157,21 @@ def execute_prepared(s: Session, stmt: PreparedText, params: dict[str, Any]) -> 
         raise
 
 
-def make_engine(url: str, pool_size: int = 20, **options: Any) -> Engine:
+_UNPREPARED = "unprepared"  # pooled connection info: run Prepared/PreparedText statements as they are
+
+
+def _mark_unprepared(dbapi_connection: Any, record: Any) -> None:
+    record.info[_UNPREPARED] = True
+
+
+def make_engine(url: str, pool_size: int = 20, prepared: bool = True, **options: Any) -> Engine:
+    """`prepared=False`: no PREPARE on its connections (a pooler in transaction mode in front, which
+    hands each transaction any server connection: a statement prepared on one is unknown on the next)."""
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
                            json_deserializer=_json_loads, **options)
     event.listen(engine, "checkout", _on_checkout)
+    if not prepared:
+        event.listen(engine, "connect", _mark_unprepared)
     return engine
 
 
@@ -156,17 +179,17 @@ class Database:
     """Owns the engine; `transaction()` is the unit of work (commit on success, rollback on error),
     `session()` is for reads (autocommit: each statement sees the latest committed data)."""
 
-    def __init__(self, url: str, pool_size: int = 20) -> None:
-        self.engine = make_engine(url, pool_size)
+    def __init__(self, url: str, pool_size: int = 20, prepared: bool = True) -> None:
+        self.engine = make_engine(url, pool_size, prepared)
         # Reads run on connections that stay in autocommit. Switching a pooled connection in and out
         # of autocommit for each read made psycopg2 send `SET default_transaction_isolation TO
         # DEFAULT` every time: one more round trip and statement per GetCampaign (11k per second
         # of `make bench` get), on top of the read itself.
-        self.read_engine = make_engine(url, max(2, pool_size // 2), isolation_level="AUTOCOMMIT")
+        self.read_engine = make_engine(url, max(2, pool_size // 2), prepared, isolation_level="AUTOCOMMIT")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.stats = StatsKeeper(self.engine)
         #: Reads on the event loop (GetCampaign); opened by `await loop_reads.start()` on the loop.
-        self.loop_reads = LoopReads(url, max(2, pool_size // 2))
+        self.loop_reads = LoopReads(url, max(2, pool_size // 2), prepared)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -193,16 +216,10 @@ class Database:
         try:
             cur = dbapi.cursor()
             try:
-                _prepare_once(fairy, cur, stmt.name, stmt.prepare_sql)
-                try:
-                    cur.execute(stmt.execute_sql, params)
-                except self.engine.dialect.loaded_dbapi.Error as e:
-                    if getattr(e, "pgcode", None) != _PLAN_CHANGED:
-                        raise
-                    # A migration changed a column's type under the prepared plan: prepare it again.
-                    cur.execute(f"DEALLOCATE {stmt.name}")
-                    cur.execute(stmt.prepare_sql)
-                    cur.execute(stmt.execute_sql, params)
+                if fairy.info.get(_UNPREPARED):
+                    cur.execute(stmt.plain_sql, params)
+                else:
+                    self._execute_prepared_read(fairy, cur, stmt, params)
                 row: tuple[Any, ...] | None = cur.fetchone()
                 return row
             finally:
@@ -215,6 +232,18 @@ class Database:
                                           connection_invalidated=closed) from e
         finally:
             fairy.close()
+
+    def _execute_prepared_read(self, fairy: Any, cur: Any, stmt: Prepared, params: tuple[Any, ...]) -> None:
+        _prepare_once(fairy, cur, stmt.name, stmt.prepare_sql)
+        try:
+            cur.execute(stmt.execute_sql, params)
+        except self.engine.dialect.loaded_dbapi.Error as e:
+            if getattr(e, "pgcode", None) != _PLAN_CHANGED:
+                raise
+            # A migration changed a column's type under the prepared plan: prepare it again.
+            cur.execute(f"DEALLOCATE {stmt.name}")
+            cur.execute(stmt.prepare_sql)
+            cur.execute(stmt.execute_sql, params)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
