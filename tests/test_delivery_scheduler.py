@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,17 @@ def restarted(db: Database, w: Any, kicked: list[str], epoch: int = 1) -> bool:
     return w.cid in kicked or epoch_of(db, w.campaign_id) > epoch
 
 
+def within_a_rotation(sweep: Callable[[], list[str]], cid: str, candidates: int) -> bool:
+    """Whether `sweep`, probing 2 candidates a tick (the tests patch the page to 2), reports `cid`
+    within one rotation through `candidates`."""
+    found: list[str] = []
+    for _ in range(candidates // 2 + 2):
+        found += sweep()
+        if cid in found:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- completion sweep
 
 
@@ -157,12 +168,7 @@ def test_completion_sweep_probes_each_running_campaign_by_its_literal_id(
     sch = scheduler(delivery_db, events)
     with delivery_db.session() as s:
         running = s.execute(text("SELECT count(*) FROM campaigns WHERE state = 3")).scalar_one()
-    done: list[str] = []
-    for _ in range(running // 2 + 2):
-        done += sch.complete_finished()
-        if w.cid in done:
-            break
-    assert w.cid in done, f"not found in {running // 2 + 2} ticks of 2 probes ({running} running)"
+    assert within_a_rotation(sch.complete_finished, w.cid, running), f"not found among {running} running"
     assert campaign_row(delivery_db, w.campaign_id).state == 6
 
 
@@ -240,19 +246,9 @@ def test_the_watchdog_and_the_chip_sweep_reach_every_campaign_a_page_at_a_time(
         pairs = s.execute(text(scheduler_mod._UNUSABLE_PAGE.text),
                           {"after_cid": uuid.UUID(int=0), "after_chip": uuid.UUID(int=0), "n": 10**6}).all()
     assert quiet >= 5 and len(pairs) >= 5
-    swept: list[str] = []
-    for _ in range(len(pairs) // 2 + 2):
-        swept += sch.sweep_unusable_chips()
-        if w.cid in swept:
-            break
-    assert w.cid in swept, f"not swept in {len(pairs) // 2 + 2} ticks of 2 probes ({len(pairs)} pairs)"
+    assert within_a_rotation(sch.sweep_unusable_chips, w.cid, len(pairs)), f"not swept among {len(pairs)} pairs"
     assert all(m.chip_id == w.chip_ids[0] for m in message_rows(delivery_db, w.campaign_id))
-    kicked: list[str] = []
-    for _ in range(quiet // 2 + 2):
-        kicked += sch.kick_stalled()
-        if w.cid in kicked:
-            break
-    assert w.cid in kicked, f"not kicked in {quiet // 2 + 2} ticks of 2 probes ({quiet} quiet campaigns)"
+    assert within_a_rotation(sch.kick_stalled, w.cid, quiet), f"not kicked among {quiet} quiet campaigns"
 
 
 # ---------------------------------------------------------------- watchdog
