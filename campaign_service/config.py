@@ -52,6 +52,10 @@ class Settings:
     db_pool_size: int = field(default_factory=lambda: int(os.environ.get("CAMPAIGN_DB_POOL", "20")))
     # Server-side prepared statements for the hot paths; "off" behind a pooler in transaction mode.
     db_prepared_statements: bool = field(default_factory=lambda: _flag_env("WHAGO_DB_PREPARED_STATEMENTS", True))
+    # A connection that is one PostgreSQL session (direct, or a session-mode pooler) for the event
+    # relay's LISTEN and leader lock, which a transaction-mode pooler cannot carry; DATABASE_URL's
+    # server when unset.
+    db_session_url: str = field(default_factory=lambda: os.environ.get("WHAGO_DB_SESSION_URL", ""))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))
     # Prometheus /metrics endpoint (host:port; port 0 picks one and logs it), empty = off.

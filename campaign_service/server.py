@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from campaign_service import config, limits, logs, metrics, tracing
+from campaign_service.db.aio import asyncpg_dsn
 from campaign_service.db.engine import Database
 from campaign_service.delivery import scheduler as delivery_scheduler
 from campaign_service.delivery import servicer as delivery_servicer
@@ -155,7 +156,7 @@ class App:
         self.sweeper.start()
         self.hub.start()
         await self.relay.start()
-        dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn = asyncpg_dsn(self.settings.db_session_url or self.settings.database_url)
 
         def on_notify() -> None:
             loop.call_soon_threadsafe(self._wake)
