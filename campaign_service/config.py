@@ -53,8 +53,8 @@ class Settings:
     # Server-side prepared statements for the hot paths; "off" behind a pooler in transaction mode.
     db_prepared_statements: bool = field(default_factory=lambda: _flag_env("WHAGO_DB_PREPARED_STATEMENTS", True))
     # A connection that is one PostgreSQL session (direct, or a session-mode pooler) for the event
-    # relay's LISTEN and leader lock, which a transaction-mode pooler cannot carry; DATABASE_URL's
-    # server when unset.
+    # relay's LISTEN and leader lock and for migrations, which a transaction-mode pooler cannot
+    # carry; DATABASE_URL when unset.
     db_session_url: str = field(default_factory=lambda: os.environ.get("WHAGO_DB_SESSION_URL", ""))
     dispatcher_timeout: float = field(default_factory=lambda: float(os.environ.get("DISPATCHER_TIMEOUT_SECONDS", "45")))
     log_level: str = field(default_factory=lambda: os.environ.get("WHAGO_LOG_LEVEL", "INFO"))
