@@ -149,8 +149,8 @@ def _settle_reservations(session: Session, user_id: uuid.UUID, campaign_id: uuid
     released = sum(e.amount for e in entries if e.kind == CreditKind.RELEASE)
     if consumed + released != sum(e.amount for e in entries):
         raise ValueError("only CONSUME and RELEASE entries settle on a campaign")
-    if not execute_prepared(session, _APPLY_ON_CAMPAIGN, {"u": user_id, "c": campaign_id, "consumed": consumed,
-                                                "released": released, **_entry_params(entries)}).scalar_one():
+    params = {"u": user_id, "c": campaign_id, "consumed": consumed, "released": released, **_entry_params(entries)}
+    if not execute_prepared(session, _APPLY_ON_CAMPAIGN, params).scalar_one():
         _apply(session, user_id, campaign_id, entries)
 
 
