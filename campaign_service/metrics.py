@@ -50,7 +50,10 @@ WEBHOOK_DISABLED = Counter("whago_webhook_endpoints_disabled_total",
                            "Endpoints disabled after failing for WHAGO_WEBHOOK_DISABLE_AFTER_SECONDS.",
                            registry=REGISTRY)
 
-LEASED = Counter("whago_delivery_leased_messages_total", "Messages handed to lanes by LeaseMessages.",
+LEASED = Counter("whago_delivery_leased_messages_total", "Messages handed to lanes by LeaseMessages and LeaseLanes.",
+                 registry=REGISTRY)
+LEASES = Counter("whago_delivery_leases_total", "Lane leases taken, empty ones included: one a LeaseMessages call, "
+                 "one a lane of a LeaseLanes call (leases over calls: how well a worker coalesces them).",
                  registry=REGISTRY)
 LEASE_TAKEOVERS = Counter("whago_delivery_lease_takeovers_total", "Messages whose lease had expired (a crashed or "
                           "slow lane's) and were leased again by a lane.", registry=REGISTRY)
@@ -112,8 +115,13 @@ def webhook_endpoints_disabled(n: int) -> None:
         WEBHOOK_DISABLED.inc(n)
 
 
+def leases(n: int) -> None:
+    """`n` lane leases were committed (one call)."""
+    LEASES.inc(n)
+
+
 def leased(n: int, taken_over: int) -> None:
-    """A LeaseMessages call handed out `n` messages, `taken_over` of them from expired leases."""
+    """A lane's lease handed out `n` messages, `taken_over` of them from expired leases."""
     if n:
         LEASED.inc(n)
     if taken_over:

@@ -17,6 +17,7 @@ from typing import TypeVar
 import grpc
 
 from dispatcher_service import tracing
+from dispatcher_service.group_commit import GroupCommit
 from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import delivery_service_pb2_grpc as dgrpc
 from whago.campaign.v1 import resources_pb2
@@ -63,6 +64,7 @@ class DeliveryClient:
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.call_timeout = call_timeout
         self.retry_budget = retry_budget
+        self.lease_lanes_supported = True
 
     async def close(self) -> None:
         await self.channel.close(None)
@@ -76,14 +78,22 @@ class DeliveryClient:
                 raise DeliveryUnavailable(f"{name}: {e.code().name} {e.details()}") from e
             raise
 
-    async def lease(self, campaign_id: str, chip_id: str, epoch: int, max_messages: int, lease_seconds: int,
-                    owner: str, waha_message_ids: Sequence[str] = (),
-                    reclaim_owners: Sequence[str] = ()) -> dpb.LeaseMessagesResponse:
-        req = dpb.LeaseMessagesRequest(campaign_id=campaign_id, chip_id=chip_id, epoch=epoch,
-                                       max_messages=max_messages, lease_seconds=lease_seconds, lease_owner=owner,
-                                       waha_message_ids=waha_message_ids, reclaim_owners=reclaim_owners)
-        return await self._call("LeaseMessages", lambda t: self.stub.LeaseMessages(
-            req, metadata=self.metadata, timeout=t, wait_for_ready=True))
+    async def lease_lanes(self, requests: Sequence[dpb.LeaseMessagesRequest]) -> Sequence[dpb.LeaseMessagesResponse]:
+        """LeaseLanes (one campaign, one transaction); LeaseMessages per lease, side by side, against a
+        campaign service without it (UNIMPLEMENTED: a rolling upgrade's older replica)."""
+        if self.lease_lanes_supported:
+            req = dpb.LeaseLanesRequest(leases=requests)
+            try:
+                resp = await self._call("LeaseLanes", lambda t: self.stub.LeaseLanes(
+                    req, metadata=self.metadata, timeout=t, wait_for_ready=True))
+                return resp.leases
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.warning("the campaign service has no LeaseLanes; leasing lane by lane")
+                self.lease_lanes_supported = False
+        return await asyncio.gather(*(self._call("LeaseMessages", lambda t, r=r: self.stub.LeaseMessages(  # type: ignore[misc]
+            r, metadata=self.metadata, timeout=t, wait_for_ready=True)) for r in requests))
 
     async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
                      budget: float | None = None) -> dpb.ReportDeliveriesResponse:
@@ -132,9 +142,6 @@ class DeliveryClient:
                 return dpb.GetMediaContentResponse(media=got.media, content=b"".join(pieces))
 
 
-_Pending = tuple[list[dpb.DeliveryReport], float | None, "asyncio.Future[dpb.ReportDeliveriesResponse]"]
-
-
 MEDIA_PIECE_BYTES = 8 * 1024 * 1024  # per GetMediaContent read; under both ends' message limits
 
 
@@ -152,51 +159,41 @@ class ReportBatcher:
 
     def __init__(self, client: DeliveryClient, max_reports: int = 1000) -> None:
         self.client = client
-        self.max_reports = max_reports
-        self._queues: dict[tuple[str, bool], list[_Pending]] = {}
-        self._drains: dict[tuple[str, bool], asyncio.Task[None]] = {}
+        self._commit: GroupCommit[tuple[str, bool], list[dpb.DeliveryReport], dpb.ReportDeliveriesResponse] = \
+            GroupCommit(self._send, len, max_reports, max_reports)
 
     async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
                      budget: float | None = None) -> dpb.ReportDeliveriesResponse:
         key = (campaign_id, all(r.outcome == dpb.DELIVERY_OUTCOME_ATTEMPTING for r in reports))
-        fut: asyncio.Future[dpb.ReportDeliveriesResponse] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append((list(reports), budget, fut))
-        if key not in self._drains:
-            self._drains[key] = asyncio.ensure_future(self._drain(key))
-        return await fut
+        return await self._commit.submit(key, list(reports), budget)
 
-    async def _drain(self, key: tuple[str, bool]) -> None:
-        batch: list[_Pending] = []
-        try:
-            for _ in range(1_000_000):
-                q = self._queues.get(key)
-                if not q:
-                    break
-                batch, n = [], 0
-                while q and (not batch or n + len(q[0][0]) <= self.max_reports):
-                    item = q.pop(0)
-                    batch.append(item)
-                    n += len(item[0])
-                if not q:
-                    self._queues.pop(key, None)
-                budgets = [b for _, b, _ in batch if b is not None]
-                try:
-                    resp = await self.client.report(key[0], [r for rs, _, _ in batch for r in rs],
-                                                    budget=min(budgets) if budgets else None)
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as e:
-                    for _, _, f in batch:
-                        if not f.done():
-                            f.set_exception(e)
-                    batch = []
-                    continue
-                for _, _, f in batch:
-                    if not f.done():
-                        f.set_result(resp)
-                batch = []
-        finally:
-            self._drains.pop(key, None)
-            for _, _, f in batch + self._queues.pop(key, []):
-                if not f.done():
-                    f.cancel()
+    async def _send(self, key: tuple[str, bool], items: list[list[dpb.DeliveryReport]],
+                    budget: float | None) -> list[dpb.ReportDeliveriesResponse]:
+        resp = await self.client.report(key[0], [r for rs in items for r in rs], budget=budget)
+        return [resp] * len(items)
+
+
+# A LeaseLanes call of a worker: at most this many lanes, and messages in all (the campaign service
+# takes up to 1000 and 10,000). Every lease of a call holds the campaign row's share lock until the
+# call's commit, which a Pause or Cancel waits for: a few thousand messages keep that under ~50 ms.
+LEASE_LANES_MAX = 500
+LEASE_LANES_MAX_MESSAGES = 4000
+
+
+class LeaseBatcher:
+    """Group commit of leases per campaign within a worker process: at most one LeaseLanes per
+    campaign in flight; the leases lanes ask for meanwhile go together in the next one. 10,000
+    lanes starting each paid an RPC and a transaction of its own (~2 ms of the two services' CPU a
+    lease, most of it not the lease's statements)."""
+
+    def __init__(self, client: DeliveryClient) -> None:
+        self.client = client
+        self._commit: GroupCommit[str, dpb.LeaseMessagesRequest, dpb.LeaseMessagesResponse] = GroupCommit(
+            self._send, lambda r: r.max_messages, LEASE_LANES_MAX_MESSAGES, LEASE_LANES_MAX)
+
+    async def lease(self, request: dpb.LeaseMessagesRequest) -> dpb.LeaseMessagesResponse:
+        return await self._commit.submit(request.campaign_id, request)
+
+    async def _send(self, _campaign_id: str, items: list[dpb.LeaseMessagesRequest],
+                    _budget: float | None) -> Sequence[dpb.LeaseMessagesResponse]:
+        return await self.client.lease_lanes(items)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from devstack.servers import free_port
 from dispatcher_service.waha import message_ids
 from tests.conftest import SANDBOX_API_KEY, SERVICE_TOKEN, IsolatedStack
-from tests.helpers import DELIVERY_SVC, Ops, chat_id, get_dispatch, phones, rpcs, scrape, wait_for
+from tests.helpers import Ops, chat_id, get_dispatch, phones, scrape, value, wait_for
 from tests.test_campaign_support import engine  # noqa: F401 - fixture
 from waha_sandbox.control import SandboxControl
 from whago.campaign.v1 import resources_pb2 as res
@@ -490,10 +490,10 @@ def test_lanes_whose_last_lease_drained_them_end_without_another(iso_api: Ops, i
                                                                  sandbox_url: str) -> None:
     """Two lanes of 4 messages, one at full speed, one 0.5 s apart: each lease comes back short of
     its batch with nothing PENDING after it, so neither lane prefetches nor confirms with an empty
-    lease (lane/loop.py `_drained`): 2 LeaseMessages in all (4 before: one empty lease per lane,
+    lease (lane/loop.py `_drained`): 2 leases in all (4 before: one empty lease per lane,
     the ~fifth transaction of a short lane's life). Every message sent once, the campaign completes."""
     port = int(iso.env["CAMPAIGN_METRICS_LISTEN"].rsplit(":", 1)[1])
-    before = rpcs(scrape(port), DELIVERY_SVC, "LeaseMessages")
+    before = value(scrape(port), "whago_delivery_leases_total")
     fast = iso_api.chip(sandbox_url, KEY)
     slow = iso_api.chip(sandbox_url, KEY, interval=(0.5, 0.5))
     camp = iso_api.campaign([fast, slow])
@@ -505,8 +505,8 @@ def test_lanes_whose_last_lease_drained_them_end_without_another(iso_api: Ops, i
     wait_for(lambda: all(ln.state == dpb.LANE_STATE_FINISHED
                          for ln in get_dispatch(iso.dispatcher_channel, SERVICE_TOKEN, camp.id).lanes),
              20, "both lanes finished")
-    leases = rpcs(scrape(port), DELIVERY_SVC, "LeaseMessages") - before
-    assert leases == 2, f"{leases:.0f} LeaseMessages for two lanes whose first lease took all their messages"
+    leases = value(scrape(port), "whago_delivery_leases_total") - before
+    assert leases == 2, f"{leases:.0f} leases for two lanes whose first lease took all their messages"
 
 
 def test_failure_threshold_auto_pauses_the_campaign_with_the_reason(

@@ -92,11 +92,13 @@ def test_every_endpoint_moves_during_a_campaign(postgres: Postgres, isolated_sta
     c1, d1, w1 = scrape(cport), scrape(dport), scrape(wport)
     # campaign_service: public and internal RPCs, count and latency histogram agree.
     assert rpcs(c1, CAMPAIGN_SVC, "StartCampaign") == rpcs(c0, CAMPAIGN_SVC, "StartCampaign") + 1
-    assert rpcs(c1, DELIVERY_SVC, "LeaseMessages") > rpcs(c0, DELIVERY_SVC, "LeaseMessages")
+    assert rpcs(c1, DELIVERY_SVC, "LeaseLanes") > rpcs(c0, DELIVERY_SVC, "LeaseLanes")
     assert rpcs(c1, DELIVERY_SVC, "ReportDeliveries") > rpcs(c0, DELIVERY_SVC, "ReportDeliveries")
     assert value(c1, "grpc_server_handling_seconds_count", grpc_service=CAMPAIGN_SVC, grpc_method="StartCampaign",
                  grpc_code="OK") == rpcs(c1, CAMPAIGN_SVC, "StartCampaign")
     assert value(c1, "whago_delivery_leased_messages_total") - value(c0, "whago_delivery_leased_messages_total") >= N
+    leases = value(c1, "whago_delivery_leases_total") - value(c0, "whago_delivery_leases_total")
+    assert leases >= rpcs(c1, DELIVERY_SVC, "LeaseLanes") - rpcs(c0, DELIVERY_SVC, "LeaseLanes") > 0
     # dispatcher server
     assert rpcs(d1, DISPATCHER_SVC, "StartDispatch") == rpcs(d0, DISPATCHER_SVC, "StartDispatch") + 1
     # worker: the sent counter is exactly the campaign's sent messages; paced, so it waited.

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing through the real processes: a campaign's spans reach an OTLP/HTTP receiver
 (a real HTTP server here), StartCampaign -> StartDispatch is one trace across campaign_service and
-the dispatcher, and a worker's lane slice -> LeaseMessages is one trace across the worker and
+the dispatcher, and a worker's lane slice -> LeaseLanes is one trace across the worker and
 campaign_service (W3C trace context in the gRPC metadata)."""
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def test_a_campaign_is_traced_across_the_services(traced_stack: IsolatedStack, o
 
     def slice_traced() -> bool:
         slices = {s.trace_id for s in otlp.find("dispatcher_worker", "lane.slice")}
-        return any(lease.trace_id in slices for lease in otlp.find("campaign_service", "DeliveryService/LeaseMessages"))
+        return any(lease.trace_id in slices for lease in otlp.find("campaign_service", "DeliveryService/LeaseLanes"))
 
-    wait_for(slice_traced, timeout=20, what="a lane slice and its LeaseMessages in one trace")
-    lease = next(x for x in otlp.find("campaign_service", "DeliveryService/LeaseMessages")
+    wait_for(slice_traced, timeout=20, what="a lane slice and its LeaseLanes in one trace")
+    lease = next(x for x in otlp.find("campaign_service", "DeliveryService/LeaseLanes")
                  if x.trace_id in {s.trace_id for s in otlp.find("dispatcher_worker", "lane.slice")})
     assert lease.parent_id, "the server span is the child of the worker's client span"

@@ -53,6 +53,21 @@ def chip_pb(c: chips.ChipRow) -> res.Chip:
                     update_time=_ts(c.updated_at))
 
 
+def _leased_pb(r: leases.LeaseResult) -> dpb.LeaseMessagesResponse:
+    # One lease statement: every message shares its expiry (converted once, not per message).
+    expiries = {dt: _ts(dt) for dt in {m.lease_expires_at for m in r.messages}}
+    return dpb.LeaseMessagesResponse(
+        messages=[dpb.LeasedMessage(
+            message_id=str(m.message_id), chat_id=m.chat_id, phone=m.phone, text=m.text,
+            media=media_pb(m.media) if m.media is not None else None,
+            waha_message_id=m.waha_message_id or "", attempts=m.attempts,
+            lease_expire_time=expiries[m.lease_expires_at],
+            attempt_waha_message_id=m.attempt_waha_message_id or "", verify_number=m.verify_number,
+            not_on_whatsapp=m.not_on_whatsapp) for m in r.messages],
+        campaign_state=r.campaign_state,  # type: ignore[arg-type]
+        epoch=r.epoch, remaining=r.remaining)
+
+
 class DeliveryServicer(dgrpc.DeliveryServiceServicer):
     """The internal API the dispatcher's lanes call."""
 
@@ -62,21 +77,15 @@ class DeliveryServicer(dgrpc.DeliveryServiceServicer):
 
     def LeaseMessages(self, request: dpb.LeaseMessagesRequest, context: grpc.ServicerContext
                       ) -> dpb.LeaseMessagesResponse:
-        r = leases.lease_messages(self.db, request.campaign_id, request.chip_id, request.epoch,
-                                  request.max_messages, request.lease_seconds, request.lease_owner,
-                                  request.waha_message_ids, request.reclaim_owners)
-        # One lease statement: every message shares its expiry (converted once, not per message).
-        expiries = {dt: _ts(dt) for dt in {m.lease_expires_at for m in r.messages}}
-        return dpb.LeaseMessagesResponse(
-            messages=[dpb.LeasedMessage(
-                message_id=str(m.message_id), chat_id=m.chat_id, phone=m.phone, text=m.text,
-                media=media_pb(m.media) if m.media is not None else None,
-                waha_message_id=m.waha_message_id or "", attempts=m.attempts,
-                lease_expire_time=expiries[m.lease_expires_at],
-                attempt_waha_message_id=m.attempt_waha_message_id or "", verify_number=m.verify_number,
-                not_on_whatsapp=m.not_on_whatsapp) for m in r.messages],
-            campaign_state=r.campaign_state,  # type: ignore[arg-type]
-            epoch=r.epoch, remaining=r.remaining)
+        return _leased_pb(leases.lease_messages(
+            self.db, request.campaign_id, request.chip_id, request.epoch, request.max_messages,
+            request.lease_seconds, request.lease_owner, request.waha_message_ids, request.reclaim_owners))
+
+    def LeaseLanes(self, request: dpb.LeaseLanesRequest, context: grpc.ServicerContext) -> dpb.LeaseLanesResponse:
+        out = leases.lease_lanes(self.db, [leases.LaneLease(
+            r.campaign_id, r.chip_id, r.epoch, r.max_messages, r.lease_seconds, r.lease_owner, r.waha_message_ids,
+            r.reclaim_owners) for r in request.leases])
+        return dpb.LeaseLanesResponse(leases=[_leased_pb(r) for r in out])
 
     def ReportDeliveries(self, request: dpb.ReportDeliveriesRequest, context: grpc.ServicerContext
                          ) -> dpb.ReportDeliveriesResponse:

@@ -13,7 +13,7 @@ from arq.connections import ArqRedis
 from dispatcher_service import fences as fences_mod
 from dispatcher_service import keys
 from dispatcher_service.config import Config
-from dispatcher_service.delivery import DeliveryClient, ReportBatcher
+from dispatcher_service.delivery import DeliveryClient, LeaseBatcher, ReportBatcher
 from dispatcher_service.fence_watch import FenceWatch
 from dispatcher_service.lane.heartbeat import Heartbeats
 from dispatcher_service.pacing import Pacer
@@ -111,6 +111,7 @@ class WorkerEnv:
     fences: fences_mod.Fences = field(init=False)
     pacer: Pacer = field(init=False)
     reports: ReportBatcher = field(init=False)
+    leases: LeaseBatcher = field(init=False)
     batch: RedisBatch = field(init=False)
     beats: Heartbeats = field(init=False)
     fence_watch: FenceWatch = field(init=False)
@@ -118,6 +119,7 @@ class WorkerEnv:
 
     def __post_init__(self) -> None:
         self.reports = ReportBatcher(self.delivery)
+        self.leases = LeaseBatcher(self.delivery)
         self.batch = RedisBatch(self.redis)  # the lanes' per-send Redis steps, one pipeline per tick
         self.store = Store(self.redis, self.cfg.queue_name, self.batch)
         self.fences = self.store.fences

@@ -20,6 +20,7 @@ from dispatcher_service.lane.common import (
     Prepared,
     SliceOver,
 )
+from whago.campaign.v1 import delivery_service_pb2 as dpb
 from whago.campaign.v1 import resources_pb2 as rpb
 
 log = logging.getLogger("dispatcher.lane")
@@ -75,8 +76,9 @@ class LeasingLane(BurstingLane):
             self.lease_until = until
             await self.env.store.cmd("HSET", self.lane_key, "lease_until", f"{until:.3f}", "lease_owner", self.job_id)
         ids = await self._new_ids(k) if k > 0 else []
-        resp = await self.env.delivery.lease(self.c, self.chip, self.epoch, n, lease_s, self.job_id, ids,
-                                             self._reclaim_owners())
+        resp = await self.env.leases.lease(dpb.LeaseMessagesRequest(
+            campaign_id=self.c, chip_id=self.chip, epoch=self.epoch, max_messages=n, lease_seconds=lease_s,
+            lease_owner=self.job_id, waha_message_ids=ids, reclaim_owners=self._reclaim_owners()))
         self._started()
         for m in resp.messages:
             self.held[m.message_id] = m
