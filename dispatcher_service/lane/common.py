@@ -96,7 +96,7 @@ LANE_WAIT_MAX_SECONDS = 7 * 86400 - 60
 # started them all) made event-loop rounds of seconds: sends of running lanes late, and lane locks
 # lapsing before the heartbeat's turn came; waiting inside the job instead ran into arq's job
 # timeout with 10,000 lanes (the leases come no faster than the campaign service answers).
-STARTING_SLICES = 64  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
+STARTING_SLICES = 256  # ReportLaneWait takes at most 7 days ahead (a longer wait is cut)
 
 
 @dataclass
