@@ -175,8 +175,10 @@ class ReportBatcher:
 
 # A LeaseLanes call of a worker: at most this many lanes, and messages in all (the campaign service
 # takes up to 1000 and 10,000). Every lease of a call holds the campaign row's share lock until the
-# call's commit, which a Pause or Cancel waits for: a few thousand messages keep that under ~50 ms.
-LEASE_LANES_MAX = 500
+# call's commit, and a Pause or Cancel waits for it: measured, 1-message leases cost ~0.6 ms a lane
+# from 50 lanes a call on (2.9 ms for one alone, 0.8 ms a lane in tens), and 500 lanes held the
+# lock 297 ms. 64 lanes keep a call near 40 ms, at no cost in CPU.
+LEASE_LANES_MAX = 64
 LEASE_LANES_MAX_MESSAGES = 4000
 
 
