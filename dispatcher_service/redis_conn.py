@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import HIREDIS_AVAILABLE
 
 # ~30 retries capped at 2 s each: a restart of a few seconds is invisible to callers.
 RETRIES = 30
@@ -37,5 +42,29 @@ def arq_settings(url: str, retries: bool = True) -> RedisSettings:
 def arq_client(url: str, retries: bool = False) -> ArqRedis:
     """An ArqRedis (enqueue_job) that connects lazily, so a server starts even while Redis is down."""
     r = _retry() if retries else Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
-    return ArqRedis.from_url(url, retry=r, retry_on_error=RETRY_ERRORS, socket_connect_timeout=2,
-                             socket_timeout=10, health_check_interval=10)
+    return hiredis_packing(ArqRedis.from_url(url, retry=r, retry_on_error=RETRY_ERRORS, socket_connect_timeout=2,
+                                             socket_timeout=10, health_check_interval=10))
+
+
+class HiredisPackingConnection(Connection):
+    """redis-py 5.2 packs the commands of its asyncio client in Python (its sync client uses
+    hiredis.pack_command when hiredis is installed): ~6.6 us a command against ~1.6, the same
+    bytes. A worker's lanes send tens of commands a message, where that was a tenth of its CPU."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._serializer.pack(*args)  # type: ignore[no-any-return]
+
+
+R = TypeVar("R", bound=Redis)
+
+
+def hiredis_packing(client: R) -> R:
+    """New connections of `client`'s pool pack with hiredis (plain TCP, UTF-8, hiredis installed:
+    what it packs identically; anything else is left as it is)."""
+    pool = client.connection_pool
+    if (HIREDIS_AVAILABLE and pool.connection_class is Connection
+            and pool.connection_kwargs.get("encoding", "utf-8") == "utf-8"):
+        pool.connection_class = HiredisPackingConnection
+    return client

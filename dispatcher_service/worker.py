@@ -32,7 +32,7 @@ from dispatcher_service import eventloop, keys, logs, metrics, replies, scripts,
 from dispatcher_service.delivery import DeliveryClient
 from dispatcher_service.lane.common import STARTING_SLICES, WorkerEnv
 from dispatcher_service.lane.loop import run_lane
-from dispatcher_service.redis_conn import arq_settings
+from dispatcher_service.redis_conn import arq_settings, hiredis_packing
 from dispatcher_service.waha.transport import HttpClient
 
 log = logging.getLogger("dispatcher.worker")
@@ -49,7 +49,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     """One pooled WAHA HTTP client and one gRPC channel per worker process."""
     http = HttpClient(CFG.waha_timeout, limit=max(100, min(CFG.max_jobs + 200, 4000)))
     delivery = DeliveryClient(CFG.campaign_target, CFG.service_token)
-    ctx["env"] = WorkerEnv(cfg=CFG, redis=ctx["redis"], http=http, delivery=delivery)
+    ctx["env"] = WorkerEnv(cfg=CFG, redis=hiredis_packing(ctx["redis"]), http=http, delivery=delivery)
     metrics.serve(CFG.worker_metrics_listen)
     log.info("worker %s@%s started: loop=%s queue=%s campaign_target=%s max_jobs=%d slice=%.0fs job_timeout=%.0fs",
              os.getpid(), socket.gethostname(), eventloop.name(), CFG.queue_name, CFG.campaign_target, CFG.max_jobs,

@@ -9,13 +9,14 @@ import uuid
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from devstack.servers import Redis as RedisServer
 from dispatcher_service import keys
 from dispatcher_service.fences import Fences, Stopped
 from dispatcher_service.pacing import Limits, Pacer
 from dispatcher_service.redis_batch import RedisBatch
+from dispatcher_service.redis_conn import HiredisPackingConnection, hiredis_packing
 
 
 def test_concurrent_steps_share_a_pipeline_and_keep_their_own_answers(redis_server: RedisServer) -> None:
@@ -147,4 +148,34 @@ def test_a_send_token_taken_for_a_cancelled_lane_is_released(redis_server: Redis
             assert await r.hget(keys.pace(chip), "busy_token") is None
         finally:
             await r.aclose()
+    asyncio.run(main())
+
+
+def test_the_worker_client_packs_with_hiredis_and_redis_gets_the_same_commands(redis_server: RedisServer) -> None:
+    """hiredis_packing: new connections pack with hiredis; values of every type a lane sends
+    (str, bytes, int, float, non-ASCII text) come back as redis-py's own packing stores them, in
+    single commands, pipelines and scripts; a bad value is still redis-py's DataError."""
+    async def main() -> None:
+        plain = Redis.from_url(redis_server.url)
+        fast = hiredis_packing(Redis.from_url(redis_server.url))
+        k = f"pack-{uuid.uuid4().hex}"
+        values: list[str | bytes | int | float] = ["ção", b"\x00\xff", -5, 2**70, 1e-7, 0.1 + 0.2, "a b"]
+        try:
+            for i, v in enumerate(values):
+                await plain.hset(k, f"plain{i}", v)  # type: ignore[misc]
+            pipe = fast.pipeline(transaction=True)
+            for i, v in enumerate(values):
+                pipe.hset(k, f"fast{i}", v)
+            await pipe.execute()
+            got = await fast.hgetall(k)  # type: ignore[misc]
+            assert all(got[f"fast{i}".encode()] == got[f"plain{i}".encode()] for i in range(len(values))), got
+            assert await fast.eval("return ARGV[1] .. KEYS[1]", 1, k, "ção") == f"ção{k}".encode()  # type: ignore[misc]
+            assert type(await fast.connection_pool.get_connection("PING")) is HiredisPackingConnection
+            with pytest.raises(DataError):
+                await fast.set(k, None)  # type: ignore[arg-type]
+        finally:
+            await plain.delete(k)
+            await plain.aclose()
+            await fast.aclose()
+
     asyncio.run(main())
