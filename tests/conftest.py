@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,20 @@ SANDBOX_API_KEY = "sandbox-key"
 
 
 @pytest.fixture(scope="session")
-def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="whago-test-"))
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The session's servers' data and logs (its servers stop before this ends). Removed at the end:
+    ~0.5 GB a session, left behind by every run it filled a developer's disk. After a failure the
+    logs stay (the databases go); WHAGO_TEST_KEEP=1 keeps everything."""
+    path = Path(tempfile.mkdtemp(prefix="whago-test-"))
+    yield path
+    if os.environ.get("WHAGO_TEST_KEEP") == "1":
+        return
+    if request.session.testsfailed:
+        for data in path.glob("pg*"):
+            shutil.rmtree(data, ignore_errors=True)
+        print(f"\nlogs of the failed session's servers: {path}", file=sys.stderr)
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
