@@ -173,14 +173,12 @@ class ReportBatcher:
         return [resp] * len(items)
 
 
-# A LeaseLanes call of a worker: at most this many lanes, and messages in all (the campaign service
-# takes up to 1000 and 10,000). Every lease of a call holds the campaign row's share lock until the
-# call's commit, and a Pause or Cancel waits for it: measured, 1-message leases cost ~0.6 ms a lane
-# from 50 lanes a call on (2.9 ms for one alone, 0.8 ms a lane in tens), and 500 lanes held the
-# lock 297 ms. 64 lanes keep a call near 40 ms, at no cost in CPU. Messages: no more than one
-# LeaseMessages may carry (rendered texts are not bounded by the templates alone: contact values
-# fill them), so a response stays as far under the channel's receive limit as a single lease's;
-# big leases gain nothing from sharing a call anyway (their cost is per message).
+# A LeaseLanes call of a worker: at most this many lanes, and messages in all (the campaign
+# service's own limits: 100 leases, 1000 messages). Every lease of a call holds the campaign row's
+# share lock until the call's commit, and a Pause or Cancel waits for it: measured, 1-message
+# leases cost ~0.6 ms a lane from 50 lanes a call on (2.9 ms for one alone, 0.8 ms a lane in tens),
+# and 500 lanes held the lock 297 ms. 64 lanes keep a call near 40 ms, at no cost in CPU. Big
+# leases gain little from sharing a call (their cost is per message).
 LEASE_LANES_MAX = 64
 LEASE_LANES_MAX_MESSAGES = 1000
 
