@@ -181,18 +181,21 @@ class ReportBatcher:
 # leases gain little from sharing a call (their cost is per message).
 LEASE_LANES_MAX = 64
 LEASE_LANES_MAX_MESSAGES = 1000
+LEASE_LANES_IN_FLIGHT = 2  # calls of a campaign at once (LeaseBatcher)
 
 
 class LeaseBatcher:
-    """Group commit of leases per campaign within a worker process: at most one LeaseLanes per
-    campaign in flight; the leases lanes ask for meanwhile go together in the next one. 10,000
-    lanes starting each paid an RPC and a transaction of its own (~2 ms of the two services' CPU a
-    lease, most of it not the lease's statements)."""
+    """Group commit of leases per campaign within a worker process: at most LEASE_LANES_IN_FLIGHT
+    LeaseLanes per campaign at once; the leases lanes ask for meanwhile go together in the next
+    one. 10,000 lanes starting each paid an RPC and a transaction of its own (~2 ms of the two
+    services' CPU a lease, most of it not the lease's statements). Two at once, not one: the
+    campaign service works them on two threads, and a bursting lane's next batch is then less
+    often late (`dispatch`: 7,401-7,534 msg/s against 6,837-7,124 with one, 3 runs each)."""
 
     def __init__(self, client: DeliveryClient) -> None:
         self.client = client
         self._commit: GroupCommit[str, dpb.LeaseMessagesRequest, dpb.LeaseMessagesResponse] = GroupCommit(
-            self._send, lambda r: r.max_messages, LEASE_LANES_MAX_MESSAGES, LEASE_LANES_MAX)
+            self._send, lambda r: r.max_messages, LEASE_LANES_MAX_MESSAGES, LEASE_LANES_MAX, LEASE_LANES_IN_FLIGHT)
 
     async def lease(self, request: dpb.LeaseMessagesRequest) -> dpb.LeaseMessagesResponse:
         return await self._commit.submit(request.campaign_id, request)

@@ -21,22 +21,29 @@ _Pending = tuple[I, float | None, asyncio.Future[R]]
 
 
 class GroupCommit(Generic[K, I, R]):
-    """One drain task per key while items wait; a call carries at most `max_items` items whose
-    `size` adds up to at most `max_size` (a single larger item goes alone)."""
+    """Up to `in_flight` calls per key at once (each a drain task taking what waits when it is
+    free); a call carries at most `max_items` items whose `size` adds up to at most `max_size` (a
+    single larger item goes alone)."""
 
-    def __init__(self, send: Send[K, I, R], size: Callable[[I], int], max_size: int, max_items: int) -> None:
+    def __init__(self, send: Send[K, I, R], size: Callable[[I], int], max_size: int, max_items: int,
+                 in_flight: int = 1) -> None:
         self._send = send
         self._size = size
         self.max_size = max_size
         self.max_items = max_items
+        self.in_flight = in_flight
         self._queues: dict[K, list[_Pending[I, R]]] = {}
-        self._drains: dict[K, asyncio.Task[None]] = {}
+        self._drains: dict[K, int] = {}  # drain tasks running per key
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K, item: I, budget: float | None = None) -> R:
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(key, []).append((item, budget, fut))
-        if key not in self._drains:
-            self._drains[key] = asyncio.ensure_future(self._drain(key))
+        if self._drains.get(key, 0) < self.in_flight:
+            self._drains[key] = self._drains.get(key, 0) + 1
+            t = asyncio.ensure_future(self._drain(key))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         return await fut
 
     def _take(self, q: list[_Pending[I, R]]) -> list[_Pending[I, R]]:
@@ -76,7 +83,11 @@ class GroupCommit(Generic[K, I, R]):
                         f.set_result(r)
                 batch = []
         finally:
-            self._drains.pop(key, None)
-            for _, _, f in batch + self._queues.pop(key, []):
+            left = self._drains[key] - 1
+            if left:
+                self._drains[key] = left
+            else:
+                del self._drains[key]
+            for _, _, f in batch + ([] if left else self._queues.pop(key, [])):
                 if not f.done():
                     f.cancel()

@@ -179,3 +179,40 @@ def test_the_worker_leases_lane_by_lane_from_a_service_without_lease_lanes() -> 
             await server.stop(None)
 
     assert asyncio.run(run()) == [1, 2, 3, 1]
+
+
+def test_group_commit_runs_up_to_in_flight_calls_of_a_key_at_once() -> None:
+    """LeaseBatcher runs two LeaseLanes of a campaign at once (the campaign service works them on
+    two threads); what arrives while both are busy waits for the first to end."""
+    calls: list[list[int]] = []
+
+    async def run() -> None:
+        gates = {1: asyncio.Event(), 2: asyncio.Event()}
+        busy = 0
+        most = 0
+
+        async def send(_key: str, items: list[int], _budget: float | None) -> list[int]:
+            nonlocal busy, most
+            calls.append(items)
+            busy += 1
+            most = max(most, busy)
+            if items[0] in gates:
+                await gates[items[0]].wait()
+            busy -= 1
+            return items
+
+        gc: GroupCommit[str, int, int] = GroupCommit(send, size=lambda _: 1, max_size=10, max_items=10, in_flight=2)
+        one = asyncio.ensure_future(gc.submit("k", 1))
+        await asyncio.sleep(0)
+        two = asyncio.ensure_future(gc.submit("k", 2))  # a second call while the first is in flight
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(gc.submit("k", i)) for i in (3, 4)]
+        await asyncio.sleep(0.01)
+        assert calls == [[1], [2]] and most == 2  # 3 and 4 wait: both calls are busy
+        gates[2].set()
+        assert await two == 2 and [await f for f in rest] == [3, 4]
+        assert calls == [[1], [2], [3, 4]]  # together, in the call that came free
+        gates[1].set()
+        assert await one == 1
+
+    asyncio.run(run())
