@@ -145,31 +145,43 @@ class DeliveryClient:
 MEDIA_PIECE_BYTES = 8 * 1024 * 1024  # per GetMediaContent read; under both ends' message limits
 
 
+# Reports of paced lanes come one or two at a time: left to themselves, ~1.5 a ReportDeliveries (a
+# transaction and an RPC each). Fewer than REPORT_LINGER_BELOW waiting wait this long for more
+# (10,000 lanes x 10 s: CPU per send 1.24 -> 1.13 ms at 20 ms; campaign_service 0.25 -> 0.20,
+# PostgreSQL 0.22 -> 0.19). Bursting lanes' reports come hundreds at a time and never wait; a
+# lane awaits its reports only where it has nothing to send meanwhile (between paced batches).
+REPORT_LINGER_SECONDS = 0.02
+REPORT_LINGER_BELOW = 50
+
+
 class ReportBatcher:
     """Group commit of ReportDeliveries per campaign within a worker process.
 
     Every counting report takes the campaign row lock on the campaign side, so the reports of a
     campaign's lanes run one after another there anyway; 1000 lanes each reporting alone kept the
     campaign service's threads waiting on that lock (and its leases waiting for threads). Here at
-    most one ReportDeliveries per (campaign, kind) is in flight per worker; reports arriving
+    most one ReportDeliveries per campaign and kind is in flight per worker; reports arriving
     meanwhile go together in the next one. Every caller gets the answer of the RPC that carried its
-    reports, or its error. ATTEMPTING-only reports are a separate kind: they take no campaign lock
-    and must stay that way (a lane records an attempt even while a Pause holds the row).
+    reports, or its error. ATTEMPTING-only reports go apart: they take no campaign lock and must
+    stay that way (a lane records an attempt even while a Pause holds the row), and a send waits
+    for its own, so they never linger.
     """
 
     def __init__(self, client: DeliveryClient, max_reports: int = 1000) -> None:
         self.client = client
-        self._commit: GroupCommit[tuple[str, bool], list[dpb.DeliveryReport], dpb.ReportDeliveriesResponse] = \
-            GroupCommit(self._send, len, max_reports, max_reports)
+        self._outcomes: GroupCommit[str, list[dpb.DeliveryReport], dpb.ReportDeliveriesResponse] = GroupCommit(
+            self._send, len, max_reports, max_reports, linger=REPORT_LINGER_SECONDS, linger_below=REPORT_LINGER_BELOW)
+        self._attempts: GroupCommit[str, list[dpb.DeliveryReport], dpb.ReportDeliveriesResponse] = GroupCommit(
+            self._send, len, max_reports, max_reports)
 
     async def report(self, campaign_id: str, reports: Sequence[dpb.DeliveryReport],
                      budget: float | None = None) -> dpb.ReportDeliveriesResponse:
-        key = (campaign_id, all(r.outcome == dpb.DELIVERY_OUTCOME_ATTEMPTING for r in reports))
-        return await self._commit.submit(key, list(reports), budget)
+        attempts = all(r.outcome == dpb.DELIVERY_OUTCOME_ATTEMPTING for r in reports)
+        return await (self._attempts if attempts else self._outcomes).submit(campaign_id, list(reports), budget)
 
-    async def _send(self, key: tuple[str, bool], items: list[list[dpb.DeliveryReport]],
+    async def _send(self, campaign_id: str, items: list[list[dpb.DeliveryReport]],
                     budget: float | None) -> list[dpb.ReportDeliveriesResponse]:
-        resp = await self.client.report(key[0], [r for rs in items for r in rs], budget=budget)
+        resp = await self.client.report(campaign_id, [r for rs in items for r in rs], budget=budget)
         return [resp] * len(items)
 
 

@@ -23,11 +23,14 @@ _Pending = tuple[I, float | None, asyncio.Future[R]]
 class GroupCommit(Generic[K, I, R]):
     """Up to `in_flight` calls per key at once (each a drain task taking what waits when it is
     free); a call carries at most `max_items` items whose `size` adds up to at most `max_size` (a
-    single larger item goes alone)."""
+    single larger item goes alone). What waits adding up to less than `linger_below` waits
+    `linger` seconds more for company before it goes."""
 
     def __init__(self, send: Send[K, I, R], size: Callable[[I], int], max_size: int, max_items: int,
-                 in_flight: int = 1) -> None:
+                 in_flight: int = 1, linger: float = 0.0, linger_below: int = 0) -> None:
         self._send = send
+        self.linger = linger
+        self.linger_below = linger_below
         self._size = size
         self.max_size = max_size
         self.max_items = max_items
@@ -62,6 +65,11 @@ class GroupCommit(Generic[K, I, R]):
                 q = self._queues.get(key)
                 if not q:
                     break
+                if self.linger > 0 and sum(self._size(i) for i, _, _ in q) < self.linger_below:
+                    await asyncio.sleep(self.linger)  # a small call: let more join it
+                    q = self._queues.get(key)
+                    if not q:
+                        continue  # another drain of the key took them meanwhile
                 batch = self._take(q)
                 if not q:
                     self._queues.pop(key, None)

@@ -216,3 +216,27 @@ def test_group_commit_runs_up_to_in_flight_calls_of_a_key_at_once() -> None:
         assert await one == 1
 
     asyncio.run(run())
+
+
+def test_group_commit_lets_a_small_call_wait_for_company_and_a_big_one_go() -> None:
+    """ReportBatcher's linger: reports of paced lanes come one or two at a time; fewer than
+    `linger_below` wait `linger` for more. A call already big goes at once."""
+    calls: list[list[int]] = []
+
+    async def run() -> None:
+        async def send(_key: str, items: list[int], _budget: float | None) -> list[int]:
+            calls.append(items)
+            return items
+
+        gc: GroupCommit[str, int, int] = GroupCommit(send, size=lambda i: i, max_size=100, max_items=10,
+                                                     linger=0.05, linger_below=10)
+        first = asyncio.ensure_future(gc.submit("k", 1))
+        await asyncio.sleep(0.01)
+        assert calls == []  # waiting for company
+        assert await asyncio.gather(first, gc.submit("k", 2)) == [1, 2]
+        assert calls == [[1, 2]]
+        big = asyncio.ensure_future(gc.submit("k", 20))  # 20 >= 10: no wait
+        await asyncio.sleep(0.01)
+        assert calls[-1] == [20] and await big == 20
+
+    asyncio.run(run())
