@@ -32,7 +32,7 @@ from campaign_service.delivery.common import (
     lock_timeout_param,
     parse_uuid,
 )
-from campaign_service.templates import template_parts, text_renderer
+from campaign_service.templates import TextRenderer, template_parts, text_renderer
 
 MAX_MESSAGES = 1000
 MAX_LEASE_SECONDS = 3600
@@ -215,14 +215,15 @@ def validate(lease: LaneLease, prefix: str = "") -> tuple[uuid.UUID, uuid.UUID]:
 
 
 def validate_lanes(leases: Sequence[LaneLease]) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """LeaseLanes' campaign and each lease's chip. Stops at the first invalid lease (a thousand
-    bad leases must not make a status too large for its trailer)."""
+    """LeaseLanes' campaign and each lease's chip. Stops at the first invalid lease (a hundred
+    leases' violations would make a status too large for its trailer)."""
     if not 1 <= len(leases) <= MAX_LANES:
         raise errors.InvalidArgument([("leases", f"must hold 1-{MAX_LANES} leases")])
-    chips: list[uuid.UUID] = []
-    for i, lease in enumerate(leases):
-        cid, chip = validate(lease, f"leases[{i}].")
-        if lease.campaign_id != leases[0].campaign_id:
+    cid, chip = validate(leases[0], "leases[0].")
+    chips = [chip]
+    for i, lease in enumerate(leases[1:], 1):
+        other, chip = validate(lease, f"leases[{i}].")
+        if other != cid:
             raise errors.InvalidArgument([(f"leases[{i}].campaign_id", "must be leases[0]'s: one campaign per call")])
         chips.append(chip)
     total = sum(lease.max_messages for lease in leases)
@@ -242,7 +243,7 @@ def lease_messages(db: Database, campaign_id: str, chip_id: str, epoch: int, max
     lease = LaneLease(campaign_id, chip_id, epoch, max_messages, lease_seconds, lease_owner, waha_message_ids,
                       reclaim_owners)
     cid, chip = validate(lease)
-    return _lease(db, cid, [(chip, lease)])[0]
+    return _lease(db, cid, [(chip, lease)], "LeaseMessages")[0]
 
 
 def lease_lanes(db: Database, leases: Sequence[LaneLease]) -> list[LeaseResult]:
@@ -250,24 +251,28 @@ def lease_lanes(db: Database, leases: Sequence[LaneLease]) -> list[LeaseResult]:
     (and share-locked) once, and one commit serves every lane. A worker's lanes starting together
     each paid a transaction and an RPC of their own (~2 ms of CPU a lease on the two services)."""
     cid, chips = validate_lanes(leases)
-    return _lease(db, cid, list(zip(chips, leases, strict=True)))
+    return _lease(db, cid, list(zip(chips, leases, strict=True)), "LeaseLanes")
 
 
-def _lease(db: Database, cid: uuid.UUID, lanes: list[tuple[uuid.UUID, LaneLease]]) -> list[LeaseResult]:
-    with bounded_lock_wait("LeaseMessages"), db.transaction() as s:
+def _lease(db: Database, cid: uuid.UUID, lanes: list[tuple[uuid.UUID, LaneLease]], rpc: str) -> list[LeaseResult]:
+    with bounded_lock_wait(rpc), db.transaction() as s:
         camp = execute_prepared(s, _CAMPAIGN, {"cid": str(cid), **lock_timeout_param()}).one_or_none()
         if camp is None:
             raise errors.NotFound("campaign", lanes[0][1].campaign_id)
         templates = camp.templates or []
         media_idx = arrays.int_literal(
             [i for i in range(len(templates)) if template_parts(templates, i)[1] is not None])
-        out = [_lease_lane(s, camp, cid, chip, lease, media_idx) for chip, lease in lanes]
+        rendering: dict[int, _Template] = {}  # compiled once a call, whatever lane uses it
+        out = [_lease_lane(s, camp, cid, chip, lease, media_idx, rendering) for chip, lease in lanes]
     metrics.leases(len(out))
     return out
 
 
+_Template = tuple[TextRenderer, uuid.UUID | None]  # a template's renderer and its media id
+
+
 def _lease_lane(s: Session, camp: Row[Any], cid: uuid.UUID, chip: uuid.UUID, lease: LaneLease,
-                media_idx: str) -> LeaseResult:
+                media_idx: str, rendering: dict[int, _Template]) -> LeaseResult:
     """One lane's lease within the transaction that read (and share-locked) its campaign row."""
     params = {"cid": str(cid), "chip": str(chip)}
     n, secs, owner = lease.max_messages, lease.lease_seconds, lease.lease_owner
@@ -287,9 +292,10 @@ def _lease_lane(s: Session, camp: Row[Any], cid: uuid.UUID, chip: uuid.UUID, lea
         **params, "secs": secs, "owner": owner or "", "count_cap": remaining_cap(n),
         "after": rows[-1][_SEQ_COL] if rows else 0}).scalar_one()
     indexes = [r[_TEMPLATE_INDEX] for r in rows]
-    by_index = {i: template_parts(templates, i) for i in set(indexes)}
-    parts = [by_index[i] for i in indexes]
-    renderers = {txt: text_renderer(txt) for txt, _ in by_index.values()}
+    for i in set(indexes).difference(rendering):
+        txt, mid = template_parts(templates, i)
+        rendering[i] = (text_renderer(txt), mid)
+    parts = [rendering[i] for i in indexes]
     media = _media(s, cid, {m for _, m in parts if m is not None})
     checked: dict[str, tuple[bool, str]] = {}
     if camp.verify and rows:
@@ -300,12 +306,12 @@ def _lease_lane(s: Session, camp: Row[Any], cid: uuid.UUID, chip: uuid.UUID, lea
     # ten per message were half of this loop.
     leased = [
         LeasedMessage(message_id, _chat_id(chat_id, checked.get(phone)) if verify else chat_id, phone,
-                      renderers[txt](name, phone, variables, contact_id),
+                      render(name, phone, variables, contact_id),
                       media.get(mid) if mid is not None else None, earlier, attempts, expires,
                       None if earlier else attempt_id, verify and phone not in checked,
                       verify and not checked.get(phone, (True, ""))[0])
         for (message_id, _seq, _tidx, earlier, attempt_id, attempts, expires, contact_id, phone, chat_id, name,
-             variables, _expired, _suppressed), (txt, mid) in zip(rows, parts, strict=True)
+             variables, _expired, _suppressed), (render, mid) in zip(rows, parts, strict=True)
     ]
     return LeaseResult(leased, camp.state, camp.dispatch_epoch, remaining)
 
