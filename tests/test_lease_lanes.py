@@ -55,6 +55,10 @@ def test_each_lease_is_answered_as_leasemessages_would_in_one_transaction(
     expiries = {m.lease_expire_time.ToNanoseconds() for x in (a, b, again) for m in x.messages}
     assert len(expiries) == 1
     assert _states(delivery_db, w.cid) == {SENDING: 7, PENDING: 5}
+    upper = lease_req(w, w.chip(1))
+    upper.campaign_id = w.cid.upper()  # the same campaign, spelled otherwise
+    r = stub.LeaseLanes(dpb.LeaseLanesRequest(leases=[lease_req(w, w.chip(2), n=1), upper]), metadata=SERVICE)
+    assert [len(x.messages) for x in r.leases] == [1, 0]
 
 
 def test_a_bad_lease_fails_the_call_and_leases_nothing(stub: dgrpc.DeliveryServiceStub,
