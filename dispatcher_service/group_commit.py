@@ -1,5 +1,5 @@
-"""Group commit of calls per key within a worker process: at most one call in flight per key;
-items submitted meanwhile go together in the next call.
+"""Group commit of calls per key within a worker process: a few calls in flight per key at most
+(one for reports, two for leases); items submitted meanwhile go together in the next call.
 
 What a lane asks of DeliveryService (a lease, a report) is one transaction on the campaign side,
 with a fixed cost (an RPC, a commit's WAL flush) that a thousand lanes paid a thousand times. Here

@@ -49,7 +49,8 @@ def arq_client(url: str, retries: bool = False) -> ArqRedis:
 class HiredisPackingConnection(Connection):
     """redis-py 5.2 packs the commands of its asyncio client in Python (its sync client uses
     hiredis.pack_command when hiredis is installed): ~6.6 us a command against ~1.6, the same
-    bytes. A worker's lanes send tens of commands a message, where that was a tenth of its CPU."""
+    bytes. A worker's lanes send tens of commands a message: packing was ~14 % of its CPU in a
+    10,000-lane profile."""
 
     _serializer = HiredisRespSerializer()
 
