@@ -29,7 +29,7 @@ from campaign_service.urlguard import RefusedURL, URLGuard, parse_allowlist
 
 
 def cmd_migrate(settings: config.Settings, args: argparse.Namespace) -> int:
-    migrate.upgrade(settings.db_session_url or settings.database_url)  # a session: see config
+    migrate.upgrade(settings.session_url)
     print("database migrated to head", file=sys.stderr)
     return 0
 

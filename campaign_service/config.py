@@ -109,6 +109,11 @@ class Settings:
     # above it the PENDING ones are failed in the background after it returns (sweeps.py).
     cancel_inline_rows: int = field(default_factory=lambda: _int_env("WHAGO_CANCEL_INLINE_ROWS", 50_000))
 
+    @property
+    def session_url(self) -> str:
+        """Where a PostgreSQL session is needed (LISTEN, the relay's leader lock, migrations)."""
+        return self.db_session_url or self.database_url
+
 
 def load() -> Settings:
     return Settings()

@@ -156,7 +156,7 @@ class App:
         self.sweeper.start()
         self.hub.start()
         await self.relay.start()
-        dsn = asyncpg_dsn(self.settings.db_session_url or self.settings.database_url)
+        dsn = asyncpg_dsn(self.settings.session_url)
 
         def on_notify() -> None:
             loop.call_soon_threadsafe(self._wake)
