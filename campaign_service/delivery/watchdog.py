@@ -8,7 +8,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import text
 
@@ -23,7 +22,7 @@ from campaign_service.delivery.common import (
     is_lock_timeout,
     set_lock_timeout,
 )
-from campaign_service.dispatch import lane_for
+from campaign_service.dispatch import DispatcherClient, lane_for
 from campaign_service.repository import chips as chips_repo
 from campaign_service.repository import messages as messages_repo
 from campaign_service.secrets_box import SecretBox
@@ -68,8 +67,8 @@ class Restart:
     recheck: float | None = None
 
 
-def restart_if_stalled(db: Database, cid: uuid.UUID, stall: float, tried: dict[uuid.UUID, int], dispatcher: Any,
-                       box: SecretBox) -> Restart:
+def restart_if_stalled(db: Database, cid: uuid.UUID, stall: float, tried: dict[uuid.UUID, int],
+                       dispatcher: DispatcherClient, box: SecretBox) -> Restart:
     """New epoch + StartDispatch, holding the campaign row FOR UPDATE so leases wait for the commit
     and see the new epoch; a dispatcher failure rolls the epoch back. Nothing when the campaign is
     not stalled after all (re-checked under the lock) or is locked. `tried`: the epoch last tried per
